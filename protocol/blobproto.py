@@ -40,8 +40,9 @@ Exchange
    holds from an earlier, interrupted transfer (0 for a fresh one).
 2. The sender answers ``header(status, size)``. Unless ``status`` is ``ok`` it closes the
    stream after the header. If ``offset > size`` it sends ``header(ok, size)`` then ``end`` at
-   once; the receiver then knows its partial data is not a prefix of this blob, discards it and
-   may ask again from 0.
+   once and closes; the receiver then knows its partial data is not a prefix of this blob,
+   discards it, closes without an ack and may ask again from 0 on a new stream. A receiver
+   whose cap is below ``size`` closes the stream right after the header.
 3. With ``ok``, the sender sends ``chunk`` messages carrying bytes ``offset … size − 1`` in
    order, each of 1 to CHUNK bytes, then ``end(sha256)``. An empty chunk is a protocol error
    (it would make no progress yet keep a stalled transfer looking alive).
@@ -50,24 +51,31 @@ Exchange
    * The receiver sends ``ack(received)`` — ``received`` is absolute: ``offset`` plus chunk bytes
      received on this stream — whenever the bytes received since its previous ack (or since
      ``offset``) reach ACK_EVERY (1 MiB). It may ack more often; acks never decrease and never
-     exceed the bytes sent.
+     exceed the bytes received. The sender treats any other ack, or any message other than
+     ``ack`` after the ``get``, as a protocol error.
    * The sender never has more than WINDOW (2 MiB) sent but not yet acknowledged: it sends a
      chunk of ``n`` bytes only if ``sent + n − acked ≤ WINDOW``, and otherwise waits for an ack.
    * After ``end`` the receiver sends a final ``ack(size)`` and closes; the sender waits for that
      ack (bounded by a timeout) before closing, so closing never cuts off the tail of the data.
 
    No deadlock is possible because CHUNK ≤ WINDOW − ACK_EVERY: when the sender is blocked,
-   more than ACK_EVERY bytes are unacknowledged, so the receiver has already sent an ack.
+   more than WINDOW − CHUNK ≥ ACK_EVERY bytes are unacknowledged, so once the receiver has read
+   them it has sent an ack.
 5. The receiver hashes what it holds when ``end`` arrives and keeps the blob only if the SHA-256
    equals the requested one; it stops reading as soon as the bytes exceed ``size`` or ``size``
    exceeds its own cap (a lying sender is cut off, it cannot fill the disk).
 6. A dropped stream is resumed by a new stream whose ``get`` carries the bytes already held.
+7. Neither side waits forever: peerd gives up on a stream when the other side makes no progress
+   (no frame, or no window) for 30 s, and the receiver retries with backoff (resuming).
 
-Why acknowledge at all: py-libp2p's yamux resets a stream whose reader has not granted window
-for 5 s ("Timed out waiting for window update", py-libp2p trap 10 in shared/notes), and it
-buffers whatever the application writes. With an explicit window the sender never pushes more
-than WINDOW ahead of a slow receiver (disk, hashing, a busy event loop), so its memory stays
-bounded and a stall shows up as our own timeout instead of a muxer reset.
+Why acknowledge at all (py-libp2p trap 10 in shared/notes): a yamux write waits at most 5 s for
+the peer to grant window and then resets the stream ("Timed out waiting for window update").
+Two rules follow. Both sides always drain: the receiver reads chunks as they arrive, and the
+sender reads acks concurrently with sending, so neither side's writes ever wait on a reader
+that has stopped. And the sender never pushes into the stream without limit: with WINDOW bytes
+unacknowledged it waits in its own code, under its own timeout, where a stall is visible and
+cancellable, and whatever buffers lie between the two applications (muxer windows, a send
+queue in the stream implementation) hold at most WINDOW bytes of one transfer.
 
 Any message other than the ones expected at a given step is a protocol error; the side that
 sees it closes the stream.
@@ -311,9 +319,7 @@ class ReceiveWindow:
         announced — the caller must stop reading (a lying sender is cut off here).
         """
         if self.received + len(chunk.data) > self.size:
-            raise RemoteProtocolError(
-                f"sender sent past the announced size {self.size}", reason="too_large"
-            )
+            raise RemoteProtocolError(f"sender sent past the announced size {self.size}", reason="too_large")
         self.received += len(chunk.data)
         if self.received - self._last_ack >= ACK_EVERY:
             self._last_ack = self.received
@@ -323,9 +329,7 @@ class ReceiveWindow:
     def on_end(self, end: End, digest: str) -> Ack:
         """Check ``end`` against the request; return the final Ack to send."""
         if self.received != self.size:
-            raise RemoteProtocolError(
-                f"end after {self.received} of {self.size} bytes", reason="short"
-            )
+            raise RemoteProtocolError(f"end after {self.received} of {self.size} bytes", reason="short")
         if end.sha256 != digest:
             raise RemoteProtocolError("end names another blob", reason="hash_mismatch")
         self._last_ack = self.received
