@@ -1,0 +1,64 @@
+"""``peerctl``: the command-line client of the local peerd daemon.
+
+    peerctl status                   this node, its advert and counters
+    peerctl peers                    every peer's signed capacity advert
+    peerctl submit task.toml --wait  submit a task and follow it
+    peerctl result TASK -o out/      write the result bundle; peerctl verify out/
+
+Exit codes: 0 ok, 1 error answer or failed task, 2 usage, 3 daemon not running, 4 permission.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from peerd import __version__
+from peerd.ctl import CtlState, cancel, connect, explain, result, show, status, submit, tasks, verify, watch
+from peerd.ctl import id as id_command
+from peerd.ctl import peers as peers_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="PEERD_SOCKET",
+    help="The daemon's socket [env PEERD_SOCKET; default: node.socket from the config, "
+    "or /run/peerd/peerd.sock for the system service].",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="PEERD_CONFIG",
+    help="Config file to find the socket in [env PEERD_CONFIG; default /etc/peerd/peerd.toml].",
+)
+@click.version_option(__version__, prog_name="peerctl")
+@click.pass_context
+def main(ctx: click.Context, socket_path: Path | None, config_path: Path | None) -> None:
+    """Talk to the local peerd daemon."""
+    ctx.obj = CtlState(socket=socket_path, config=config_path)
+
+
+for _module in (
+    status,
+    peers_command,
+    id_command,
+    connect,
+    submit,
+    tasks,
+    show,
+    watch,
+    result,
+    cancel,
+    explain,
+    verify,
+):
+    main.add_command(_module.command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""``peerctl submit FILE [--wait]``: send a TOML task spec to the daemon (``task.submit``).
+
+The spec is checked here first with the daemon's own parser (:func:`peerd.taskspec.parse_spec`)
+so mistakes show up before anything is sent, naming the field. Input files named in the spec
+are read by the *daemon*, not by peerctl, so relative paths are made absolute against the spec
+file's directory; they must be readable by the daemon's user (docs/rpc.md, task.submit).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from peerd.ctl import CtlState, call, json_option, pass_state
+from peerd.ctl import render as r
+from peerd.ctl.watch import follow
+
+
+def _jsonable(value: Any) -> Any:
+    # TOML has dates and times, JSON does not: send them as ISO 8601 strings.
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def spec_from_toml(text: str, base_dir: Path) -> dict[str, Any]:
+    """The JSON form of a TOML task spec, validated, with input paths absolute.
+
+    Raises ``click.BadParameter`` naming the TOML line or the spec field.
+    """
+    from peerd.taskspec import SpecError, parse_spec
+
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise click.BadParameter(f"invalid TOML: {exc}", param_hint="FILE") from None
+    try:
+        spec = parse_spec(raw, base_dir=base_dir.resolve())
+    except SpecError as exc:
+        raise click.BadParameter(str(exc), param_hint="FILE") from None
+    result: dict[str, Any] = _jsonable(spec.to_json())
+    return result
+
+
+def request(path: Path) -> tuple[str, dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="FILE") from None
+    return "task.submit", {"spec": spec_from_toml(text, path.parent)}
+
+
+def render(result: dict[str, Any], console: Console) -> None:
+    console.print(result.get("task_id"), markup=False, highlight=False, soft_wrap=True)
+
+
+@click.command("submit")
+@click.argument("path", metavar="FILE", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--wait", is_flag=True, help="Follow the task until it ends (like `peerctl watch`).")
+@json_option
+@pass_state
+def command(state: CtlState, path: Path, wait: bool, as_json: bool) -> None:
+    """Submit the TOML task spec FILE; prints the task ID."""
+    result = call(state, *request(path))
+    if not wait:
+        r.emit(result, as_json, render)
+        return
+    if not as_json:
+        r.stdout().print(f"submitted {result.get('task_id')}", highlight=False)
+    code = follow(state, str(result["task_id"]), as_json)
+    raise SystemExit(int(code))

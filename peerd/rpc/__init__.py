@@ -1,0 +1,78 @@
+"""peerd's local JSON-RPC API: the method contract (this module), messages (:mod:`.jsonrpc`),
+the trio server (:mod:`.server`) and the blocking client (:mod:`.client`).
+
+:data:`CONTRACT` is the machine-readable side of docs/rpc.md: each method's permission,
+params schema and whether it streams notifications. The daemon binds its handlers to it with
+``MethodTable.from_contract``; peerctl's request builders are tested against it, so the CLI,
+the docs and the daemon cannot drift apart silently.
+
+This package's ``__init__`` must stay free of trio: peerctl imports ``peerd.rpc.client``,
+which runs this file first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from peerd.rpc.jsonrpc import (
+    NO_PARAMS,
+    Field,
+    Params,
+    chunk_length,
+    multiaddr,
+    non_empty_id,
+    non_negative,
+    sha256_hex,
+)
+
+Permission = Literal["read", "write"]
+
+
+@dataclass(frozen=True, slots=True)
+class MethodSpec:
+    name: str
+    permission: Permission
+    params: Params
+    #: Streaming methods reply first, then push notifications until a ``*.end`` notification;
+    #: the server cancels them when the client hangs up (docs/rpc.md, "Streams").
+    streaming: bool = False
+
+
+_TASK_ID = Params((Field("task_id", str, check=non_empty_id),))
+
+CONTRACT: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("node.info", "read", NO_PARAMS),
+        MethodSpec("peers.list", "read", NO_PARAMS),
+        MethodSpec("network.connect", "write", Params((Field("addr", str, check=multiaddr),))),
+        MethodSpec("task.submit", "write", Params((Field("spec", dict),))),
+        MethodSpec("task.list", "read", NO_PARAMS),
+        MethodSpec("task.get", "read", _TASK_ID),
+        MethodSpec("task.watch", "read", _TASK_ID, streaming=True),
+        MethodSpec("task.cancel", "write", _TASK_ID),
+        MethodSpec("task.explain", "read", _TASK_ID),
+        MethodSpec("task.bundle", "read", _TASK_ID),
+        MethodSpec(
+            "blob.read",
+            "read",
+            Params(
+                (
+                    Field("sha256", str, check=sha256_hex),
+                    Field("offset", int, check=non_negative),
+                    Field("length", int, check=chunk_length),
+                )
+            ),
+        ),
+    )
+}
+
+#: Notifications the server pushes on a ``task.watch`` connection.
+NOTIFICATIONS = ("task.event", "task.end")
+
+#: Terminal task states: ``task.watch`` sends ``task.end`` once a task reaches one of them.
+TERMINAL_STATES = frozenset({"done", "failed", "cancelled"})
+TASK_STATES = ("pending", "bidding", "running", "aggregating", "done", "failed", "cancelled")
+
+__all__ = ["CONTRACT", "NOTIFICATIONS", "TASK_STATES", "TERMINAL_STATES", "MethodSpec", "Permission"]
