@@ -51,13 +51,15 @@ def pack(obj: Any) -> bytes:
         raise LocalProtocolError(f"cannot encode: {exc}", reason="bad_value") from exc
 
 
-def unpack(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
+def unpack(data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
     """Decode canonical msgpack. Only :class:`RemoteProtocolError` escapes, whatever ``data`` is."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise RemoteProtocolError("expected bytes", reason="malformed")
     # The cap is checked before decoding, so a hostile peer costs at most max_bytes of work.
-    if len(data) > max_bytes:
-        raise RemoteProtocolError(f"{len(data)} bytes exceeds the {max_bytes}-byte cap", reason="oversized")
+    # nbytes, not len(): len() of a memoryview counts items, which may be wider than a byte.
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > max_bytes:
+        raise RemoteProtocolError(f"{size} bytes exceeds the {max_bytes}-byte cap", reason="oversized")
     data = bytes(data)
     try:
         obj = msgpack.unpackb(

@@ -12,7 +12,8 @@ The signature covers ``signing_bytes(kind, version, payload)``::
 so a signature made for one kind of message (say a bid) can never be replayed as
 another kind (say a vote) — domain separation. Parsing order matters and is fixed:
 size cap → outer decode (canonical) → version → kind → signature over the exact
-payload bytes → payload decode (canonical) → field validation. Nothing is decoded from
+payload bytes → payload decode (canonical) → field validation → re-encode the message
+and compare with the payload (canonical field types, e.g. float64 never an integer). Nothing is decoded from
 a payload whose signature has not been checked.
 """
 
@@ -75,21 +76,33 @@ class Signer:
         payload = codec.pack(message.to_wire())
         sig = self._key.sign(signing_bytes(message.KIND, PROTOCOL_VERSION, payload))
         raw = codec.pack(
-            {"key": self.public_key, "payload": payload, "sig": sig, "type": message.KIND, "v": PROTOCOL_VERSION}
+            {
+                "key": self.public_key,
+                "payload": payload,
+                "sig": sig,
+                "type": message.KIND,
+                "v": PROTOCOL_VERSION,
+            }
         )
         if len(raw) > MAX_ENVELOPE_BYTES:
-            raise LocalProtocolError(f"{message.KIND} envelope of {len(raw)} bytes is too large", reason="oversized")
+            raise LocalProtocolError(
+                f"{message.KIND} envelope of {len(raw)} bytes is too large", reason="oversized"
+            )
         return raw
 
 
 def _field(obj: dict[str, Any], name: str, typ: type) -> Any:
     value = obj.get(name)
-    if not isinstance(value, typ) or isinstance(value, bool) and typ is int:
-        raise RemoteProtocolError(f"envelope field {name!r} missing or not {typ.__name__}", reason="malformed")
+    if not isinstance(value, typ) or (isinstance(value, bool) and typ is int):
+        raise RemoteProtocolError(
+            f"envelope field {name!r} missing or not {typ.__name__}", reason="malformed"
+        )
     return value
 
 
-def open_envelope(raw: bytes, *, kinds: frozenset[str] | None = None, max_bytes: int = MAX_ENVELOPE_BYTES) -> Signed:
+def open_envelope(
+    raw: bytes, *, kinds: frozenset[str] | None = None, max_bytes: int = MAX_ENVELOPE_BYTES
+) -> Signed:
     """Verify and decode an envelope. Only :class:`ProtocolError` escapes."""
     outer = codec.unpack(raw, max_bytes=max_bytes)
     if not isinstance(outer, dict) or set(outer) != {"key", "payload", "sig", "type", "v"}:
@@ -111,4 +124,10 @@ def open_envelope(raw: bytes, *, kinds: frozenset[str] | None = None, max_bytes:
     except (InvalidSignature, ValueError):
         raise RemoteProtocolError(f"bad signature on {kind}", reason="bad_signature") from None
     message = cls.from_wire(codec.unpack(payload, max_bytes=max_bytes))
+    # The payload is canonical msgpack, but field converters may still coerce (an integer
+    # in a float field becomes a float). Re-encoding the *message* and comparing closes
+    # that gap, so each message has exactly one signed encoding: dedupe by envelope hash
+    # and "sign bytes, not objects" (DESIGN §3) both rely on it.
+    if codec.pack(message.to_wire()) != payload:
+        raise RemoteProtocolError(f"{kind} payload is not in canonical form", reason="non_canonical")
     return Signed(message, peer_id_from_public_key(key), key, bytes(raw), message_digest(bytes(raw)))

@@ -193,7 +193,8 @@ class Bid(Message):
 class Award(Message):
     """The submitter's award. ``bids`` are the signed bid envelopes it was computed from,
     so any peer can recompute it (DESIGN §4: the award is a pure function of its bids).
-    ``epoch`` 0 is the first award; each re-award of a lost shard increments it."""
+    ``epoch`` 0 is the first award; each re-award of a lost shard increments it, and
+    ``excluded`` lists the peers whose leases were lost (they get no shard)."""
 
     KIND: ClassVar[str] = "award"
     TYPE: ClassVar[int] = 4
@@ -203,7 +204,19 @@ class Award(Message):
     epoch: int = _f(s.integer(0, 10_000))
     bids: tuple[bytes, ...] = _f(s.seq_of(s.binary(4096), 64))
     assignments: tuple[dict[str, Any], ...] = _f(
-        s.seq_of(s.struct({"shard": s.integer(0, 63), "peer_id": s.PEER_ID, "share": s.real(0, 1)}), 64)
+        s.seq_of(
+            s.struct(
+                {
+                    "shard": s.integer(0, 63),
+                    "peer_id": s.PEER_ID,
+                    "share": s.real(0, 1),
+                    # Per-shard inputs (e.g. this shard's slice of the training data),
+                    # on top of the task's own inputs from the announce.
+                    "inputs": s.map_of(s.NAME, OUTPUT_REF, 16),
+                }
+            ),
+            64,
+        )
     )
     under_capacity: bool = _f(s.boolean())
     excluded: tuple[str, ...] = _f(s.seq_of(s.PEER_ID, 64))

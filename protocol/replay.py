@@ -30,6 +30,7 @@ class ReplayGuard:
     def __init__(self, *, skew_ms: int = CLOCK_SKEW_MS, max_entries: int = 100_000) -> None:
         self._skew = skew_ms
         self._max = max_entries
+        self._prune_at = max_entries
         self._seen: dict[tuple[str, str, str], _Entry] = {}
 
     def check(self, signed: Signed, now_ms: int) -> None:
@@ -52,8 +53,12 @@ class ReplayGuard:
         key = (signed.signer, m.KIND, m.scope())
         prev = self._seen.get(key)
         self._seen[key] = _Entry(m.seq, max(m.expires_at, prev.expires_at if prev else 0))
-        if len(self._seen) > self._max:
+        if len(self._seen) > self._prune_at:
             self.forget_expired(now_ms)
+            # Amortise: when most scopes are still live, a full scan on every accept would
+            # cost O(n) per message (quadratic under a flood of fresh scopes). Scan again
+            # only once the table has grown by half of what survived.
+            self._prune_at = max(self._max, len(self._seen) + len(self._seen) // 2)
 
     def forget_expired(self, now_ms: int) -> int:
         """Drop scopes whose every recorded message has expired (they can't be replayed)."""

@@ -1,0 +1,116 @@
+"""Awards as a pure function of signed bids, and their verification (DESIGN §4).
+
+Any peer holding a task's announce and its award recomputes the award from the bids it
+lists — nobody has to trust the submitter's choice. Epoch 0 must equal
+``allocation.choose`` over the listed bids exactly. A later epoch re-awards the shards
+of lost peers (listed in ``excluded``): it is valid when every assigned peer is one of
+the listed bidders, no excluded peer keeps a shard, and the shards are the epoch-0
+shards — the deterministic replacement rule is :func:`reassign`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from protocol.allocation import Award as Allocation
+from protocol.allocation import Candidate, NetworkParams, choose, demand, validate_candidate
+from protocol.envelope import Signed
+from protocol.errors import RemoteProtocolError
+from protocol.messages import Award, Bid, TaskAnnounce
+
+
+def net_params(net: Mapping[str, Any]) -> NetworkParams:
+    dc_max = net["dc_max"]
+    return NetworkParams(k=net["k"], dc_min=net["dc_min"], dc_max=math.inf if dc_max is None else dc_max)
+
+
+def usable_bids(announce: TaskAnnounce, bids: Sequence[Signed]) -> list[Signed]:
+    """The bids that count: for this task, one per peer (the highest sequence wins)."""
+    best: dict[str, Signed] = {}
+    for b in bids:
+        if not isinstance(b.message, Bid) or b.message.task_id != announce.task_id:
+            continue
+        cur = best.get(b.signer)
+        if cur is None or b.message.seq > cur.message.seq:
+            best[b.signer] = b
+    return [best[p] for p in sorted(best)]
+
+
+def allocate(announce: TaskAnnounce, bids: Sequence[Signed]) -> Allocation:
+    """The award rule applied to the task's signed bids."""
+    cands = []
+    for b in usable_bids(announce, bids):
+        c = Candidate(b.signer, b.message.c0, b.message.load)  # type: ignore[attr-defined]
+        try:
+            validate_candidate(c)
+        except RemoteProtocolError:
+            continue  # one absurd bid must not make the whole award fail
+        cands.append(c)
+    return choose(
+        cands,
+        demand=demand(announce.work, announce.deadline_ms / 1000),
+        max_shards=announce.max_shards,
+        params=net_params(announce.net),
+    )
+
+
+def assignments_of(alloc: Allocation) -> list[dict[str, Any]]:
+    """Epoch-0 shards: shard i goes to the i-th chosen peer (sorted by peer ID)."""
+    return [
+        {"shard": i, "peer_id": pid, "share": share, "inputs": {}}
+        for i, (pid, share) in enumerate(zip(alloc.chosen, alloc.shares, strict=True))
+    ]
+
+
+def reassign(
+    assignments: Sequence[Mapping[str, Any]], lost: set[str], bidders: Sequence[tuple[str, float]]
+) -> list[dict[str, Any]]:
+    """Move the shards of ``lost`` peers. ``bidders`` are (peer, cost C·L) of every
+    usable bid. Each lost shard, in shard order, goes to the cheapest bidder that is not
+    lost and holds no shard yet (ties by peer ID); if there is none, to the cheapest
+    remaining holder. Returns [] when every bidder is lost."""
+    holders = {a["peer_id"] for a in assignments if a["peer_id"] not in lost}
+    spare = sorted((c, p) for p, c in bidders if p not in lost and p not in holders)
+    live = sorted((c, p) for p, c in bidders if p not in lost and p in holders)
+    out: list[dict[str, Any]] = []
+    for a in sorted(assignments, key=lambda a: a["shard"]):
+        if a["peer_id"] not in lost:
+            out.append(dict(a))
+            continue
+        if spare:
+            _, peer = spare.pop(0)
+        elif live:
+            peer = live[0][1]
+        else:
+            return []
+        out.append({**a, "peer_id": peer})
+    return out
+
+
+def check_award(announce: TaskAnnounce, award: Award, submitter: str, signer: str, bids: Sequence[Signed]) -> None:
+    """Raise RemoteProtocolError unless ``award`` is what the rule gives for its bids."""
+    if signer != submitter:
+        raise RemoteProtocolError("award not signed by the task's submitter", reason="forged_award")
+    if award.task_id != announce.task_id:
+        raise RemoteProtocolError("award for another task", reason="bad_award")
+    usable = usable_bids(announce, bids)
+    if len(usable) != len(bids):
+        raise RemoteProtocolError("award lists unusable bids", reason="bad_award")
+    alloc = allocate(announce, usable)
+    shards = sorted(award.assignments, key=lambda a: a["shard"])
+    if [a["shard"] for a in shards] != list(range(len(alloc.chosen))):
+        raise RemoteProtocolError("award shards are not 0..n-1", reason="bad_award")
+    if award.epoch == 0:
+        if tuple(a["peer_id"] for a in shards) != alloc.chosen or award.under_capacity != alloc.under_capacity:
+            raise RemoteProtocolError("award does not follow the allocation rule", reason="bad_award")
+        if any(abs(a["share"] - s) > 1e-9 for a, s in zip(shards, alloc.shares, strict=True)):
+            raise RemoteProtocolError("award shares are not proportional to C", reason="bad_award")
+        if award.excluded:
+            raise RemoteProtocolError("first award excludes peers", reason="bad_award")
+        return
+    bidders = {b.signer for b in usable}
+    for a in shards:
+        if a["peer_id"] not in bidders or a["peer_id"] in award.excluded:
+            raise RemoteProtocolError("re-award gives a shard to a non-bidder or excluded peer", reason="bad_award")

@@ -1,0 +1,843 @@
+"""Regenerate peerd's golden protocol vectors (the JSON files beside this script).
+
+Usage (from the repository root)::
+
+    python protocol/vectors/generate.py          # rewrite the JSON files
+    python protocol/vectors/generate.py --check  # exit 1 if a committed file differs
+
+Everything is derived from fixed seeds and fixed timestamps, and Ed25519 (RFC 8032) is
+deterministic, so the output is byte-for-byte stable. The tests (tests/unit/test_vectors.py)
+check the *committed* files against the implementation; they never regenerate them, so a
+change of the wire format shows up as a failing test and a deliberate, reviewed diff here.
+
+Conventions inside the JSON files (see protocol/SPEC.md §13):
+
+* every byte string is lowercase hex;
+* in ``message`` objects, a JSON number written with a ``.`` or an exponent is a float64 and
+  one without is an integer; a msgpack ``bin`` value is written as ``{"$bin": "<hex>"}``;
+  ``null`` is msgpack nil.
+
+The hostile inputs are built by hand (msgpack-python would refuse to write most of them), and
+each negative vector that needs a *valid signature over a bad payload* is re-signed with the
+same key, so the decoder must reject it for the stated reason and not merely for the signature.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any, TypeVar
+
+if __package__ in (None, ""):  # run as a script: make `protocol` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocol import PROTOCOL_VERSION, codec
+from protocol.committee import committee as draw_committee
+from protocol.envelope import DOMAIN, MAX_ENVELOPE_BYTES, signing_bytes
+from protocol.framing import MAX_FRAME, encode_frame
+from protocol.messages import Advert, Award, Bid, Cancel, Lease, Message, Result, TaskAnnounce, Vote
+from protocol.peerid import peer_id_from_public_key
+
+HERE = Path(__file__).resolve().parent
+
+#: Fixed Ed25519 seeds (private keys). "submitter" announces, awards and cancels; the three
+#: "node" keys bid, lease, commit results and vote. Node i has the seed's (§4.3) C⁰ and L.
+SEEDS: dict[str, bytes] = {
+    "submitter": bytes(range(32)),
+    "node1": bytes(range(32, 64)),
+    "node2": bytes(range(64, 96)),
+    "node3": bytes(range(96, 128)),
+}
+#: 2023-11-14T22:13:20Z in Unix milliseconds: every vector is issued at this instant.
+T0 = 1_700_000_000_000
+TASK_ID = "0123456789abcdef0123456789abcdef"
+SHA_A = hashlib.sha256(b"peerd vector output A").hexdigest()
+SHA_B = hashlib.sha256(b"peerd vector output B").hexdigest()
+SHA_O = hashlib.sha256(b"peerd vector aggregate").hexdigest()
+SHA_IN = hashlib.sha256(b"peerd vector input").hexdigest()
+
+
+class Key:
+    def __init__(self, name: str, seed: bytes) -> None:
+        self.name = name
+        self.seed = seed
+        self.private = Ed25519PrivateKey.from_private_bytes(seed)
+        self.public = self.private.public_key().public_bytes_raw()
+        self.peer_id = peer_id_from_public_key(self.public)
+
+    def sign(self, kind: str, payload: bytes, version: int = PROTOCOL_VERSION) -> bytes:
+        return self.private.sign(signing_bytes(kind, version, payload))
+
+    def envelope(self, kind: str, payload: bytes, *, version: int = PROTOCOL_VERSION) -> bytes:
+        """A canonical envelope around ``payload`` (which may itself be hostile), validly signed."""
+        sig = self.sign(kind, payload, version)
+        return codec.pack({"key": self.public, "payload": payload, "sig": sig, "type": kind, "v": version})
+
+
+KEYS = {name: Key(name, seed) for name, seed in SEEDS.items()}
+
+
+# --- hand-written msgpack (for encodings msgpack-python will not produce) ------------------
+
+
+def mp_str(s: str) -> bytes:
+    b = s.encode()
+    if len(b) < 32:
+        return bytes([0xA0 | len(b)]) + b
+    if len(b) < 256:
+        return b"\xd9" + bytes([len(b)]) + b
+    return b"\xda" + struct.pack(">H", len(b)) + b
+
+
+def mp_map(pairs: list[tuple[bytes, bytes]]) -> bytes:
+    """A map from already-encoded (key, value) pairs, in the order given, duplicates kept."""
+    n = len(pairs)
+    head = bytes([0x80 | n]) if n < 16 else b"\xde" + struct.pack(">H", n)
+    return head + b"".join(k + v for k, v in pairs)
+
+
+def canonical_pairs(obj: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    return [(mp_str(k), codec.pack(obj[k])) for k in sorted(obj, key=lambda s: s.encode())]
+
+
+def replace_value(obj: dict[str, Any], key: str, encoded: bytes) -> bytes:
+    """Canonical map bytes of ``obj`` except that ``key``'s value is the raw bytes ``encoded``."""
+    return mp_map([(k, encoded if k == mp_str(key) else v) for k, v in canonical_pairs(obj)])
+
+
+# --- JSON form of messages ------------------------------------------------------------------
+
+
+def to_json(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"$bin": value.hex()}
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    return value
+
+
+def from_json(value: Any) -> Any:
+    """Inverse of :func:`to_json` (used by the tests)."""
+    if isinstance(value, dict):
+        if set(value) == {"$bin"}:
+            return bytes.fromhex(value["$bin"])
+        return {k: from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_json(v) for v in value]
+    return value
+
+
+# --- the valid messages ---------------------------------------------------------------------
+
+#: The seed's §4.3 worked example: (C⁰, L) per node, network parameter k = 0.2.
+SEED_EXAMPLE = {"node1": (1000.0, 0.5), "node2": (1500.0, 0.8), "node3": (2000.0, 1.2)}
+
+
+M = TypeVar("M", bound=Message)
+
+
+def build(cls: type[M], **fields: Any) -> M:
+    """``cls(**fields)``; lists stand in for the tuple-typed fields (the converters accept both)."""
+    return cls(**fields)
+
+
+def _times(seq: int, ttl_ms: int) -> dict[str, int]:
+    return {"seq": seq, "issued_at": T0, "expires_at": T0 + ttl_ms}
+
+
+def messages() -> list[tuple[str, Message]]:
+    """(signer name, message) for one valid message of every kind, in a fixed order."""
+    node1 = KEYS["node1"]
+    bids = {
+        name: build(Bid, **_times(11, 60_000), task_id=TASK_ID, c0=c0, load=load)
+        for name, (c0, load) in SEED_EXAMPLE.items()
+    }
+    bid_envelopes = {name: KEYS[name].envelope("bid", codec.pack(b.to_wire())) for name, b in bids.items()}
+    # Task 1 of §4.3: R = 3000 → S = {node1, node3}; shares ∝ C (C = C⁰ + 0.2·L).
+    c1 = 1000.0 + 0.2 * 0.5
+    c3 = 2000.0 + 0.2 * 1.2
+    chosen = sorted([("node1", c1), ("node3", c3)], key=lambda nc: KEYS[nc[0]].peer_id)
+    total = chosen[0][1] + chosen[1][1]
+    assignments = [
+        {"shard": i, "peer_id": KEYS[name].peer_id, "share": c / total, "inputs": {}}
+        for i, (name, c) in enumerate(chosen)
+    ]
+    # The round's participants are the award's peers; the committee is drawn from them
+    # (SPEC.md §11.1): with two participants both sit on it, and the quorum is 2.
+    committee = sorted(draw_committee(TASK_ID, 1, [KEYS[n].peer_id for n, _ in chosen], 3))
+    return [
+        (
+            "node1",
+            build(
+                Advert,
+                **_times(7, 30_000),
+                c0=1000.0,
+                load=0.5,
+                cpu={"cores": 16, "model": "AMD EPYC 9354 32-Core Processor", "gflops": 412.5},
+                memory={"total_mb": 128_000, "available_mb": 96_000},
+                gpus=[
+                    {
+                        "index": 0,
+                        "model": "NVIDIA H100 80GB HBM3",
+                        "vram_total_mb": 81_559,
+                        "vram_free_mb": 80_000,
+                        "util_pct": 0.0,
+                        "gflops": 587.5,
+                    }
+                ],
+                offer={
+                    "cores": 8,
+                    "gpus": [0],
+                    "memory_mb": 64_000,
+                    "kinds": ["echo", "keras-train", "sleep"],
+                    "draining": False,
+                    "slots": 2,
+                    "busy": 1,
+                },
+                params={"k": 0.2, "dc_min": 0.0, "dc_max": None},
+                addrs=[f"/ip4/192.0.2.1/tcp/4001/p2p/{node1.peer_id}"],
+                version="0.1.0",
+            ),
+        ),
+        (
+            "submitter",
+            build(
+                TaskAnnounce,
+                **_times(3, 3_600_000),
+                task_id=TASK_ID,
+                kind="keras-train",
+                work=30_000.0,
+                deadline_ms=10_000,
+                max_shards=2,
+                resources={"gpu": False, "memory_mb": 2_048},
+                aggregation="weighted_mean",
+                rounds=1,
+                params={"epochs": 2, "batch_size": 32, "optimizer": "adam", "lr": 0.001},
+                inputs={"train": {"sha256": SHA_IN, "size": 407_000}},
+                bid_window_ms=500,
+                net={"k": 0.2, "dc_min": 0.0, "dc_max": None},
+            ),
+        ),
+        ("node1", bids["node1"]),
+        (
+            "submitter",
+            build(
+                Award,
+                **_times(4, 3_600_000),
+                task_id=TASK_ID,
+                epoch=0,
+                bids=[bid_envelopes[n] for n in sorted(bid_envelopes, key=lambda n: KEYS[n].peer_id)],
+                assignments=assignments,
+                under_capacity=False,
+                excluded=[],
+            ),
+        ),
+        (
+            "node1",
+            build(
+                Lease,
+                **_times(12, 60_000),
+                task_id=TASK_ID,
+                epoch=0,
+                shard=0,
+                round=1,
+                state="running",
+                detail="",
+            ),
+        ),
+        (
+            "node1",
+            build(
+                Result,
+                **_times(13, 3_600_000),
+                task_id=TASK_ID,
+                epoch=0,
+                shard=0,
+                round=1,
+                ok=True,
+                error=None,
+                outputs={"weights": {"sha256": SHA_A, "size": 407_000}},
+                weight=1000.0,
+                metrics={"accuracy": 0.875, "loss": 0.25},
+            ),
+        ),
+        (
+            "node1",
+            build(
+                Vote,
+                **_times(14, 3_600_000),
+                task_id=TASK_ID,
+                round=1,
+                rule="weighted_mean",
+                committee=committee,
+                inputs=sorted(
+                    [
+                        {"peer_id": KEYS["node1"].peer_id, "shard": 0, "sha256": SHA_A, "weight": 1000.0},
+                        {"peer_id": KEYS["node3"].peer_id, "shard": 1, "sha256": SHA_B, "weight": 2000.0},
+                    ],
+                    key=lambda i: i["peer_id"],
+                ),
+                excluded=[],
+                output={"sha256": SHA_O, "size": 407_000},
+                attempt=0,
+            ),
+        ),
+        (
+            "submitter",
+            build(Cancel, **_times(5, 60_000), task_id=TASK_ID, reason="cancelled by the submitter"),
+        ),
+    ]
+
+
+def envelope_vectors() -> dict[str, Any]:
+    out = []
+    for signer_name, msg in messages():
+        key = KEYS[signer_name]
+        payload = codec.pack(msg.to_wire())
+        sb = signing_bytes(msg.KIND, PROTOCOL_VERSION, payload)
+        sig = key.private.sign(sb)
+        raw = codec.pack(
+            {"key": key.public, "payload": payload, "sig": sig, "type": msg.KIND, "v": PROTOCOL_VERSION}
+        )
+        out.append(
+            {
+                "kind": msg.KIND,
+                "signer": signer_name,
+                "peer_id": key.peer_id,
+                "message": to_json(msg.to_wire()),
+                "scope": msg.scope(),
+                "payload_hex": payload.hex(),
+                "signing_bytes_hex": sb.hex(),
+                "signature_hex": sig.hex(),
+                "envelope_hex": raw.hex(),
+                "envelope_sha256": hashlib.sha256(raw).hexdigest(),
+            }
+        )
+    return {
+        "description": "One valid signed envelope per message kind (protocol/SPEC.md §5).",
+        "version": PROTOCOL_VERSION,
+        "domain_hex": DOMAIN.hex(),
+        "keys": {
+            name: {"seed_hex": k.seed.hex(), "public_key_hex": k.public.hex(), "peer_id": k.peer_id}
+            for name, k in KEYS.items()
+        },
+        "vectors": out,
+    }
+
+
+# --- negative vectors -----------------------------------------------------------------------
+
+
+def negative_vectors() -> dict[str, Any]:
+    n1 = KEYS["node1"]
+    bid = build(Bid, **_times(11, 60_000), task_id=TASK_ID, c0=1000.0, load=0.5)
+    wire = bid.to_wire()
+    payload = codec.pack(wire)
+    good = n1.envelope("bid", payload)
+    outer: dict[str, Any] = {
+        "key": n1.public,
+        "payload": payload,
+        "sig": n1.sign("bid", payload),
+        "type": "bid",
+        "v": 1,
+    }
+    vecs: list[dict[str, Any]] = []
+
+    def add(name: str, raw: bytes, reason: str, note: str) -> None:
+        vecs.append(
+            {"name": name, "decoder": "open_envelope", "input_hex": raw.hex(), "reason": reason, "note": note}
+        )
+
+    def resigned(payload_bytes: bytes, note: str, name: str, reason: str) -> None:
+        add(name, n1.envelope("bid", payload_bytes), reason, note + " (validly signed)")
+
+    sig = bytearray(outer["sig"])
+    sig[0] ^= 0x01
+    add(
+        "bad_signature",
+        codec.pack({**outer, "sig": bytes(sig)}),
+        "bad_signature",
+        "first signature bit flipped",
+    )
+    tampered = codec.pack({**wire, "load": 0.0})
+    add(
+        "tampered_payload",
+        codec.pack({**outer, "payload": tampered}),
+        "bad_signature",
+        "payload changed (load 0.5 → 0.0) after signing",
+    )
+    other = KEYS["node2"]
+    add(
+        "wrong_key",
+        codec.pack({**outer, "key": other.public}),
+        "bad_signature",
+        "signature by node1 presented with node2's key (claiming another identity)",
+    )
+    add(
+        "wrong_kind_domain_reuse",
+        codec.pack({**outer, "type": "vote"}),
+        "bad_signature",
+        "a valid bid signature and payload presented as a vote: the domain (kind) differs",
+    )
+    add(
+        "outer_key_order",
+        mp_map(list(reversed(canonical_pairs(outer)))),
+        "non_canonical",
+        "envelope map keys in reverse order",
+    )
+    add(
+        "outer_duplicate_key",
+        mp_map([*canonical_pairs(outer), (mp_str("v"), codec.pack(1))]),
+        "non_canonical",
+        "envelope map with key 'v' twice",
+    )
+    add(
+        "outer_wide_int",
+        replace_value(outer, "v", b"\xcd\x00\x01"),
+        "non_canonical",
+        "version 1 written as uint16 instead of a positive fixint",
+    )
+    add("unknown_version", codec.pack({**outer, "v": 2}), "unsupported_version", "protocol version 2")
+    add(
+        "unknown_kind", codec.pack({**outer, "type": "gossip"}), "unexpected_kind", "type 'gossip' is no kind"
+    )
+    add("truncated", good[:-1], "malformed", "valid envelope minus its last byte")
+    add("trailing_bytes", good + b"\xc0", "malformed", "valid envelope followed by one nil")
+    add("empty", b"", "malformed", "zero bytes")
+    add("not_a_map", codec.pack([1, 2, 3]), "malformed", "an array, not a map")
+    add("extra_field", codec.pack({**outer, "x": 0}), "malformed", "envelope with a sixth key")
+    add("missing_field", codec.pack({k: v for k, v in outer.items() if k != "sig"}), "malformed", "no 'sig'")
+    add("short_key", codec.pack({**outer, "key": n1.public[:31]}), "malformed", "31-byte public key")
+    add("short_sig", codec.pack({**outer, "sig": outer["sig"][:63]}), "malformed", "63-byte signature")
+    add(
+        "payload_as_str",
+        replace_value(outer, "payload", mp_str("x")),
+        "malformed",
+        "payload is a msgpack str, not bin",
+    )
+    add("version_as_bool", codec.pack({**outer, "v": True}), "malformed", "version true instead of 1")
+    big = codec.pack({**outer, "payload": b"\x00" * MAX_ENVELOPE_BYTES})
+    add("oversized", big, "oversized", f"{len(big)}-byte envelope (cap {MAX_ENVELOPE_BYTES})")
+
+    # Hostile payloads under valid signatures: the signature check passes, decoding must not.
+    resigned(
+        mp_map(list(reversed(canonical_pairs(wire)))),
+        "payload keys in reverse order",
+        "payload_key_order",
+        "non_canonical",
+    )
+    resigned(
+        mp_map([*canonical_pairs(wire), (mp_str("load"), codec.pack(0.5))]),
+        "payload with 'load' twice",
+        "payload_duplicate_key",
+        "non_canonical",
+    )
+    resigned(
+        replace_value(wire, "load", b"\xca" + struct.pack(">f", 0.5)),
+        "load 0.5 as float32 instead of float64",
+        "payload_float32",
+        "non_canonical",
+    )
+    resigned(
+        replace_value(wire, "c0", codec.pack(1000)),
+        "c0 as the integer 1000 instead of the float64 1000.0",
+        "payload_int_for_float",
+        "non_canonical",
+    )
+    resigned(
+        replace_value(wire, "seq", b"\xcf" + struct.pack(">Q", 11)),
+        "seq 11 as uint64 instead of a positive fixint",
+        "payload_wide_int",
+        "non_canonical",
+    )
+    resigned(
+        codec.pack({**wire, "extra": 1}),
+        "unknown payload field 'extra'",
+        "payload_unknown_field",
+        "malformed",
+    )
+    resigned(
+        codec.pack({k: v for k, v in wire.items() if k != "load"}),
+        "payload without 'load'",
+        "payload_missing_field",
+        "malformed",
+    )
+    resigned(
+        codec.pack({**wire, "c0": -1.0}), "negative capacity c0 = -1.0", "payload_negative_capacity", "absurd"
+    )
+    resigned(codec.pack({**wire, "c0": 1e300}), "capacity c0 = 1e300", "payload_huge_capacity", "absurd")
+    resigned(codec.pack({**wire, "load": float("nan")}), "load is NaN", "payload_nan", "absurd")
+    resigned(codec.pack({**wire, "load": float("inf")}), "load is +inf", "payload_inf", "absurd")
+    resigned(codec.pack({**wire, "seq": 0}), "seq 0 (sequences start at 1)", "payload_seq_zero", "absurd")
+    resigned(
+        codec.pack({**wire, "expires_at": T0 - 1}),
+        "expires_at before issued_at",
+        "payload_expires_first",
+        "absurd",
+    )
+    resigned(
+        codec.pack({**wire, "task_id": "ABC"}),
+        "task_id not 32 lowercase hex",
+        "payload_bad_task_id",
+        "malformed",
+    )
+    resigned(codec.pack({**wire, "load": True}), "load is a boolean", "payload_bool_for_float", "malformed")
+    resigned(codec.pack([1, 2]), "payload is an array", "payload_not_a_map", "malformed")
+    resigned(payload[:-1], "payload truncated by one byte", "payload_truncated", "malformed")
+    cancel = build(Cancel, **_times(5, 60_000), task_id=TASK_ID, reason="x")
+    long_reason = codec.pack({**cancel.to_wire(), "reason": "x" * 257})
+    add(
+        "payload_oversized_string",
+        KEYS["submitter"].envelope("cancel", long_reason),
+        "oversized",
+        "cancel reason of 257 characters (max 256), validly signed",
+    )
+
+    frames = [
+        {
+            "name": "frame_oversized_header",
+            "decoder": "FrameDecoder",
+            "input_hex": struct.pack(">I", MAX_FRAME + 1).hex(),
+            "reason": "oversized",
+            "note": "a header announcing MAX_FRAME + 1 bytes is rejected before any payload arrives",
+        },
+        {
+            "name": "frame_max_header",
+            "decoder": "FrameDecoder",
+            "input_hex": "ffffffff",
+            "reason": "oversized",
+            "note": "a header announcing 2**32 - 1 bytes",
+        },
+    ]
+    return {
+        "description": "Inputs every decoder must reject, with the reason tag it must report "
+        "(protocol/SPEC.md §12).",
+        "vectors": vecs + frames,
+    }
+
+
+# --- codec, framing, peer IDs, replay -------------------------------------------------------
+
+
+def codec_vectors() -> dict[str, Any]:
+    valid: list[Any] = [
+        None,
+        True,
+        False,
+        0,
+        127,
+        128,
+        255,
+        256,
+        65_535,
+        65_536,
+        2**32,
+        2**63 - 1,
+        -1,
+        -32,
+        -33,
+        -128,
+        -129,
+        -(2**63),
+        0.0,
+        -0.0,
+        0.5,
+        1000.1,
+        1e300,
+        "",
+        "peerd",
+        "é",
+        "x" * 32,
+        b"",
+        b"\x00\xff",
+        [],
+        [1, "a", None],
+        {},
+        {"b": 1, "a": 2, "aa": 3, "B": 4, "é": 5, "z": {"y": [1.5]}},
+    ]
+    good = [{"value": to_json(v), "hex": codec.pack(v).hex()} for v in valid]
+    nested = b"\x91" * 17 + b"\xc0"  # 17 nested one-element arrays around nil: nil sits at depth 17
+    bad = [
+        ("uint8_small", b"\xcc\x05", "non_canonical", "5 as uint8 instead of a positive fixint"),
+        ("int8_positive", b"\xd0\x05", "non_canonical", "5 as int8"),
+        ("uint16_small", b"\xcd\x00\xff", "non_canonical", "255 as uint16 instead of uint8"),
+        ("int16_negative", b"\xd1\xff\xff", "non_canonical", "-1 as int16 instead of a negative fixint"),
+        ("float32", b"\xca" + struct.pack(">f", 0.5), "non_canonical", "0.5 as float32"),
+        ("str8_short", b"\xd9\x03abc", "non_canonical", "'abc' as str8 instead of fixstr"),
+        ("bin16_short", b"\xc5\x00\x01\x00", "non_canonical", "b'\\x00' as bin16 instead of bin8"),
+        ("array16_short", b"\xdc\x00\x01\xc0", "non_canonical", "[nil] as array16 instead of fixarray"),
+        ("map16_short", b"\xde\x00\x01\xa1a\x01", "non_canonical", "{'a': 1} as map16"),
+        ("map_unsorted", b"\x82\xa1b\x01\xa1a\x02", "non_canonical", "{'b': 1, 'a': 2}: keys out of order"),
+        ("map_duplicate", b"\x82\xa1a\x01\xa1a\x02", "non_canonical", "key 'a' twice"),
+        ("map_int_key", b"\x81\x01\x02", "malformed", "integer map key"),
+        ("map_bin_key", b"\x81\xc4\x01a\x01", "non_canonical", "bin map key"),
+        ("too_deep", nested, "non_canonical", "a value nested 17 levels deep (limit 16)"),
+        ("ext", b"\xd4\x01\x00", "malformed", "an ext value (fixext1)"),
+        ("timestamp_ext", b"\xd6\xff\x00\x00\x00\x00", "malformed", "msgpack timestamp ext"),
+        ("reserved_c1", b"\xc1", "malformed", "the never-used byte 0xc1"),
+        ("truncated_str", b"\xa5abc", "malformed", "fixstr of 5 with 3 bytes"),
+        ("trailing", b"\xc0\xc0", "malformed", "two objects"),
+        ("empty", b"", "malformed", "no bytes at all"),
+        ("invalid_utf8", b"\xa2\xc3\x28", "malformed", "str that is not UTF-8"),
+    ]
+    return {
+        "description": "Canonical msgpack (protocol/SPEC.md §3): values and their only valid "
+        "encoding, then encodings a decoder must reject.",
+        "valid": good,
+        "invalid": [{"name": n, "hex": h.hex(), "reason": r, "note": note} for n, h, r, note in bad],
+    }
+
+
+def framing_vectors() -> dict[str, Any]:
+    payloads = [b"", b"\x00", b"peerd", bytes(range(256))]
+    return {
+        "description": "Stream framing: 4-byte big-endian length, then the payload; MAX_FRAME = 1 MiB.",
+        "max_frame": MAX_FRAME,
+        "frames": [{"payload_hex": p.hex(), "frame_hex": encode_frame(p).hex()} for p in payloads],
+    }
+
+
+def peerid_vectors() -> dict[str, Any]:
+    out = []
+    for name, k in KEYS.items():
+        out.append(
+            {
+                "name": name,
+                "seed_hex": k.seed.hex(),
+                "public_key_hex": k.public.hex(),
+                "multihash_hex": (bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20]) + k.public).hex(),
+                "peer_id": k.peer_id,
+            }
+        )
+    return {
+        "description": "libp2p peer IDs of Ed25519 keys: base58btc(identity multihash(protobuf PublicKey)).",
+        "vectors": out,
+    }
+
+
+def replay_vectors() -> dict[str, Any]:
+    """A script of envelopes fed, in order, to ONE fresh receiver with the given clock."""
+    n1, n2 = KEYS["node1"], KEYS["node2"]
+    other_task = "fedcba9876543210fedcba9876543210"
+
+    def advert(seq: int, issued: int, ttl: int, key: Key = n1) -> bytes:
+        msg = build(
+            Advert,
+            seq=seq,
+            issued_at=issued,
+            expires_at=issued + ttl,
+            c0=1000.0,
+            load=0.5,
+            cpu={"cores": 1, "model": "", "gflops": 1.0},
+            memory={"total_mb": 1, "available_mb": 1},
+            gpus=[],
+            offer={
+                "cores": 1,
+                "gpus": [],
+                "memory_mb": 1,
+                "kinds": [],
+                "draining": False,
+                "slots": 1,
+                "busy": 0,
+            },
+            params={"k": 0.2, "dc_min": 0.0, "dc_max": None},
+            addrs=[],
+            version="0.1.0",
+        )
+        return key.envelope("advert", codec.pack(msg.to_wire()))
+
+    def bid(seq: int, task: str) -> bytes:
+        msg = build(Bid, seq=seq, issued_at=T0, expires_at=T0 + 60_000, task_id=task, c0=1.0, load=0.0)
+        return n1.envelope("bid", codec.pack(msg.to_wire()))
+
+    steps = [
+        (advert(5, T0, 30_000), T0, "accept", "first advert of node1"),
+        (advert(5, T0, 30_000), T0 + 1, "replayed", "the same advert again"),
+        (advert(4, T0, 30_000), T0 + 2, "replayed", "a lower sequence"),
+        (advert(6, T0 + 1000, 30_000), T0 + 1000, "accept", "the next sequence"),
+        (advert(9, T0, 30_000, n2), T0 + 1000, "accept", "another signer has its own sequence"),
+        (advert(7, T0 - 100_000, 30_000), T0 + 1000, "expired", "expired 70 s ago (skew 30 s)"),
+        (advert(8, T0 - 61_000, 30_000), T0, "expired", "expires_at + 30 s skew = now - 1 ms"),
+        (advert(10, T0 - 60_000, 30_000), T0, "accept", "expires_at + 30 s skew = now: still valid"),
+        (advert(11, T0 + 31_000, 30_000), T0, "from_future", "issued 31 s ahead of the receiver's clock"),
+        (advert(12, T0 + 30_000, 30_000), T0, "accept", "issued exactly 30 s ahead: within the skew"),
+        (advert(13, T0, 120_001), T0, "absurd", "lifetime 120 001 ms > MAX_TTL of advert (120 000 ms)"),
+        (bid(3, TASK_ID), T0, "accept", "bid seq 3 for task A"),
+        (bid(2, other_task), T0, "accept", "bid seq 2 for task B: scopes are independent"),
+        (bid(2, TASK_ID), T0, "replayed", "bid seq 2 for task A is below 3"),
+    ]
+    return {
+        "description": "Replay and freshness rules (protocol/SPEC.md §6): feed the envelopes in order to "
+        "one receiver whose clock reads now_ms; expect 'accept' or the drop reason.",
+        "skew_ms": 30_000,
+        "steps": [
+            {"envelope_hex": raw.hex(), "now_ms": now, "expect": expect, "note": note}
+            for raw, now, expect, note in steps
+        ],
+    }
+
+
+def blob_vectors() -> dict[str, Any]:
+    from protocol import blobproto
+
+    msgs: list[Any] = [
+        blobproto.GetRequest(SHA_A, 0),
+        blobproto.GetRequest(SHA_A, 262_144),
+        blobproto.GetHeader("ok", 407_000),
+        blobproto.GetHeader("not_found", 0),
+        blobproto.Chunk(b"peerd"),
+        blobproto.Ack(1_048_576),
+        blobproto.End(SHA_A),
+    ]
+    return {
+        "description": "Blob protocol messages (/peerd/blob/1.0.0, protocol/SPEC.md §9): "
+        "each is one frame payload.",
+        "messages": [
+            {
+                "type": type(m).__name__,
+                "fields": to_json({f: getattr(m, f) for f in m.__dataclass_fields__}),
+                "hex": blobproto.encode(m).hex(),
+            }
+            for m in msgs
+        ],
+    }
+
+
+def committee_vectors() -> dict[str, Any]:
+    from protocol.committee import committee, draw_key, quorum
+
+    participants = sorted(k.peer_id for k in KEYS.values())
+    rounds = []
+    for r in (0, 1, 2):
+        keys = {p: draw_key(TASK_ID, r, p).hex() for p in participants}
+        drawn = committee(TASK_ID, r, participants, 3)
+        rounds.append(
+            {
+                "round": r,
+                "draw_input_hex": {
+                    p: (TASK_ID.encode() + b"\x00" + r.to_bytes(8, "big") + b"\x00" + p.encode()).hex()
+                    for p in participants
+                },
+                "draw_key_hex": keys,
+                "committee_by_key": list(drawn),
+                "committee_sorted": sorted(drawn),
+                "quorum": quorum(len(drawn)),
+            }
+        )
+    return {
+        "description": "Committee draw (protocol/SPEC.md §11): the 3 participants with the smallest "
+        "sha256(task_id ‖ 0x00 ‖ round u64 BE ‖ 0x00 ‖ peer_id).",
+        "task_id": TASK_ID,
+        "participants": participants,
+        "rounds": rounds,
+    }
+
+
+def tensor_vectors() -> dict[str, Any]:
+    import numpy as np
+
+    from protocol.aggregation import aggregate
+    from protocol.tensors import encode_arrays
+
+    cases = {
+        "float32_matrix_and_vector": [
+            np.array([[1.0, -2.5], [0.25, 3.0]], dtype="<f4"),
+            np.array([0.5, -0.0, 7.0], dtype="<f4"),
+        ],
+        "int64_scalar": [np.array(42, dtype="<i8")],
+        "uint8_empty": [np.zeros((0, 3), dtype="|u1")],
+        "empty_list": [],
+    }
+    tensors = [
+        {
+            "name": name,
+            "arrays": [
+                {"dtype": a.dtype.str, "shape": list(a.shape), "values": a.ravel().tolist()} for a in arrays
+            ],
+            "hex": encode_arrays(arrays).hex(),
+            "sha256": hashlib.sha256(encode_arrays(arrays)).hexdigest(),
+        }
+        for name, arrays in cases.items()
+    ]
+    inputs = [
+        (KEYS["node1"].peer_id, 1.0, [np.array([1.0, 2.0, -4.0], dtype="<f4")]),
+        (KEYS["node2"].peer_id, 3.0, [np.array([5.0, 2.5, 0.0], dtype="<f4")]),
+        (KEYS["node3"].peer_id, 2.0, [np.array([-1.0, 100.0, 0.5], dtype="<f4")]),
+        (KEYS["submitter"].peer_id, 2.0, [np.array([2.0, 2.0, 2.0], dtype="<f4")]),
+        # A fifth input so that trimmed_mean (t = 1 of 5) and median differ.
+        (Key("extra", bytes(range(128, 160))).peer_id, 0.5, [np.array([10.0, -3.0, 1.0], dtype="<f4")]),
+    ]
+    rounds = []
+    for rule in ("sum", "weighted_mean", "trimmed_mean", "median"):
+        out = aggregate(rule, inputs)
+        rounds.append(
+            {
+                "rule": rule,
+                "output_values": out[0].ravel().tolist(),
+                "output_hex": encode_arrays(out).hex(),
+                "output_sha256": hashlib.sha256(encode_arrays(out)).hexdigest(),
+            }
+        )
+    return {
+        "description": "Tensor lists (protocol/SPEC.md §11.2, §11.3) and the four aggregation rules over one "
+        "set of inputs (trim_ratio 0.2).",
+        "tensors": tensors,
+        "aggregation": {
+            "inputs": [
+                {"peer_id": p, "weight": w, "dtype": a[0].dtype.str, "values": a[0].tolist()}
+                for p, w, a in inputs
+            ],
+            "trim_ratio": 0.2,
+            "results": rounds,
+        },
+    }
+
+
+def render() -> dict[str, str]:
+    files: dict[str, Any] = {
+        "envelopes.json": envelope_vectors(),
+        "negative.json": negative_vectors(),
+        "codec.json": codec_vectors(),
+        "framing.json": framing_vectors(),
+        "peerids.json": peerid_vectors(),
+        "replay.json": replay_vectors(),
+        "committee.json": committee_vectors(),
+        "tensors.json": tensor_vectors(),
+        "blob.json": blob_vectors(),
+    }
+    return {
+        name: json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+        for name, body in files.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--check", action="store_true", help="compare with the committed files instead of writing"
+    )
+    args = ap.parse_args(argv)
+    stale = []
+    for name, text in render().items():
+        path = HERE / name
+        if args.check:
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                stale.append(name)
+        else:
+            path.write_text(text, encoding="utf-8")
+    if stale:
+        print("vectors differ from the generator: " + ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
