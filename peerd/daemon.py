@@ -1,0 +1,181 @@
+"""``peerd``: the daemon's entry point and its root nursery.
+
+Start order matters (py-libp2p trap 5: pubsub before any dial): config → identity →
+store → sandbox probe and worker pool → libp2p node (listening, pubsub, DHT; then it
+dials the bootstrap peers) → adverts (first advert published) → task bus → RPC socket →
+``READY=1``. SIGTERM/SIGINT cancel the root nursery: ``STOPPING=1``, every service
+unwinds, the RPC socket is removed, the libp2p host is closed explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import trio
+
+from protocol.envelope import Signer
+
+from peerd import __version__, sdnotify
+from peerd.adverts import AdvertService, Offer, measure_capacity
+from peerd.api import Api
+from peerd.blobs import BlobStore
+from peerd.config import Config, ConfigError, load_config
+from peerd.contractor import Contractor
+from peerd.counters import Counters
+from peerd.identity import IdentityError, load_or_create_identity
+from peerd.inbox import Inbox
+from peerd.node import BID_PROTOCOL, RESULT_PROTOCOL, Node
+from peerd.peertable import PeerTable
+from peerd.rounds import Rounds
+from peerd.seqstore import SequenceStore
+from peerd.store import Store
+from peerd.submitter import Submitter
+from peerd.taskbook import TaskBook
+from peerd.taskbus import TaskBus
+
+log = logging.getLogger("peerd")
+
+
+def make_offer(cfg: Config, gpus_found: list[int]) -> Offer:
+    gpus = tuple(g for g in (cfg.offer.gpus if cfg.offer.gpus is not None else gpus_found) if g in gpus_found)
+    dc_max = None if cfg.market.dc_max == float("inf") else cfg.market.dc_max
+    return Offer(
+        cores=cfg.offer.cores,
+        gpus=gpus,
+        memory_mb=cfg.offer.memory_mb,
+        kinds=tuple(cfg.offer.accept_kinds),
+        draining=cfg.offer.draining,
+        k=cfg.market.k,
+        dc_min=cfg.market.dc_min,
+        dc_max=dc_max,
+    )
+
+
+async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Run one daemon until cancelled."""
+    from peerd import blobxfer
+    from peerd.executor import WorkerPool
+    from peerd.p2p import P2PConfig, P2PNode
+    from peerd.rpc.server import MethodTable, RpcServer
+
+    started_at = time.monotonic()
+    state = cfg.node.state_dir
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    identity = load_or_create_identity(state)
+    signer = Signer(identity.seed)
+    counters = Counters()
+    store = Store(state / "peerd.sqlite")
+    blobs = BlobStore(state / "blobs", max_blob_bytes=cfg.policy.max_blob_mb << 20)
+    seq = SequenceStore(state / "sequence")
+    capacity = await trio.to_thread.run_sync(
+        lambda: measure_capacity(cfg.offer.cores, calibrate=cfg.adverts.calibrate, seconds=cfg.adverts.calibration_s)
+    )
+    offer = make_offer(cfg, [g.index for g in capacity.gpus])
+    devices = [f"gpu:{g}" for g in offer.gpus] or ["cpu"]
+    pool = WorkerPool(state / "work", devices=devices, require_sandbox=cfg.policy.require_sandbox)
+    p2p = P2PNode(
+        identity.seed,
+        P2PConfig(
+            listen=tuple(cfg.network.listen),
+            bootstrap=tuple(cfg.network.bootstrap),
+            mdns=cfg.network.mdns,
+            max_msgs_per_origin_per_s=cfg.network.max_msgs_per_origin_per_s,
+        ),
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            node = Node(
+                config=cfg, signer=signer, seq=seq, counters=counters, inbox=Inbox(counters), store=store,
+                blobs=blobs, p2p=p2p, pool=pool, table=PeerTable(), nursery=nursery, c0=capacity.c0(offer),
+            )
+            book = TaskBook()
+            rounds = Rounds(node)
+            submitter = Submitter(node, book)
+            contractor = Contractor(node, book, rounds, submitter)
+            submitter.contractor = contractor
+            TaskBus(node, book, contractor, submitter, rounds)
+            adverts = AdvertService(
+                p2p=p2p, signer=signer, seq=seq, inbox=node.inbox, table=node.table, counters=counters,
+                offer=lambda: offer, capacity=capacity,
+                load=lambda: (node.load(), pool.slots(), round(node.load() * pool.slots())),
+                interval_s=cfg.adverts.interval_s, ttl_s=cfg.adverts.ttl_s,
+            )
+            node.poke_advert = adverts.poke
+            pool.on_change(adverts.poke)
+
+            # Bounded concurrent uploads: a busy peer answers "busy" and the fetcher retries.
+            uploads = trio.CapacityLimiter(8)
+
+            async def serve_blob(stream: Any) -> None:
+                await blobxfer.serve_blob(stream, blobs, max_bytes=cfg.policy.max_blob_mb << 20, limiter=uploads)
+
+            p2p.add_stream_handler(blobxfer.PROTOCOL_ID, serve_blob)
+            p2p.add_stream_handler(BID_PROTOCOL, submitter.handle_bid_stream)
+            p2p.add_stream_handler(RESULT_PROTOCOL, submitter.handle_result_stream)
+
+            await nursery.start(pool.run)
+            await nursery.start(p2p.run)
+            await nursery.start(adverts.run)
+            api = Api(node, book, submitter, adverts, started_at)
+            rpc = RpcServer(
+                cfg.node.socket,
+                MethodTable.from_contract(api.handlers()),
+                group=cfg.node.socket_group,
+                allowed_uids=cfg.rpc.allowed_uids,
+            )
+            await nursery.start(rpc.run)
+            submitter.resume()
+            contractor.redeliver_pending()
+            nursery.start_soon(sdnotify.watchdog_loop)
+            log.info("peerd %s ready: peer %s on %s", __version__, signer.peer_id, ", ".join(p2p.listen_addrs()))
+            sdnotify.ready()
+            sdnotify.status(f"serving as {signer.peer_id}")
+            task_status.started(node)
+    finally:
+        store.close()
+
+
+async def _main(cfg: Config) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve, cfg)
+            async for sig in signals:
+                log.info("received %s; shutting down", signal.Signals(sig).name)
+                sdnotify.stopping()
+                nursery.cancel_scope.cancel()
+                break
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="TOML config file (default /etc/peerd/peerd.toml when it exists).")
+@click.option("--log-level", default=None, help="Override node.log_level (debug, info, warning, error).")
+@click.version_option(__version__, prog_name="peerd")
+def main(config_path: Path | None, log_level: str | None) -> None:
+    """Run the peerd compute-sharing daemon."""
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        click.echo(f"peerd: configuration error: {exc}", err=True)
+        sys.exit(2)
+    level = (log_level or cfg.node.log_level).upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        trio.run(_main, cfg)
+    except IdentityError as exc:
+        click.echo(f"peerd: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+    log.info("peerd stopped")
+
+
+if __name__ == "__main__":
+    main()

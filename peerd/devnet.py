@@ -1,0 +1,232 @@
+"""A local network of N daemons on 127.0.0.1, for the demo, tests and benchmarks.
+
+``scripts/devnet up N [--dir DIR]`` starts them (each its own state dir and socket
+``DIR/node-<i>/peerd.sock``; node 0 is the bootstrap peer of the others),
+``scripts/devnet down`` stops them, ``scripts/devnet status`` shows them.
+
+Identity keys are created here before the daemons start, so every config can name the
+bootstrap peer's ID and list the devnet's peers as trusted submitters (``python``
+tasks) without a second round of restarts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from protocol.envelope import Signer
+
+DEFAULT_DIR = Path(".devnet")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_value(v: Any) -> str:
+    return json.dumps(v) if not isinstance(v, bool) else ("true" if v else "false")
+
+
+class Devnet:
+    def __init__(self, directory: Path = DEFAULT_DIR) -> None:
+        self.dir = Path(directory).absolute()
+
+    def node_dir(self, i: int) -> Path:
+        return self.dir / f"node-{i}"
+
+    def socket(self, i: int) -> Path:
+        return self.node_dir(i) / "peerd.sock"
+
+    def nodes(self) -> list[int]:
+        return sorted(int(p.name.split("-")[1]) for p in self.dir.glob("node-*") if (p / "peerd.toml").exists())
+
+    def peer_id(self, i: int) -> str:
+        return Signer((self.node_dir(i) / "state" / "identity.key").read_bytes()).peer_id
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def configure(self, n: int, overrides: dict[str, dict[str, Any]] | None = None) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ports = [_free_port() for _ in range(n)]
+        ids = []
+        for i in range(n):
+            state = self.node_dir(i) / "state"
+            state.mkdir(parents=True, exist_ok=True, mode=0o700)
+            key = state / "identity.key"
+            if not key.exists():
+                fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.write(fd, os.urandom(32))
+                os.close(fd)
+            ids.append(Signer(key.read_bytes()).peer_id)
+        bootstrap = f"/ip4/127.0.0.1/tcp/{ports[0]}/p2p/{ids[0]}"
+        for i in range(n):
+            d = self.node_dir(i)
+            sections: dict[str, dict[str, Any]] = {
+                "node": {"state_dir": str(d / "state"), "runtime_dir": str(d), "socket": str(d / "peerd.sock")},
+                "network": {"listen": [f"/ip4/127.0.0.1/tcp/{ports[i]}"], "bootstrap": [] if i == 0 else [bootstrap]},
+                "adverts": {"interval_s": 2.0, "ttl_s": 10.0, "calibration_s": 0.2},
+                "market": {"lease_ttl_s": 6.0, "heartbeat_s": 1.0},
+                "policy": {"trusted_submitters": ids},
+                "limits": {"memory_mb": 3072},
+            }
+            for sec, kv in (overrides or {}).items():
+                sections.setdefault(sec, {}).update(kv)
+            text = "\n".join(
+                f"[{sec}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in kv.items()) for sec, kv in sections.items()
+            )
+            (d / "peerd.toml").write_text(text)
+
+    def start(self, i: int) -> int:
+        d = self.node_dir(i)
+        log = open(d / "peerd.log", "ab")  # noqa: SIM115 - handed to the child
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("NOTIFY_SOCKET", None)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "peerd.daemon", "--config", str(d / "peerd.toml")],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+        )
+        (d / "peerd.pid").write_text(str(proc.pid))
+        return proc.pid
+
+    def pid(self, i: int) -> int | None:
+        try:
+            pid = int((self.node_dir(i) / "peerd.pid").read_text())
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        # A zombie child of ours counts as gone.
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                os.waitpid(pid, os.WNOHANG)
+                return None
+        except (OSError, ChildProcessError):
+            pass
+        return pid
+
+    def wait_ready(self, i: int, timeout: float = 60.0) -> dict[str, Any]:
+        from peerd.rpc.client import RpcClient
+
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.pid(i) is None:
+                raise RuntimeError(f"node {i} exited; see {self.node_dir(i) / 'peerd.log'}")
+            try:
+                return dict(RpcClient(self.socket(i)).call("node.info", {}))
+            except Exception as exc:  # not listening yet
+                last = exc
+                time.sleep(0.1)
+        raise TimeoutError(f"node {i} not ready after {timeout} s: {last}")
+
+    def up(self, n: int, overrides: dict[str, dict[str, Any]] | None = None, *, timeout: float = 90.0) -> None:
+        self.configure(n, overrides)
+        self.start(0)
+        self.wait_ready(0, timeout)
+        for i in range(1, n):
+            self.start(i)
+        for i in range(1, n):
+            self.wait_ready(i, timeout)
+
+    def stop(self, i: int, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        pid = self.pid(i)
+        if pid is None:
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while self.pid(i) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.pid(i) is not None:
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                if self.pid(i) is None:
+                    break
+                time.sleep(0.05)
+
+    def down(self) -> None:
+        for i in self.nodes():
+            self.stop(i)
+
+    def wait_peers(self, n: int, timeout: float = 30.0) -> bool:
+        """True once every node's peer table holds all ``n`` verified adverts."""
+        from peerd.rpc.client import RpcClient
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if all(len(RpcClient(self.socket(i)).call("peers.list", {})["peers"]) >= n for i in self.nodes()):
+                    return True
+            except Exception:
+                pass
+            time.sleep(0.2)
+        return False
+
+    def status(self) -> list[dict[str, Any]]:
+        from peerd.rpc.client import RpcClient
+
+        out = []
+        for i in self.nodes():
+            row: dict[str, Any] = {"node": i, "pid": self.pid(i), "socket": str(self.socket(i))}
+            if row["pid"] is not None:
+                try:
+                    info = RpcClient(self.socket(i)).call("node.info", {})
+                    row.update(peer_id=info["peer_id"], peers=len(RpcClient(self.socket(i)).call("peers.list", {})["peers"]))
+                except Exception as exc:
+                    row["error"] = str(exc)
+            out.append(row)
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="devnet", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="start N daemons on 127.0.0.1")
+    up.add_argument("n", type=int)
+    up.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON",
+                    help="override a config key in every node, e.g. --set market.bid_window_ms=200")
+    for p in (up, sub.add_parser("down", help="stop the devnet"), sub.add_parser("status", help="show the devnet")):
+        p.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    args = ap.parse_args(argv)
+    net = Devnet(args.dir)
+    if args.cmd == "up":
+        overrides: dict[str, dict[str, Any]] = {}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            sec, _, name = key.partition(".")
+            try:
+                overrides.setdefault(sec, {})[name] = json.loads(value)
+            except ValueError:
+                overrides.setdefault(sec, {})[name] = value
+        net.down()
+        net.up(args.n, overrides)
+        for row in net.status():
+            print(f"node-{row['node']}  pid {row['pid']}  {row.get('peer_id', '?')}  {row['socket']}")
+        return 0
+    if args.cmd == "down":
+        net.down()
+        print(f"devnet in {net.dir} stopped")
+        return 0
+    for row in net.status():
+        state = "up" if row["pid"] else "down"
+        print(f"node-{row['node']}  {state:4}  peers {row.get('peers', '-')}  {row.get('peer_id', '')}  {row['socket']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

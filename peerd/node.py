@@ -1,0 +1,110 @@
+"""The parts of one running daemon, wired together, and the few helpers every
+protocol role needs: sealing messages with fresh sequence numbers, publishing on the
+task topic, and fetching blobs from a peer.
+
+Roles (``submitter``, ``contractor``, ``rounds``) receive a :class:`Node` instead of a
+dozen constructor arguments; tests build one with fakes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from protocol.envelope import Signed, Signer
+from protocol.messages import Message
+
+from peerd.blobs import BlobStore
+from peerd.counters import Counters
+from peerd.inbox import Inbox, wall_ms
+from peerd.seqstore import SequenceStore
+from peerd.store import Store
+
+if TYPE_CHECKING:
+    from peerd.config import Config
+    from peerd.executor import WorkerPool
+    from peerd.p2p import P2PNode
+    from peerd.peertable import PeerTable
+
+log = logging.getLogger(__name__)
+
+TASKS_TOPIC = "peerd/tasks/1"
+BID_PROTOCOL = "/peerd/bid/1.0.0"
+RESULT_PROTOCOL = "/peerd/result/1.0.0"
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass
+class Node:
+    config: Config
+    signer: Signer
+    seq: SequenceStore
+    counters: Counters
+    inbox: Inbox
+    store: Store
+    blobs: BlobStore
+    p2p: P2PNode
+    pool: WorkerPool
+    table: PeerTable
+    nursery: trio.Nursery
+    #: Calibrated base capacity C⁰ (GFLOP/s) as advertised.
+    c0: float = 0.0
+    #: Shards awarded to us and not finished (some may be waiting between rounds).
+    active_shards: int = 0
+    #: Called when this node's load or capacity changed (re-advertise at once).
+    poke_advert: Callable[[], None] = lambda: None
+    #: Per-task watchers (RPC task.watch) notified on every state change.
+    watchers: dict[str, set[trio.MemorySendChannel[dict[str, Any]]]] = field(default_factory=dict)
+
+    @property
+    def peer_id(self) -> str:
+        return self.signer.peer_id
+
+    def load(self) -> float:
+        """L for adverts and bids: busy worker slots, or awarded shards, per slot."""
+        return max(self.pool.load(), self.active_shards / max(1, self.pool.slots()))
+
+    def seal(self, cls: type[M], *, ttl_ms: int, **fields: Any) -> tuple[bytes, Signed]:
+        """Build, sign and self-admit a message. Returns (envelope bytes, verified form)."""
+        now = wall_ms()
+        msg = cls(seq=self.seq.next(), issued_at=now, expires_at=now + min(ttl_ms, cls.MAX_TTL_MS), **fields)
+        raw = self.signer.seal(msg)
+        signed = self.inbox.admit(raw, sender=self.peer_id, kinds=frozenset({cls.KIND}))
+        assert signed is not None, "our own message failed verification"
+        return raw, signed
+
+    async def gossip(self, raw: bytes) -> None:
+        try:
+            await self.p2p.publish(TASKS_TOPIC, raw)
+        except Exception as exc:  # publishing is best effort; callers have their own retries
+            self.counters.inc("tasks.publish_failed")
+            log.warning("publish on %s failed: %s", TASKS_TOPIC, exc)
+
+    async def fetch_blob(self, peer_id: str, digest: str, *, max_bytes: int | None = None) -> Path:
+        """Fetch a content-addressed blob from ``peer_id`` (or return the local copy)."""
+        from peerd import blobxfer
+
+        if self.blobs.has(digest):
+            return self.blobs.path(digest)
+        limit = max_bytes if max_bytes is not None else self.config.policy.max_blob_mb << 20
+
+        async def open_stream() -> Any:
+            return await self.p2p.open_stream(peer_id, blobxfer.PROTOCOL_ID)
+
+        return await blobxfer.fetch_blob(open_stream, digest, self.blobs, max_bytes=limit)
+
+    def emit(self, task_id: str, event: dict[str, Any]) -> None:
+        """Push an event to every RPC watcher of ``task_id`` (never blocks the caller)."""
+        for ch in list(self.watchers.get(task_id, ())):
+            try:
+                ch.send_nowait(event)
+            except trio.WouldBlock:
+                self.counters.inc("rpc.watch_dropped")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.watchers[task_id].discard(ch)

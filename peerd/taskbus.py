@@ -1,0 +1,99 @@
+"""The task topic (``peerd/tasks/1``): admit each message once, then route it.
+
+This is the validator libp2p calls for every unique gossip message on the topic. A
+message is propagated only if it verified and makes sense for a task we follow: an
+award, lease, result, vote or cancel for an unknown task is dropped (counted
+``dropped.unknown_task``) — we cannot check it, so we do not spread it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from protocol.envelope import Signed
+from protocol.messages import Award, Cancel, Lease, Result, TaskAnnounce, Vote
+
+from peerd.contractor import Contractor
+from peerd.node import TASKS_TOPIC, Node
+from peerd.p2p import GossipMessage
+from peerd.rounds import Rounds
+from peerd.submitter import Submitter
+from peerd.taskbook import TaskBook
+
+log = logging.getLogger(__name__)
+
+KINDS = frozenset({"announce", "award", "lease", "result", "vote", "cancel"})
+
+
+class TaskBus:
+    def __init__(self, node: Node, book: TaskBook, contractor: Contractor, submitter: Submitter, rounds: Rounds) -> None:
+        self.node = node
+        self.book = book
+        self.contractor = contractor
+        self.submitter = submitter
+        self.rounds = rounds
+        node.p2p.add_validator(TASKS_TOPIC, self.on_gossip)
+
+    async def on_gossip(self, msg: GossipMessage) -> bool:
+        signed = self.node.inbox.admit(msg.data, sender=msg.origin, kinds=KINDS)
+        if signed is None:
+            return False
+        try:
+            return await self.route(signed)
+        except Exception:
+            # A bug in handling one message must not take the topic down.
+            log.exception("handling %s from %s failed", signed.kind, signed.signer)
+            self.node.counters.inc("tasks.handler_errors")
+            return False
+
+    async def route(self, signed: Signed) -> bool:
+        m = signed.message
+        if isinstance(m, TaskAnnounce):
+            known = self.book.get(m.task_id)
+            if known is not None and known.submitter != signed.signer:
+                self.node.counters.inc("dropped.task_id_collision")
+                return False
+            view = self.book.add(signed)
+            self.node.nursery.start_soon(self.contractor.on_announce, view)
+            return True
+        view = self.book.get(m.task_id)  # type: ignore[attr-defined]
+        if view is None:
+            self.node.counters.inc("dropped.unknown_task")
+            return False
+        if isinstance(m, Award):
+            if m.epoch in view.awards or not self.contractor.verify_award(view, signed):
+                return False
+            view.awards[m.epoch] = signed
+            view.pulse()
+            self.contractor.on_award(view)
+            return True
+        if isinstance(m, Lease):
+            if view.holder(m.shard, m.epoch) != signed.signer:
+                self.node.counters.inc("dropped.not_holder")
+                return False
+            view.heartbeats[signed.signer] = trio.current_time()
+            view.lease_states[(signed.signer, m.shard)] = m.state
+            view.pulse()
+            return True
+        if isinstance(m, Result):
+            if view.holder(m.shard, m.epoch) != signed.signer:
+                self.node.counters.inc("dropped.not_holder")
+                return False
+            if view.add_result(signed):
+                if view.submitter == self.node.peer_id:
+                    self.node.store.add_result(m.task_id, m.round, m.shard, signed.signer, signed.raw)
+                self.rounds.on_result(view, signed)
+            return True
+        if isinstance(m, Vote):
+            if view.submitter == self.node.peer_id:
+                self.node.store.add_vote(m.task_id, m.round, signed.signer, m.attempt, signed.raw)
+            cert = view.add_vote(signed)
+            if cert is not None:
+                self.rounds.on_certificate(view, cert)
+            return True
+        if isinstance(m, Cancel):
+            self.contractor.on_cancel(view, signed)
+            return True
+        return False

@@ -1,0 +1,218 @@
+"""Task specs: the TOML file of `peerctl submit FILE` and the JSON of RPC `task.submit`.
+
+One validated object for both (issue 3 item 1). Every error names the field and the
+problem (``max_shards: must be an integer from 1 to 64, got 0``). Input files are read
+by the daemon and become content-addressed blobs; the spec keeps only their paths.
+
+A spec::
+
+    kind = "keras-train"        # echo | sleep | python | keras-train | keras-predict
+    work = 120.0                # W: estimated work in GFLOP (DESIGN §4)
+    deadline_s = 600            # D: seconds from submission; R = W / D
+    max_shards = 3
+    aggregation = "weighted_mean"   # none | sum | weighted_mean | trimmed_mean | median
+    rounds = 5
+    bid_window_ms = 300         # optional, default from the daemon's config
+    [resources]
+    gpu = false
+    memory_mb = 1024
+    [inputs]                    # name = path to a local file
+    data = "train.npz"
+    [params]                    # kind-specific, see docs/tasks.md
+    epochs = 1
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.messages import AGGREGATION_RULES, TASK_KINDS
+
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+KERAS_OPTIMIZERS = ("adam", "sgd", "rmsprop", "adagrad")
+KERAS_LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "mse", "binary_crossentropy")
+TOP_KEYS = {
+    "kind", "work", "deadline_s", "max_shards", "aggregation", "rounds", "bid_window_ms",
+    "resources", "inputs", "params", "name",
+}
+
+
+class SpecError(ValueError):
+    """A spec problem; the message starts with the field's name."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    kind: str
+    work: float
+    deadline_s: float
+    max_shards: int
+    aggregation: str
+    rounds: int
+    bid_window_ms: int | None
+    gpu: bool
+    memory_mb: int
+    inputs: dict[str, str]
+    params: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "work": self.work,
+            "deadline_s": self.deadline_s,
+            "max_shards": self.max_shards,
+            "aggregation": self.aggregation,
+            "rounds": self.rounds,
+            "bid_window_ms": self.bid_window_ms,
+            "resources": {"gpu": self.gpu, "memory_mb": self.memory_mb},
+            "inputs": dict(self.inputs),
+            "params": self.params,
+        }
+
+
+def _num(spec: dict[str, Any], key: str, lo: float, hi: float, default: float | None = None) -> float:
+    v = spec.get(key, default)
+    if v is None:
+        raise SpecError(f"{key}: required")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+        raise SpecError(f"{key}: must be a number from {lo:g} to {hi:g}, got {v!r}")
+    return float(v)
+
+
+def _int(spec: dict[str, Any], key: str, lo: int, hi: int, default: int | None = None) -> int:
+    v = spec.get(key, default)
+    if v is None:
+        raise SpecError(f"{key}: required")
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise SpecError(f"{key}: must be an integer from {lo} to {hi}, got {v!r}")
+    return v
+
+
+def parse_spec(obj: Any, *, base_dir: Path | None = None) -> TaskSpec:
+    """Validate a spec object (decoded TOML or JSON). Relative input paths are resolved
+    against ``base_dir`` (the spec file's directory)."""
+    if not isinstance(obj, dict):
+        raise SpecError("spec: must be a table/object")
+    unknown = sorted(set(obj) - TOP_KEYS)
+    if unknown:
+        raise SpecError(f"{unknown[0]}: unknown field (known: {', '.join(sorted(TOP_KEYS))})")
+    kind = obj.get("kind")
+    if kind not in TASK_KINDS:
+        raise SpecError(f"kind: must be one of {', '.join(TASK_KINDS)}, got {kind!r}")
+    work = _num(obj, "work", 1e-9, 1e15, 1.0)
+    deadline_s = _num(obj, "deadline_s", 1, 30 * 86400, 600)
+    max_shards = _int(obj, "max_shards", 1, 64, 1)
+    default_rule = "weighted_mean" if kind == "keras-train" else "none"
+    aggregation = obj.get("aggregation", default_rule)
+    if aggregation not in AGGREGATION_RULES:
+        raise SpecError(f"aggregation: must be one of {', '.join(AGGREGATION_RULES)}, got {aggregation!r}")
+    rounds = _int(obj, "rounds", 1, 1000, 1)
+    bid_window = obj.get("bid_window_ms")
+    if bid_window is not None:
+        bid_window = _int(obj, "bid_window_ms", 1, 60_000)
+    res = obj.get("resources", {})
+    if not isinstance(res, dict):
+        raise SpecError("resources: must be a table")
+    if set(res) - {"gpu", "memory_mb"}:
+        raise SpecError(f"resources.{sorted(set(res) - {'gpu', 'memory_mb'})[0]}: unknown field")
+    gpu = res.get("gpu", False)
+    if not isinstance(gpu, bool):
+        raise SpecError(f"resources.gpu: must be true or false, got {gpu!r}")
+    memory_mb = res.get("memory_mb", 512)
+    if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or not 0 <= memory_mb <= 1 << 26:
+        raise SpecError(f"resources.memory_mb: must be a non-negative integer, got {memory_mb!r}")
+    inputs_obj = obj.get("inputs", {})
+    if not isinstance(inputs_obj, dict):
+        raise SpecError("inputs: must be a table of name = file path")
+    inputs: dict[str, str] = {}
+    for name, path in inputs_obj.items():
+        if not name or len(name) > 64 or not set(name) <= NAME_CHARS:
+            raise SpecError(f"inputs.{name}: names use letters, digits, '_', '.', '-' (at most 64)")
+        if not isinstance(path, str) or not path:
+            raise SpecError(f"inputs.{name}: must be a file path")
+        p = Path(path)
+        if not p.is_absolute() and base_dir is not None:
+            p = base_dir / p
+        inputs[name] = str(p)
+    params = obj.get("params", {})
+    if not isinstance(params, dict):
+        raise SpecError("params: must be a table")
+    for pname in params:
+        if not pname or len(pname) > 64 or not set(pname) <= NAME_CHARS:
+            raise SpecError(f"params.{pname}: invalid parameter name")
+    name = obj.get("name", "")
+    if not isinstance(name, str) or len(name) > 128:
+        raise SpecError("name: must be a string of at most 128 characters")
+    spec = TaskSpec(
+        kind=kind,
+        work=work,
+        deadline_s=deadline_s,
+        max_shards=max_shards,
+        aggregation=aggregation,
+        rounds=rounds,
+        bid_window_ms=bid_window,
+        gpu=gpu,
+        memory_mb=memory_mb,
+        inputs=inputs,
+        params=dict(params),
+        name=name,
+    )
+    _check_kind(spec, base_dir)
+    return spec
+
+
+def _check_kind(spec: TaskSpec, base_dir: Path | None) -> None:
+    p = spec.params
+    if spec.kind in ("echo", "sleep", "python") and spec.rounds != 1:
+        raise SpecError(f"rounds: {spec.kind} tasks run once (rounds = 1)")
+    if spec.kind == "echo":
+        if "data" in p and not isinstance(p["data"], str):
+            raise SpecError("params.data: must be a string")
+    elif spec.kind == "sleep":
+        _num(p, "seconds", 0, 86400) if "seconds" in p else None
+        if "seconds" not in p:
+            raise SpecError("params.seconds: required for sleep tasks")
+    elif spec.kind == "python":
+        if "script" not in spec.inputs:
+            raise SpecError("inputs.script: a python task needs its script as an input file")
+    elif spec.kind in ("keras-train", "keras-predict"):
+        if "model_config_file" in p:
+            path = Path(str(p.pop("model_config_file")))
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            try:
+                p["model_config"] = path.read_text()
+            except OSError as exc:
+                raise SpecError(f"params.model_config_file: cannot read {path}: {exc.strerror}") from None
+        cfg = p.get("model_config")
+        if not isinstance(cfg, str):
+            raise SpecError("params.model_config: required (a Keras model JSON config, or model_config_file)")
+        try:
+            json.loads(cfg)
+        except ValueError as exc:
+            raise SpecError(f"params.model_config: not valid JSON ({exc})") from None
+        if len(cfg) > 48_000:
+            raise SpecError("params.model_config: larger than 48 kB")
+        if "data" not in spec.inputs:
+            raise SpecError(f"inputs.data: a {spec.kind} task needs an .npz with x (and y)")
+        if spec.kind == "keras-train":
+            if spec.aggregation == "none":
+                raise SpecError("aggregation: keras-train merges weights: sum, weighted_mean, trimmed_mean or median")
+            opt = p.get("optimizer", "adam")
+            if opt not in KERAS_OPTIMIZERS:
+                raise SpecError(f"params.optimizer: must be one of {', '.join(KERAS_OPTIMIZERS)}, got {opt!r}")
+            loss = p.get("loss", "sparse_categorical_crossentropy")
+            if loss not in KERAS_LOSSES:
+                raise SpecError(f"params.loss: must be one of {', '.join(KERAS_LOSSES)}, got {loss!r}")
+            _int(p, "epochs", 1, 1000, 1)
+            _int(p, "batch_size", 1, 1 << 16, 32)
+            if "round_timeout_s" in p:
+                _num(p, "round_timeout_s", 1, 86400)
+        elif "weights" not in spec.inputs:
+            raise SpecError("inputs.weights: keras-predict needs the model's weights")

@@ -1,0 +1,99 @@
+"""Prepare the demo's data and model: Fashion-MNIST through Keras' own loader.
+
+Debian's ``dataset-fashion-mnist`` installs the four IDX files; linking them into
+``$KERAS_HOME/datasets/fashion-mnist/`` lets ``keras.datasets.fashion_mnist.load_data()``
+read them without a download (shared/notes/tensorflow-and-data.md). When the package
+cannot be had, scikit-learn's bundled 8×8 digits stand in (and the run says so).
+
+Writes into OUT (default examples/data/):
+  train.npz (x, y)  validation.npz  test.npz  and  model.json (the seed's Keras model, §5.2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def seed_model_json(input_dim: int) -> str:
+    """Seed §5.2: Dense(128, relu) → Dropout(0.2) → Dense(10, softmax)."""
+    import keras
+
+    model = keras.Sequential(
+        [
+            keras.layers.Input(shape=(input_dim,)),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    return model.to_json()
+
+
+def load_fashion(keras_home: Path) -> tuple[str, tuple[np.ndarray, ...]]:
+    import keras
+
+    target = keras_home / "datasets" / "fashion-mnist"
+    target.mkdir(parents=True, exist_ok=True)
+    for f in FILES:
+        link = target / f
+        if not link.exists():
+            link.symlink_to(FASHION / f)
+    (xtr, ytr), (xte, yte) = keras.datasets.fashion_mnist.load_data()
+    return "fashion-mnist", (xtr.reshape(len(xtr), -1), ytr, xte.reshape(len(xte), -1), yte)
+
+
+def load_digits() -> tuple[str, tuple[np.ndarray, ...]]:
+    from sklearn.datasets import load_digits as sk_digits
+
+    x, y = sk_digits(return_X_y=True)
+    x = (x / 16.0 * 255).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(x))
+    x, y = x[idx], y[idx]
+    cut = int(len(x) * 0.8)
+    return "digits", (x[:cut], y[:cut], x[cut:], y[cut:])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("examples/data"))
+    ap.add_argument("--dataset", choices=("auto", "fashion-mnist", "digits"), default="auto")
+    ap.add_argument("--validation", type=int, default=5000, help="training samples held out for validation")
+    args = ap.parse_args()
+    out = args.out.absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    keras_home = Path(os.environ.setdefault("KERAS_HOME", str(out / ".keras")))
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    use_fashion = args.dataset == "fashion-mnist" or (
+        args.dataset == "auto" and all((FASHION / f).exists() for f in FILES)
+    )
+    if args.dataset == "fashion-mnist" and not use_fashion:
+        print("Fashion-MNIST files are missing: apt-get install dataset-fashion-mnist", file=sys.stderr)
+        return 1
+    name, (xtr, ytr, xte, yte) = load_fashion(keras_home) if use_fashion else load_digits()
+    xtr = xtr.astype(np.float32) / 255.0
+    xte = xte.astype(np.float32) / 255.0
+    ytr = ytr.astype(np.int64)
+    yte = yte.astype(np.int64)
+    nval = min(args.validation, len(xtr) // 10)
+    np.savez(out / "train.npz", x=xtr[:-nval], y=ytr[:-nval])
+    np.savez(out / "validation.npz", x=xtr[-nval:], y=ytr[-nval:])
+    np.savez(out / "test.npz", x=xte, y=yte)
+    (out / "model.json").write_text(seed_model_json(xtr.shape[1]))
+    info = {"dataset": name, "train": len(xtr) - nval, "validation": nval, "test": len(xte), "input_dim": xtr.shape[1]}
+    (out / "dataset.json").write_text(json.dumps(info, indent=2))
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
