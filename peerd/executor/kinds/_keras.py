@@ -1,0 +1,186 @@
+"""Shared by the keras kinds: safe model loading, allow-lists, data and weight decoding.
+
+No submitter code runs in a keras job. The model arrives as a Keras JSON config and is rebuilt with
+``keras.saving.deserialize_keras_object(..., safe_mode=True)``, which refuses Python lambdas; on top
+of that, :func:`check_model_config` walks the config first and refuses anything that is not a Keras
+built-in (a ``module`` outside ``keras.*``, registered custom objects, ``Lambda`` layers, layers
+that load files). Optimizer, loss and metrics are names from allow-lists, never objects. Data is
+read with ``allow_pickle=False`` (a pickled .npy is code execution).
+
+Keras/TensorFlow are imported lazily: this module is imported only inside a "tf" worker.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peerd.executor.kinds._base import TaskContext, TaskFailed, param
+from protocol.errors import ProtocolError
+from protocol.tensors import decode_arrays
+
+OPTIMIZERS = {"adam": "Adam", "sgd": "SGD", "rmsprop": "RMSprop", "adagrad": "Adagrad"}
+LOSSES = frozenset(
+    {"sparse_categorical_crossentropy", "categorical_crossentropy", "mse", "binary_crossentropy"}
+)
+METRICS = frozenset(
+    {"accuracy", "sparse_categorical_accuracy", "categorical_accuracy", "binary_accuracy", "mae", "mse"}
+)
+#: Layers that run arbitrary code or read files even in safe mode.
+FORBIDDEN_CLASSES = frozenset({"Lambda", "TFSMLayer", "JaxLayer", "FlaxLayer", "TorchModuleWrapper"})
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 64
+
+_keras: Any = None
+
+
+def get_keras() -> Any:
+    """Import Keras once per worker and apply the per-process settings that must precede any op."""
+    global _keras
+    if _keras is None:
+        import keras
+
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            # One thread per slot (shared/notes/tensorflow-and-data.md) and bit-identical results for a
+            # given seed; both must be set before TensorFlow runs its first op.
+            tf.config.threading.set_intra_op_parallelism_threads(1)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+            tf.config.experimental.enable_op_determinism()
+            for gpu in tf.config.list_physical_devices("GPU"):
+                tf.config.experimental.set_memory_growth(gpu, True)
+        _keras = keras
+    return _keras
+
+
+def check_model_config(cfg: Any, depth: int = 0) -> None:
+    """Refuse anything in a model config that is not a plain Keras built-in."""
+    if depth > MAX_CONFIG_DEPTH:
+        raise TaskFailed("task_error", "model_config nests too deeply")
+    if isinstance(cfg, list):
+        for item in cfg:
+            check_model_config(item, depth + 1)
+        return
+    if not isinstance(cfg, dict):
+        return
+    cls = cfg.get("class_name")
+    if isinstance(cls, str):
+        if cls in FORBIDDEN_CLASSES or cls.startswith("__lambda"):
+            raise TaskFailed("task_error", f"model_config uses {cls!r}, which is not allowed")
+        module = cfg.get("module")
+        if module is not None:
+            if not isinstance(module, str):
+                raise TaskFailed("task_error", "model_config has a non-string module")
+            if not (
+                module == "keras"
+                or module.startswith("keras.")
+                or (module == "builtins" and cls == "function")
+            ):
+                raise TaskFailed(
+                    "task_error",
+                    f"model_config refers to module {module!r}; only Keras built-ins are allowed",
+                )
+        registered = cfg.get("registered_name")
+        if isinstance(registered, str) and ">" in registered:
+            raise TaskFailed("task_error", f"model_config uses custom object {registered!r}")
+    for value in cfg.values():
+        check_model_config(value, depth + 1)
+
+
+def build_model(ctx: TaskContext) -> Any:
+    keras = get_keras()
+    raw = param(ctx.params, "model_config", (str, dict))
+    if isinstance(raw, str):
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise TaskFailed("task_error", f"model_config exceeds {MAX_CONFIG_BYTES} bytes")
+        try:
+            cfg = json.loads(raw)
+        except ValueError as e:
+            raise TaskFailed("task_error", f"model_config is not JSON: {e}") from None
+    else:
+        cfg = raw
+    check_model_config(cfg)
+    try:
+        model = keras.saving.deserialize_keras_object(cfg, safe_mode=True)
+    except Exception as e:  # Keras raises ValueError/TypeError/KeyError for bad configs
+        raise TaskFailed("task_error", f"model_config rejected: {type(e).__name__}: {e}") from None
+    if not isinstance(model, keras.Model):
+        raise TaskFailed("task_error", f"model_config built a {type(model).__name__}, not a keras.Model")
+    if "weights" in ctx.inputs:
+        try:
+            weights = decode_arrays(Path(ctx.inputs["weights"]).read_bytes())
+            model.set_weights(weights)
+        except (ProtocolError, ValueError, TypeError, KeyError) as e:
+            raise TaskFailed(
+                "task_error", f"input 'weights' is not encoded arrays fitting the model: {e}"
+            ) from None
+    return model
+
+
+def compile_args(params: Mapping[str, Any], *, default_metrics: list[str]) -> dict[str, Any]:
+    keras = get_keras()
+    opt_name = param(params, "optimizer", str, "adam").lower()
+    if opt_name not in OPTIMIZERS:
+        raise TaskFailed("task_error", f"optimizer {opt_name!r} not in {sorted(OPTIMIZERS)}")
+    lr = float(param(params, "learning_rate", (int, float), 0.001))
+    if not (math.isfinite(lr) and 0 < lr <= 10):
+        raise TaskFailed("task_error", "learning_rate must be in (0, 10]")
+    loss = param(params, "loss", str, "sparse_categorical_crossentropy")
+    if loss not in LOSSES:
+        raise TaskFailed("task_error", f"loss {loss!r} not in {sorted(LOSSES)}")
+    metrics = param(params, "metrics", list, default_metrics)
+    for m in metrics:
+        if m not in METRICS:
+            raise TaskFailed("task_error", f"metric {m!r} not in {sorted(METRICS)}")
+    # A fresh optimizer object per job: each FedAvg round starts from fresh optimizer state (DESIGN §6).
+    optimizer = getattr(keras.optimizers, OPTIMIZERS[opt_name])(learning_rate=lr)
+    return {"optimizer": optimizer, "loss": loss, "metrics": list(metrics)}
+
+
+def load_data(ctx: TaskContext, *, need_y: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    if "data" not in ctx.inputs:
+        raise TaskFailed("task_error", "input 'data' (an .npz with x and y) is required")
+    try:
+        with np.load(ctx.inputs["data"], allow_pickle=False) as npz:
+            if "x" not in npz.files:
+                raise TaskFailed("task_error", "input 'data' has no array 'x'")
+            x = npz["x"]
+            y = npz["y"] if "y" in npz.files else None
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise TaskFailed("task_error", f"input 'data' is not a readable .npz: {e}") from None
+    if need_y and y is None:
+        raise TaskFailed("task_error", "input 'data' has no array 'y'")
+    for name, arr in (("x", x), ("y", y)):
+        if arr is not None and arr.dtype.kind not in "biuf":
+            raise TaskFailed("task_error", f"data array {name!r} has dtype {arr.dtype}; numbers only")
+    if y is not None and len(y) != len(x):
+        raise TaskFailed("task_error", f"data has {len(x)} samples in x but {len(y)} in y")
+    rng = param(ctx.params, "range", list, None)
+    if rng is not None:
+        # One shard of a shared data blob: samples [start, stop).
+        if len(rng) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in rng):
+            raise TaskFailed("task_error", "parameter 'range' must be [start, stop]")
+        start, stop = rng
+        if not 0 <= start < stop <= len(x):
+            raise TaskFailed("task_error", f"range {rng} outside the {len(x)} samples")
+        x = x[start:stop]
+        y = y[start:stop] if y is not None else None
+    if len(x) == 0:
+        raise TaskFailed("task_error", "no samples")
+    if x.dtype.kind != "f":
+        x = x.astype("float32")
+    return x, y
+
+
+def positive_int(params: Mapping[str, Any], name: str, default: int, maximum: int) -> int:
+    value = param(params, name, int, default)
+    if not 1 <= value <= maximum:
+        raise TaskFailed("task_error", f"parameter {name!r} must be in [1, {maximum}]")
+    return int(value)

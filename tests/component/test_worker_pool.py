@@ -1,0 +1,234 @@
+"""WorkerPool through real bwrap: round trips, warm reuse rules, load, cancellation, fail-closed."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import trio
+
+from peerd.executor import Job, Limits, WorkerPool, probe_sandbox
+
+needs_bwrap = pytest.mark.skipif(not probe_sandbox().available, reason="bubblewrap sandbox unavailable here")
+
+
+def echo(submitter: str, data: str = "hi") -> Job:
+    return Job(uuid.uuid4().hex, submitter, "echo", {"data": data}, {}, Limits())
+
+
+@pytest.fixture
+async def pool(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[WorkerPool]:
+    p = WorkerPool(tmp_path / "work", warm_classes=("light",), reuse_idle_seconds=60)
+    await nursery.start(p.run)
+    yield p
+
+
+@needs_bwrap
+async def test_echo_and_sleep_round_trip(pool: WorkerPool) -> None:
+    assert pool.slots() == 1
+    assert pool.sandbox_report.available
+    res = await pool.execute(Job("e1", "alice", "echo", {"data": b"\x00bytes\xff"}, {}, Limits()))
+    assert res.ok and res.error is None
+    assert res.outputs == {"stdout": b"\x00bytes\xff"}
+    assert res.metrics["wall_seconds"] > 0
+    res = await pool.execute(Job("s1", "alice", "sleep", {"seconds": 0.05}, {}, Limits()))
+    assert res.ok, res
+    assert res.metrics["slept"] == 0.05
+    bad = await pool.execute(Job("s2", "alice", "sleep", {"seconds": "soon"}, {}, Limits()))
+    assert bad.error == "task_error" and "seconds" in bad.detail
+    assert pool.load() == 0
+
+
+@needs_bwrap
+async def test_worker_reused_for_same_submitter_only(pool: WorkerPool) -> None:
+    first = await pool.execute(echo("alice"))
+    again = await pool.execute(echo("alice"))
+    # A task_error leaves the worker healthy: still the same submitter's worker.
+    failed = await pool.execute(Job("bad", "alice", "sleep", {"seconds": -1}, {}, Limits()))
+    third = await pool.execute(echo("alice"))
+    other = await pool.execute(echo("bob"))
+    back = await pool.execute(echo("alice"))
+    assert [r.metrics["worker_jobs"] for r in (first, again, failed, third)] == [1, 2, 3, 4]
+    assert other.metrics["worker_jobs"] == 1  # bob never gets alice's worker
+    assert back.metrics["worker_jobs"] == 1  # and alice's was killed for bob, not kept around
+
+
+@needs_bwrap
+async def test_python_worker_is_never_reused(pool: WorkerPool) -> None:
+    job = Job("p", "alice", "python", {"script": "print(1)"}, {}, Limits(), trusted=True)
+    a = await pool.execute(job)
+    b = await pool.execute(job)
+    assert a.ok and b.ok
+    assert a.metrics["worker_jobs"] == b.metrics["worker_jobs"] == 1
+
+
+@needs_bwrap
+async def test_load_counts_busy_and_queued(pool: WorkerPool) -> None:
+    seen: list[float] = []
+    pool.on_change(lambda: seen.append(pool.load()))
+    async with trio.open_nursery() as n:
+        for i in range(2):
+            n.start_soon(pool.execute, Job(f"s{i}", "alice", "sleep", {"seconds": 0.3}, {}, Limits()))
+    assert max(seen) == 2.0  # one running, one queued on the single slot
+    assert seen[-1] == 0.0
+    assert pool.load() == 0
+
+
+def _marker_procs(marker: str) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+
+
+@needs_bwrap
+async def test_cancel_mid_run_kills_and_frees_the_slot(pool: WorkerPool, tmp_path: Path) -> None:
+    marker = "cancel-me-" + uuid.uuid4().hex
+    changes = trio.Semaphore(0)
+    pool.on_change(changes.release)
+    job = Job(
+        "c",
+        "alice",
+        "python",
+        {"script": "import time\ntime.sleep(600)\n", "args": [marker]},
+        {},
+        Limits(),
+        trusted=True,
+    )
+    cancelled = False
+    async with trio.open_nursery() as n:
+
+        async def victim() -> None:
+            nonlocal cancelled
+            try:
+                await pool.execute(job)
+            except trio.Cancelled:
+                cancelled = True
+                raise
+
+        n.start_soon(victim)
+        for _ in range(2000):  # wait until the script really runs (bounded)
+            if _marker_procs(marker):
+                break
+            await trio.sleep(0.01)
+        assert _marker_procs(marker), "the script never started"
+        assert pool.load() == 1
+        n.cancel_scope.cancel()
+    assert cancelled
+    assert _marker_procs(marker) == []
+    assert pool.load() == 0
+    # Only the warm spare's directory is left in the work root.
+    await pool.wait_warm()
+    assert len(list((tmp_path / "work").iterdir())) <= 1
+    res = await pool.execute(echo("alice"))
+    assert res.ok
+
+
+@needs_bwrap
+async def test_refusals(pool: WorkerPool, tmp_path: Path) -> None:
+    res = await pool.execute(Job("p", "mallory", "python", {"script": "print(1)"}, {}, Limits()))
+    assert res.error == "refused" and "not trusted" in res.detail
+    res = await pool.execute(Job("k", "alice", "rm-rf", {}, {}, Limits()))
+    assert res.error == "refused" and "unknown kind" in res.detail
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    res = await pool.execute(Job("n", "alice", "echo", {}, {"../escape": f}, Limits()))
+    assert res.error == "refused"
+    res = await pool.execute(Job("m", "alice", "echo", {}, {"data": tmp_path / "missing"}, Limits()))
+    assert res.error == "refused"
+    assert pool.load() == 0
+
+
+async def test_fail_closed_without_sandbox(tmp_path: Path, nursery: trio.Nursery) -> None:
+    pool = WorkerPool(tmp_path / "work", bwrap=str(tmp_path / "no-such-bwrap"), warm_classes=("light",))
+    assert not pool.sandbox_report.available
+    await nursery.start(pool.run)
+    for kind, params in (("echo", {"data": "x"}), ("sleep", {"seconds": 0}), ("keras-train", {})):
+        res = await pool.execute(Job("j", "alice", kind, params, {}, Limits(), trusted=True))
+        assert not res.ok
+        assert res.error == "refused"
+        assert "sandbox" in res.detail and "not found" in res.detail
+    assert list((tmp_path / "work").iterdir()) == []  # no worker was ever started
+
+
+async def test_unsandboxed_mode_when_explicitly_allowed(tmp_path: Path, nursery: trio.Nursery) -> None:
+    # require_sandbox=False is for a contributor's own trusted jobs on a host without bwrap.
+    pool = WorkerPool(
+        tmp_path / "work",
+        bwrap=str(tmp_path / "no-such-bwrap"),
+        require_sandbox=False,
+        warm_classes=("light",),
+    )
+    await nursery.start(pool.run)
+    res = await pool.execute(echo("alice", "bare"))
+    assert res.ok, res
+    assert res.outputs["stdout"] == b"bare"
+    res = await pool.execute(Job("p", "mallory", "python", {"script": "print(1)"}, {}, Limits()))
+    assert res.error == "refused"
+
+
+@needs_bwrap
+async def test_cold_start_without_spares(tmp_path: Path, nursery: trio.Nursery) -> None:
+    pool = WorkerPool(tmp_path / "work", warm_spares=0, reuse_idle_seconds=0)
+    await nursery.start(pool.run)
+    res = await pool.execute(echo("alice", "cold"))
+    assert res.ok and res.outputs["stdout"] == b"cold"
+    assert list((tmp_path / "work").iterdir()) == []  # no reuse, no spare: everything reclaimed
+
+
+@needs_bwrap
+async def test_two_slots_run_side_by_side(tmp_path: Path, nursery: trio.Nursery) -> None:
+    pool = WorkerPool(tmp_path / "work", devices=("cpu", "cpu"), warm_classes=("light",))
+    await nursery.start(pool.run)
+    assert pool.slots() == 2
+    seen: list[float] = []
+    pool.on_change(lambda: seen.append(pool.load()))
+    results = []
+
+    async def one(i: int) -> None:
+        results.append(await pool.execute(Job(f"s{i}", f"sub{i}", "sleep", {"seconds": 0.3}, {}, Limits())))
+
+    async with trio.open_nursery() as n:
+        for i in range(2):
+            n.start_soon(one, i)
+    assert all(r.ok for r in results) and len(results) == 2
+    assert max(seen) == 1.0  # both ran at once: never queued
+    assert pool.load() == 0
+
+
+@needs_bwrap
+async def test_gpu_slot_is_pinned(tmp_path: Path, nursery: trio.Nursery) -> None:
+    # No GPU here: this checks the gpu:N command line is one bwrap accepts and pins the card.
+    pool = WorkerPool(tmp_path / "work", devices=("gpu:3",), warm_spares=0)
+    await nursery.start(pool.run)
+    script = "import os\nprint(os.environ['CUDA_VISIBLE_DEVICES'], os.environ['TF_FORCE_GPU_ALLOW_GROWTH'])"
+    res = await pool.execute(Job("g", "alice", "python", {"script": script}, {}, Limits(), trusted=True))
+    assert res.ok, res
+    assert res.outputs["stdout"] == b"3 true\n"
+
+
+@needs_bwrap
+async def test_pool_shutdown_cancels_running_jobs(tmp_path: Path) -> None:
+    pool = WorkerPool(tmp_path / "work", warm_classes=("light",))
+    results = []
+    async with trio.open_nursery() as outer:
+        pool_scope = trio.CancelScope()
+
+        async def run_pool(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            with pool_scope:
+                await pool.run(task_status=task_status)
+
+        await outer.start(run_pool)
+
+        async def job() -> None:
+            results.append(await pool.execute(Job("long", "alice", "sleep", {"seconds": 600}, {}, Limits())))
+
+        outer.start_soon(job)
+        for _ in range(1000):  # bounded wait until the job is running
+            if pool.load() == 1:
+                break
+            await trio.sleep(0.01)
+        pool_scope.cancel()
+    assert [r.error for r in results] == ["cancelled"]
+    assert list((tmp_path / "work").iterdir()) == []
