@@ -62,10 +62,10 @@ class Capacity:
 
 
 def measure_capacity(offer_cores: int, *, calibrate: bool, seconds: float) -> Capacity:
-    """Calibrate once at start. The CPU figure is scaled to the cores on offer."""
-    total = probes.cpu_info().cores
-    gflops = probes.calibrate_cpu_gflops(seconds) if calibrate else 10.0 * total
-    return Capacity(cpu_gflops=round(gflops * offer_cores / max(total, 1), 3), gpus=tuple(probes.gpu_info()))
+    """Calibrate once at start: one core's matmul rate times the cores on offer (the
+    daemon runs BLAS single-threaded, see peerd.daemon)."""
+    per_core = probes.calibrate_cpu_gflops(seconds) if calibrate else 10.0
+    return Capacity(cpu_gflops=round(per_core * max(offer_cores, 0), 3), gpus=tuple(probes.gpu_info()))
 
 
 class AdvertService:

@@ -73,9 +73,9 @@ class Contractor:
     async def send_bid(self, view: TaskView) -> None:
         load = self.node.load()
         c0 = self.node.c0
-        raw, _ = self.node.seal(Bid, ttl_ms=60_000, task_id=view.task_id, c0=max(c0, 1e-6), load=min(load, 1000.0))
+        raw, signed = self.node.seal(Bid, ttl_ms=60_000, task_id=view.task_id, c0=max(c0, 1e-6), load=min(load, 1000.0))
         if view.submitter == self.node.peer_id:
-            self.local_submitter.accept_bid(raw, self.node.peer_id)
+            self.local_submitter.accept_bid(raw, self.node.peer_id, verified=signed)
             return
         try:
             stream = await self.node.p2p.open_stream(view.submitter, BID_PROTOCOL)
@@ -227,6 +227,8 @@ class Contractor:
         if ann.kind == "keras-train":
             # Distinct shuffling per shard and round, yet reproducible (DESIGN §6).
             params["seed"] = int(params.get("seed", 0)) * 1000 + round_no * 64 + shard
+        if ann.kind == "python":
+            params.setdefault("script", "script")  # the spec names the script input "script"
         job_inputs = {k: v for k, v in inputs.items() if k not in ("validation", "test")}
         return Job(
             job_id=f"{ann.task_id}-{shard}-{round_no}",
@@ -282,7 +284,7 @@ class Contractor:
     async def deliver_result(self, submitter: str, raw: bytes, task_id: str) -> None:
         """Hand the signed result to the submitter until it acknowledges (bounded retries)."""
         if submitter == self.node.peer_id:
-            self.local_submitter.accept_result(raw, self.node.peer_id)
+            self.local_submitter.accept_result(raw, self.node.peer_id)  # already durable in our store
             return
         delay = 0.2
         for _attempt in range(40):

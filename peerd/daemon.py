@@ -9,6 +9,15 @@ unwinds, the RPC socket is removed, the libp2p host is closed explicitly.
 
 from __future__ import annotations
 
+import os
+
+# One BLAS thread in the daemon, set before numpy loads: the calibration then measures a
+# core, not how well OpenBLAS's spinning threads cope with the machine's other load (on
+# a busy 2-core host, two threads measured 2 GFLOP/s where one core gives 60+). The
+# daemon's only other numpy work is aggregation, which is memory-bound anyway.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 import logging
 import signal
 import sys
@@ -78,7 +87,15 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
     )
     offer = make_offer(cfg, [g.index for g in capacity.gpus])
     devices = [f"gpu:{g}" for g in offer.gpus] or ["cpu"]
-    pool = WorkerPool(state / "work", devices=devices, require_sandbox=cfg.policy.require_sandbox)
+    # Keep a TensorFlow worker warm only where keras kinds are offered (it costs ~500 MB).
+    keras = any(k.startswith("keras") for k in cfg.offer.accept_kinds)
+    pool = WorkerPool(
+        state / "work",
+        devices=devices,
+        require_sandbox=cfg.policy.require_sandbox,
+        warm_classes=("light", "tf") if keras else ("light",),
+        hide=(state,),
+    )
     p2p = P2PNode(
         identity.seed,
         P2PConfig(

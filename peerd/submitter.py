@@ -125,8 +125,9 @@ class Submitter:
             raise SubmitError(f"inputs.data: not a readable .npz ({exc})") from None
 
     # -- bids ---------------------------------------------------------------------------
-    def accept_bid(self, raw: bytes, sender: str) -> dict[str, Any]:
-        signed = self.node.inbox.admit(raw, sender=sender, kinds=frozenset({"bid"}))
+    def accept_bid(self, raw: bytes, sender: str, *, verified: Signed | None = None) -> dict[str, Any]:
+        """Store a bid for one of our tasks. ``verified``: our own bid, already admitted."""
+        signed = verified or self.node.inbox.admit(raw, sender=sender, kinds=frozenset({"bid"}))
         if signed is None:
             return {"ok": False, "reason": "invalid bid"}
         task_id = signed.message.task_id  # type: ignore[attr-defined]
