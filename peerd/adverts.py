@@ -16,15 +16,14 @@ from typing import Any
 
 import trio
 
-from protocol.envelope import Signer
-from protocol.messages import Advert
-
 from peerd import __version__, probes
 from peerd.counters import Counters
 from peerd.inbox import Inbox, wall_ms
 from peerd.p2p import GossipMessage, P2PNode
 from peerd.peertable import PeerTable
 from peerd.seqstore import SequenceStore
+from protocol.envelope import Signer
+from protocol.messages import Advert
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +118,7 @@ class AdvertService:
             load=round(min(load, 1000.0), 4),
             cpu={"cores": cpu.cores, "model": cpu.model, "gflops": self.capacity.cpu_gflops},
             memory={"total_mb": total_mb, "available_mb": avail_mb},
-            gpus=[
+            gpus=tuple(
                 {
                     "index": g.index,
                     "model": g.model,
@@ -129,7 +128,7 @@ class AdvertService:
                     "gflops": rated.get(g.index, g.gflops),
                 }
                 for g in gpus
-            ],
+            ),
             offer={
                 "cores": offer.cores,
                 "gpus": list(offer.gpus),
@@ -140,7 +139,7 @@ class AdvertService:
                 "busy": busy,
             },
             params={"k": offer.k, "dc_min": offer.dc_min, "dc_max": offer.dc_max},
-            addrs=self._p2p.listen_addrs()[:16],
+            addrs=tuple(self._p2p.listen_addrs()[:16]),
             version=__version__,
         )
 

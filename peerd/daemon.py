@@ -28,8 +28,6 @@ from typing import Any
 import click
 import trio
 
-from protocol.envelope import Signer
-
 from peerd import __version__, sdnotify
 from peerd.adverts import AdvertService, Offer, measure_capacity
 from peerd.api import Api
@@ -47,6 +45,7 @@ from peerd.store import Store
 from peerd.submitter import Submitter
 from peerd.taskbook import TaskBook
 from peerd.taskbus import TaskBus
+from protocol.envelope import Signer
 
 log = logging.getLogger("peerd")
 
@@ -83,7 +82,9 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
     blobs = BlobStore(state / "blobs", max_blob_bytes=cfg.policy.max_blob_mb << 20)
     seq = SequenceStore(state / "sequence")
     capacity = await trio.to_thread.run_sync(
-        lambda: measure_capacity(cfg.offer.cores, calibrate=cfg.adverts.calibrate, seconds=cfg.adverts.calibration_s)
+        lambda: measure_capacity(
+            cfg.offer.cores, calibrate=cfg.adverts.calibrate, seconds=cfg.adverts.calibration_s
+        )
     )
     offer = make_offer(cfg, [g.index for g in capacity.gpus])
     devices = [f"gpu:{g}" for g in offer.gpus] or ["cpu"]
@@ -108,8 +109,18 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
     try:
         async with trio.open_nursery() as nursery:
             node = Node(
-                config=cfg, signer=signer, seq=seq, counters=counters, inbox=Inbox(counters), store=store,
-                blobs=blobs, p2p=p2p, pool=pool, table=PeerTable(), nursery=nursery, c0=capacity.c0(offer),
+                config=cfg,
+                signer=signer,
+                seq=seq,
+                counters=counters,
+                inbox=Inbox(counters),
+                store=store,
+                blobs=blobs,
+                p2p=p2p,
+                pool=pool,
+                table=PeerTable(),
+                nursery=nursery,
+                c0=capacity.c0(offer),
             )
             book = TaskBook()
             rounds = Rounds(node)
@@ -118,10 +129,17 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
             submitter.contractor = contractor
             TaskBus(node, book, contractor, submitter, rounds)
             adverts = AdvertService(
-                p2p=p2p, signer=signer, seq=seq, inbox=node.inbox, table=node.table, counters=counters,
-                offer=lambda: offer, capacity=capacity,
+                p2p=p2p,
+                signer=signer,
+                seq=seq,
+                inbox=node.inbox,
+                table=node.table,
+                counters=counters,
+                offer=lambda: offer,
+                capacity=capacity,
                 load=lambda: (node.load(), pool.slots(), round(node.load() * pool.slots())),
-                interval_s=cfg.adverts.interval_s, ttl_s=cfg.adverts.ttl_s,
+                interval_s=cfg.adverts.interval_s,
+                ttl_s=cfg.adverts.ttl_s,
             )
             node.poke_advert = adverts.poke
             pool.on_change(adverts.poke)
@@ -130,7 +148,9 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
             uploads = trio.CapacityLimiter(8)
 
             async def serve_blob(stream: Any) -> None:
-                await blobxfer.serve_blob(stream, blobs, max_bytes=cfg.policy.max_blob_mb << 20, limiter=uploads)
+                await blobxfer.serve_blob(
+                    stream, blobs, max_bytes=cfg.policy.max_blob_mb << 20, limiter=uploads
+                )
 
             p2p.add_stream_handler(blobxfer.PROTOCOL_ID, serve_blob)
             p2p.add_stream_handler(BID_PROTOCOL, submitter.handle_bid_stream)
@@ -150,7 +170,9 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
             submitter.resume()
             contractor.redeliver_pending()
             nursery.start_soon(sdnotify.watchdog_loop)
-            log.info("peerd %s ready: peer %s on %s", __version__, signer.peer_id, ", ".join(p2p.listen_addrs()))
+            log.info(
+                "peerd %s ready: peer %s on %s", __version__, signer.peer_id, ", ".join(p2p.listen_addrs())
+            )
             sdnotify.ready()
             sdnotify.status(f"serving as {signer.peer_id}")
             task_status.started(node)
@@ -170,8 +192,13 @@ async def _main(cfg: Config) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
-              help="TOML config file (default /etc/peerd/peerd.toml when it exists).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TOML config file (default /etc/peerd/peerd.toml when it exists).",
+)
 @click.option("--log-level", default=None, help="Override node.log_level (debug, info, warning, error).")
 @click.version_option(__version__, prog_name="peerd")
 def main(config_path: Path | None, log_level: str | None) -> None:
@@ -182,8 +209,11 @@ def main(config_path: Path | None, log_level: str | None) -> None:
         click.echo(f"peerd: configuration error: {exc}", err=True)
         sys.exit(2)
     level = (log_level or cfg.node.log_level).upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         trio.run(_main, cfg)
     except IdentityError as exc:

@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from protocol.envelope import Signed, Signer
-from protocol.messages import Message
-
 from peerd.blobs import BlobStore
 from peerd.counters import Counters
 from peerd.inbox import Inbox, wall_ms
 from peerd.seqstore import SequenceStore
 from peerd.store import Store
+from protocol.envelope import Signed, Signer
+from protocol.messages import Message
 
 if TYPE_CHECKING:
     from peerd.config import Config

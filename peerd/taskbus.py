@@ -12,15 +12,14 @@ import logging
 
 import trio
 
-from protocol.envelope import Signed
-from protocol.messages import Award, Cancel, Lease, Result, TaskAnnounce, Vote
-
 from peerd.contractor import Contractor
 from peerd.node import TASKS_TOPIC, Node
 from peerd.p2p import GossipMessage
 from peerd.rounds import Rounds
 from peerd.submitter import Submitter
 from peerd.taskbook import TaskBook
+from protocol.envelope import Signed
+from protocol.messages import Award, Cancel, Lease, Result, TaskAnnounce, Vote
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +57,11 @@ class TaskBus:
             view = self.book.add(signed)
             self.node.nursery.start_soon(self.contractor.on_announce, view)
             return True
-        view = self.book.get(m.task_id)  # type: ignore[attr-defined]
-        if view is None:
+        found = self.book.get(m.task_id)  # type: ignore[attr-defined]
+        if found is None:
             self.node.counters.inc("dropped.unknown_task")
             return False
+        view = found
         if isinstance(m, Award):
             if m.epoch in view.awards or not self.contractor.verify_award(view, signed):
                 return False
