@@ -1,0 +1,959 @@
+"""The daemon's only window onto libp2p (py-libp2p 0.8.1): host, gossip, streams, discovery.
+
+DESIGN §2 makes this the ONLY module that imports libp2p, so every finding in
+``shared/notes/py-libp2p.md`` ("trap N" below) is handled here, once, and the rest of the
+daemon sees a small surface: :class:`P2PNode` (run / connect / publish with validators /
+framed streams / stats) and the error types of :mod:`protocol.errors`.
+
+Which trap each piece handles:
+
+* trap 1  (TLS/SECIO/plaintext offered by default) — :meth:`P2PNode._build_host` passes a
+  Noise-only ``sec_opt``; Yamux is the only muxer.
+* trap 2  (fixed 250 ms happy-eyeballs wait per dial) — ``max_connections_per_peer=1``.
+* trap 3  (120 s heartbeat, adaptive gossip drifting to 30-60 s) — 1 s heartbeat
+  (``P2PConfig.heartbeat_s``), ``adaptive_gossip_enabled=False``.
+* trap 4  (10 msg/s per topic per *neighbour*, also applied to our own publishes) — libp2p's
+  spam protection is off; :class:`_TokenBucket` limits per (topic, *origin*) instead.
+* trap 5  (pubsub stream arriving before pubsub runs kills the process) — pubsub and gossipsub
+  run before the host listens, and bootstrap peers are dialled by us, never via ``new_host``.
+* trap 6  (32-slot subscription queues, 1 MiB RPC cap) — every subscription queue is drained by
+  :meth:`P2PNode._drain`; the overflow warning is filtered; gossip payloads are capped below
+  libp2p's RPC limit (:data:`_LIBP2P_MAX_GOSSIP`).
+* trap 7  (a raising stream handler tears the host down) — :meth:`P2PNode._serve_stream`.
+* trap 8  (listener keeps accepting after ``host.run`` exits) — :meth:`P2PNode.run` closes the
+  host explicitly, shielded, on every exit path.
+* trap 9/10 (request_response > 6.5 MB fails; yamux resets a stalled reader after 5 s) — streams
+  are raw libp2p streams with our own 4-byte framing (:mod:`protocol.framing`);
+  callers chunk and acknowledge (blob protocol).
+* trap 11 (rcmgr admits N-1 connections and silently drops the N-th) — an explicit resource
+  manager with limits far above a devnet, and :meth:`P2PNode._dial` checks that the
+  connection really exists after ``connect`` returns.
+* trap 12/13 (scoring inert; 120 s seen-cache allows replay) — not relied on: adverts and all
+  other signed messages carry their own sequence and expiry (DESIGN §3).
+* trap 14 (noisy DHT logger) — ``libp2p.kad_dht`` is lowered to ERROR.
+Found while building this (not in the note; measured on this machine):
+
+* trap 15: the swarm keeps a 60 s "negative cache" of peers whose dial failed and refuses to
+  redial them, which would defeat a 0.5 s bootstrap backoff; our own dials evict the entry
+  first. The swarm's own retry loop is disabled: :meth:`P2PNode._keep_connected` owns backoff.
+* trap 16: gossipsub v1.2's IDONTWANT makes every receiver send a control RPC to every mesh
+  peer per message (each RPC carries a signed peer record the receiver verifies twice); in a
+  small full mesh it always arrives too late to save a duplicate. Only v1.1 is offered
+  (4-node in-process p50 publish-to-all 20.6 ms -> 5.3 ms).
+* trap 17: py-libp2p's yamux credits the send window after every read, and pubsub/DHT read
+  varints byte by byte: 3.2 WINDOW_UPDATE frames per 1.1 data frames for a one-hop gossip
+  message. ``PY_YAMUX_RELEASE_ON_READ=0`` (set once, :func:`_configure_libp2p_process`) brings
+  that to 1.1 (CPU per one-hop message, both ends: 4.7 -> 3.8 ms).
+* trap 18: a payload between ~1 MiB - 16 KiB and 1 MiB passes ``publish`` and is then
+  silently dropped by libp2p's outbound RPC queue; we refuse it (LocalProtocolError).
+* trap 19: a DHT lookup costs ~15 ms of CPU per neighbour here; lookups are rare once joined
+  (see ``_DISCOVERY_*``).
+* libp2p validates a message again when a duplicate arrives while the first copy is still
+  being validated (it marks messages seen only afterwards): validators therefore go through
+  our own verdict cache, so each unique message reaches a validator exactly once.
+
+Validators run after libp2p has checked the strict signature against the message's
+``from``, so :attr:`GossipMessage.origin` is the verified originator; they never see our
+own messages. Error handling: every libp2p exception becomes a
+:class:`protocol.errors.TransportError` in :func:`_translate_errors`; misuse by our callers
+(bad addresses, oversized publishes, registering after start) is a LocalProtocolError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.host.exceptions import StreamFailure
+from libp2p.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig, RetryConfig
+from libp2p.network.exceptions import SwarmException
+from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamReset
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.rcmgr import ResourceManager
+from libp2p.rcmgr.manager import ResourceLimits
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+from libp2p.utils.address_validation import expand_wildcard_address
+
+from peerd.streams import FrameStream
+from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError, TransportError
+from protocol.framing import MAX_FRAME, FrameDecoder, encode_frame
+
+if TYPE_CHECKING:
+    # libp2p pulls in trio-typing, whose stale trio stubs shadow trio's own annotations for
+    # mypy and lack trio.TaskStatus; the protocol lives in trio_typing there.
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+# --- tunables that are not user configuration -------------------------------------------
+
+#: libp2p caps a whole pubsub RPC at 1 MiB in both directions (``rpc_queue.DefaultMaxMessageSize``,
+#: not configurable for the outbound queue) and silently drops bigger ones (trap 6). The RPC
+#: also carries topic, sender, seqno, signature, key and a signed peer record, so a payload
+#: must leave headroom; 16 KiB is far more than those fields take.
+_LIBP2P_MAX_GOSSIP = (1 << 20) - (16 << 10)
+#: Gossipsub mesh degree. The note's star-topology finding: in small networks every peer
+#: should be a direct mesh neighbour so gossip takes one hop; 8/6/12 keeps a 10-node devnet
+#: fully meshed while staying at go-libp2p's D_high for larger ones.
+_MESH_D, _MESH_D_LOW, _MESH_D_HIGH = 8, 6, 12
+#: Gossipsub v1.1 only. v1.2 adds IDONTWANT: every receiver sends a control RPC to every
+#: mesh peer for every message, and py-libp2p attaches a signed peer record to each RPC that
+#: the receiver verifies twice. In a small full mesh the IDONTWANT never arrives before the
+#: duplicate it is meant to prevent, so it is pure cost: measured on a 4-node in-process
+#: network, publish-to-all p50 went from 20.6 ms (v1.2) to 5.3 ms (v1.1 only).
+#: (v1.3+ extensions are experimental in 0.8.1.)
+_GOSSIP_PROTOCOLS = [PROTOCOL_ID_V11]
+#: libp2p's seen-cache lifetime (trap 13); our verdict cache lives a little longer so a
+#: duplicate never reaches a validator twice while libp2p could still forward it.
+_SEEN_TTL_S = 120
+_VERDICT_TTL_S = _SEEN_TTL_S + 30
+_VERDICT_CACHE_MAX = 65_536
+_BUCKETS_MAX = 4_096
+_DIAL_TIMEOUT_S = 10.0
+#: A bootstrap connection that lasted this long counts as stable: after it drops we redial at
+#: once rather than continuing the backoff.
+_STABLE_CONNECTION_S = 10.0
+_STREAM_OPEN_TIMEOUT_S = 10.0
+_CLOSE_TIMEOUT_S = 5.0
+_STREAM_CLOSE_TIMEOUT_S = 1.0
+_READ_CHUNK = 64 << 10
+#: DHT discovery: a self-lookup as soon as we (re)join through a bootstrap peer or an
+#: explicit connect(), repeated after 2, 4, 8 ... s, settling at once every 5 minutes.
+#: A lookup opens a stream to every neighbour and costs ~15 ms of CPU per neighbour on the
+#: 2-core dev machine (multiselect, noise and yamux in Python, a signed record per entry),
+#: so lookups are rare once joined and are NOT triggered by inbound connections (in an
+#: N-node mesh that would be N-1 lookups per node; measured, that was most of the CPU a new
+#: 8-node network spent in its first 15 s).
+_DISCOVERY_REPEAT_S = 2.0
+_DISCOVERY_MAX_S = 300.0
+_DISCOVERY_LOOKUP_TIMEOUT_S = 10.0
+_DISCOVERY_MAX_DIALS = 8
+#: Upper bound on peers we dial on our own initiative (DHT discovery); small networks
+#: end up fully meshed, large ones stop well below the connection manager's watermarks.
+_DISCOVERY_TARGET_PEERS = 48
+
+
+@dataclass(frozen=True)
+class GossipMessage:
+    """One gossip message as a validator sees it."""
+
+    topic: str
+    data: bytes
+    origin: str  # base58 peer ID of the originator (strict-signing ``from``, verified by libp2p)
+    received_from: str  # base58 peer ID of the neighbour that forwarded it
+
+
+Validator = Callable[[GossipMessage], Awaitable[bool]]
+StreamHandler = Callable[[FrameStream], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class P2PConfig:
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    bootstrap: tuple[str, ...] = ()  # full multiaddrs with /p2p/<id>
+    mdns: bool = False  # opt-in only; never used in tests
+    heartbeat_s: float = 1.0  # gossipsub heartbeat (trap 3)
+    max_msgs_per_origin_per_s: float = 200.0  # per-ORIGIN token bucket per topic (trap 4); burst = 2x
+    max_gossip_bytes: int = 1 << 20  # effective cap is min(this, _LIBP2P_MAX_GOSSIP)
+    dial_backoff_initial_s: float = 0.5
+    dial_backoff_max_s: float = 30.0
+
+
+# --- error translation: the ONE place where libp2p exceptions become ours ----------------
+
+
+def _reason_for(exc: BaseException) -> str:
+    if isinstance(exc, StreamEOF):
+        return "closed"
+    if isinstance(exc, StreamReset):
+        return "reset"
+    if isinstance(exc, StreamClosed):
+        return "closed"
+    if isinstance(exc, trio.TooSlowError):
+        return "timeout"
+    if isinstance(exc, StreamFailure):
+        return "protocol"
+    if isinstance(exc, SwarmException | OSError):
+        return "unreachable"
+    return "transport"
+
+
+@contextlib.contextmanager
+def _translate_errors(what: str) -> Iterator[None]:
+    """Map any exception raised by libp2p (or by a timeout around it) to TransportError.
+
+    Our own ProtocolErrors pass through unchanged; cancellation (a BaseException) is never
+    touched. libp2p raises a wide, unstable set of types (its own hierarchy, OSError,
+    trio resource errors, ValueError from multiaddr, exception groups from its nurseries),
+    so the mapping is deliberately "everything that is an Exception".
+    """
+    try:
+        yield
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        reason = _reason_for(exc)
+        log.debug("%s failed (%s): %r", what, reason, exc)
+        raise TransportError(f"{what}: {exc or type(exc).__name__}", reason=reason) from exc
+
+
+# --- framed streams over libp2p streams ----------------------------------------------------
+
+
+class _Libp2pFrameStream:
+    """:class:`peerd.streams.FrameStream` over a libp2p stream (4-byte frames, MAX_FRAME cap)."""
+
+    def __init__(self, stream: INetStream, remote_peer: str) -> None:
+        self.remote_peer = remote_peer
+        self._stream = stream
+        self._decoder = FrameDecoder(max_frame=MAX_FRAME)
+        # Yamux splits one write into window-sized chunks; two concurrent senders would
+        # interleave them and corrupt the framing, so sends (and receives) are serialised.
+        self._send_lock = trio.Lock()
+        self._recv_lock = trio.Lock()
+        self._closed = False
+
+    async def send(self, frame: bytes) -> None:
+        if len(frame) > MAX_FRAME:
+            # Same behaviour as peerd.streams.MemoryFrameStream, which component tests use.
+            raise TransportError("frame too large", reason="oversized")
+        data = encode_frame(frame)
+        async with self._send_lock:
+            with _translate_errors(f"send to {self.remote_peer}"):
+                await self._stream.write(data)
+
+    async def receive(self) -> bytes:
+        async with self._recv_lock:
+            while True:
+                try:
+                    frame = self._decoder.next_frame()
+                except RemoteProtocolError as exc:
+                    # The header announced more than MAX_FRAME: drop the stream before
+                    # buffering any of it.
+                    await self._reset()
+                    raise TransportError(str(exc), reason="oversized") from exc
+                if frame is not None:
+                    return frame
+                with _translate_errors(f"receive from {self.remote_peer}"):
+                    chunk = await self._stream.read(_READ_CHUNK)
+                if not chunk:
+                    raise TransportError("stream closed by peer", reason="closed")
+                self._decoder.feed(chunk)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + _STREAM_CLOSE_TIMEOUT_S
+            try:
+                await self._stream.close()
+                return
+            except Exception as exc:  # close must never raise (FrameStream contract)
+                log.debug("closing stream to %s failed: %r", self.remote_peer, exc)
+        await self._reset()
+
+    async def _reset(self) -> None:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + _STREAM_CLOSE_TIMEOUT_S
+            try:
+                await self._stream.reset()
+            except Exception as exc:
+                log.debug("resetting stream to %s failed: %r", self.remote_peer, exc)
+
+
+# --- per-origin rate limit (trap 4) ---------------------------------------------------------
+
+
+class _TokenBucket:
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def is_full(self, now: float) -> bool:
+        return self.tokens + (now - self.stamp) * self.rate >= self.burst
+
+
+class _Verdict:
+    """The outcome of validating one (topic, message id); waiters share one validator call."""
+
+    __slots__ = ("done", "expires", "result")
+
+    def __init__(self, expires: float) -> None:
+        self.done = trio.Event()
+        self.result = False
+        self.expires = expires
+
+
+# --- connection events ---------------------------------------------------------------------
+
+
+class _ConnectionWatcher(INotifee):
+    """Wakes waiters on every connect/disconnect (bootstrap reconnects, discovery)."""
+
+    def __init__(self) -> None:
+        self.changed = trio.Event()
+
+    def _pulse(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self._pulse()
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self._pulse()
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        return None
+
+
+class _Demote(logging.Filter):
+    """Turns libp2p's ERROR/WARNING records for ordinary network events into DEBUG ones.
+
+    libp2p logs a peer being down, a connection reset or a failed negotiation at ERROR; we
+    map those to TransportError and log them ourselves at the right level, so the originals
+    would only alarm operators (a bootstrap peer that is down would log an ERROR per retry).
+    """
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self._prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self._prefixes or str(record.msg).startswith(self._prefixes):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+_process_configured = False
+
+
+def _configure_libp2p_process() -> None:
+    """Process-wide libp2p settings (logging and yamux), applied once.
+
+    ``import libp2p`` detaches its logger tree (``propagate=False``, no handler), so its
+    warnings would go to stderr through logging's last-resort handler, bypassing the
+    daemon's log format; we route WARNING+ into the daemon's logging, minus known noise.
+    """
+    global _process_configured
+    if _process_configured:
+        return
+    _process_configured = True
+    # trap 17: py-libp2p's yamux credits the sender's window after EVERY read by default, and
+    # varint-prefixed RPCs are read byte by byte; off, yamux mostly credits once half the
+    # window is consumed, as go-yamux does. Read at call time; we are the only libp2p user.
+    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+    root = logging.getLogger("libp2p")
+    root.propagate = True
+    root.setLevel(logging.WARNING)
+    # trap 14: empty "Failed to read DHT message from stream" warnings on every closed stream.
+    logging.getLogger("libp2p.kad_dht").setLevel(logging.ERROR)
+    # trap 6: we drain subscription queues only so they never fill; a momentary overflow
+    # loses nothing, because we consume gossip through validators, not through the queue.
+    logging.getLogger("libp2p.pubsub.pubsub").addFilter(_Demote("fail to deliver message to subscription"))
+    # Ordinary network events that libp2p reports at ERROR and we report as TransportError.
+    logging.getLogger("libp2p.transport.tcp.tcp").addFilter(_Demote())  # dial refused / unreachable
+    logging.getLogger("libp2p.protocol_muxer.multiselect_client").addFilter(_Demote())
+    logging.getLogger("libp2p.host.basic_host").addFilter(_Demote("Failed to open stream"))
+    logging.getLogger("libp2p.stream_muxer.yamux.yamux").addFilter(_Demote("Error in handle_incoming"))
+    # Logs its state at INFO on every cycle; warnings and errors still pass.
+    logging.getLogger("libp2p.network.auto_connector").setLevel(logging.WARNING)
+
+
+_ADDRS_CACHE_S = 60.0
+_addrs_cache: dict[tuple[bytes, ...], tuple[float, list[multiaddr.Multiaddr]]] = {}
+
+
+def _advertised_addrs(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """Replace wildcard listen addresses (0.0.0.0, ::) by the machine's interface addresses.
+
+    libp2p advertises the bound socket address; a wildcard one is useless to a remote peer
+    (DHT records, listen_addrs()) and dialling it reaches whatever listens locally.
+    libp2p calls this for every pubsub RPC it sends (signed peer record), and enumerating
+    interfaces takes ~0.35 ms, so results are kept for a minute.
+    """
+    key = tuple(a.to_bytes() for a in candidates)
+    now = time.monotonic()
+    hit = _addrs_cache.get(key)
+    if hit is not None and hit[0] > now:
+        return list(hit[1])
+    out: list[multiaddr.Multiaddr] = []
+    for addr in candidates:
+        names = {p.name for p in addr.protocols()}
+        ip = next((addr.value_for_protocol(n) for n in ("ip4", "ip6") if n in names), None)
+        if ip is not None and ipaddress.ip_address(ip).is_unspecified:
+            out.extend(a for a in expand_wildcard_address(addr) if a not in out)
+        elif addr not in out:
+            out.append(addr)
+    if len(_addrs_cache) > 64:
+        _addrs_cache.clear()
+    _addrs_cache[key] = (now + _ADDRS_CACHE_S, out)
+    return list(out)
+
+
+def _parse_peer_id(peer_id: str) -> ID:
+    try:
+        return ID.from_base58(peer_id)
+    except Exception as exc:
+        raise LocalProtocolError(f"not a peer ID: {peer_id!r}", reason="bad_peer_id") from exc
+
+
+def _parse_multiaddr(addr: str) -> multiaddr.Multiaddr:
+    try:
+        return multiaddr.Multiaddr(addr)
+    except Exception as exc:
+        raise LocalProtocolError(f"not a multiaddr: {addr!r}", reason="bad_multiaddr") from exc
+
+
+def _parse_p2p_addr(addr: str) -> PeerInfo:
+    try:
+        return info_from_p2p_addr(multiaddr.Multiaddr(addr))
+    except Exception as exc:
+        raise LocalProtocolError(
+            f"not a multiaddr ending in /p2p/<peer id>: {addr!r}", reason="bad_multiaddr"
+        ) from exc
+
+
+class P2PNode:
+    """A libp2p host with gossipsub, Kademlia peer routing and framed streams.
+
+    Use from one trio run: ``await nursery.start(node.run)``; cancel the nursery to stop.
+    """
+
+    def __init__(self, seed: bytes, config: P2PConfig) -> None:
+        if not isinstance(seed, bytes | bytearray) or len(seed) != 32:
+            raise LocalProtocolError("seed must be a 32-byte Ed25519 private key", reason="bad_seed")
+        positive = {
+            "heartbeat_s": config.heartbeat_s,
+            "max_msgs_per_origin_per_s": config.max_msgs_per_origin_per_s,
+            "max_gossip_bytes": config.max_gossip_bytes,
+            "dial_backoff_initial_s": config.dial_backoff_initial_s,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise LocalProtocolError(f"P2PConfig.{name} must be > 0, got {value!r}", reason="bad_config")
+        if config.dial_backoff_max_s < config.dial_backoff_initial_s:
+            raise LocalProtocolError("P2PConfig.dial_backoff_max_s < initial", reason="bad_config")
+        _configure_libp2p_process()
+        self._config = config
+        self._listen = [_parse_multiaddr(a) for a in config.listen]
+        for addr in config.bootstrap:
+            _parse_p2p_addr(addr)  # fail at construction, not in a background task
+        self._key_pair: KeyPair = create_new_key_pair(bytes(seed))
+        self._id = ID.from_pubkey(self._key_pair.public_key)
+        self._max_gossip = min(config.max_gossip_bytes, _LIBP2P_MAX_GOSSIP)
+        self._validators: dict[str, Validator] = {}
+        self._handlers: dict[str, StreamHandler] = {}
+        self._stats: dict[str, int] = dict.fromkeys(
+            (
+                "gossip_published",
+                "gossip_accepted",
+                "gossip_rejected",
+                "gossip_rate_limited",
+                "gossip_oversized",
+                "validator_errors",
+                "validator_timeouts",
+                "handler_errors",
+                "streams_accepted",
+                "streams_opened",
+                "dials_ok",
+                "dials_failed",
+                "discovery_lookups",
+            ),
+            0,
+        )
+        self._verdicts: OrderedDict[tuple[str, bytes], _Verdict] = OrderedDict()
+        self._buckets: dict[tuple[str, bytes], _TokenBucket] = {}
+        self._host: IHost | None = None
+        self._pubsub: Pubsub | None = None
+        self._dht: KadDHT | None = None
+        self._watcher = _ConnectionWatcher()
+        self._discovery_kick = trio.Event()
+        self._running = False
+
+    # --- identity and state -------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> str:
+        return self._id.to_base58()
+
+    def listen_addrs(self) -> list[str]:
+        """Full multiaddrs including ``/p2p/<id>``; empty until ``run`` reported started."""
+        if self._host is None:
+            return []
+        return [str(a) for a in self._host.get_addrs()]
+
+    def connected_peers(self) -> list[str]:
+        if self._host is None:
+            return []
+        return sorted(p.to_base58() for p in self._host.get_connected_peers())
+
+    def stats(self) -> dict[str, int]:
+        """Counters since construction, plus the ``peers_connected`` gauge."""
+        out = dict(self._stats)
+        out["peers_connected"] = len(self.connected_peers())
+        return out
+
+    # --- registration (before run) --------------------------------------------------------
+
+    def add_validator(self, topic: str, validator: Validator) -> None:
+        """Subscribe to ``topic`` at start; ``validator`` sees each unique message once."""
+        if self._running:
+            raise LocalProtocolError("add_validator must be called before run()", reason="misuse")
+        if topic in self._validators:
+            raise LocalProtocolError(f"topic {topic!r} already has a validator", reason="misuse")
+        self._validators[topic] = validator
+
+    def add_stream_handler(self, protocol_id: str, handler: StreamHandler) -> None:
+        if self._running:
+            raise LocalProtocolError("add_stream_handler must be called before run()", reason="misuse")
+        if protocol_id in self._handlers:
+            raise LocalProtocolError(f"protocol {protocol_id!r} already has a handler", reason="misuse")
+        self._handlers[protocol_id] = handler
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def _build_host(self) -> IHost:
+        cfg = self._config
+        noise_key = create_new_x25519_key_pair().private_key
+        host = new_host(
+            key_pair=self._key_pair,
+            # trap 1: Noise only; new_host() would otherwise also offer TLS, SECIO, plaintext.
+            sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(self._key_pair, noise_privkey=noise_key)},
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+            listen_addrs=self._listen,
+            enable_mDNS=cfg.mdns,
+            # trap 2: one connection per peer also ends happy-eyeballs after the first success.
+            connection_config=ConnectionConfig(max_connections_per_peer=1, dial_timeout=_DIAL_TIMEOUT_S),
+            # trap 11: explicit limits far above any devnet; no circuit breaker or "graceful
+            # degradation" that could silently lower them.
+            resource_manager=ResourceManager(
+                limits=ResourceLimits(max_connections=1024, max_streams=16_384),
+                enable_circuit_breaker=False,
+                enable_graceful_degradation=False,
+            ),
+            addrs_factory=_advertised_addrs,
+            # Observed addresses of outbound TCP connections are ephemeral ports nobody can dial.
+            disable_identify_address_discovery=True,
+        )
+        network = host.get_network()
+        # trap 15: we own the retry/backoff policy (bootstrap loop, discovery loop).
+        if hasattr(network, "retry_config"):
+            network.retry_config = RetryConfig(max_retries=0)
+        network.register_notifee(self._watcher)
+        return host
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, join gossip and the DHT, keep bootstrap peers connected; until cancelled.
+
+        ``task_status.started()`` is called once the host listens, pubsub is ready and every
+        validator's topic is subscribed. On exit (cancel or error) the host is closed
+        explicitly (trap 8): no listener and no libp2p task outlives this call.
+        """
+        if self._running:
+            raise LocalProtocolError("P2PNode.run() is already running", reason="misuse")
+        self._running = True
+        host = self._build_host()
+        gossipsub = GossipSub(
+            protocols=_GOSSIP_PROTOCOLS,
+            degree=_MESH_D,
+            degree_low=_MESH_D_LOW,
+            degree_high=_MESH_D_HIGH,
+            # trap 3. (Typed int in libp2p; it is only ever passed to trio.sleep.)
+            heartbeat_interval=cast(int, self._config.heartbeat_s),
+            adaptive_gossip_enabled=False,
+            # trap 4: per-neighbour limit off (it also throttles our own publishes);
+            # _TokenBucket limits per origin.
+            spam_protection_enabled=False,
+        )
+        pubsub = Pubsub(
+            host,
+            gossipsub,
+            strict_signing=True,
+            seen_ttl=_SEEN_TTL_S,
+            max_inbound_rpc_size=1 << 20,
+        )
+        dht = KadDHT(host, DHTMode.SERVER)
+        for topic in self._validators:
+            pubsub.set_topic_validator(topic, self._libp2p_validator(topic), is_async_validator=True)
+        for protocol_id, handler in self._handlers.items():
+            host.set_stream_handler(TProtocol(protocol_id), self._stream_entry(handler))
+        try:
+            # Anything libp2p raises out of its services becomes a TransportError here.
+            with _translate_errors("p2p node"):
+                await self._serve(host, gossipsub, pubsub, dht, task_status)
+        finally:
+            self._host = self._pubsub = self._dht = None
+            self._running = False
+            await self._close_host(host)
+
+    async def _serve(
+        self,
+        host: IHost,
+        gossipsub: GossipSub,
+        pubsub: Pubsub,
+        dht: KadDHT,
+        task_status: TaskStatus[None],
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            # trap 5: pubsub (whose stream handler its constructor registered) runs, and our
+            # topics are subscribed, before the host listens or dials anything; peers then
+            # learn our topics from the very first pubsub hello.
+            async with background_trio_service(pubsub), background_trio_service(gossipsub):
+                await pubsub.wait_until_ready()
+                for topic in self._validators:
+                    nursery.start_soon(self._drain, await pubsub.subscribe(topic))
+                async with host.run(listen_addrs=self._listen):
+                    try:
+                        async with background_trio_service(dht):
+                            self._host, self._pubsub, self._dht = host, pubsub, dht
+                            for addr in self._config.bootstrap:
+                                nursery.start_soon(self._keep_connected, addr)
+                            nursery.start_soon(self._discovery_loop)
+                            log.info("p2p node %s listening on %s", self.peer_id, self.listen_addrs())
+                            task_status.started()
+                            await trio.sleep_forever()
+                    finally:
+                        # trap 8, before host.run()'s own exit path runs.
+                        await self._close_host(host)
+
+    @staticmethod
+    async def _close_host(host: IHost) -> None:
+        # trap 8: leaving host.run() leaves the TCP listener (a trio *system* task) accepting.
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + _CLOSE_TIMEOUT_S
+            try:
+                await host.close()
+            except Exception as exc:
+                log.warning("closing the libp2p host failed: %r", exc)
+        if scope.cancelled_caught:
+            log.warning("closing the libp2p host took longer than %.0f s", _CLOSE_TIMEOUT_S)
+
+    def _require(self) -> tuple[IHost, Pubsub, KadDHT]:
+        if self._host is None or self._pubsub is None or self._dht is None:
+            raise TransportError("p2p node is not running", reason="not_running")
+        return self._host, self._pubsub, self._dht
+
+    # --- dialling -------------------------------------------------------------------------
+
+    async def connect(self, multiaddr: str) -> str:
+        """Dial a full ``/…/p2p/<id>`` multiaddr; returns the peer ID.
+
+        Raises LocalProtocolError for a malformed address or our own ID, TransportError
+        if the peer cannot be reached.
+        """
+        info = _parse_p2p_addr(multiaddr)
+        if info.peer_id == self._id:
+            raise LocalProtocolError("refusing to dial ourselves", reason="self_dial")
+        await self._dial(info)
+        self._discovery_kick.set()  # the new neighbour may know peers we do not
+        return info.peer_id.to_base58()
+
+    async def _dial(self, info: PeerInfo) -> None:
+        host, _, _ = self._require()
+        network = host.get_network()
+        # trap 15: without this, a peer that failed once is refused for 60 s.
+        negative_cache = getattr(network, "_negative_peer_cache", None)
+        if negative_cache is not None:
+            negative_cache.evict(str(info.peer_id))
+        try:
+            with _translate_errors(f"dial {info.peer_id}"):
+                with trio.fail_after(_DIAL_TIMEOUT_S):
+                    await host.connect(info)
+            # trap 11: connect() can "succeed" while the resource manager drops the connection.
+            if not network.get_connections(info.peer_id):
+                raise TransportError(f"connection to {info.peer_id} was dropped", reason="dropped")
+        except TransportError:
+            self._stats["dials_failed"] += 1
+            raise
+        self._stats["dials_ok"] += 1
+
+    def _is_connected(self, peer: ID) -> bool:
+        return self._host is not None and bool(self._host.get_network().get_connections(peer))
+
+    async def _keep_connected(self, addr: str) -> None:
+        """Keep one bootstrap peer connected: redial with exponential backoff while it is down."""
+        try:
+            info = _parse_p2p_addr(addr)
+        except LocalProtocolError as exc:
+            log.error("ignoring bootstrap address %r: %s", addr, exc)
+            return
+        if info.peer_id == self._id:
+            return  # a shared bootstrap list may name ourselves
+        initial, ceiling = self._config.dial_backoff_initial_s, self._config.dial_backoff_max_s
+        delay = initial
+        up_since: float | None = None
+        while True:
+            if self._is_connected(info.peer_id):
+                if up_since is None:
+                    up_since = trio.current_time()
+                changed = self._watcher.changed
+                # Event-driven, with a periodic re-check as a guard against a missed event.
+                with trio.move_on_after(5.0):
+                    await changed.wait()
+                continue
+            if up_since is not None:
+                # It dropped. After a stable connection redial at once; a connection that
+                # keeps dropping right after it is made (e.g. the peer refuses us) backs off.
+                stable = trio.current_time() - up_since >= _STABLE_CONNECTION_S
+                up_since = None
+                if stable:
+                    delay = initial
+                else:
+                    await self._backoff_sleep(delay)
+                    delay = min(delay * 2, ceiling)
+            try:
+                await self._dial(info)
+                log.info("connected to bootstrap peer %s", info.peer_id)
+                self._discovery_kick.set()
+                continue
+            except TransportError as exc:
+                log.debug("bootstrap peer %s unreachable (%s); retry in %.1f s", info.peer_id, exc, delay)
+            await self._backoff_sleep(delay)
+            delay = min(delay * 2, ceiling)
+
+    @staticmethod
+    async def _backoff_sleep(delay: float) -> None:
+        # Jitter so peers that lost the same bootstrap node do not redial in lockstep.
+        await trio.sleep(delay * random.uniform(0.8, 1.2))
+
+    async def _discovery_loop(self) -> None:
+        """Kademlia self-lookups; dial every peer found so small networks become a full mesh.
+
+        A lookup runs as soon as we (re)connect to a bootstrap peer or connect() is called,
+        then after 2, 4, 8 ... s, settling at once every 5 minutes. Two peers joining at once
+        through the same bootstrap peer still find each other on their first lookups: the
+        bootstrap peer adds a querier to its routing table before answering it, so at least
+        one of the two answers names the other peer. The repeats catch anything missed.
+        """
+        delay = _DISCOVERY_MAX_S
+        while True:
+            kick = self._discovery_kick
+            with trio.move_on_after(delay):
+                await kick.wait()
+            if kick.is_set():
+                self._discovery_kick = trio.Event()
+                delay = _DISCOVERY_REPEAT_S
+            else:
+                delay = min(delay * 2, _DISCOVERY_MAX_S)
+            await self._discover_once()
+
+    async def _discover_once(self) -> int:
+        host, _, dht = self._require()
+        connected = host.get_connected_peers()
+        if not connected:
+            return 0
+        for peer in connected:
+            # Peers only enter the routing table when they query us or we query them;
+            # make sure direct neighbours are there to start the lookup from.
+            if not dht.routing_table.peer_in_table(peer):
+                await dht.add_peer(peer, skip_server_mode_check=True)
+        self._stats["discovery_lookups"] += 1
+        candidates: list[ID] = []
+        with trio.move_on_after(_DISCOVERY_LOOKUP_TIMEOUT_S):
+            try:
+                candidates = await dht.peer_routing.find_closest_peers_network(self._id.to_bytes())
+            except Exception as exc:  # discovery is best effort; never take the node down
+                log.debug("DHT lookup failed: %r", exc)
+        to_dial = [p for p in candidates if p != self._id and not self._is_connected(p)]
+        room = max(0, _DISCOVERY_TARGET_PEERS - len(host.get_connected_peers()))
+        to_dial = to_dial[:room]
+        if not to_dial:
+            return 0
+        newly = 0
+        limiter = trio.CapacityLimiter(_DISCOVERY_MAX_DIALS)
+
+        async def dial_one(peer: ID) -> None:
+            nonlocal newly
+            async with limiter:
+                addrs = host.get_peerstore().addrs(peer)
+                if not addrs:
+                    return
+                try:
+                    await self._dial(PeerInfo(peer, addrs))
+                    newly += 1
+                except TransportError as exc:
+                    log.debug("discovered peer %s unreachable: %s", peer, exc)
+
+        async with trio.open_nursery() as nursery:
+            for peer in to_dial:
+                nursery.start_soon(dial_one, peer)
+        if newly:
+            log.info("DHT discovery connected %d new peer(s)", newly)
+        return newly
+
+    # --- gossip ---------------------------------------------------------------------------
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Sign and gossip ``data`` on ``topic``. Our own messages skip our validators."""
+        if len(data) > self._max_gossip:
+            raise LocalProtocolError(
+                f"gossip payload of {len(data)} bytes exceeds {self._max_gossip}", reason="oversized"
+            )
+        _, pubsub, _ = self._require()
+        with _translate_errors(f"publish on {topic}"):
+            await pubsub.publish(topic, bytes(data))
+        self._stats["gossip_published"] += 1
+
+    async def _drain(self, subscription: Any) -> None:
+        # trap 6: libp2p copies every accepted message into a 32-slot queue per topic; we
+        # consume gossip through validators, so this only keeps the queue empty.
+        async for _ in subscription:
+            pass
+
+    def _libp2p_validator(self, topic: str) -> Callable[[ID, rpc_pb2.Message], Awaitable[bool]]:
+        async def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
+            return await self._validate(topic, forwarder, msg)
+
+        return validate
+
+    async def _validate(self, topic: str, forwarder: ID, msg: rpc_pb2.Message) -> bool:
+        # libp2p has already checked the strict signature against msg.from_id when it calls us.
+        origin = ID(msg.from_id)
+        if origin == self._id:
+            # Our own publish is valid; our own message coming back from elsewhere is not
+            # new (libp2p drops it after validation anyway). Neither reaches the validator.
+            return forwarder == self._id
+        pubsub = self._pubsub
+        if pubsub is None:
+            return False
+        key = (topic, pubsub.get_message_id(msg))
+        now = time.monotonic()
+        verdict = self._verdicts.get(key)
+        if verdict is not None and verdict.expires > now:
+            await verdict.done.wait()
+            return verdict.result
+        verdict = _Verdict(now + _VERDICT_TTL_S)
+        self._remember(key, verdict, now)
+        try:
+            verdict.result = await self._judge(topic, forwarder, origin, msg, now)
+        finally:
+            # Also on cancellation (libp2p's 5 s validation timeout): waiters then see the
+            # default result, a reject, instead of waiting forever.
+            verdict.done.set()
+        self._stats["gossip_accepted" if verdict.result else "gossip_rejected"] += 1
+        return verdict.result
+
+    async def _judge(self, topic: str, forwarder: ID, origin: ID, msg: rpc_pb2.Message, now: float) -> bool:
+        if len(msg.data) > self._max_gossip:
+            self._stats["gossip_oversized"] += 1
+            return False
+        if not self._take_token(topic, msg.from_id, now):
+            self._stats["gossip_rate_limited"] += 1
+            return False
+        message = GossipMessage(
+            topic=topic, data=bytes(msg.data), origin=origin.to_base58(), received_from=forwarder.to_base58()
+        )
+        validator = self._validators[topic]
+        try:
+            return bool(await validator(message))
+        except trio.Cancelled:
+            self._stats["validator_timeouts"] += 1
+            raise
+        except Exception:
+            self._stats["validator_errors"] += 1
+            log.exception("validator for %s raised on a message from %s; rejecting", topic, message.origin)
+            return False
+
+    def _remember(self, key: tuple[str, bytes], verdict: _Verdict, now: float) -> None:
+        self._verdicts[key] = verdict
+        self._verdicts.move_to_end(key)
+        # Entries are inserted in time order, so expired ones are at the front.
+        while self._verdicts:
+            oldest_key, oldest = next(iter(self._verdicts.items()))
+            if oldest.expires > now and len(self._verdicts) <= _VERDICT_CACHE_MAX:
+                break
+            del self._verdicts[oldest_key]
+
+    def _take_token(self, topic: str, origin: bytes, now: float) -> bool:
+        rate = self._config.max_msgs_per_origin_per_s
+        key = (topic, origin)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= _BUCKETS_MAX:
+                # A full bucket is indistinguishable from a fresh one: forget those.
+                for k in [k for k, b in self._buckets.items() if b.is_full(now)]:
+                    del self._buckets[k]
+            bucket = self._buckets[key] = _TokenBucket(rate, 2 * rate, now)
+        return bucket.take(now)
+
+    # --- streams --------------------------------------------------------------------------
+
+    def _stream_entry(self, handler: StreamHandler) -> Callable[[INetStream], Awaitable[None]]:
+        async def entry(stream: INetStream) -> None:
+            await self._serve_stream(handler, stream)
+
+        return entry
+
+    async def _serve_stream(self, handler: StreamHandler, stream: INetStream) -> None:
+        # trap 7: nothing a handler (or a misbehaving remote) raises may reach libp2p.
+        try:
+            remote = stream.muxed_conn.peer_id.to_base58()
+        except Exception:
+            remote = "?"
+        frames = _Libp2pFrameStream(stream, remote)
+        self._stats["streams_accepted"] += 1
+        try:
+            await handler(frames)
+        except TransportError as exc:
+            log.debug("stream %s from %s ended: %s", stream.get_protocol(), remote, exc)
+        except Exception:
+            self._stats["handler_errors"] += 1
+            log.exception("handler for %s raised on a stream from %s", stream.get_protocol(), remote)
+        finally:
+            await frames.aclose()
+
+    async def open_stream(self, peer_id: str, protocol_id: str) -> FrameStream:
+        """Open a framed stream to ``peer_id`` (dialling it if needed). TransportError on failure."""
+        peer = _parse_peer_id(peer_id)
+        host, _, _ = self._require()
+        with _translate_errors(f"open {protocol_id} to {peer_id}"):
+            with trio.fail_after(_STREAM_OPEN_TIMEOUT_S):
+                stream = await host.new_stream(peer, [TProtocol(protocol_id)])
+        self._stats["streams_opened"] += 1
+        return _Libp2pFrameStream(stream, peer_id)
