@@ -48,7 +48,6 @@ def render(x: dict[str, Any], console: Console) -> None:
         "C",
         "cost C·L",
         "chosen",
-        "why",
         title="\nbids",
         right=("C0", "L", "ΔC", "C", "cost C·L"),
     )
@@ -61,11 +60,12 @@ def render(x: dict[str, Any], console: Console) -> None:
             r.num(b.get("capacity"), 3),
             r.num(b.get("cost"), 3),
             r.styled("yes", "green") if b.get("chosen") else "no",
-            str(b.get("why", "")),
         )
     if not bids:
-        t.add_row("(no bids received)", "", "", "", "", "", "", "")
-    console.print(Group(head, t))
+        t.add_row("(no bids received)", "", "", "", "", "", "")
+    # The reasons are sentences: a column of their own would wrap them into slivers.
+    why = r.key_values((r.short_peer(b.get("peer_id")), str(b.get("why", ""))) for b in bids)
+    console.print(Group(head, t, "\nwhy", why) if bids else Group(head, t))
 
 
 @click.command("explain")

@@ -44,7 +44,8 @@ def spec_from_toml(text: str, base_dir: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise click.BadParameter(f"invalid TOML: {exc}", param_hint="FILE") from None
     try:
-        spec = parse_spec(raw, base_dir=base_dir.resolve())
+        # TOML dates and times become ISO strings first: the wire carries JSON-like values only.
+        spec = parse_spec(_jsonable(raw), base_dir=base_dir.resolve())
     except SpecError as exc:
         raise click.BadParameter(str(exc), param_hint="FILE") from None
     result: dict[str, Any] = _jsonable(spec.to_json())
