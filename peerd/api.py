@@ -14,10 +14,6 @@ from typing import Any
 
 import trio
 
-from protocol.allocation import demand
-from protocol.awards import allocate, net_params, usable_bids
-from protocol.errors import ProtocolError
-
 from peerd import __version__
 from peerd.inbox import wall_ms
 from peerd.node import Node
@@ -25,6 +21,9 @@ from peerd.rpc.jsonrpc import ErrorCode, RpcError
 from peerd.rpc.server import CallContext, Handler
 from peerd.submitter import TERMINAL, SubmitError, Submitter
 from peerd.taskbook import TaskBook
+from protocol.allocation import demand
+from protocol.awards import allocate, net_params, usable_bids
+from protocol.errors import ProtocolError
 
 #: Largest chunk ``blob.read`` returns (JSON + base64 keeps replies under the 1 MiB line cap).
 MAX_READ = 512 * 1024
@@ -67,7 +66,7 @@ class Api:
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "advert": me.to_json(now) if me else None,
             "counters": counters,
-            "sandbox": {"available": bool(report.available), "detail": report.reason or f"bubblewrap {report.version}; memory cap {report.memory_cap}; pids cap {report.pids_cap}"},
+            "sandbox": {"available": bool(report.available), "detail": report.reason or f"{report.version}; memory cap {report.memory_cap}; pids cap {report.pids_cap}"},
         }
 
     async def peers_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
@@ -175,7 +174,11 @@ class Api:
 
     async def task_cancel(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         task_id = params["task_id"]
-        self._row(task_id)
+        row = self._row(task_id)
+        if row["role"] == "submitter" and row["state"] in TERMINAL:
+            # docs/rpc.md: cancelling a task that already ended is a conflict, and says how it ended.
+            raise RpcError(ErrorCode.CONFLICT, f"task {task_id} already ended: {row['state']}",
+                           {"state": row["state"]})
         try:
             state = await self.submitter.cancel(task_id)
         except KeyError:
