@@ -41,7 +41,12 @@ def report(out: Path) -> int:
     for key, label in (("accuracy", "train (participants)"), ("val_accuracy", "validation (submitter)")):
         ax1.plot(xs, [rd.get(key) for rd in rounds], marker="o", label=label)
     if "test_accuracy" in metrics:
-        ax1.axhline(metrics["test_accuracy"], linestyle="--", color="gray", label=f"final test {metrics['test_accuracy']:.3f}")
+        ax1.axhline(
+            metrics["test_accuracy"],
+            linestyle="--",
+            color="gray",
+            label=f"final test {metrics['test_accuracy']:.3f}",
+        )
     ax1.set(title="accuracy per round", xlabel="round", ylabel="accuracy", xticks=xs)
     ax1.legend()
     for key, label in (("loss", "train (participants)"), ("val_loss", "validation (submitter)")):

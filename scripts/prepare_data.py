@@ -20,7 +20,12 @@ from pathlib import Path
 import numpy as np
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 
 
 def seed_model_json(input_dim: int) -> str:
@@ -89,7 +94,13 @@ def main() -> int:
     np.savez(out / "validation.npz", x=xtr[-nval:], y=ytr[-nval:])
     np.savez(out / "test.npz", x=xte, y=yte)
     (out / "model.json").write_text(seed_model_json(xtr.shape[1]))
-    info = {"dataset": name, "train": len(xtr) - nval, "validation": nval, "test": len(xte), "input_dim": xtr.shape[1]}
+    info = {
+        "dataset": name,
+        "train": len(xtr) - nval,
+        "validation": nval,
+        "test": len(xte),
+        "input_dim": xtr.shape[1],
+    }
     (out / "dataset.json").write_text(json.dumps(info, indent=2))
     print(json.dumps(info))
     return 0
