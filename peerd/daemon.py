@@ -214,9 +214,21 @@ def main(config_path: Path | None, log_level: str | None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from peerd.rpc.server import RpcServerError
+
     try:
         trio.run(_main, cfg)
-    except IdentityError as exc:
+    except BaseExceptionGroup as group:
+        # Nurseries wrap errors in groups (trio's strict_exception_groups): unwrap the ones
+        # that are an operator's to fix and say them in one line.
+        fatal = group.subgroup(lambda e: isinstance(e, IdentityError | RpcServerError))
+        if fatal is None:
+            raise
+        while isinstance(fatal, BaseExceptionGroup):
+            fatal = fatal.exceptions[0]
+        click.echo(f"peerd: {fatal}", err=True)
+        sys.exit(1)
+    except (IdentityError, RpcServerError) as exc:
         click.echo(f"peerd: {exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:

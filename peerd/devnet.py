@@ -87,7 +87,7 @@ class Devnet:
 
     def start(self, i: int) -> int:
         d = self.node_dir(i)
-        log = open(d / "peerd.log", "ab")  # noqa: SIM115 - handed to the child
+        log = open(d / "peerd.log", "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("NOTIFY_SOCKET", None)
         proc = subprocess.Popen(

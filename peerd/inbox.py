@@ -18,11 +18,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from peerd.counters import Counters
 from protocol.envelope import Signed, message_digest, open_envelope
 from protocol.errors import ProtocolError, RemoteProtocolError
 from protocol.replay import ReplayGuard
-
-from peerd.counters import Counters
 
 log = logging.getLogger(__name__)
 

@@ -179,7 +179,10 @@ class P2PConfig:
     mdns: bool = False  # opt-in only; never used in tests
     heartbeat_s: float = 1.0  # gossipsub heartbeat (trap 3)
     max_msgs_per_origin_per_s: float = 200.0  # per-ORIGIN token bucket per topic (trap 4); burst = 2x
-    max_gossip_bytes: int = 1 << 20  # effective cap is min(this, _LIBP2P_MAX_GOSSIP)
+    # 60 KiB: py-libp2p 0.8.1 splits larger gossip RPCs into several yamux frames and a
+    # concurrent write can land between them, corrupting the message (seen in tests).
+    # Every peerd envelope is far below this; bulk data moves as blobs.
+    max_gossip_bytes: int = 60 * 1024  # effective cap is min(this, _LIBP2P_MAX_GOSSIP)
     dial_backoff_initial_s: float = 0.5
     dial_backoff_max_s: float = 30.0
 
@@ -618,6 +621,10 @@ class P2PNode:
             seen_ttl=_SEEN_TTL_S,
             max_inbound_rpc_size=1 << 20,
         )
+        # trap 7 for libp2p's own handler: pubsub's read loop lets a protobuf DecodeError
+        # (one malformed RPC from any peer) escape and tear the whole host down.
+        for protocol_id in gossipsub.get_protocols():
+            host.set_stream_handler(protocol_id, self._guarded_pubsub_handler(pubsub))
         dht = KadDHT(host, DHTMode.SERVER)
         for topic in self._validators:
             pubsub.set_topic_validator(topic, self._libp2p_validator(topic), is_async_validator=True)
@@ -921,6 +928,18 @@ class P2PNode:
                     del self._buckets[k]
             bucket = self._buckets[key] = _TokenBucket(rate, 2 * rate, now)
         return bucket.take(now)
+
+    def _guarded_pubsub_handler(self, pubsub: Pubsub) -> Callable[[INetStream], Awaitable[None]]:
+        async def handler(stream: INetStream) -> None:
+            try:
+                await pubsub.stream_handler(stream)
+            except Exception as exc:
+                self._stats["gossip_stream_errors"] = self._stats.get("gossip_stream_errors", 0) + 1
+                log.debug("dropping a pubsub stream that sent garbage: %r", exc)
+                with contextlib.suppress(Exception):
+                    await stream.reset()
+
+        return handler
 
     # --- streams --------------------------------------------------------------------------
 

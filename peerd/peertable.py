@@ -37,6 +37,7 @@ class PeerEntry:
             "seq": a.seq,
             "issued_at": a.issued_at / 1000,
             "expires_at": a.expires_at / 1000,
+            "received_at": self.received_ms / 1000,
             "age_s": round(max(0, now_ms - a.issued_at) / 1000, 3),
             "expires_in_s": round((a.expires_at - now_ms) / 1000, 3),
             "c0": a.c0,
