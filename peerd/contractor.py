@@ -16,18 +16,25 @@ from typing import Any
 
 import trio
 
+from peerd.executor import Job, JobResult, Limits
+from peerd.inbox import wall_ms
+from peerd.node import BID_PROTOCOL, RESULT_PROTOCOL, Node
+from peerd.taskbook import TaskBook, TaskView
 from protocol import codec
 from protocol.awards import check_award
 from protocol.envelope import Signed
 from protocol.errors import ProtocolError, TransportError
 from protocol.messages import Award, Bid, Cancel, Lease, Result, TaskAnnounce
 
-from peerd.executor import Job, JobResult, Limits
-from peerd.inbox import wall_ms
-from peerd.node import BID_PROTOCOL, RESULT_PROTOCOL, Node
-from peerd.taskbook import TaskBook, TaskView
-
 log = logging.getLogger(__name__)
+
+#: Tries to hand a result to its submitter (back-off capped below the lease TTL: with the
+#: devnet's 6 s TTL that is ~10 minutes, with the default 10 s TTL ~16 minutes).
+MAX_DELIVERY_TRIES = 200
+
+
+def _deadline_ms(view: TaskView) -> int:
+    return view.announce.issued_at + view.announce.deadline_ms
 
 
 class Contractor:
@@ -95,10 +102,13 @@ class Contractor:
         award = signed.message
         assert isinstance(award, Award)
         bids = [b for raw in award.bids if (b := self.node.inbox.verify_embedded(raw, kinds=frozenset({"bid"})))]
+        # With the previous epoch at hand a re-award is checked exactly (protocol.awards).
+        prev = view.awards.get(award.epoch - 1)
+        previous = prev.message if prev is not None and isinstance(prev.message, Award) else None
         try:
             if len(bids) != len(award.bids):
                 raise ProtocolError("award lists an invalid bid", reason="bad_award")
-            check_award(view.announce, award, view.submitter, signed.signer, bids)
+            check_award(view.announce, award, view.submitter, signed.signer, bids, previous)
         except ProtocolError as exc:
             self.node.counters.inc(f"dropped.{exc.reason}")
             log.warning("rejected award for %s from %s: %s", view.task_id, signed.signer, exc)
@@ -286,8 +296,13 @@ class Contractor:
         if submitter == self.node.peer_id:
             self.local_submitter.accept_result(raw, self.node.peer_id)  # already durable in our store
             return
+        # The back-off stays below the lease TTL, and between tries we re-publish our final
+        # lease: a submitter that restarted meanwhile knows nothing of our last heartbeats, and
+        # without either it presumed the finished holder lost after one TTL and re-awarded the
+        # shard (the work was done twice) while our next try was still up to 10 s away.
+        ceiling = max(0.5, min(10.0, self.node.config.market.lease_ttl_s / 2))
         delay = 0.2
-        for _attempt in range(40):
+        for _attempt in range(MAX_DELIVERY_TRIES):
             try:
                 stream = await self.node.p2p.open_stream(submitter, RESULT_PROTOCOL)
                 try:
@@ -303,9 +318,33 @@ class Contractor:
                     return
             except (TransportError, ProtocolError, trio.TooSlowError) as exc:
                 log.debug("result delivery for %s failed: %s", task_id, exc)
+            view = self.book.get(task_id)
+            if view is not None and (view.cancelled or _deadline_ms(view) < wall_ms()):
+                break  # the submitter has given the task up by now
             await trio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+            delay = min(delay * 2, ceiling)
+            await self._still_holding(raw)
         self.node.counters.inc("results.undelivered")
+
+    async def _still_holding(self, result_raw: bytes) -> None:
+        """Re-publish the final lease of a finished shard whose result is not acknowledged yet."""
+        signed = self.node.inbox.verify_embedded(result_raw, kinds=frozenset({"result"}))
+        if signed is None or not isinstance(signed.message, Result):
+            return
+        res = signed.message
+        if (res.task_id, res.shard) in self._running:
+            return  # still running (a later round): its own heartbeat speaks for it
+        raw, _ = self.node.seal(
+            Lease,
+            ttl_ms=int(self.node.config.market.lease_ttl_s * 1000),
+            task_id=res.task_id,
+            epoch=res.epoch,
+            shard=res.shard,
+            round=res.round,
+            state="done" if res.ok else "failed",
+            detail="result not acknowledged yet",
+        )
+        await self.node.gossip(raw)
 
     def redeliver_pending(self) -> None:
         """After a restart: re-send every stored result (the submitter dedupes)."""

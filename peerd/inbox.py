@@ -53,12 +53,18 @@ class Inbox:
         digest = message_digest(raw)
         if digest in self._seen:
             raise RemoteProtocolError("already seen", reason="duplicate")
-        self._remember(digest)
-        signed = open_envelope(raw, kinds=kinds)
+        try:
+            signed = open_envelope(raw, kinds=kinds)
+        except ProtocolError:
+            self._remember(digest)  # the same bytes are just as invalid from anyone
+            raise
         if sender is not None and signed.signer != sender:
+            # Not remembered: a peer re-publishing someone else's message first must not
+            # get the genuine copy, from its signer, dropped as a duplicate.
             raise RemoteProtocolError(
                 f"{signed.kind} signed by {signed.signer} but sent by {sender}", reason="signer_mismatch"
             )
+        self._remember(digest)
         self.replay.accept(signed, self._now())
         self.counters.inc(f"accepted.{signed.kind}")
         return signed

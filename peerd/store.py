@@ -127,7 +127,8 @@ class Store:
             )
             if cur.rowcount:
                 db.execute(
-                    "INSERT INTO events (task_id, at, state, message) VALUES (?,?,?,?)", (task_id, now, state, message)
+                    "INSERT INTO events (task_id, at, state, message) VALUES (?,?,?,?)",
+                    (task_id, now, state, message),
                 )
             return bool(cur.rowcount)
 
@@ -135,20 +136,30 @@ class Store:
         now = time.time()
         with self.tx() as db:
             db.execute(
-                "UPDATE tasks SET state=?, reason=?, updated_at=? WHERE task_id=?", (state, reason, now, task_id)
+                "UPDATE tasks SET state=?, reason=?, updated_at=? WHERE task_id=?",
+                (state, reason, now, task_id),
             )
-            db.execute("INSERT INTO events (task_id, at, state, message) VALUES (?,?,?,?)", (task_id, now, state, message))
+            db.execute(
+                "INSERT INTO events (task_id, at, state, message) VALUES (?,?,?,?)",
+                (task_id, now, state, message),
+            )
 
     def add_event(self, task_id: str, state: str, message: str) -> None:
         self.db.execute(
-            "INSERT INTO events (task_id, at, state, message) VALUES (?,?,?,?)", (task_id, time.time(), state, message)
+            "INSERT INTO events (task_id, at, state, message) VALUES (?,?,?,?)",
+            (task_id, time.time(), state, message),
         )
 
     def set_result(self, task_id: str, result: dict[str, Any]) -> None:
-        self.db.execute("UPDATE tasks SET result=?, updated_at=? WHERE task_id=?", (json.dumps(result), time.time(), task_id))
+        self.db.execute(
+            "UPDATE tasks SET result=?, updated_at=? WHERE task_id=?",
+            (json.dumps(result), time.time(), task_id),
+        )
 
     def task(self, task_id: str) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = self.db.execute("SELECT * FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+        row: sqlite3.Row | None = self.db.execute(
+            "SELECT * FROM tasks WHERE task_id=?", (task_id,)
+        ).fetchone()
         return row
 
     def tasks(self, *, role: str | None = None, states: tuple[str, ...] | None = None) -> list[sqlite3.Row]:
@@ -166,7 +177,9 @@ class Store:
         return list(self.db.execute(q + " ORDER BY created_at", args))
 
     def events(self, task_id: str) -> list[sqlite3.Row]:
-        return list(self.db.execute("SELECT at, state, message FROM events WHERE task_id=? ORDER BY id", (task_id,)))
+        return list(
+            self.db.execute("SELECT at, state, message FROM events WHERE task_id=? ORDER BY id", (task_id,))
+        )
 
     # -- bids / awards / shards ---------------------------------------------------------
     def add_bid(self, task_id: str, peer_id: str, raw: bytes) -> bool:
@@ -183,21 +196,28 @@ class Store:
         """Record an award and (re)assign its shards in one transaction."""
         now = time.time()
         with self.tx() as db:
-            db.execute("INSERT OR REPLACE INTO awards (task_id, epoch, raw) VALUES (?,?,?)", (task_id, epoch, raw))
+            db.execute(
+                "INSERT OR REPLACE INTO awards (task_id, epoch, raw) VALUES (?,?,?)", (task_id, epoch, raw)
+            )
             for sh in shards:
                 old = db.execute(
-                    "SELECT peer_id, attempts FROM shards WHERE task_id=? AND shard=?", (task_id, sh["shard"])
+                    "SELECT peer_id, attempts, state FROM shards WHERE task_id=? AND shard=?",
+                    (task_id, sh["shard"]),
                 ).fetchone()
-                attempts = 1 if old is None else old["attempts"] + (old["peer_id"] != sh["peer_id"])
+                moved = old is None or old["peer_id"] != sh["peer_id"]
+                attempts = 1 if old is None else old["attempts"] + moved
+                # A re-award rewrites every shard row; one that stays with its peer keeps its state
+                # (a finished shard must not go back to "awarded" because another one moved).
+                state = sh.get("state", "awarded") if moved else old["state"]
                 db.execute(
-                    "INSERT OR REPLACE INTO shards (task_id, shard, peer_id, epoch, state, attempts, share, inputs,"
-                    " updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                    "INSERT OR REPLACE INTO shards (task_id, shard, peer_id, epoch, state, attempts, share,"
+                    " inputs, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
                     (
                         task_id,
                         sh["shard"],
                         sh["peer_id"],
                         epoch,
-                        sh.get("state", "awarded"),
+                        state,
                         attempts,
                         sh["share"],
                         json.dumps(sh.get("inputs", {})),
@@ -213,7 +233,8 @@ class Store:
 
     def set_shard_state(self, task_id: str, shard: int, state: str) -> None:
         self.db.execute(
-            "UPDATE shards SET state=?, updated_at=? WHERE task_id=? AND shard=?", (state, time.time(), task_id, shard)
+            "UPDATE shards SET state=?, updated_at=? WHERE task_id=? AND shard=?",
+            (state, time.time(), task_id, shard),
         )
 
     # -- results / votes / certificates / rounds --------------------------------------
@@ -226,9 +247,13 @@ class Store:
 
     def results(self, task_id: str, round_no: int | None = None) -> list[sqlite3.Row]:
         if round_no is None:
-            return list(self.db.execute("SELECT * FROM results WHERE task_id=? ORDER BY round, shard", (task_id,)))
+            return list(
+                self.db.execute("SELECT * FROM results WHERE task_id=? ORDER BY round, shard", (task_id,))
+            )
         return list(
-            self.db.execute("SELECT * FROM results WHERE task_id=? AND round=? ORDER BY shard", (task_id, round_no))
+            self.db.execute(
+                "SELECT * FROM results WHERE task_id=? AND round=? ORDER BY shard", (task_id, round_no)
+            )
         )
 
     def mark_fetched(self, task_id: str, round_no: int, shard: int, peer_id: str) -> None:
@@ -247,7 +272,9 @@ class Store:
     def votes(self, task_id: str, round_no: int) -> list[sqlite3.Row]:
         return list(self.db.execute("SELECT * FROM votes WHERE task_id=? AND round=?", (task_id, round_no)))
 
-    def add_certificate(self, task_id: str, round_no: int, output: dict[str, Any], votes: list[bytes]) -> bool:
+    def add_certificate(
+        self, task_id: str, round_no: int, output: dict[str, Any], votes: list[bytes]
+    ) -> bool:
         cur = self.db.execute(
             "INSERT OR IGNORE INTO certificates (task_id, round, output, votes) VALUES (?,?,?,?)",
             (task_id, round_no, json.dumps(output), json.dumps([v.hex() for v in votes])),
@@ -264,7 +291,8 @@ class Store:
 
     def set_round(self, task_id: str, round_no: int, info: dict[str, Any]) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO rounds (task_id, round, info) VALUES (?,?,?)", (task_id, round_no, json.dumps(info))
+            "INSERT OR REPLACE INTO rounds (task_id, round, info) VALUES (?,?,?)",
+            (task_id, round_no, json.dumps(info)),
         )
 
     def rounds(self, task_id: str) -> list[dict[str, Any]]:
@@ -274,9 +302,12 @@ class Store:
         ]
 
     # -- worker side ------------------------------------------------------------------
-    def set_work(self, task_id: str, shard: int, round_no: int, epoch: int, state: str, result: bytes | None) -> None:
+    def set_work(
+        self, task_id: str, shard: int, round_no: int, epoch: int, state: str, result: bytes | None
+    ) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO work (task_id, shard, round, epoch, state, result, updated_at) VALUES (?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO work (task_id, shard, round, epoch, state, result, updated_at)"
+            " VALUES (?,?,?,?,?,?,?)",
             (task_id, shard, round_no, epoch, state, result, time.time()),
         )
 

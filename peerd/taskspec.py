@@ -26,13 +26,25 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protocol import schema
+from protocol.errors import ProtocolError
 from protocol.messages import AGGREGATION_RULES, TASK_KINDS
 
-NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+#: Input and parameter names travel in the signed announce as protocol NAMEs (SPEC §7):
+#: checking them here with the same pattern turns what would be an internal error when
+#: the daemon signs the announce into a spec error naming the field.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+#: The announce carries at most this many parameters and inputs (``TaskAnnounce``).
+MAX_PARAMS = 64
+MAX_INPUTS = 64
+#: One value of ``params``: what the announce's ``params`` field admits (depth, width,
+#: finite numbers). Integers beyond 64 bits are refused too: msgpack cannot carry them.
+_PARAM_VALUE = schema.anything()
 KERAS_OPTIMIZERS = ("adam", "sgd", "rmsprop", "adagrad")
 KERAS_LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "mse", "binary_crossentropy")
 TOP_KEYS = {
@@ -76,22 +88,48 @@ class TaskSpec:
         }
 
 
-def _num(spec: dict[str, Any], key: str, lo: float, hi: float, default: float | None = None) -> float:
+def _num(
+    spec: dict[str, Any], key: str, lo: float, hi: float, default: float | None = None, *, where: str = ""
+) -> float:
+    """``where``: the table ``spec`` is (``"params."``), so the error names the full field."""
     v = spec.get(key, default)
     if v is None:
-        raise SpecError(f"{key}: required")
+        raise SpecError(f"{where}{key}: required")
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-        raise SpecError(f"{key}: must be a number from {lo:g} to {hi:g}, got {v!r}")
+        raise SpecError(f"{where}{key}: must be a number from {lo:g} to {hi:g}, got {v!r}")
     return float(v)
 
 
-def _int(spec: dict[str, Any], key: str, lo: int, hi: int, default: int | None = None) -> int:
+def _int(
+    spec: dict[str, Any], key: str, lo: int, hi: int, default: int | None = None, *, where: str = ""
+) -> int:
     v = spec.get(key, default)
     if v is None:
-        raise SpecError(f"{key}: required")
+        raise SpecError(f"{where}{key}: required")
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise SpecError(f"{key}: must be an integer from {lo} to {hi}, got {v!r}")
+        raise SpecError(f"{where}{key}: must be an integer from {lo} to {hi}, got {v!r}")
     return v
+
+
+def _check_param_value(name: str, value: Any) -> None:
+    try:
+        _PARAM_VALUE(value)
+        _fits_msgpack(value)
+    except (ProtocolError, SpecError) as exc:
+        raise SpecError(f"params.{name}: {exc}") from None
+
+
+def _fits_msgpack(v: Any) -> None:
+    if isinstance(v, bool) or v is None:
+        return
+    if isinstance(v, int) and not -(2**63) <= v < 2**64:
+        raise SpecError("integer out of the 64-bit range")
+    if isinstance(v, dict):
+        for x in v.values():
+            _fits_msgpack(x)
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            _fits_msgpack(x)
 
 
 def parse_spec(obj: Any, *, base_dir: Path | None = None) -> TaskSpec:
@@ -130,10 +168,15 @@ def parse_spec(obj: Any, *, base_dir: Path | None = None) -> TaskSpec:
     inputs_obj = obj.get("inputs", {})
     if not isinstance(inputs_obj, dict):
         raise SpecError("inputs: must be a table of name = file path")
+    if len(inputs_obj) > MAX_INPUTS:
+        raise SpecError(f"inputs: at most {MAX_INPUTS} input files, got {len(inputs_obj)}")
     inputs: dict[str, str] = {}
     for name, path in inputs_obj.items():
-        if not name or len(name) > 64 or not set(name) <= NAME_CHARS:
-            raise SpecError(f"inputs.{name}: names use letters, digits, '_', '.', '-' (at most 64)")
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            raise SpecError(
+                f"inputs.{name}: names start with a letter or digit, then letters, digits, '_', '.', '-'"
+                " (at most 64)"
+            )
         if not isinstance(path, str) or not path:
             raise SpecError(f"inputs.{name}: must be a file path")
         p = Path(path)
@@ -143,9 +186,15 @@ def parse_spec(obj: Any, *, base_dir: Path | None = None) -> TaskSpec:
     params = obj.get("params", {})
     if not isinstance(params, dict):
         raise SpecError("params: must be a table")
-    for pname in params:
-        if not pname or len(pname) > 64 or not set(pname) <= NAME_CHARS:
-            raise SpecError(f"params.{pname}: invalid parameter name")
+    if len(params) > MAX_PARAMS:
+        raise SpecError(f"params: at most {MAX_PARAMS} parameters, got {len(params)}")
+    for pname, pvalue in params.items():
+        if not isinstance(pname, str) or not NAME_RE.fullmatch(pname):
+            raise SpecError(
+                f"params.{pname}: invalid parameter name (a letter or digit, then letters, digits,"
+                " '_', '.', '-'; at most 64)"
+            )
+        _check_param_value(pname, pvalue)
     name = obj.get("name", "")
     if not isinstance(name, str) or len(name) > 128:
         raise SpecError("name: must be a string of at most 128 characters")
@@ -175,12 +224,15 @@ def _check_kind(spec: TaskSpec, base_dir: Path | None) -> None:
         if "data" in p and not isinstance(p["data"], str):
             raise SpecError("params.data: must be a string")
     elif spec.kind == "sleep":
-        _num(p, "seconds", 0, 86400) if "seconds" in p else None
+        _num(p, "seconds", 0, 86400, where="params.") if "seconds" in p else None
         if "seconds" not in p:
             raise SpecError("params.seconds: required for sleep tasks")
     elif spec.kind == "python":
         if "script" not in spec.inputs:
             raise SpecError("inputs.script: a python task needs its script as an input file")
+        args = p.get("args", [])
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise SpecError(f"params.args: must be a list of strings, got {args!r}"[:200])
     elif spec.kind in ("keras-train", "keras-predict"):
         if "model_config_file" in p:
             path = Path(str(p.pop("model_config_file")))
@@ -194,25 +246,38 @@ def _check_kind(spec: TaskSpec, base_dir: Path | None) -> None:
         if not isinstance(cfg, str):
             raise SpecError("params.model_config: required (a Keras model JSON config, or model_config_file)")
         try:
-            json.loads(cfg)
+            model = json.loads(cfg)
         except ValueError as exc:
             raise SpecError(f"params.model_config: not valid JSON ({exc})") from None
-        if len(cfg) > 48_000:
-            raise SpecError("params.model_config: larger than 48 kB")
+        # A Keras model config is an object {"class_name": ..., "config": {...}}; anything else
+        # would only fail later, on every contractor, after the bidding.
+        if not isinstance(model, dict) or not isinstance(model.get("class_name"), str) or not isinstance(
+            model.get("config"), dict
+        ):
+            raise SpecError(
+                'params.model_config: not a Keras model config (a JSON object with "class_name" and "config")'
+            )
+        if len(cfg) > 40_000:
+            raise SpecError(
+                "params.model_config: larger than 40 kB (the announce must fit one 60 KiB gossip message)"
+            )
         if "data" not in spec.inputs:
             raise SpecError(f"inputs.data: a {spec.kind} task needs an .npz with x (and y)")
         if spec.kind == "keras-train":
             if spec.aggregation == "none":
-                raise SpecError("aggregation: keras-train merges weights: sum, weighted_mean, trimmed_mean or median")
+                raise SpecError(
+                    "aggregation: keras-train merges weights: sum, weighted_mean, trimmed_mean or median"
+                )
             opt = p.get("optimizer", "adam")
             if opt not in KERAS_OPTIMIZERS:
-                raise SpecError(f"params.optimizer: must be one of {', '.join(KERAS_OPTIMIZERS)}, got {opt!r}")
+                choices = ", ".join(KERAS_OPTIMIZERS)
+                raise SpecError(f"params.optimizer: must be one of {choices}, got {opt!r}")
             loss = p.get("loss", "sparse_categorical_crossentropy")
             if loss not in KERAS_LOSSES:
                 raise SpecError(f"params.loss: must be one of {', '.join(KERAS_LOSSES)}, got {loss!r}")
-            _int(p, "epochs", 1, 1000, 1)
-            _int(p, "batch_size", 1, 1 << 16, 32)
+            _int(p, "epochs", 1, 1000, 1, where="params.")
+            _int(p, "batch_size", 1, 1 << 16, 32, where="params.")
             if "round_timeout_s" in p:
-                _num(p, "round_timeout_s", 1, 86400)
+                _num(p, "round_timeout_s", 1, 86400, where="params.")
         elif "weights" not in spec.inputs:
             raise SpecError("inputs.weights: keras-predict needs the model's weights")

@@ -4,12 +4,18 @@ Any peer holding a task's announce and its award recomputes the award from the b
 lists — nobody has to trust the submitter's choice. Epoch 0 must equal
 ``allocation.choose`` over the listed bids exactly. A later epoch re-awards the shards
 of lost peers (listed in ``excluded``): it is valid when every assigned peer is one of
-the listed bidders, no excluded peer keeps a shard, and the shards are the epoch-0
-shards — the deterministic replacement rule is :func:`reassign`.
+the listed bidders and no excluded peer keeps a shard. A receiver that also holds the
+previous epoch's award checks it exactly: the same shards and shares, nobody excluded
+before is forgiven, and every shard where :func:`reassign` puts it.
+
+A re-award may list more bids than epoch 0 did (bids that arrived after the bid window,
+or from a fresh bid round after every bidder was lost), so its shard count is *not* what
+the rule would choose over its own bids: the shards are fixed by epoch 0.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -70,7 +76,8 @@ def reassign(
     """Move the shards of ``lost`` peers. ``bidders`` are (peer, cost C·L) of every
     usable bid. Each lost shard, in shard order, goes to the cheapest bidder that is not
     lost and holds no shard yet (ties by peer ID); if there is none, to the cheapest
-    remaining holder. Returns [] when every bidder is lost."""
+    holder that is not lost — a peer given a shard earlier in this same re-award counts
+    as a holder. Returns [] when every bidder is lost."""
     holders = {a["peer_id"] for a in assignments if a["peer_id"] not in lost}
     spare = sorted((c, p) for p, c in bidders if p not in lost and p not in holders)
     live = sorted((c, p) for p, c in bidders if p not in lost and p in holders)
@@ -80,7 +87,10 @@ def reassign(
             out.append(dict(a))
             continue
         if spare:
-            _, peer = spare.pop(0)
+            cost, peer = spare.pop(0)
+            # Two lost shards and one spare: the second must not be stranded (it used to
+            # make the whole re-award fail and the task wait for a fresh bid round forever).
+            bisect.insort(live, (cost, peer))
         elif live:
             peer = live[0][1]
         else:
@@ -89,8 +99,26 @@ def reassign(
     return out
 
 
-def check_award(announce: TaskAnnounce, award: Award, submitter: str, signer: str, bids: Sequence[Signed]) -> None:
-    """Raise RemoteProtocolError unless ``award`` is what the rule gives for its bids."""
+def _shard_key(a: Mapping[str, Any]) -> tuple[Any, ...]:
+    inputs = sorted((k, v["sha256"], v["size"]) for k, v in a["inputs"].items())
+    return (a["shard"], a["peer_id"], a["share"], inputs)
+
+
+def check_award(
+    announce: TaskAnnounce,
+    award: Award,
+    submitter: str,
+    signer: str,
+    bids: Sequence[Signed],
+    previous: Award | None = None,
+) -> None:
+    """Raise RemoteProtocolError unless ``award`` is what the rule gives for its bids.
+
+    ``previous``: the award of epoch ``award.epoch - 1`` when the caller holds it; a
+    re-award is then checked exactly against :func:`reassign` (otherwise only that no
+    shard goes to a non-bidder or an excluded peer — all a receiver that missed an epoch
+    can check).
+    """
     if signer != submitter:
         raise RemoteProtocolError("award not signed by the task's submitter", reason="forged_award")
     if award.task_id != announce.task_id:
@@ -100,17 +128,33 @@ def check_award(announce: TaskAnnounce, award: Award, submitter: str, signer: st
         raise RemoteProtocolError("award lists unusable bids", reason="bad_award")
     alloc = allocate(announce, usable)
     shards = sorted(award.assignments, key=lambda a: a["shard"])
-    if [a["shard"] for a in shards] != list(range(len(alloc.chosen))):
-        raise RemoteProtocolError("award shards are not 0..n-1", reason="bad_award")
     if award.epoch == 0:
-        if tuple(a["peer_id"] for a in shards) != alloc.chosen or award.under_capacity != alloc.under_capacity:
+        if [a["shard"] for a in shards] != list(range(len(alloc.chosen))):
+            raise RemoteProtocolError("award shards are not 0..n-1", reason="bad_award")
+        peers = tuple(a["peer_id"] for a in shards)
+        if peers != alloc.chosen or award.under_capacity != alloc.under_capacity:
             raise RemoteProtocolError("award does not follow the allocation rule", reason="bad_award")
         if any(abs(a["share"] - s) > 1e-9 for a, s in zip(shards, alloc.shares, strict=True)):
             raise RemoteProtocolError("award shares are not proportional to C", reason="bad_award")
         if award.excluded:
             raise RemoteProtocolError("first award excludes peers", reason="bad_award")
         return
+    numbers = [a["shard"] for a in shards]
+    if not shards or numbers != list(range(len(shards))) or len(shards) > announce.max_shards:
+        raise RemoteProtocolError("award shards are not 0..n-1", reason="bad_award")
     bidders = {b.signer for b in usable}
     for a in shards:
         if a["peer_id"] not in bidders or a["peer_id"] in award.excluded:
-            raise RemoteProtocolError("re-award gives a shard to a non-bidder or excluded peer", reason="bad_award")
+            raise RemoteProtocolError(
+                "re-award gives a shard to a non-bidder or excluded peer", reason="bad_award"
+            )
+    if previous is None or previous.epoch != award.epoch - 1 or previous.task_id != award.task_id:
+        return
+    if not set(previous.excluded) <= set(award.excluded):
+        raise RemoteProtocolError("re-award gives back a shard to a peer excluded before", reason="bad_award")
+    if award.under_capacity != previous.under_capacity:
+        raise RemoteProtocolError("re-award changes under_capacity", reason="bad_award")
+    costs = [(s.peer_id, s.cost) for s in alloc.scored]
+    expected = reassign(list(previous.assignments), set(award.excluded), costs)
+    if sorted(map(_shard_key, expected)) != sorted(map(_shard_key, shards)):
+        raise RemoteProtocolError("re-award does not follow the replacement rule", reason="bad_award")
