@@ -5,14 +5,16 @@
 
 Layout::
 
-    manifest.json                 task id, kind, rule, rounds, file list with sha256
-    announce.msg                  the submitter's signed announce
-    award-<epoch>.msg             every signed award (each lists the signed bids it used)
-    round-<r>/result-<shard>.msg  every signed result (commit) of round r
-    round-<r>/vote-<peer>.msg     the votes forming round r's certificate
-    round-<r>/input-<peer>.bin    each committed output O_i (for recomputation)
-    round-<r>/output.bin          the certified aggregate O
-    outputs/<name>                plain tasks: each shard's outputs
+    manifest.json                        task id, kind, rule, rounds, file list with sha256
+    announce.msg                         the submitter's signed announce
+    award-<epoch>.msg                    every signed award (each lists the signed bids it used)
+    round-<r>/result-<shard>-<peer>.msg  every signed result (commit) of round r; a shard
+                                         re-awarded mid-round has one per holder
+    round-<r>/vote-<peer>.msg            the votes forming round r's certificate
+    round-<r>/input-<peer>-<shard>.bin   each committed output O_i (for recomputation); a
+                                         peer holding two shards has two
+    round-<r>/output.bin                 the certified aggregate O
+    outputs/<name>                       plain tasks: each shard's outputs
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import json
 from typing import Any
 
 from peerd.node import Node
+from protocol.envelope import open_envelope
+from protocol.messages import Vote
 
 
 def bundle_files(node: Node, task_id: str) -> list[dict[str, Any]]:
@@ -40,7 +44,7 @@ def bundle_files(node: Node, task_id: str) -> list[dict[str, Any]]:
         add(f"award-{aw['epoch']}.msg", bytes(aw["raw"]))
     results = node.store.results(task_id)
     for r in results:
-        add(f"round-{r['round']}/result-{r['shard']}.msg", bytes(r["raw"]))
+        add(f"round-{r['round']}/result-{r['shard']}-{r['peer_id']}.msg", bytes(r["raw"]))
     rounds = 0
     for info in node.store.rounds(task_id):
         rnd = info["round"]
@@ -49,13 +53,13 @@ def bundle_files(node: Node, task_id: str) -> list[dict[str, Any]]:
             continue
         rounds = max(rounds, rnd)
         output, votes = cert
-        from protocol.envelope import open_envelope
-
         for raw in votes:
-            add(f"round-{rnd}/vote-{open_envelope(raw).signer}.msg", raw)
-            vote = open_envelope(raw).message
-            for i in vote.inputs:  # type: ignore[attr-defined]
-                add_blob(f"round-{rnd}/input-{i['peer_id']}.bin", i["sha256"])
+            signed = open_envelope(raw, kinds=frozenset({"vote"}))
+            add(f"round-{rnd}/vote-{signed.signer}.msg", raw)
+            vote = signed.message
+            assert isinstance(vote, Vote)
+            for i in vote.inputs:
+                add_blob(f"round-{rnd}/input-{i['peer_id']}-{i['shard']}.bin", i["sha256"])
         add_blob(f"round-{rnd}/output.bin", output["sha256"])
     result = json.loads(row["result"]) if row["result"] else {}
     if row["kind"] != "keras-train":

@@ -235,8 +235,11 @@ class Contractor:
         params: dict[str, Any] = dict(ann.params)
         params = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
         if ann.kind == "keras-train":
-            # Distinct shuffling per shard and round, yet reproducible (DESIGN §6).
-            params["seed"] = int(params.get("seed", 0)) * 1000 + round_no * 64 + shard
+            # One seed per task and round, the same on every shard: round 1 builds its model
+            # under this seed, so every participant starts from the same initial weights
+            # (as FedAvg assumes; per-shard seeds cost 0.57-0.66 vs 0.78-0.82 accuracy after
+            # round 1 on digits). The shards' data differ, so their batches still differ.
+            params["seed"] = int(params.get("seed", 0)) * 1000 + round_no
         if ann.kind == "python":
             params.setdefault("script", "script")  # the spec names the script input "script"
         job_inputs = {k: v for k, v in inputs.items() if k not in ("validation", "test")}

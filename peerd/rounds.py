@@ -1,16 +1,19 @@
 """The signed aggregation round (DESIGN §6, seed §4 O = Σ O_i).
 
 Per round r of a task with an aggregation rule:
-1. each participant commits its output O_i with a signed Result (hash + weight);
+1. each participant (a shard holder per the latest award; one peer may hold two shards
+   after a re-award without a spare) commits its output O_i with a signed Result;
 2. the committee — the 3 participants with the smallest H(task ‖ r ‖ peer) — waits
-   until every participant has committed, or is lost (no lease heartbeat for
+   until every shard's holder has committed, or is lost (no lease heartbeat for
    ``lease_ttl_s``), or the round times out; each member fetches the committed
-   outputs, checks their hashes (a mismatch excludes the peer, reported in the vote),
-   computes O with the rule in canonical order and signs a Vote;
-3. a majority of the committee voting the same ballot is the certificate. If members
-   saw different inputs (a commit raced the deadline), a member that sees a vote
-   naming inputs it lacked re-votes once on the union — views converge, and a wrong
-   aggregate is never certified because every vote must match byte for byte.
+   outputs (from the committer, or from a member whose vote names the same hash — the
+   hash is checked either way), checks them (a mismatch excludes the peer, reported in
+   the vote), computes O with the rule in canonical order and signs a Vote;
+3. a majority of the committee voting the same ballot is the certificate. Members whose
+   views differed (a commit raced the deadline, a re-award changed the participants,
+   an input could not be fetched from its committer) vote again — a new ``attempt``,
+   at most MAX_ATTEMPTS — whenever what they would vote on changes, so views converge;
+   a wrong aggregate is never certified because every vote must match byte for byte.
 Every daemon tallies votes, so participants start round r+1 from the certified O_r.
 """
 
@@ -23,16 +26,15 @@ from typing import Any
 import numpy as np
 import trio
 
+from peerd.node import Node
+from peerd.taskbook import TaskView
 from protocol.aggregation import aggregate
-from protocol.certificate import COMMITTEE_SIZE, Certificate
+from protocol.certificate import COMMITTEE_SIZE, Certificate, input_key
 from protocol.committee import committee
 from protocol.envelope import Signed
 from protocol.errors import ProtocolError
 from protocol.messages import Result, Vote
 from protocol.tensors import decode_arrays, encode_arrays
-
-from peerd.node import Node
-from peerd.taskbook import TaskView
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ class Rounds:
     def __init__(self, node: Node) -> None:
         self.node = node
         self._duties: set[tuple[str, int]] = set()
+        #: (task, round) → inputs (peer, shard, sha256) whose blob we could not fetch
+        self._fetch_failed: dict[tuple[str, int], set[tuple[str, int, str]]] = {}
 
     # -- inputs from the task bus -----------------------------------------------------
     def on_result(self, view: TaskView, signed: Signed) -> None:
@@ -59,7 +63,8 @@ class Rounds:
             self.node.nursery.start_soon(self._serve_round, view, msg.round)
 
     def on_certificate(self, view: TaskView, cert: Certificate) -> None:
-        self.node.store.add_certificate(view.task_id, cert.round, {**cert.output, "signers": list(cert.signers)}, list(cert.votes))
+        output = {**cert.output, "signers": list(cert.signers)}
+        self.node.store.add_certificate(view.task_id, cert.round, output, list(cert.votes))
         self.node.counters.inc("rounds.certified")
         log.info("task %s round %d certified by %s", view.task_id, cert.round, ", ".join(cert.signers))
 
@@ -92,92 +97,156 @@ class Rounds:
         raise RuntimeError(f"could not fetch {digest[:12]} from any voter: {'; '.join(errors[-3:])}")
 
     # -- committee duty -----------------------------------------------------------------
+    def _holders(self, view: TaskView) -> dict[int, str]:
+        """shard → holder, per the latest award: the round's participants (SPEC §11.1)."""
+        return {int(a["shard"]): str(a["peer_id"]) for a in view.assignments()}
+
+    def _commit(self, view: TaskView, round_no: int, shard: int, holder: str) -> Signed | None:
+        """The holder's commit for ``shard`` in ``round_no``, if we have it."""
+        sv = view.results.get(round_no, {}).get(shard)
+        return sv if sv is not None and sv.signer == holder else None
+
     def _missing(self, view: TaskView, round_no: int) -> list[str]:
-        have = {view.results.get(round_no, {})[s].signer for s in view.results.get(round_no, {})}
-        return [p for p in view.participants() if p not in have]
+        """Holders with a shard not yet committed this round (per shard: a peer may hold two)."""
+        holders = self._holders(view).items()
+        return sorted({p for s, p in holders if self._commit(view, round_no, s, p) is None})
 
     def _lost(self, view: TaskView, peer: str) -> bool:
         last = view.heartbeats.get(peer)
         ttl = self.node.config.market.lease_ttl_s
         return last is None or trio.current_time() - last > ttl
 
-    async def _wait_for_commits(self, view: TaskView, round_no: int) -> None:
-        timeout = float(view.announce.params.get("round_timeout_s", DEFAULT_ROUND_TIMEOUT_S))
-        deadline = view.first_result_at.get(round_no, trio.current_time()) + timeout
-        grace_until = trio.current_time() + self.node.config.market.lease_ttl_s
-        while trio.current_time() < deadline:
+    def _round_timeout(self, view: TaskView) -> float:
+        return float(view.announce.params.get("round_timeout_s", DEFAULT_ROUND_TIMEOUT_S))
+
+    async def _wait_for_commits(self, view: TaskView, round_no: int, started: float) -> None:
+        deadline = view.first_result_at.get(round_no, started) + self._round_timeout(view)
+        # A participant that stopped heartbeating is left out (DESIGN §6); give each one
+        # at least a lease TTL from when this duty started.
+        grace_until = started + self.node.config.market.lease_ttl_s
+        while trio.current_time() < deadline and round_no not in view.certificates and not view.cancelled:
             missing = self._missing(view, round_no)
             if not missing:
                 return
-            # A participant that stopped heartbeating is left out (DESIGN §6); give each
-            # one at least a lease TTL from when we started waiting.
             if trio.current_time() > grace_until and all(self._lost(view, p) for p in missing):
                 return
             await view.wait_changed(0.5)
 
+    def _view_key(self, view: TaskView, round_no: int) -> tuple[Any, ...]:
+        """What our vote depends on. We vote again (a new ``attempt``) only when it changed:
+        a re-award changed the participants, a commit arrived late, or another member's
+        vote names an input whose blob we could not fetch (we can fetch it from them)."""
+        commits = []
+        for shard, holder in sorted(self._holders(view).items()):
+            sv = self._commit(view, round_no, shard, holder)
+            if sv is not None:
+                commits.append((shard, holder, sv.message.seq))
+        failed = self._fetch_failed.get((view.task_id, round_no), set())
+        refetchable = frozenset(failed & self._named_in_votes(view, round_no))
+        return (tuple(sorted(self._holders(view).items())), tuple(commits), refetchable)
+
+    def _named_in_votes(self, view: TaskView, round_no: int) -> set[tuple[str, int, str]]:
+        named: set[tuple[str, int, str]] = set()
+        for (signer, _), sv in view.votes.get(round_no, {}).items():
+            if signer == self.node.peer_id:
+                continue
+            assert isinstance(sv.message, Vote)
+            named |= {(i["peer_id"], int(i["shard"]), i["sha256"]) for i in sv.message.inputs}
+        return named
+
     async def _serve_round(self, view: TaskView, round_no: int) -> None:
         try:
-            await self._wait_for_commits(view, round_no)
-            voted: set[tuple[str, ...]] = set()
-            for attempt in range(MAX_ATTEMPTS):
+            started = trio.current_time()
+            # Bounded: past the round timeout and a few lease TTLs nothing new can arrive.
+            give_up = started + self._round_timeout(view) + 4 * self.node.config.market.lease_ttl_s + 60.0
+            last_key: tuple[Any, ...] | None = None
+            attempt = 0
+            while attempt < MAX_ATTEMPTS and trio.current_time() < give_up:
                 if round_no in view.certificates or view.cancelled:
                     return
-                extra = self._inputs_seen_in_votes(view, round_no)
-                vote_inputs = await self._vote(view, round_no, attempt, extra)
-                voted.add(vote_inputs)
-                # Wait for the certificate, or for a conflicting vote that names inputs we lacked.
-                for _ in range(120):
-                    if round_no in view.certificates or view.cancelled:
-                        return
-                    if self._inputs_seen_in_votes(view, round_no) - set(vote_inputs):
-                        break
-                    await view.wait_changed(0.5)
-                else:
+                await self._wait_for_commits(view, round_no, started)
+                if round_no in view.certificates or view.cancelled:
                     return
+                key = self._view_key(view, round_no)
+                # A re-award can take us off the committee (or put us back on).
+                if key != last_key and self.node.peer_id in self.committee_for(view, round_no):
+                    last_key = key
+                    if await self._vote(view, round_no, attempt):
+                        attempt += 1
+                await view.wait_changed(0.5)
+            if round_no not in view.certificates and not view.cancelled:
+                log.warning("task %s round %d: no certificate after %d vote(s) of ours",
+                            view.task_id, round_no, attempt)
+                self.node.counters.inc("rounds.uncertified")
         except Exception:
             log.exception("committee duty for %s round %d failed", view.task_id, round_no)
             self.node.counters.inc("rounds.duty_failed")
+        finally:
+            self._fetch_failed.pop((view.task_id, round_no), None)
 
-    def _inputs_seen_in_votes(self, view: TaskView, round_no: int) -> set[str]:
-        seen: set[str] = set()
-        for sv in view.votes.get(round_no, {}).values():
+    async def _fetch_input(self, view: TaskView, round_no: int, committer: str, ref: dict[str, Any]) -> Path:
+        """The committed blob, from its committer or else from a member whose vote names
+        it (the hash is checked either way, so who serves it does not matter): a
+        committer that dies after its commit must not split the committee's views."""
+        voters = set()
+        for (signer, _), sv in view.votes.get(round_no, {}).items():
             assert isinstance(sv.message, Vote)
-            seen |= {i["peer_id"] for i in sv.message.inputs}
-        return seen
+            if signer not in (committer, self.node.peer_id) and any(
+                i["sha256"] == ref["sha256"] for i in sv.message.inputs
+            ):
+                voters.add(signer)
+        sources = [committer, *sorted(voters)]
+        last: ProtocolError | None = None
+        for peer in sources:
+            try:
+                return await self.node.fetch_blob(peer, ref["sha256"], max_bytes=ref["size"])
+            except ProtocolError as exc:
+                last = exc
+                if exc.reason == "hash_mismatch" and peer == committer:
+                    break  # the committer revealed other bytes than it committed to
+        assert last is not None
+        raise last
 
-    async def _vote(self, view: TaskView, round_no: int, attempt: int, extra: set[str]) -> tuple[str, ...]:
+    async def _vote(self, view: TaskView, round_no: int, attempt: int) -> bool:
+        """Compute the aggregate over what we have and gossip a signed vote; False if
+        there is nothing usable to vote on."""
         ann = view.announce
         members = self.committee_for(view, round_no)
-        results = dict(view.results.get(round_no, {}))
+        holders = self._holders(view)
         inputs: list[tuple[str, int, str, float, list[np.ndarray]]] = []
         excluded: dict[str, str] = {}
-        for shard, sv in sorted(results.items()):
+        failed = self._fetch_failed.setdefault((view.task_id, round_no), set())
+        for shard, holder in sorted(holders.items()):
+            sv = self._commit(view, round_no, shard, holder)
+            if sv is None:
+                continue  # listed below if the holder has no input at all
             msg = sv.message
             assert isinstance(msg, Result)
-            if sv.signer != view.holder(shard, msg.epoch):
-                excluded[sv.signer] = "not the shard's holder"
-                continue
             if not msg.ok or "weights" not in msg.outputs:
-                excluded[sv.signer] = f"failed: {msg.error or 'no weights'}"[:128]
+                excluded[holder] = f"failed: {msg.error or 'no weights'}"[:128]
                 continue
             ref = msg.outputs["weights"]
             try:
-                path = await self.node.fetch_blob(sv.signer, ref["sha256"], max_bytes=ref["size"])
+                path = await self._fetch_input(view, round_no, holder, ref)
                 arrays = await trio.to_thread.run_sync(lambda p=path: decode_arrays(p.read_bytes()))
             except ProtocolError as exc:
-                # Revealed output does not match its commit (or cannot be fetched/decoded).
-                excluded[sv.signer] = f"{exc.reason}: {exc}"[:128]
+                # The revealed output does not match its commit, or cannot be fetched or decoded.
+                excluded[holder] = f"{exc.reason}: {exc}"[:128]
+                failed.add((holder, shard, ref["sha256"]))
                 self.node.counters.inc(f"rounds.excluded.{exc.reason}")
                 continue
-            inputs.append((sv.signer, shard, ref["sha256"], msg.weight, arrays))
-        for p in view.participants():
-            if p not in {i[0] for i in inputs} and p not in excluded:
+            failed.discard((holder, shard, ref["sha256"]))
+            inputs.append((holder, shard, ref["sha256"], msg.weight, arrays))
+        with_input = {i[0] for i in inputs}
+        for p in sorted(set(holders.values())):
+            if p not in with_input and p not in excluded:
                 excluded[p] = "missing at the round deadline"
         inputs = self._drop_shape_outliers(inputs, excluded)
         if not inputs:
             log.warning("task %s round %d: no usable inputs", view.task_id, round_no)
-            return ()
-        agg_in = [(peer, weight if weight > 0 else 1.0, arrays) for peer, _, _, weight, arrays in inputs]
+            return False
+        agg_in = [(input_key(peer, shard), weight if weight > 0 else 1.0, arrays)
+                  for peer, shard, _, weight, arrays in inputs]
         out = await trio.to_thread.run_sync(lambda: encode_arrays(aggregate(ann.aggregation, agg_in)))
         digest = await trio.to_thread.run_sync(self.node.blobs.put_bytes, out)
         raw, signed = self.node.seal(
@@ -189,7 +258,7 @@ class Rounds:
             committee=list(members),
             inputs=[
                 {"peer_id": peer, "shard": shard, "sha256": sha, "weight": float(weight)}
-                for peer, shard, sha, weight, _ in sorted(inputs, key=lambda i: i[0])
+                for peer, shard, sha, weight, _ in sorted(inputs, key=lambda i: input_key(i[0], i[1]))
             ],
             excluded=[{"peer_id": p, "reason": r} for p, r in sorted(excluded.items())],
             output={"sha256": digest, "size": len(out)},
@@ -201,7 +270,7 @@ class Rounds:
             self.on_certificate(view, cert)
         await self.node.gossip(raw)
         self.node.counters.inc("rounds.voted")
-        return tuple(sorted(i[0] for i in inputs))
+        return True
 
     @staticmethod
     def _drop_shape_outliers(

@@ -13,18 +13,12 @@ import io
 import json
 import logging
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import trio
-
-from protocol import codec
-from protocol.allocation import shard_sizes
-from protocol.awards import allocate, assignments_of, net_params, reassign, usable_bids
-from protocol.envelope import Signed
-from protocol.errors import ProtocolError
-from protocol.messages import Award, Cancel, Result, TaskAnnounce
 
 from peerd.executor import Job, Limits
 from peerd.inbox import wall_ms
@@ -32,6 +26,13 @@ from peerd.node import Node
 from peerd.streams import FrameStream
 from peerd.taskbook import TaskBook, TaskView
 from peerd.taskspec import TaskSpec, parse_spec
+from protocol import codec
+from protocol.allocation import shard_sizes
+from protocol.awards import allocate, assignments_of, net_params, reassign, usable_bids
+from protocol.certificate import Certificate
+from protocol.envelope import Signed
+from protocol.errors import ProtocolError
+from protocol.messages import Award, Cancel, Result, TaskAnnounce
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class Submitter:
             raise SubmitError(str(exc)) from None
         refs: dict[str, dict[str, Any]] = {}
         for name, path in sorted(spec.inputs.items()):
+            if not Path(path).is_absolute():
+                # The daemon's working directory is not the caller's (docs/rpc.md: task.submit);
+                # peerctl resolves paths against the spec file before sending.
+                raise SubmitError(f"inputs.{name}: {path!r} is not an absolute path (the daemon reads it)")
             try:
                 digest = await trio.to_thread.run_sync(self.node.blobs.put_file, Path(path))
             except OSError as exc:
@@ -76,22 +81,33 @@ class Submitter:
             n: r for n, r in refs.items() if n not in LOCAL_ONLY_INPUTS and n not in SPLIT_INPUTS.get(spec.kind, ())
         }
         params = json.loads(json.dumps(spec.params))  # plain JSON types only
-        raw, signed = self.node.seal(
-            TaskAnnounce,
-            ttl_ms=int(spec.deadline_s * 1000),
-            task_id=task_id,
-            kind=spec.kind,
-            work=spec.work,
-            deadline_ms=int(spec.deadline_s * 1000),
-            max_shards=spec.max_shards,
-            resources={"gpu": spec.gpu, "memory_mb": spec.memory_mb},
-            aggregation=spec.aggregation,
-            rounds=spec.rounds,
-            params=params,
-            inputs=shared,
-            bid_window_ms=spec.bid_window_ms or cfg.bid_window_ms,
-            net={"k": cfg.k, "dc_min": cfg.dc_min, "dc_max": None if cfg.dc_max == float("inf") else cfg.dc_max},
-        )
+        dc_max = None if cfg.dc_max == float("inf") else cfg.dc_max
+        try:
+            raw, signed = self.node.seal(
+                TaskAnnounce,
+                ttl_ms=int(spec.deadline_s * 1000),
+                task_id=task_id,
+                kind=spec.kind,
+                work=spec.work,
+                deadline_ms=int(spec.deadline_s * 1000),
+                max_shards=spec.max_shards,
+                resources={"gpu": spec.gpu, "memory_mb": spec.memory_mb},
+                aggregation=spec.aggregation,
+                rounds=spec.rounds,
+                params=params,
+                inputs=shared,
+                bid_window_ms=spec.bid_window_ms or cfg.bid_window_ms,
+                net={"k": cfg.k, "dc_min": cfg.dc_min, "dc_max": dc_max},
+            )
+        except ProtocolError as exc:
+            # parse_spec admits only what an announce can carry, but one limit is on the whole:
+            # the signed announce is at most 64 KiB (SPEC §5), and params ride inside it.
+            # Without this the caller got an internal error instead of a spec error.
+            if exc.reason == "oversized":
+                raise SubmitError(
+                    "params: too large for the signed announce (64 KiB); pass big data as an input file"
+                ) from None
+            raise SubmitError(f"spec: cannot be announced: {exc}") from None
         msg = signed.message
         assert isinstance(msg, TaskAnnounce)
         record = spec.to_json()
@@ -165,8 +181,14 @@ class Submitter:
             self.node.counters.inc("dropped.signer_mismatch")
             return {"ok": False, "reason": "signer mismatch"}
         row = self.node.store.task(msg.task_id)
+        if row is None or row["role"] != "submitter":
+            return {"ok": False, "reason": "unknown task"}
         view = self.book.get(msg.task_id)
-        if row is None or row["role"] != "submitter" or view is None:
+        if view is None and row["state"] not in TERMINAL:
+            # Restarted, and the result came in before resume() rebuilt the view: answering
+            # "unknown task" would make the contractor stop delivering it for good.
+            view = self._load_view(row)
+        if view is None:
             return {"ok": False, "reason": "unknown task"}
         if view.holder(msg.shard, msg.epoch) != signed.signer:
             self.node.counters.inc("dropped.not_holder")
@@ -208,7 +230,8 @@ class Submitter:
             return
         self.node.store.set_state(task_id, state, message, reason=reason)
         self.node.counters.inc(f"tasks.{state}")
-        self.node.emit(task_id, {"task_id": task_id, "state": state, "message": message, "final": True})
+        self.node.emit(task_id, {"task_id": task_id, "state": state, "message": message, "at": time.time(),
+                                 "final": True})
         view = self.book.get(task_id)
         if view is not None:
             view.pulse()
@@ -218,37 +241,45 @@ class Submitter:
         if row is None or row["state"] in TERMINAL:
             return
         self.node.store.set_state(task_id, state, message, reason=reason)
-        self.node.emit(task_id, {"task_id": task_id, "state": state, "message": message})
+        self.node.emit(task_id, {"task_id": task_id, "state": state, "message": message, "at": time.time()})
 
     def resume(self) -> None:
         """After a restart: rebuild views of our unfinished tasks and drive them again."""
         for row in self.node.store.tasks(role="submitter"):
             if row["state"] in TERMINAL:
                 continue
-            signed = self.node.inbox.verify_embedded(bytes(row["announce"]), kinds=frozenset({"announce"}))
-            if signed is None:
+            if self._load_view(row) is None:
                 continue
-            view = self.book.add(signed)
-            for aw in self.node.store.awards(row["task_id"]):
-                s = self.node.inbox.verify_embedded(bytes(aw["raw"]), kinds=frozenset({"award"}))
-                if s is not None:
-                    view.awards[s.message.epoch] = s  # type: ignore[attr-defined]
-            for r in self.node.store.results(row["task_id"]):
-                s = self.node.inbox.verify_embedded(bytes(r["raw"]), kinds=frozenset({"result"}))
-                if s is not None:
-                    view.add_result(s)
-            for rnd in range(1, view.announce.rounds + 1):
-                cert = self.node.store.certificate(row["task_id"], rnd)
-                if cert is None:
-                    break
-                from protocol.certificate import check_certificate
-
-                try:
-                    view.certificates[rnd] = check_certificate(cert[1], task_id=row["task_id"], round_no=rnd)
-                except ProtocolError:
-                    break
             self.node.store.add_event(row["task_id"], row["state"], "submitter restarted; resuming")
             self.node.nursery.start_soon(self._drive, row["task_id"])
+
+    def _load_view(self, row: Any) -> TaskView | None:
+        """The in-memory view of one of our tasks, rebuilt from the store (idempotent)."""
+        signed = self.node.inbox.verify_embedded(bytes(row["announce"]), kinds=frozenset({"announce"}))
+        if signed is None:
+            return None
+        view = self.book.add(signed)
+        for aw in self.node.store.awards(row["task_id"]):
+            s = self.node.inbox.verify_embedded(bytes(aw["raw"]), kinds=frozenset({"award"}))
+            if s is not None:
+                view.awards[s.message.epoch] = s  # type: ignore[attr-defined]
+        for r in self.node.store.results(row["task_id"]):
+            s = self.node.inbox.verify_embedded(bytes(r["raw"]), kinds=frozenset({"result"}))
+            if s is not None:
+                view.add_result(s)
+        for rnd in range(1, view.announce.rounds + 1):
+            if rnd in view.certificates:
+                continue
+            cert = self.node.store.certificate(row["task_id"], rnd)
+            if cert is None:
+                break
+            from protocol.certificate import check_certificate
+
+            try:
+                view.certificates[rnd] = check_certificate(cert[1], task_id=row["task_id"], round_no=rnd)
+            except ProtocolError:
+                break
+        return view
 
     async def _drive(self, task_id: str) -> None:
         view = self.book.get(task_id)
@@ -358,6 +389,7 @@ class Submitter:
         market = self.node.config.market
         # Heartbeats seen before a restart are unknown: give every holder a full TTL.
         start = trio.current_time()
+        heard_network = False
         reported_rounds: set[int] = set()
         while True:
             if view.cancelled:
@@ -381,6 +413,14 @@ class Submitter:
                     self._finish(view.task_id, "failed", f"every shard failed: {failed[0]}", reason="shards_failed")
                     return
             now = trio.current_time()
+            if not heard_network:
+                if self.node.p2p.connected_peers():
+                    heard_network = True
+                else:
+                    # Just restarted and nobody has reconnected yet (the other peers redial us
+                    # with back-off): no lease could have reached us, so the TTL starts once
+                    # one can. Otherwise every holder was "lost" when the back-off outlasted it.
+                    start = now
             lost = set()
             for a in view.assignments():
                 peer = a["peer_id"]
@@ -435,8 +475,16 @@ class Submitter:
         )
         self.node.store.add_award(view.task_id, epoch, raw, new)
         view.awards[epoch] = signed
+        now = trio.current_time()
         for p in lost:
-            view.heartbeats[p] = trio.current_time()  # do not re-detect before the new award lands
+            view.heartbeats[p] = now  # do not re-detect before the new award lands
+        before = {x["shard"]: x["peer_id"] for x in award.assignments}
+        for a in new:
+            if a["peer_id"] != before.get(a["shard"]):
+                # A peer that just got a shard has not heartbeated it yet: a full lease TTL from
+                # now. Without this its "last heartbeat" was the supervisor's start, long past, so
+                # it could be declared lost at once and excluded for good.
+                view.heartbeats[a["peer_id"]] = now
         moved = ", ".join(f"shard {a['shard']} → {a['peer_id'][-8:]}" for a in new if a["peer_id"] != dict(
             (x["shard"], x["peer_id"]) for x in award.assignments)[a["shard"]])
         self.node.counters.inc("tasks.reawarded")
@@ -485,34 +533,64 @@ class Submitter:
 
     async def _on_round_certified(self, view: TaskView, rnd: int) -> None:
         cert = view.certificates[rnd]
-        self.node.store.add_certificate(view.task_id, rnd, {**cert.output, "signers": list(cert.signers)}, list(cert.votes))
+        output = {**cert.output, "signers": list(cert.signers)}
+        self.node.store.add_certificate(view.task_id, rnd, output, list(cert.votes))
         info: dict[str, Any] = {
             "round": rnd,
-            "participants": [i["peer_id"] for i in cert.inputs],
+            # A peer holding two shards (a re-award without a spare) is listed once.
+            "participants": list(dict.fromkeys(i["peer_id"] for i in cert.inputs)),
             "excluded": [dict(e) for e in cert.excluded],
             "certified": True,
+            "certified_at": wall_ms() / 1000,
             "output": cert.output["sha256"],
             "signers": list(cert.signers),
         }
-        # Training metrics: sample-weighted mean of the participants' own reports.
-        results = view.results.get(rnd, {})
-        tot = sum(float(sv.message.weight) for sv in results.values() if sv.message.ok)  # type: ignore[attr-defined]
+        # Training metrics: sample-weighted mean of the reports of the inputs the certificate
+        # aggregated — not of every result seen (an excluded peer's numbers are not the model's).
+        reports: list[tuple[dict[str, float], float]] = []
+        for i in cert.inputs:
+            sv = view.results.get(rnd, {}).get(int(i["shard"]))
+            msg = sv.message if sv is not None and sv.signer == i["peer_id"] else None
+            if isinstance(msg, Result) and msg.outputs.get("weights", {}).get("sha256") == i["sha256"]:
+                reports.append((dict(msg.metrics), float(msg.weight)))
         for key in ("loss", "accuracy"):
-            vals = [(sv.message.metrics.get(key), sv.message.weight) for sv in results.values()]  # type: ignore[attr-defined]
-            vals = [(v, w) for v, w in vals if v is not None]
-            if vals and tot > 0:
-                info[key] = sum(v * w for v, w in vals) / max(sum(w for _, w in vals), 1e-12)
-        val = await self._evaluate(view, cert.output, "validation")
+            vals = [(m[key], w) for m, w in reports if key in m]
+            total = sum(w for _, w in vals)
+            if vals and total > 0:
+                info[key] = sum(v * w for v, w in vals) / total
+        # Keep this round's committed inputs now, while their committers are surely up:
+        # the result bundle needs them for recomputation (peerctl verify).
+        await self._fetch_round_inputs(view, cert)
+        val = await self._evaluate(view, output, "validation")
         if val:
             info["val_loss"], info["val_accuracy"] = val.get("loss"), val.get("accuracy")
         self.node.store.set_round(view.task_id, rnd, info)
+        note = f"; val accuracy {info['val_accuracy']:.4f}" if info.get("val_accuracy") is not None else ""
         self._state(view.task_id, "running" if rnd < view.announce.rounds else "aggregating",
-                    f"round {rnd}/{view.announce.rounds} certified by {len(cert.signers)} of {len(cert.committee)}"
-                    + (f"; val accuracy {info['val_accuracy']:.4f}" if info.get("val_accuracy") is not None else ""))
-        self.node.emit(view.task_id, {"task_id": view.task_id, "state": "running", "round": rnd, "metrics": info,
-                                      "message": f"round {rnd} certified"})
+                    f"round {rnd}/{view.announce.rounds} certified by {len(cert.signers)} of "
+                    f"{len(cert.committee)}{note}")
+        self.node.emit(view.task_id, {"task_id": view.task_id, "state": "running", "round": rnd,
+                                      "metrics": info, "message": f"round {rnd} certified"})
 
-    async def _evaluate(self, view: TaskView, output: dict[str, Any], input_name: str) -> dict[str, float] | None:
+    async def _fetch_round_inputs(self, view: TaskView, cert: Certificate) -> None:
+        """Fetch a certified round's inputs: from each committer, else from the voters (who
+        fetched them to vote). Best effort: a missing input shows up in ``peerctl verify``."""
+        for i in cert.inputs:
+            if self.node.blobs.has(i["sha256"]):
+                continue
+            for peer in [i["peer_id"], *cert.signers]:
+                if peer == self.node.peer_id:
+                    continue
+                try:
+                    await self.node.fetch_blob(peer, i["sha256"])
+                    break
+                except ProtocolError as exc:
+                    log.info("round %d input %s… from %s not fetched: %s",
+                             cert.round, i["sha256"][:12], peer, exc)
+
+    async def _evaluate(
+        self, view: TaskView, output: dict[str, Any], input_name: str
+    ) -> dict[str, float] | None:
         """Score a certified model on the submitter's own held-out data (local worker)."""
         row = self.node.store.task(view.task_id)
         assert row is not None
@@ -553,17 +631,18 @@ class Submitter:
         raise RuntimeError(f"cannot fetch the certified output: {last}")
 
     async def _complete_rounds(self, view: TaskView) -> None:
+        # A certificate that arrived while an earlier round was being evaluated has not been
+        # reported yet (the supervisor checks for the last round right after reporting).
+        reported = {int(r["round"]) for r in self.node.store.rounds(view.task_id)}
+        for rnd in sorted(view.certificates):
+            if rnd not in reported:
+                await self._on_round_certified(view, rnd)
         cert = view.certificates[view.announce.rounds]
         output = {**cert.output, "signers": list(cert.signers)}
         path = await self._fetch_certified(view, output)
         # Keep every committed input of every round too: the bundle lets anyone re-check.
-        for rnd, c in view.certificates.items():
-            for i in c.inputs:
-                if not self.node.blobs.has(i["sha256"]):
-                    try:
-                        await self.node.fetch_blob(i["peer_id"], i["sha256"])
-                    except ProtocolError as exc:
-                        log.info("round %d input from %s not fetched: %s", rnd, i["peer_id"], exc)
+        for _, c in sorted(view.certificates.items()):
+            await self._fetch_round_inputs(view, c)
         metrics: dict[str, float] = {}
         test = await self._evaluate(view, output, "test")
         if test:

@@ -18,7 +18,9 @@ from peerd.p2p import GossipMessage
 from peerd.rounds import Rounds
 from peerd.submitter import Submitter
 from peerd.taskbook import TaskBook
+from protocol.certificate import vote_is_well_formed
 from protocol.envelope import Signed
+from protocol.errors import RemoteProtocolError
 from protocol.messages import Award, Cancel, Lease, Result, TaskAnnounce, Vote
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,9 @@ KINDS = frozenset({"announce", "award", "lease", "result", "vote", "cancel"})
 
 
 class TaskBus:
-    def __init__(self, node: Node, book: TaskBook, contractor: Contractor, submitter: Submitter, rounds: Rounds) -> None:
+    def __init__(
+        self, node: Node, book: TaskBook, contractor: Contractor, submitter: Submitter, rounds: Rounds
+    ) -> None:
         self.node = node
         self.book = book
         self.contractor = contractor
@@ -81,12 +85,33 @@ class TaskBus:
             if view.holder(m.shard, m.epoch) != signed.signer:
                 self.node.counters.inc("dropped.not_holder")
                 return False
+            cur = view.results.get(m.round, {}).get(m.shard)
+            if cur is not None and cur.signer != signed.signer:
+                # Two holders committed one shard in one round (it was re-awarded mid-round).
+                # Results are kept per shard and ordered by the signer's own sequence, which
+                # says nothing across two signers: the shard's current holder wins.
+                if view.holder(m.shard) != signed.signer:
+                    if view.submitter == self.node.peer_id:
+                        self.node.store.add_result(m.task_id, m.round, m.shard, signed.signer, signed.raw)
+                    return True
+                del view.results[m.round][m.shard]
             if view.add_result(signed):
                 if view.submitter == self.node.peer_id:
                     self.node.store.add_result(m.task_id, m.round, m.shard, signed.signer, signed.raw)
                 self.rounds.on_result(view, signed)
             return True
         if isinstance(m, Vote):
+            # Only votes that can count are recorded and forwarded (SPEC §8.1): from a
+            # member of the committee drawn from the participants of one of the task's
+            # signed awards, for the task's rule. A vote naming a participant set of its
+            # own making (e.g. itself alone: a committee of one) is dropped here.
+            awards = [a.message for a in view.awards.values() if isinstance(a.message, Award)]
+            try:
+                vote_is_well_formed(signed, awards=awards, rule=view.announce.aggregation)
+            except RemoteProtocolError as exc:
+                self.node.counters.inc(f"dropped.{exc.reason}")
+                log.info("dropped vote from %s for %s round %d: %s", signed.signer, m.task_id, m.round, exc)
+                return False
             if view.submitter == self.node.peer_id:
                 self.node.store.add_vote(m.task_id, m.round, signed.signer, m.attempt, signed.raw)
             cert = view.add_vote(signed)

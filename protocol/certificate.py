@@ -6,7 +6,13 @@ A round's certificate is a set of signed votes. It is valid when
   where the participants are the peers named by the vote's inputs and exclusions — so
   a submitter cannot hand-pick friendly voters;
 * the votes come from distinct committee members, and there are at least a quorum
-  (a majority of the committee) of them.
+  (a majority of the committee) of them;
+* when the caller holds the task's signed awards (every daemon and every bundle does),
+  the participants the vote names are exactly the shard holders of one award, and each
+  input is the holder of the shard it names. Without this a vote's signer could name
+  itself as the only participant, draw itself as a committee of one and certify
+  anything alone (quorum(1) = 1): the participant set must come from the submitter's
+  signed award, never from the vote.
 Checking that the output really is the aggregate of the inputs is done by
 recomputation (``peerd.verify``), which needs the input blobs.
 """
@@ -21,7 +27,7 @@ from protocol.committee import committee as draw_committee
 from protocol.committee import quorum
 from protocol.envelope import Signed, open_envelope
 from protocol.errors import RemoteProtocolError
-from protocol.messages import Vote
+from protocol.messages import Award, Vote
 
 #: Committee size (DESIGN §6: "e.g. the 3 smallest H(task ‖ round ‖ peer)").
 COMMITTEE_SIZE = 3
@@ -48,7 +54,37 @@ class Certificate:
     votes: tuple[bytes, ...]
 
 
-def vote_is_well_formed(signed: Signed) -> None:
+def input_key(peer_id: str, shard: int) -> str:
+    """The aggregation key of one input: peer ID, then shard (two digits, so the string
+    order is the numeric one). A peer may hold two shards after a re-award without a
+    spare (``protocol.awards.reassign``); with one shard per peer the order is exactly
+    the ascending peer-ID order of SPEC §11.3."""
+    return f"{peer_id}/{shard:02d}"
+
+
+def holders_of(award: Award) -> dict[int, str]:
+    return {int(a["shard"]): str(a["peer_id"]) for a in award.assignments}
+
+
+def vote_matches_award(vote: Vote, award: Award) -> bool:
+    """The vote's participants are exactly ``award``'s holders, and each input is the
+    holder of the shard it names."""
+    if award.task_id != vote.task_id:
+        return False
+    holders = holders_of(award)
+    if set(participants_of(vote)) != set(holders.values()):
+        return False
+    return all(holders.get(int(i["shard"])) == i["peer_id"] for i in vote.inputs)
+
+
+def vote_is_well_formed(
+    signed: Signed, *, awards: Sequence[Award] | None = None, rule: str | None = None
+) -> None:
+    """Raise RemoteProtocolError unless the vote can count towards a certificate.
+
+    ``awards``: the task's signed awards (any epochs) — the participant set must be one
+    of theirs (see the module docstring). ``rule``: the announce's aggregation rule.
+    """
     vote = signed.message
     if not isinstance(vote, Vote):
         raise RemoteProtocolError("not a vote", reason="unexpected_kind")
@@ -56,14 +92,29 @@ def vote_is_well_formed(signed: Signed) -> None:
         raise RemoteProtocolError("vote names the wrong committee", reason="bad_committee")
     if signed.signer not in vote.committee:
         raise RemoteProtocolError("vote from a non-member", reason="not_in_committee")
+    shards = [int(i["shard"]) for i in vote.inputs]
+    if len(set(shards)) != len(shards):
+        raise RemoteProtocolError("vote names one shard twice", reason="bad_certificate")
+    if rule is not None and vote.rule != rule:
+        raise RemoteProtocolError(f"vote uses rule {vote.rule}, the task {rule}", reason="bad_certificate")
+    if awards is not None and not any(vote_matches_award(vote, aw) for aw in awards):
+        raise RemoteProtocolError(
+            "vote names participants that no signed award of the task has", reason="bad_committee"
+        )
 
 
-def tally(votes: Sequence[Signed]) -> Certificate | None:
-    """The certificate formed by ``votes`` (already verified envelopes), if any."""
+def tally(
+    votes: Sequence[Signed], *, awards: Sequence[Award] | None = None, rule: str | None = None
+) -> Certificate | None:
+    """The certificate formed by ``votes`` (already verified envelopes), if any.
+
+    Votes that are not well formed (see :func:`vote_is_well_formed`, with ``awards`` and
+    ``rule`` when given) are ignored.
+    """
     groups: dict[tuple[Any, ...], dict[str, Signed]] = {}
     for sv in votes:
         try:
-            vote_is_well_formed(sv)
+            vote_is_well_formed(sv, awards=awards, rule=rule)
         except RemoteProtocolError:
             continue
         assert isinstance(sv.message, Vote)
@@ -87,15 +138,23 @@ def tally(votes: Sequence[Signed]) -> Certificate | None:
     return None
 
 
-def check_certificate(raw_votes: Sequence[bytes], *, task_id: str, round_no: int) -> Certificate:
-    """Verify every signature and the quorum; raise RemoteProtocolError otherwise."""
+def check_certificate(
+    raw_votes: Sequence[bytes],
+    *,
+    task_id: str,
+    round_no: int,
+    awards: Sequence[Award] | None = None,
+    rule: str | None = None,
+) -> Certificate:
+    """Verify every signature, the committee and the quorum; raise RemoteProtocolError
+    otherwise. Pass the task's ``awards`` and ``rule`` whenever they are at hand."""
     signed = [open_envelope(r, kinds=frozenset({"vote"})) for r in raw_votes]
     for sv in signed:
-        vote_is_well_formed(sv)
         assert isinstance(sv.message, Vote)
         if sv.message.task_id != task_id or sv.message.round != round_no:
             raise RemoteProtocolError("vote for another task or round", reason="bad_certificate")
-    cert = tally(signed)
+        vote_is_well_formed(sv, awards=awards, rule=rule)
+    cert = tally(signed, awards=awards, rule=rule)
     if cert is None:
         raise RemoteProtocolError("no quorum of matching votes", reason="no_quorum")
     return cert
