@@ -165,7 +165,9 @@ class HostilePeer:
     def __init__(self, seed: bytes | None = None, *, discover: bool = False) -> None:
         self.seed = seed if seed is not None else os.urandom(32)
         self.signer = Signer(self.seed)
-        self.node = P2PNode(self.seed, P2PConfig(listen=("/ip4/127.0.0.1/tcp/0",)))
+        # Up to libp2p's own limit, above the daemons' 60 KiB gossip cap, so tests can send
+        # what an honest peer never would.
+        self.node = P2PNode(self.seed, P2PConfig(listen=("/ip4/127.0.0.1/tcp/0",), max_gossip_bytes=1 << 20))
         if not discover:
             # Only the peers a test connects it to: no DHT lookups, which would also keep
             # redialling the dead hostile peers of earlier tests that the daemons still know.
