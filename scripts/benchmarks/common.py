@@ -1,0 +1,229 @@
+"""Shared by every benchmark area: results, tables, machine facts, devnets, percentiles."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    """One figure against its budget. ``met`` is None when there is no budget or no figure."""
+
+    what: str
+    value: str
+    budget: str
+    met: bool | None
+
+    @property
+    def verdict(self) -> str:
+        return {True: "met", False: "**missed**", None: "-"}[self.met]
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+
+    def add(self, *row: Any) -> None:
+        self.rows.append(list(row))
+
+    def markdown(self) -> str:
+        out = [f"**{self.title}**", "", "| " + " | ".join(self.columns) + " |"]
+        out.append("| " + " | ".join("---" for _ in self.columns) + " |")
+        for row in self.rows:
+            out.append("| " + " | ".join(fmt(v) for v in row) + " |")
+        return "\n".join(out)
+
+    def text(self) -> str:
+        cells = [self.columns] + [[fmt(v) for v in r] for r in self.rows]
+        widths = [max(len(str(r[i])) for r in cells) for i in range(len(self.columns))]
+        lines = [self.title]
+        for n, r in enumerate(cells):
+            lines.append("  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+            if n == 0:
+                lines.append("  " + "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+@dataclass
+class AreaResult:
+    area: str
+    tables: list[Table] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v != v:  # NaN
+            return "-"
+        a = abs(v)
+        if a >= 100:
+            return f"{v:.0f}"
+        if a >= 10:
+            return f"{v:.1f}"
+        if a >= 1:
+            return f"{v:.2f}"
+        return f"{v:.3f}"
+    return str(v)
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (linear interpolation); NaN for no values."""
+    if not values:
+        return float("nan")
+    return float(np.percentile(np.asarray(values, dtype=float), q))
+
+
+def budget_le(what: str, value: float, limit: float, unit: str) -> Check:
+    ok = None if value != value else value <= limit
+    return Check(what, f"{fmt(value)} {unit}", f"≤ {limit:g} {unit}", ok)
+
+
+def budget_ge(what: str, value: float, limit: float, unit: str) -> Check:
+    ok = None if value != value else value >= limit
+    return Check(what, f"{fmt(value)} {unit}", f"≥ {limit:g} {unit}", ok)
+
+
+def budget_lt(what: str, value: float, limit: float, unit: str) -> Check:
+    ok = None if value != value else value < limit
+    return Check(what, f"{fmt(value)} {unit}", f"< {limit:g} {unit}", ok)
+
+
+# --- the machine ----------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def _git(*args: str) -> str:
+    # Read-only git queries: which commit was measured, and whether the tree had changes.
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine_info() -> dict[str, str]:
+    import psutil
+
+    load1, load5, _ = os.getloadavg()
+    commit = _git("rev-parse", "--short", "HEAD") or "?"
+    if _git("status", "--porcelain", "--untracked-files=no"):
+        commit += " + uncommitted changes"
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": str(os.cpu_count()),
+        "cpu": _cpu_model(),
+        "ram": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load": f"{load1:.2f} / {load5:.2f} (1 / 5 min at start)",
+        "commit": commit,
+    }
+
+
+def loadavg() -> float:
+    return os.getloadavg()[0]
+
+
+# --- devnets --------------------------------------------------------------------------------
+
+
+def bench_dir(name: str) -> Path:
+    """A short private directory: Unix socket paths are limited to 107 bytes."""
+    return Path(tempfile.mkdtemp(prefix=f"pb-{name}-", dir="/tmp"))
+
+
+@contextlib.contextmanager
+def devnet(
+    name: str,
+    n: int,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    *,
+    per_node: dict[int, dict[str, dict[str, Any]]] | None = None,
+    keep: bool = False,
+    peers_timeout: float = 90.0,
+) -> Iterator[Any]:
+    """N daemons on loopback (peerd.devnet), every peer table full before yielding; always torn down."""
+    from peerd.devnet import Devnet
+
+    d = bench_dir(name)
+    net = Devnet(d)
+    try:
+        if per_node:
+            # Devnet.up() gives every node the same overrides; start them by hand instead.
+            net.configure(n, overrides)
+            for i, extra in per_node.items():
+                _override_node(net.node_dir(i) / "peerd.toml", extra)
+            net.start(0)
+            net.wait_ready(0)
+            for i in range(1, n):
+                net.start(i)
+            for i in range(1, n):
+                net.wait_ready(i)
+        else:
+            net.up(n, overrides)
+        if not net.wait_peers(n, peers_timeout):
+            raise RuntimeError(
+                f"{n}-daemon devnet: peer tables not full after {peers_timeout:.0f} s (logs in {d})"
+            )
+        yield net
+    finally:
+        net.down()
+        if not keep:
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            log(f"kept {d}")
+
+
+def _override_node(path: Path, extra: dict[str, dict[str, Any]]) -> None:
+    import tomllib
+
+    from peerd.devnet import _toml_value
+
+    sections = tomllib.loads(path.read_text())
+    for sec, kv in extra.items():
+        sections.setdefault(sec, {}).update(kv)
+    path.write_text(
+        "\n".join(
+            f"[{sec}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in kv.items())
+            for sec, kv in sections.items()
+        )
+    )
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
