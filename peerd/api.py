@@ -30,7 +30,9 @@ MAX_READ = 512 * 1024
 
 
 class Api:
-    def __init__(self, node: Node, book: TaskBook, submitter: Submitter, adverts: Any, started_at: float) -> None:
+    def __init__(
+        self, node: Node, book: TaskBook, submitter: Submitter, adverts: Any, started_at: float
+    ) -> None:
         self.node = node
         self.book = book
         self.submitter = submitter
@@ -57,7 +59,10 @@ class Api:
         now = wall_ms()
         me = self.node.table.get(self.node.peer_id, now)
         report = self.node.pool.sandbox_report
-        counters = {**self.node.counters.snapshot(), **{f"p2p.{k}": v for k, v in self.node.p2p.stats().items()}}
+        counters = {
+            **self.node.counters.snapshot(),
+            **{f"p2p.{k}": v for k, v in self.node.p2p.stats().items()},
+        }
         return {
             "peer_id": self.node.peer_id,
             "version": __version__,
@@ -66,7 +71,11 @@ class Api:
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "advert": me.to_json(now) if me else None,
             "counters": counters,
-            "sandbox": {"available": bool(report.available), "detail": report.reason or f"{report.version}; memory cap {report.memory_cap}; pids cap {report.pids_cap}"},
+            "sandbox": {
+                "available": bool(report.available),
+                "detail": report.reason
+                or f"{report.version}; memory cap {report.memory_cap}; pids cap {report.pids_cap}",
+            },
         }
 
     async def peers_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
@@ -97,17 +106,19 @@ class Api:
     async def task_list(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         out = []
         for row in self.node.store.tasks():
-            out.append({
-                "task_id": row["task_id"],
-                "name": json.loads(row["spec"]).get("name", ""),
-                "role": row["role"],
-                "kind": row["kind"],
-                "state": row["state"],
-                "created_at": row["created_at"],
-                "updated_at": row["updated_at"],
-                "shards": len(self.node.store.shards(row["task_id"])),
-                "reason": row["reason"],
-            })
+            out.append(
+                {
+                    "task_id": row["task_id"],
+                    "name": json.loads(row["spec"]).get("name", ""),
+                    "role": row["role"],
+                    "kind": row["kind"],
+                    "state": row["state"],
+                    "created_at": row["created_at"],
+                    "updated_at": row["updated_at"],
+                    "shards": len(self.node.store.shards(row["task_id"])),
+                    "reason": row["reason"],
+                }
+            )
         return {"tasks": out}
 
     def task_json(self, task_id: str) -> dict[str, Any]:
@@ -118,14 +129,16 @@ class Api:
         shards = []
         for s in self.node.store.shards(task_id):
             lease = view.lease_states.get((s["peer_id"], s["shard"])) if view else None
-            shards.append({
-                "index": s["shard"],
-                "peer_id": s["peer_id"],
-                "state": s["state"] if s["state"] == "done" else (lease or s["state"]),
-                "share": s["share"],
-                "attempts": s["attempts"],
-                "epoch": s["epoch"],
-            })
+            shards.append(
+                {
+                    "index": s["shard"],
+                    "peer_id": s["peer_id"],
+                    "state": s["state"] if s["state"] == "done" else (lease or s["state"]),
+                    "share": s["share"],
+                    "attempts": s["attempts"],
+                    "epoch": s["epoch"],
+                }
+            )
         dem = None
         under = None
         if view is not None:
@@ -149,7 +162,10 @@ class Api:
             "shards": shards,
             "rounds": self.node.store.rounds(task_id),
             "result": json.loads(row["result"]) if row["result"] else None,
-            "events": [{"at": e["at"], "state": e["state"], "message": e["message"]} for e in self.node.store.events(task_id)],
+            "events": [
+                {"at": e["at"], "state": e["state"], "message": e["message"]}
+                for e in self.node.store.events(task_id)
+            ],
         }
 
     async def task_get(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
@@ -177,8 +193,9 @@ class Api:
         row = self._row(task_id)
         if row["role"] == "submitter" and row["state"] in TERMINAL:
             # docs/rpc.md: cancelling a task that already ended is a conflict, and says how it ended.
-            raise RpcError(ErrorCode.CONFLICT, f"task {task_id} already ended: {row['state']}",
-                           {"state": row["state"]})
+            raise RpcError(
+                ErrorCode.CONFLICT, f"task {task_id} already ended: {row['state']}", {"state": row["state"]}
+            )
         try:
             state = await self.submitter.cancel(task_id)
         except KeyError:
@@ -237,7 +254,11 @@ def explain(node: Node, view: Any) -> dict[str, Any]:
         "demand": demand(ann.work, ann.deadline_ms / 1000),
         "work": ann.work,
         "deadline_s": ann.deadline_ms / 1000,
-        "params": {"k": params.k, "dc_min": params.dc_min, "dc_max": None if params.dc_max == float("inf") else params.dc_max},
+        "params": {
+            "k": params.k,
+            "dc_min": params.dc_min,
+            "dc_max": None if params.dc_max == float("inf") else params.dc_max,
+        },
         "max_shards": ann.max_shards,
         "bids": [],
         "under_capacity": None,
@@ -248,20 +269,24 @@ def explain(node: Node, view: Any) -> dict[str, Any]:
         return out
     alloc = allocate(ann, usable)
     holders = {a["peer_id"] for a in view.assignments()}
-    out.update(under_capacity=alloc.under_capacity, total_capacity=alloc.total_capacity, total_cost=alloc.total_cost)
+    out.update(
+        under_capacity=alloc.under_capacity, total_capacity=alloc.total_capacity, total_cost=alloc.total_cost
+    )
     for sb in alloc.scored:
         why = alloc.reasons.get(sb.peer_id, "")
         if award is not None and award.epoch > 0 and sb.peer_id in award.excluded:
             why += " — later excluded: lease lost"
-        out["bids"].append({
-            "peer_id": sb.peer_id,
-            "c0": sb.c0,
-            "load": sb.load,
-            "delta_c": sb.delta_c,
-            "capacity": sb.capacity,
-            "cost": sb.cost,
-            "chosen": sb.peer_id in alloc.chosen,
-            "holds_shard": sb.peer_id in holders,
-            "why": why,
-        })
+        out["bids"].append(
+            {
+                "peer_id": sb.peer_id,
+                "c0": sb.c0,
+                "load": sb.load,
+                "delta_c": sb.delta_c,
+                "capacity": sb.capacity,
+                "cost": sb.cost,
+                "chosen": sb.peer_id in alloc.chosen,
+                "holds_shard": sb.peer_id in holders,
+                "why": why,
+            }
+        )
     return out

@@ -80,7 +80,9 @@ class Contractor:
     async def send_bid(self, view: TaskView) -> None:
         load = self.node.load()
         c0 = self.node.c0
-        raw, signed = self.node.seal(Bid, ttl_ms=60_000, task_id=view.task_id, c0=max(c0, 1e-6), load=min(load, 1000.0))
+        raw, signed = self.node.seal(
+            Bid, ttl_ms=60_000, task_id=view.task_id, c0=max(c0, 1e-6), load=min(load, 1000.0)
+        )
         if view.submitter == self.node.peer_id:
             self.local_submitter.accept_bid(raw, self.node.peer_id, verified=signed)
             return
@@ -92,7 +94,9 @@ class Contractor:
                     reply = codec.unpack(await stream.receive())
             finally:
                 await stream.aclose()
-            self.node.counters.inc("bids.sent" if isinstance(reply, dict) and reply.get("ok") else "bids.refused")
+            self.node.counters.inc(
+                "bids.sent" if isinstance(reply, dict) and reply.get("ok") else "bids.refused"
+            )
         except (ProtocolError, trio.TooSlowError) as exc:
             self.node.counters.inc("bids.failed")
             log.info("bid for %s to %s failed: %s", view.task_id, view.submitter, exc)
@@ -101,7 +105,9 @@ class Contractor:
     def verify_award(self, view: TaskView, signed: Signed) -> bool:
         award = signed.message
         assert isinstance(award, Award)
-        bids = [b for raw in award.bids if (b := self.node.inbox.verify_embedded(raw, kinds=frozenset({"bid"})))]
+        bids = [
+            b for raw in award.bids if (b := self.node.inbox.verify_embedded(raw, kinds=frozenset({"bid"})))
+        ]
         # With the previous epoch at hand a re-award is checked exactly (protocol.awards).
         prev = view.awards.get(award.epoch - 1)
         previous = prev.message if prev is not None and isinstance(prev.message, Award) else None
@@ -145,7 +151,7 @@ class Contractor:
     async def _heartbeat(self, view: TaskView, shard: int, epoch: int, state: dict[str, Any]) -> None:
         ttl = int(self.node.config.market.lease_ttl_s * 1000)
         while True:
-            raw, signed = self.node.seal(
+            raw, _ = self.node.seal(
                 Lease,
                 ttl_ms=ttl,
                 task_id=view.task_id,
@@ -159,7 +165,9 @@ class Contractor:
             await self.node.gossip(raw)
             await trio.sleep(self.node.config.market.heartbeat_s)
 
-    async def _run_shard(self, view: TaskView, assignment: dict[str, Any], epoch: int, scope: trio.CancelScope) -> None:
+    async def _run_shard(
+        self, view: TaskView, assignment: dict[str, Any], epoch: int, scope: trio.CancelScope
+    ) -> None:
         shard = assignment["shard"]
         ann = view.announce
         state: dict[str, Any] = {"round": 0, "state": "accepted", "detail": ""}
@@ -206,7 +214,9 @@ class Contractor:
         )
         await self.node.gossip(raw)
 
-    async def _shard_rounds(self, view: TaskView, assignment: dict[str, Any], epoch: int, state: dict[str, Any]) -> None:
+    async def _shard_rounds(
+        self, view: TaskView, assignment: dict[str, Any], epoch: int, state: dict[str, Any]
+    ) -> None:
         ann = view.announce
         shard = assignment["shard"]
         inputs: dict[str, Path] = {}
@@ -252,7 +262,9 @@ class Contractor:
             limits=Limits(
                 memory_bytes=lim.memory_mb << 20,
                 cpu_seconds=lim.cpu_seconds,
-                wall_seconds=min(lim.wall_seconds, max(1.0, (ann.issued_at + ann.deadline_ms - wall_ms()) / 1000)),
+                wall_seconds=min(
+                    lim.wall_seconds, max(1.0, (ann.issued_at + ann.deadline_ms - wall_ms()) / 1000)
+                ),
                 max_processes=lim.max_processes,
                 max_output_bytes=lim.max_output_mb << 20,
             ),
@@ -267,7 +279,9 @@ class Contractor:
         self.node.counters.inc("jobs.ok" if result.ok else f"jobs.failed.{result.error}")
         return result
 
-    async def _publish_result(self, view: TaskView, shard: int, epoch: int, round_no: int, res: JobResult) -> None:
+    async def _publish_result(
+        self, view: TaskView, shard: int, epoch: int, round_no: int, res: JobResult
+    ) -> None:
         outputs = {}
         for name, data in sorted(res.outputs.items()):
             digest = await trio.to_thread.run_sync(self.node.blobs.put_bytes, data)
@@ -355,4 +369,6 @@ class Contractor:
             task = self.node.store.task(row["task_id"])
             if task is None or task["state"] in ("done", "failed", "cancelled"):
                 continue
-            self.node.nursery.start_soon(self.deliver_result, task["submitter"], bytes(row["result"]), row["task_id"])
+            self.node.nursery.start_soon(
+                self.deliver_result, task["submitter"], bytes(row["result"]), row["task_id"]
+            )

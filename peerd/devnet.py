@@ -48,7 +48,9 @@ class Devnet:
         return self.node_dir(i) / "peerd.sock"
 
     def nodes(self) -> list[int]:
-        return sorted(int(p.name.split("-")[1]) for p in self.dir.glob("node-*") if (p / "peerd.toml").exists())
+        return sorted(
+            int(p.name.split("-")[1]) for p in self.dir.glob("node-*") if (p / "peerd.toml").exists()
+        )
 
     def peer_id(self, i: int) -> str:
         return Signer((self.node_dir(i) / "state" / "identity.key").read_bytes()).peer_id
@@ -71,8 +73,15 @@ class Devnet:
         for i in range(n):
             d = self.node_dir(i)
             sections: dict[str, dict[str, Any]] = {
-                "node": {"state_dir": str(d / "state"), "runtime_dir": str(d), "socket": str(d / "peerd.sock")},
-                "network": {"listen": [f"/ip4/127.0.0.1/tcp/{ports[i]}"], "bootstrap": [] if i == 0 else [bootstrap]},
+                "node": {
+                    "state_dir": str(d / "state"),
+                    "runtime_dir": str(d),
+                    "socket": str(d / "peerd.sock"),
+                },
+                "network": {
+                    "listen": [f"/ip4/127.0.0.1/tcp/{ports[i]}"],
+                    "bootstrap": [] if i == 0 else [bootstrap],
+                },
                 "adverts": {"interval_s": 2.0, "ttl_s": 10.0, "calibration_s": 0.2},
                 "market": {"lease_ttl_s": 6.0, "heartbeat_s": 1.0},
                 "policy": {"trusted_submitters": ids},
@@ -81,7 +90,8 @@ class Devnet:
             for sec, kv in (overrides or {}).items():
                 sections.setdefault(sec, {}).update(kv)
             text = "\n".join(
-                f"[{sec}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in kv.items()) for sec, kv in sections.items()
+                f"[{sec}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in kv.items())
+                for sec, kv in sections.items()
             )
             (d / "peerd.toml").write_text(text)
 
@@ -92,7 +102,11 @@ class Devnet:
         env.pop("NOTIFY_SOCKET", None)
         proc = subprocess.Popen(
             [sys.executable, "-m", "peerd.daemon", "--config", str(d / "peerd.toml")],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
         )
         (d / "peerd.pid").write_text(str(proc.pid))
         return proc.pid
@@ -132,7 +146,9 @@ class Devnet:
                 time.sleep(0.1)
         raise TimeoutError(f"node {i} not ready after {timeout} s: {last}")
 
-    def up(self, n: int, overrides: dict[str, dict[str, Any]] | None = None, *, timeout: float = 90.0) -> None:
+    def up(
+        self, n: int, overrides: dict[str, dict[str, Any]] | None = None, *, timeout: float = 90.0
+    ) -> None:
         self.configure(n, overrides)
         self.start(0)
         self.wait_ready(0, timeout)
@@ -170,7 +186,9 @@ class Devnet:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if all(len(RpcClient(self.socket(i)).call("peers.list", {})["peers"]) >= n for i in self.nodes()):
+                if all(
+                    len(RpcClient(self.socket(i)).call("peers.list", {})["peers"]) >= n for i in self.nodes()
+                ):
                     return True
             except Exception:
                 pass
@@ -186,7 +204,10 @@ class Devnet:
             if row["pid"] is not None:
                 try:
                     info = RpcClient(self.socket(i)).call("node.info", {})
-                    row.update(peer_id=info["peer_id"], peers=len(RpcClient(self.socket(i)).call("peers.list", {})["peers"]))
+                    row.update(
+                        peer_id=info["peer_id"],
+                        peers=len(RpcClient(self.socket(i)).call("peers.list", {})["peers"]),
+                    )
                 except Exception as exc:
                     row["error"] = str(exc)
             out.append(row)
@@ -198,9 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start N daemons on 127.0.0.1")
     up.add_argument("n", type=int)
-    up.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON",
-                    help="override a config key in every node, e.g. --set market.bid_window_ms=200")
-    for p in (up, sub.add_parser("down", help="stop the devnet"), sub.add_parser("status", help="show the devnet")):
+    up.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=JSON",
+        help="override a config key in every node, e.g. --set market.bid_window_ms=200",
+    )
+    for p in (
+        up,
+        sub.add_parser("down", help="stop the devnet"),
+        sub.add_parser("status", help="show the devnet"),
+    ):
         p.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     args = ap.parse_args(argv)
     net = Devnet(args.dir)
@@ -224,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for row in net.status():
         state = "up" if row["pid"] else "down"
-        print(f"node-{row['node']}  {state:4}  peers {row.get('peers', '-')}  {row.get('peer_id', '')}  {row['socket']}")
+        print(
+            f"node-{row['node']}  {state:4}  peers {row.get('peers', '-')}  "
+            f"{row.get('peer_id', '')}  {row['socket']}"
+        )
     return 0
 
 

@@ -623,8 +623,8 @@ class P2PNode:
         )
         # trap 7 for libp2p's own handler: pubsub's read loop lets a protobuf DecodeError
         # (one malformed RPC from any peer) escape and tear the whole host down.
-        for protocol_id in gossipsub.get_protocols():
-            host.set_stream_handler(protocol_id, self._guarded_pubsub_handler(pubsub))
+        for gossip_protocol in gossipsub.get_protocols():
+            host.set_stream_handler(gossip_protocol, self._guarded_pubsub_handler(pubsub))
         dht = KadDHT(host, DHTMode.SERVER)
         for topic in self._validators:
             pubsub.set_topic_validator(topic, self._libp2p_validator(topic), is_async_validator=True)

@@ -175,8 +175,12 @@ class Rounds:
                         attempt += 1
                 await view.wait_changed(0.5)
             if round_no not in view.certificates and not view.cancelled:
-                log.warning("task %s round %d: no certificate after %d vote(s) of ours",
-                            view.task_id, round_no, attempt)
+                log.warning(
+                    "task %s round %d: no certificate after %d vote(s) of ours",
+                    view.task_id,
+                    round_no,
+                    attempt,
+                )
                 self.node.counters.inc("rounds.uncertified")
         except Exception:
             log.exception("committee duty for %s round %d failed", view.task_id, round_no)
@@ -245,8 +249,10 @@ class Rounds:
         if not inputs:
             log.warning("task %s round %d: no usable inputs", view.task_id, round_no)
             return False
-        agg_in = [(input_key(peer, shard), weight if weight > 0 else 1.0, arrays)
-                  for peer, shard, _, weight, arrays in inputs]
+        agg_in = [
+            (input_key(peer, shard), weight if weight > 0 else 1.0, arrays)
+            for peer, shard, _, weight, arrays in inputs
+        ]
         out = await trio.to_thread.run_sync(lambda: encode_arrays(aggregate(ann.aggregation, agg_in)))
         digest = await trio.to_thread.run_sync(self.node.blobs.put_bytes, out)
         raw, signed = self.node.seal(
@@ -277,6 +283,7 @@ class Rounds:
         inputs: list[tuple[str, int, str, float, list[np.ndarray]]], excluded: dict[str, str]
     ) -> list[tuple[str, int, str, float, list[np.ndarray]]]:
         """Keep the inputs whose array shapes/dtypes match the most common signature."""
+
         def sig(arrays: list[np.ndarray]) -> tuple[Any, ...]:
             return tuple((a.shape, a.dtype.str) for a in arrays)
 

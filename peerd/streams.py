@@ -62,7 +62,9 @@ class MemoryFrameStream:
         await self._recv.aclose()
 
 
-def memory_stream_pair(peer_a: str = "peer-a", peer_b: str = "peer-b") -> tuple[MemoryFrameStream, MemoryFrameStream]:
+def memory_stream_pair(
+    peer_a: str = "peer-a", peer_b: str = "peer-b"
+) -> tuple[MemoryFrameStream, MemoryFrameStream]:
     """Two connected ends; the first is held by ``peer_a`` (its remote is ``peer_b``)."""
     a_to_b_send, a_to_b_recv = trio.open_memory_channel[bytes](16)
     b_to_a_send, b_to_a_recv = trio.open_memory_channel[bytes](16)

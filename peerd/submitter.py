@@ -78,7 +78,9 @@ class Submitter:
         task_id = secrets.token_hex(16)
         cfg = self.node.config.market
         shared = {
-            n: r for n, r in refs.items() if n not in LOCAL_ONLY_INPUTS and n not in SPLIT_INPUTS.get(spec.kind, ())
+            n: r
+            for n, r in refs.items()
+            if n not in LOCAL_ONLY_INPUTS and n not in SPLIT_INPUTS.get(spec.kind, ())
         }
         params = json.loads(json.dumps(spec.params))  # plain JSON types only
         dc_max = None if cfg.dc_max == float("inf") else cfg.dc_max
@@ -212,7 +214,9 @@ class Submitter:
             raise KeyError(task_id)
         if row["state"] in TERMINAL:
             return str(row["state"])
-        raw, signed = self.node.seal(Cancel, ttl_ms=3_600_000, task_id=task_id, reason="cancelled by the submitter")
+        raw, signed = self.node.seal(
+            Cancel, ttl_ms=3_600_000, task_id=task_id, reason="cancelled by the submitter"
+        )
         view = self.book.get(task_id)
         if view is not None and self.contractor is not None:
             self.contractor.on_cancel(view, signed)
@@ -230,8 +234,10 @@ class Submitter:
             return
         self.node.store.set_state(task_id, state, message, reason=reason)
         self.node.counters.inc(f"tasks.{state}")
-        self.node.emit(task_id, {"task_id": task_id, "state": state, "message": message, "at": time.time(),
-                                 "final": True})
+        self.node.emit(
+            task_id,
+            {"task_id": task_id, "state": state, "message": message, "at": time.time(), "final": True},
+        )
         view = self.book.get(task_id)
         if view is not None:
             view.pulse()
@@ -310,20 +316,32 @@ class Submitter:
             # Gossip drops bytes it has seen in the last 120 s: a re-announce must be a
             # new message (new sequence), with the same task fields.
             a = view.announce
-            raw, signed = self.node.seal(
+            raw, _ = self.node.seal(
                 TaskAnnounce,
                 ttl_ms=a.expires_at - wall_ms(),
-                **{k: getattr(a, k) for k in (
-                    "task_id", "kind", "work", "deadline_ms", "max_shards", "resources", "aggregation",
-                    "rounds", "params", "inputs", "bid_window_ms", "net")},
+                **{
+                    k: getattr(a, k)
+                    for k in (
+                        "task_id",
+                        "kind",
+                        "work",
+                        "deadline_ms",
+                        "max_shards",
+                        "resources",
+                        "aggregation",
+                        "rounds",
+                        "params",
+                        "inputs",
+                        "bid_window_ms",
+                        "net",
+                    )
+                },
             )
         await self.node.gossip(raw)
         if self.contractor is not None:
             await self.contractor.on_announce(view)
 
-    async def _collect_bids(self, view: TaskView, *, fresh: bool) -> list[Signed]:
-        await self._announce(view, fresh=fresh)
-        await trio.sleep(view.announce.bid_window_ms / 1000)
+    def _stored_bids(self, view: TaskView) -> list[Signed]:
         bids = []
         for r in self.node.store.bids(view.task_id):
             s = self.node.inbox.verify_embedded(bytes(r["raw"]), kinds=frozenset({"bid"}))
@@ -331,21 +349,31 @@ class Submitter:
                 bids.append(s)
         return usable_bids(view.announce, bids)
 
+    async def _collect_bids(self, view: TaskView, *, fresh: bool) -> list[Signed]:
+        await self._announce(view, fresh=fresh)
+        await trio.sleep(view.announce.bid_window_ms / 1000)
+        return self._stored_bids(view)
+
     async def _bidding(self, view: TaskView) -> None:
         attempt = 0
-        while True:
-            bids = await self._collect_bids(view, fresh=attempt > 0)
-            if bids:
-                break
+        bids = await self._collect_bids(view, fresh=False)
+        while not bids:
             attempt += 1
             known = len(self.node.table.alive(wall_ms()))
             self._state(
                 view.task_id,
                 "pending",
-                f"no eligible bids yet ({known} peers known); re-announcing",
+                f"no eligible bids yet ({known} peers known); waiting, then re-announcing",
                 reason="no eligible peer has bid (kind, resources, policy or sandbox)",
             )
-            await trio.sleep(min(2.0 * attempt, 10.0))
+            # A bid that arrives just after a short window is taken at once (a bid's
+            # round trip is ~45 ms here): wait for one during the back-off rather than
+            # sleeping through it, and re-announce only if none came.
+            with trio.move_on_after(min(2.0 * attempt, 10.0)):
+                while not (bids := self._stored_bids(view)):
+                    await view.wait_changed(1.0)
+            if not bids:
+                bids = await self._collect_bids(view, fresh=True)
         alloc = allocate(view.announce, bids)
         assignments = assignments_of(alloc)
         await self._split_inputs(view, assignments)
@@ -410,7 +438,9 @@ class Submitter:
                     return
                 failed = self._failed_shards(view)
                 if failed and len(failed) == len(view.assignments()):
-                    self._finish(view.task_id, "failed", f"every shard failed: {failed[0]}", reason="shards_failed")
+                    self._finish(
+                        view.task_id, "failed", f"every shard failed: {failed[0]}", reason="shards_failed"
+                    )
                     return
             now = trio.current_time()
             if not heard_network:
@@ -451,8 +481,11 @@ class Submitter:
     async def _reaward(self, view: TaskView, lost: set[str]) -> None:
         award = view.latest_award()
         assert award is not None
-        bids = [b for r in self.node.store.bids(view.task_id)
-                if (b := self.node.inbox.verify_embedded(bytes(r["raw"]), kinds=frozenset({"bid"})))]
+        bids = [
+            b
+            for r in self.node.store.bids(view.task_id)
+            if (b := self.node.inbox.verify_embedded(bytes(r["raw"]), kinds=frozenset({"bid"})))
+        ]
         usable = usable_bids(view.announce, bids)
         alloc = allocate(view.announce, usable)
         costs = [(s.peer_id, s.cost) for s in alloc.scored]
@@ -485,10 +518,17 @@ class Submitter:
                 # now. Without this its "last heartbeat" was the supervisor's start, long past, so
                 # it could be declared lost at once and excluded for good.
                 view.heartbeats[a["peer_id"]] = now
-        moved = ", ".join(f"shard {a['shard']} → {a['peer_id'][-8:]}" for a in new if a["peer_id"] != dict(
-            (x["shard"], x["peer_id"]) for x in award.assignments)[a["shard"]])
+        moved = ", ".join(
+            f"shard {a['shard']} → {a['peer_id'][-8:]}"
+            for a in new
+            if a["peer_id"] != dict((x["shard"], x["peer_id"]) for x in award.assignments)[a["shard"]]
+        )
         self.node.counters.inc("tasks.reawarded")
-        self._state(view.task_id, "running", f"lease lost by {', '.join(p[-8:] for p in sorted(lost))}; re-awarded {moved}")
+        self._state(
+            view.task_id,
+            "running",
+            f"lease lost by {', '.join(p[-8:] for p in sorted(lost))}; re-awarded {moved}",
+        )
         await self.node.gossip(raw)
         if self.contractor is not None:
             self.contractor.on_award(view)
@@ -506,8 +546,12 @@ class Submitter:
             msg = sv.message
             assert isinstance(msg, Result)
             if not msg.ok:
-                self._finish(view.task_id, "failed", f"shard {msg.shard} failed on {sv.signer[-8:]}: {msg.error}",
-                             reason=(msg.error or "failed").split(":")[0])
+                self._finish(
+                    view.task_id,
+                    "failed",
+                    f"shard {msg.shard} failed on {sv.signer[-8:]}: {msg.error}",
+                    reason=(msg.error or "failed").split(":")[0],
+                )
                 return True
             for ref in msg.outputs.values():
                 if not self.node.blobs.has(ref["sha256"]):
@@ -522,12 +566,16 @@ class Submitter:
             msg = results[a["shard"]].message
             assert isinstance(msg, Result)
             for name, ref in sorted(msg.outputs.items()):
-                outputs.append({"name": f"shard-{a['shard']}/{name}", "sha256": ref["sha256"], "size": ref["size"]})
+                outputs.append(
+                    {"name": f"shard-{a['shard']}/{name}", "sha256": ref["sha256"], "size": ref["size"]}
+                )
         metrics: dict[str, float] = {}
         for a in shards:
             for k, v in results[a["shard"]].message.metrics.items():  # type: ignore[attr-defined]
                 metrics[f"shard-{a['shard']}.{k}"] = v
-        self.node.store.set_result(view.task_id, {"outputs": outputs, "metrics": metrics, "certificate": None})
+        self.node.store.set_result(
+            view.task_id, {"outputs": outputs, "metrics": metrics, "certificate": None}
+        )
         self._finish(view.task_id, "done", f"{len(shards)} shard result(s) received")
         return True
 
@@ -566,11 +614,22 @@ class Submitter:
             info["val_loss"], info["val_accuracy"] = val.get("loss"), val.get("accuracy")
         self.node.store.set_round(view.task_id, rnd, info)
         note = f"; val accuracy {info['val_accuracy']:.4f}" if info.get("val_accuracy") is not None else ""
-        self._state(view.task_id, "running" if rnd < view.announce.rounds else "aggregating",
-                    f"round {rnd}/{view.announce.rounds} certified by {len(cert.signers)} of "
-                    f"{len(cert.committee)}{note}")
-        self.node.emit(view.task_id, {"task_id": view.task_id, "state": "running", "round": rnd,
-                                      "metrics": info, "message": f"round {rnd} certified"})
+        self._state(
+            view.task_id,
+            "running" if rnd < view.announce.rounds else "aggregating",
+            f"round {rnd}/{view.announce.rounds} certified by {len(cert.signers)} of "
+            f"{len(cert.committee)}{note}",
+        )
+        self.node.emit(
+            view.task_id,
+            {
+                "task_id": view.task_id,
+                "state": "running",
+                "round": rnd,
+                "metrics": info,
+                "message": f"round {rnd} certified",
+            },
+        )
 
     async def _fetch_round_inputs(self, view: TaskView, cert: Certificate) -> None:
         """Fetch a certified round's inputs: from each committer, else from the voters (who
@@ -585,8 +644,9 @@ class Submitter:
                     await self.node.fetch_blob(peer, i["sha256"])
                     break
                 except ProtocolError as exc:
-                    log.info("round %d input %s… from %s not fetched: %s",
-                             cert.round, i["sha256"][:12], peer, exc)
+                    log.info(
+                        "round %d input %s… from %s not fetched: %s", cert.round, i["sha256"][:12], peer, exc
+                    )
 
     async def _evaluate(
         self, view: TaskView, output: dict[str, Any], input_name: str
@@ -603,9 +663,11 @@ class Submitter:
                 job_id=f"{view.task_id}-eval-{input_name}",
                 submitter=self.node.peer_id,
                 kind="keras-predict",
-                params={"model_config": view.announce.params["model_config"],
-                        "loss": view.announce.params.get("loss", "sparse_categorical_crossentropy"),
-                        "metrics_only": True},
+                params={
+                    "model_config": view.announce.params["model_config"],
+                    "loss": view.announce.params.get("loss", "sparse_categorical_crossentropy"),
+                    "metrics_only": True,
+                },
                 inputs={"weights": weights, "data": self.node.blobs.path(refs[input_name]["sha256"])},
                 limits=Limits(memory_bytes=self.node.config.limits.memory_mb << 20),
                 trusted=True,
@@ -650,12 +712,22 @@ class Submitter:
         rounds = self.node.store.rounds(view.task_id)
         if rounds and rounds[-1].get("val_accuracy") is not None:
             metrics["val_accuracy"] = rounds[-1]["val_accuracy"]
-        self.node.store.set_result(view.task_id, {
-            "outputs": [{"name": "weights", "sha256": cert.output["sha256"], "size": path.stat().st_size}],
-            "metrics": metrics,
-            "certificate": {"round": cert.round, "rule": cert.rule, "committee": list(cert.committee),
-                            "signers": list(cert.signers), "output": cert.output["sha256"]},
-        })
+        self.node.store.set_result(
+            view.task_id,
+            {
+                "outputs": [
+                    {"name": "weights", "sha256": cert.output["sha256"], "size": path.stat().st_size}
+                ],
+                "metrics": metrics,
+                "certificate": {
+                    "round": cert.round,
+                    "rule": cert.rule,
+                    "committee": list(cert.committee),
+                    "signers": list(cert.signers),
+                    "output": cert.output["sha256"],
+                },
+            },
+        )
         msg = f"{view.announce.rounds} round(s) certified"
         if "test_accuracy" in metrics:
             msg += f"; test accuracy {metrics['test_accuracy']:.4f}"

@@ -48,8 +48,17 @@ _PARAM_VALUE = schema.anything()
 KERAS_OPTIMIZERS = ("adam", "sgd", "rmsprop", "adagrad")
 KERAS_LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "mse", "binary_crossentropy")
 TOP_KEYS = {
-    "kind", "work", "deadline_s", "max_shards", "aggregation", "rounds", "bid_window_ms",
-    "resources", "inputs", "params", "name",
+    "kind",
+    "work",
+    "deadline_s",
+    "max_shards",
+    "aggregation",
+    "rounds",
+    "bid_window_ms",
+    "resources",
+    "inputs",
+    "params",
+    "name",
 }
 
 
@@ -251,8 +260,10 @@ def _check_kind(spec: TaskSpec, base_dir: Path | None) -> None:
             raise SpecError(f"params.model_config: not valid JSON ({exc})") from None
         # A Keras model config is an object {"class_name": ..., "config": {...}}; anything else
         # would only fail later, on every contractor, after the bidding.
-        if not isinstance(model, dict) or not isinstance(model.get("class_name"), str) or not isinstance(
-            model.get("config"), dict
+        if (
+            not isinstance(model, dict)
+            or not isinstance(model.get("class_name"), str)
+            or not isinstance(model.get("config"), dict)
         ):
             raise SpecError(
                 'params.model_config: not a Keras model config (a JSON object with "class_name" and "config")'

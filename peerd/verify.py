@@ -203,7 +203,8 @@ def _verify_round(
         peer, shard = i["peer_id"], int(i["shard"])
         name = f"round {rnd} input {peer[-8:]} shard {shard}"
         committed = [
-            m for m in results.get((peer, shard), [])
+            m
+            for m in results.get((peer, shard), [])
             if m.ok and m.outputs.get("weights", {}).get("sha256") == i["sha256"] and m.weight == i["weight"]
         ]
         if not committed:

@@ -47,7 +47,9 @@ class FrameDecoder:
             return None
         (length,) = _HEADER.unpack_from(self._buf, 0)
         if length > self._max:
-            raise RemoteProtocolError(f"peer announced a {length}-byte frame (max {self._max})", reason="oversized")
+            raise RemoteProtocolError(
+                f"peer announced a {length}-byte frame (max {self._max})", reason="oversized"
+            )
         end = _HEADER.size + length
         if len(self._buf) < end:
             return None

@@ -42,7 +42,11 @@ def _f(conv: s.Conv) -> Any:
 
 
 NET_PARAMS = s.struct(
-    {"k": s.real(0, 1e6), "dc_min": s.real(-MAX_GFLOPS, MAX_GFLOPS), "dc_max": s.optional(s.real(-MAX_GFLOPS, MAX_GFLOPS))}
+    {
+        "k": s.real(0, 1e6),
+        "dc_min": s.real(-MAX_GFLOPS, MAX_GFLOPS),
+        "dc_max": s.optional(s.real(-MAX_GFLOPS, MAX_GFLOPS)),
+    }
 )
 OUTPUT_REF = s.struct({"sha256": s.SHA256, "size": s.integer(0, 1 << 40)})
 
@@ -267,7 +271,9 @@ class Result(Message):
         return f"{self.task_id}/{self.shard}"
 
 
-VOTE_INPUT = s.struct({"peer_id": s.PEER_ID, "shard": s.integer(0, 63), "sha256": s.SHA256, "weight": s.real(0, 1e15)})
+VOTE_INPUT = s.struct(
+    {"peer_id": s.PEER_ID, "shard": s.integer(0, 63), "sha256": s.SHA256, "weight": s.real(0, 1e15)}
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,8 @@ def report(out: Path) -> int:
     for rd in rounds:
         print(
             f"  round {rd['round']}: {len(rd.get('participants', []))} peers, "
-            f"train acc {rd.get('accuracy', float('nan')):.4f}, val acc {rd.get('val_accuracy') or float('nan'):.4f}, "
+            f"train acc {rd.get('accuracy', float('nan')):.4f}, "
+            f"val acc {rd.get('val_accuracy') or float('nan'):.4f}, "
             f"certified by {len(rd.get('signers', []))} committee votes"
         )
     if "test_accuracy" in metrics:
