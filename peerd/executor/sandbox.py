@@ -233,6 +233,10 @@ def build_bwrap_argv(
     ]
     for k, v in sorted(env.items()):
         argv += ["--setenv", k, v]
+    # The task's /tmp comes first: bwrap mounts in order, and a venv or checkout that lives
+    # under the host's /tmp (CI clones, pytest's tmp_path) must be bound *on top of* it,
+    # not hidden under it.
+    argv += ["--size", str(scratch_bytes), "--tmpfs", "/tmp"]
     argv += ["--ro-bind", "/usr", "/usr"]
     for name in TOP_LEVEL:
         host = "/" + name
@@ -264,7 +268,6 @@ def build_bwrap_argv(
             argv += ["--dev-bind", node, node]
         for sysdir in ("/sys/bus/pci", "/sys/devices", "/sys/module/nvidia"):
             argv += ["--ro-bind-try", sysdir, sysdir]  # the CUDA driver reads PCI topology
-    argv += ["--size", str(scratch_bytes), "--tmpfs", "/tmp"]
     argv += ["--size", str(scratch_bytes), "--perms", "0700", "--tmpfs", JOB_DIR]
     argv += ["--ro-bind", str(inputs_dir), INPUTS_DIR]
     argv += ["--chdir", JOB_DIR, "--remount-ro", "/", "--", *command]
