@@ -25,12 +25,12 @@ from peerd.inbox import wall_ms
 from peerd.node import Node
 from peerd.streams import FrameStream
 from peerd.taskbook import TaskBook, TaskView
-from peerd.taskspec import TaskSpec, parse_spec
+from peerd.taskspec import parse_spec
 from protocol import codec
 from protocol.allocation import shard_sizes
 from protocol.awards import allocate, assignments_of, net_params, reassign, usable_bids
-from protocol.certificate import Certificate
-from protocol.envelope import Signed
+from protocol.certificate import Certificate, check_certificate
+from protocol.envelope import Signed, open_envelope
 from protocol.errors import ProtocolError
 from protocol.messages import Award, Cancel, Result, TaskAnnounce
 
@@ -171,8 +171,6 @@ class Submitter:
     def accept_result(self, raw: bytes, sender: str) -> dict[str, Any]:
         """A contractor hands us its signed result; we store it before acknowledging."""
         try:
-            from protocol.envelope import open_envelope
-
             signed = open_envelope(raw, kinds=frozenset({"result"}))
         except ProtocolError as exc:
             self.node.counters.inc(f"dropped.{exc.reason}")
@@ -279,8 +277,6 @@ class Submitter:
             cert = self.node.store.certificate(row["task_id"], rnd)
             if cert is None:
                 break
-            from protocol.certificate import check_certificate
-
             try:
                 view.certificates[rnd] = check_certificate(cert[1], task_id=row["task_id"], round_no=rnd)
             except ProtocolError:
@@ -666,7 +662,6 @@ class Submitter:
                 params={
                     "model_config": view.announce.params["model_config"],
                     "loss": view.announce.params.get("loss", "sparse_categorical_crossentropy"),
-                    "metrics_only": True,
                 },
                 inputs={"weights": weights, "data": self.node.blobs.path(refs[input_name]["sha256"])},
                 limits=Limits(memory_bytes=self.node.config.limits.memory_mb << 20),
@@ -750,13 +745,6 @@ def _split_npz(path: Path, shares: list[float], seed: int) -> list[bytes]:
         np.savez(buf, **{k: v[idx] if len(v) == n else v for k, v in arrays.items()})
         out.append(buf.getvalue())
     return out
-
-
-def spec_from_row(row: Any) -> TaskSpec | None:
-    try:
-        return parse_spec({k: v for k, v in json.loads(row["spec"]).items() if k != "input_refs"})
-    except ValueError:
-        return None
 
 
 __all__ = ["SubmitError", "Submitter", "net_params"]
