@@ -72,9 +72,7 @@ class Contractor:
             self.node.counters.inc("bids.not_eligible")
             log.debug("not bidding for %s: %s", view.task_id, reason)
             return
-        if view.latest_award() is not None and self.node.peer_id not in view.participants():
-            # A re-announce after an award asks for spare bidders: bid again.
-            pass
+        # Also after an award: a re-announce asks for spare bidders for lost shards.
         await self.send_bid(view)
 
     async def send_bid(self, view: TaskView) -> None:
