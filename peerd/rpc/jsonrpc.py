@@ -11,10 +11,17 @@ the client accepts up to :data:`MAX_RESPONSE_LINE`.
 
 Batches (a JSON array) are rejected with -32600: nothing peerd offers needs them, and one
 request per line keeps per-call permission checks and streaming (``task.watch``) simple.
+
+Nesting is bounded too (:data:`MAX_JSON_DEPTH`), and checked *before* ``json.loads`` runs:
+CPython's decoder recurses once per ``[``/``{``, so a 2 KB line of brackets raises
+RecursionError, which is not a ValueError and used to end the connection task and with it the
+daemon. An over-deep line is answered -32700 like any text we cannot parse (docs/rpc.md,
+*Errors*), and the connection stays usable.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -25,6 +32,11 @@ from typing import Any
 
 MAX_REQUEST_LINE = 1 << 20
 MAX_RESPONSE_LINE = 8 << 20
+#: Deepest nesting of arrays/objects accepted in one message, request or response. peerd's own
+#: messages nest about 12 deep (a task spec's free-form params are capped at depth 6 by
+#: protocol/schema.py; Keras model configs travel as a JSON *string*), so 64 leaves room and
+#: stays far below the interpreter's recursion limit whatever the caller's stack depth.
+MAX_JSON_DEPTH = 64
 
 RequestId = int | str | None
 
@@ -109,9 +121,49 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _loads(line: bytes) -> Any:
-    text = line.decode("utf-8")
+class TooDeep(ValueError):
+    """A document nests arrays/objects deeper than allowed; raised before any parsing."""
+
+
+# A complete JSON string (escapes included), in the unrolled form that matches in linear time.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def json_depth(text: str) -> int:
+    """How deep arrays and objects nest in ``text``, without parsing it.
+
+    Brackets inside strings do not count; outside strings they can only be structure (no JSON
+    number or literal contains one). Text after an unterminated string is inside that string.
+    Everything runs in C (regex, ``itertools.accumulate``), so a 1 MiB line costs milliseconds.
+    Invalid JSON may give any number here; ``json.loads`` then refuses it anyway.
+    """
+    outside = _JSON_STRING.sub("", text)
+    quote = outside.find('"')
+    if quote >= 0:
+        outside = outside[:quote]
+    brackets = _NOT_BRACKETS.sub("", outside)
+    if not brackets:
+        return 0
+    return max(0, max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets))))
+
+
+def loads_bounded(text: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` that refuses NaN/Infinity and anything nested deeper than ``max_depth``.
+
+    Only ValueError (incl. :class:`TooDeep`) escapes, never RecursionError.
+    """
+    # Fewer openers than the limit cannot nest past it: the common case skips the scan.
+    if text.count("[") + text.count("{") > max_depth:
+        depth = json_depth(text)
+        if depth > max_depth:
+            raise TooDeep(f"nested {depth} levels deep; at most {max_depth} are accepted")
     return json.loads(text, parse_constant=_reject_constant)
+
+
+def _loads(line: bytes) -> Any:
+    return loads_bounded(line.decode("utf-8"))
 
 
 def _valid_id(value: Any) -> bool:

@@ -422,7 +422,12 @@ class RpcServer:
                     log.warning("rpc connection without peer credentials; closing")
                     return
                 log.info("rpc connection pid=%d uid=%d gid=%d", cred.pid, cred.uid, cred.gid)
-                await _Connection(stream, cred, self.methods, access).run()
+                try:
+                    await _Connection(stream, cred, self.methods, access).run()
+                except Exception:
+                    # A bug reached by one caller's input ends that caller's connection, never
+                    # the listener: trio.serve_listeners would let it end the daemon.
+                    log.exception("rpc connection pid=%d failed; closing it", cred.pid)
 
         return handle
 
