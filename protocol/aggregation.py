@@ -1,17 +1,25 @@
 """Aggregation rules of the signed aggregation round (DESIGN §6), as pure numpy functions.
 
 Every committee member recomputes the aggregate O from the committed outputs O_i and votes
-for its hash, so all members must get the *same bytes* (DESIGN §6: "canonical order, float64
-accumulation, fixed cast"). The rules here guarantee that on one numpy build:
+for its hash, so all members must get the *same bytes*. protocol/SPEC.md §11.3 states the
+algorithm bit for bit and ``protocol/vectors/tensors.json`` pins it; in short:
 
-* inputs are processed in ascending peer-ID order, whatever order they are given in;
-* every reduction is an explicit left-to-right loop of element-wise float64 operations (never
-  ``np.sum``/``np.mean`` over an axis, whose pairwise/SIMD summation order is an
-  implementation detail), or a sort (whose output does not depend on input order);
+* inputs are processed in ascending order of their key (callers pass
+  ``certificate.input_key(peer_id, shard)``: peer ID, then shard), whatever order they are
+  given in;
+* every element is first converted to float64 (exact for ``<f2 <f4 <f8 <i4 |u1``; an
+  ``<i8`` beyond 2**53 rounds to nearest-even), and every reduction is an explicit
+  left-to-right loop of element-wise float64 operations starting from +0.0 (never
+  ``np.sum``/``np.mean``, whose pairwise/SIMD order is an implementation detail, and never
+  float32 accumulation);
+* ``weighted_mean`` is (Σ w_i·x_i) / Σ w_i — one division at the end, never normalising the
+  weights first; ``trimmed_mean`` sums the kept values in ascending *sorted* order;
 * ``-0.0`` is normalised to ``+0.0`` before sorting, the one case where sort output could
   depend on input order (``-0.0 == 0.0``);
-* the float64 result is cast once to the inputs' dtype: floats round to nearest-even,
-  integers are rounded half-to-even with ``np.rint`` and clipped to the dtype's range.
+* the float64 result, if any value is not finite, is ``overflow``; else it is cast once to
+  the inputs' dtype: floats round to nearest-even directly from float64 (a non-finite value
+  after that cast is ``overflow``), integers are rounded half-to-even (``np.rint``) and
+  saturate at the dtype's range.
 
 Rules:
 
@@ -19,18 +27,19 @@ Rules:
     The seed's O = Σ O_i (seed §4.1). Weights are ignored.
 ``weighted_mean``
     FedAvg (McMahan et al., 2017): O = Σ w_i·O_i / Σ w_i, with w_i the sample counts the
-    participants committed to. Weights of the participants present are renormalised simply by
-    dividing by their own sum (DESIGN §6: a missing participant is left out).
+    participants committed to (a committed weight of 0 counts as 1.0, :func:`effective_weight`).
+    Weights of the participants present are renormalised simply by dividing by their own sum
+    (DESIGN §6: a missing participant is left out).
 ``trimmed_mean``
     Per coordinate: sort the n values, drop the t lowest and t highest, average the rest
     (unweighted), with t = min(⌈trim_ratio·n − 1e-9⌉, ⌊(n−1)/2⌋). The ceiling (not the floor
     scipy's ``trim_mean`` uses) matters for small rounds: with 4 participants and the default
     0.2, floor would trim nothing and one Byzantine peer would move the mean at will; ceiling
     trims 1 from each side. The 1e-9 absorbs float representation (0.2·5 trims exactly 1).
-    The clamp keeps at least one value.
+    The clamp keeps at least one value. The protocol always uses trim_ratio 0.2.
 ``median``
-    Per coordinate: the middle value, or for even n the mean 0.5·(lo + hi) of the two middle
-    values.
+    Per coordinate: the middle value, or for even n 0.5·(lo + hi) of the two middle values
+    (computed exactly so: lo + hi may overflow, which is ``overflow``).
 
 Robust rules (median, trimmed_mean) ignore weights on purpose: a Byzantine peer could
 otherwise claim a huge sample count.
@@ -54,6 +63,15 @@ _ALLOWED_KINDS = frozenset("fiu")
 
 Input = tuple[str, float, Sequence[np.ndarray]]
 _F64 = npt.NDArray[np.float64]
+
+
+def effective_weight(committed: float) -> float:
+    """The weight an input counts with: its committed ``weight`` if > 0, else 1.0 (SPEC §11.3).
+
+    A result's ``weight`` is 0.0 when the kind reports no sample count; such an input must
+    not vanish from a weighted mean (nor make the total 0).
+    """
+    return committed if committed > 0 else 1.0
 
 
 def trim_count(n: int, trim_ratio: float) -> int:
@@ -119,8 +137,17 @@ def _cast(result: _F64, like: np.ndarray) -> np.ndarray:
         if not np.isfinite(out).all():
             raise RemoteProtocolError(f"aggregate overflows {dtype}", reason="overflow")
     else:
+        # Round half to even, then saturate at the dtype's range (SPEC §11.3). The bounds are
+        # compared as exact powers of two: float(2**63 - 1) is 2**63, so clipping against
+        # info.max in float64 and casting would overflow (numpy gives -2**63 on x86, the
+        # maximum on ARM); the float64 values kept here are integers the dtype represents.
         info = np.iinfo(dtype)
-        out = np.clip(np.rint(result), info.min, info.max).astype(dtype)
+        rounded = np.rint(result)
+        over = rounded >= float(int(info.max) + 1)  # 2**8, 2**31 or 2**63: exact in float64
+        under = rounded < float(info.min)  # 0, -2**31 or -2**63: exact in float64
+        out = np.where(over | under, 0.0, rounded).astype(dtype)
+        out[over] = info.max
+        out[under] = info.min
     # astype made a fresh C-contiguous array (np.ascontiguousarray would turn 0-d into 1-d).
     return out.reshape(like.shape)
 

@@ -251,3 +251,27 @@ def test_signed_zeros_do_not_make_the_result_depend_on_order() -> None:
         for rule in ("median", "trimmed_mean"):
             outputs.add((rule, aggregate(rule, inputs, trim_ratio=0.4)[0].tobytes()))
     assert len(outputs) == 2
+
+
+@pytest.mark.parametrize(
+    ("dtype", "values", "expected"),
+    [
+        # 2^62 + 2^62 = 2^63 is one past int64's maximum: it saturates, never wraps to -2^63.
+        ("int64", (2**62, 2**62), 2**63 - 1),
+        ("int64", (-(2**62), -(2**62) - 2048), -(2**63)),
+        ("int64", (2**62, 2**62 - 1024), 2**63 - 1024),  # exact in float64, below the maximum
+        ("int32", (2**30, 2**30), 2**31 - 1),
+        ("int32", (-(2**30), -(2**30) - 1), -(2**31)),
+        ("uint8", (200, 100), 255),
+    ],
+)
+def test_integer_sum_saturates_at_the_dtype_range(dtype: str, values: tuple[int, int], expected: int) -> None:
+    """SPEC §11.3: the rounded float64 result is clipped to the dtype's range. float(2^63 - 1)
+    is 2^63, so clipping against the int64 maximum as a float and casting overflowed."""
+    inputs = [
+        ("a", 1.0, [np.array([values[0]], dtype=dtype)]),
+        ("b", 1.0, [np.array([values[1]], dtype=dtype)]),
+    ]
+    (out,) = aggregate("sum", inputs)
+    assert out.dtype == np.dtype(dtype)
+    assert out.tolist() == [expected]
