@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import struct
 import sys
 from pathlib import Path
@@ -741,10 +742,278 @@ def committee_vectors() -> dict[str, Any]:
     }
 
 
+#: Extra fixed keys: aggregation cases need up to 8 distinct participants.
+AGG_KEYS = [KEYS[n] for n in ("node1", "node2", "node3", "submitter")] + [
+    Key(f"agg{i}", bytes((128 + 32 * i + j) % 256 for j in range(32))) for i in range(4)
+]
+
+
+def det_values(label: str, count: int, kind: str) -> list[Any]:
+    """Deterministic pseudo-random values (sha256 of a label, no RNG): floats of mixed signs
+    and magnitudes (so float addition is visibly non-associative), or small integers."""
+    out: list[Any] = []
+    for i in range(count):
+        h = hashlib.sha256(f"{label}/{i}".encode()).digest()
+        if kind == "f":
+            mantissa = (int.from_bytes(h[:8], "big") >> 11) / 2.0**53 * 2.0 - 1.0
+            out.append(mantissa * 10.0 ** (h[8] % 9 - 4))
+        else:
+            out.append(int.from_bytes(h[:4], "big") % 2001 - 1000)
+    return out
+
+
+def _arrays_json(arrays: list[Any]) -> list[dict[str, Any]]:
+    return [{"dtype": a.dtype.str, "shape": list(a.shape), "values": a.ravel().tolist()} for a in arrays]
+
+
+def aggregation_cases() -> list[dict[str, Any]]:
+    """Cases that tell every plausible wrong reading of SPEC §11.3 apart from the right one
+    (tests/unit/test_vectors.py implements the wrong readings and checks that each one
+    disagrees with at least one case)."""
+    import numpy as np
+
+    from protocol.aggregation import aggregate, effective_weight
+    from protocol.certificate import input_key
+    from protocol.errors import RemoteProtocolError
+    from protocol.tensors import encode_arrays
+
+    cases: list[dict[str, Any]] = []
+
+    def case(name: str, rule: str, note: str, rows: list[tuple[int, int, float, list[Any]]]) -> None:
+        """rows: (peer index into AGG_KEYS, shard, committed weight, arrays)."""
+        inputs = []
+        agg_in = []
+        for k, shard, weight, arrays in rows:
+            peer = AGG_KEYS[k].peer_id
+            item: dict[str, Any] = {
+                "peer_id": peer,
+                "shard": shard,
+                "weight": weight,
+                "tensors_hex": encode_arrays(arrays).hex(),
+            }
+            if all(np.isfinite(a).all() for a in arrays):
+                item["arrays"] = _arrays_json(arrays)  # NaN and ±inf have no JSON form: hex only
+            inputs.append(item)
+            agg_in.append((input_key(peer, shard), effective_weight(weight), arrays))
+        try:
+            out = aggregate(rule, agg_in)
+        except RemoteProtocolError as exc:
+            expect: dict[str, Any] = {"error": exc.reason}
+        else:
+            raw = encode_arrays(out)
+            expect = {
+                "arrays": _arrays_json(out),
+                "hex": raw.hex(),
+                "sha256": hashlib.sha256(raw).hexdigest(),
+            }
+        cases.append({"name": name, "rule": rule, "note": note, "inputs": inputs, "expect": expect})
+
+    def f8(*v: float) -> Any:
+        return np.array(v, dtype="<f8")
+
+    def rnd(label: str, n: int, dtype: str) -> Any:
+        return np.array(det_values(label, n, "f" if dtype[1] == "f" else "i"), dtype=dtype)
+
+    # sum: the starting value (+0.0, so an all -0.0 coordinate sums to +0.0), the order
+    # (peer ID, then shard numerically: agg1 holds shards 2 and 10), float64 accumulation.
+    neg0 = np.array([-0.0], dtype="<f8")
+    case(
+        "sum_f8",
+        "sum",
+        "5 inputs, peer agg1 holding shards 2 and 10; last coordinate -0.0 everywhere",
+        [
+            (
+                k,
+                s,
+                w,
+                [
+                    np.concatenate([rnd(f"sum_f8/{k}/{s}", 64, "<f8"), neg0]),
+                    rnd(f"sum_f8m/{k}/{s}", 4, "<f8").reshape(2, 2),
+                ],
+            )
+            for k, s, w in ((0, 0, 1.0), (5, 10, 2.0), (2, 1, 0.0), (5, 2, 3.0), (6, 3, 1.0))
+        ],
+    )
+    case(
+        "sum_f4",
+        "sum",
+        "float32 inputs: accumulated in float64, cast once",
+        [(k, k, 1.0, [rnd(f"sum_f4/{k}", 16, "<f4")]) for k in range(6)],
+    )
+    case(
+        "sum_f2_direct_cast",
+        "sum",
+        "1 + 2^-11 + 2^-24 is just above a float16 tie: cast directly from float64 it rounds up; "
+        "through float32 (or accumulated in float32) it becomes the tie and rounds down to 1.0",
+        [
+            (0, 0, 1.0, [np.array([1.0, 1.0], dtype="<f2")]),
+            (1, 1, 1.0, [np.array([2.0**-11, 0.5], dtype="<f2")]),
+            (2, 2, 1.0, [np.array([2.0**-24, 0.25], dtype="<f2")]),
+        ],
+    )
+    case(
+        "sum_i8_beyond_2p53",
+        "sum",
+        "int64 is converted to and accumulated in float64, not summed exactly: 2^53 + 1 becomes 2^53 "
+        "on conversion, and 2^53, 1, 1 sum to 2^53 or 2^53 + 2 depending on the order; "
+        "2^62 + 2^62 saturates at 2^63 - 1",
+        [
+            (0, 0, 1.0, [np.array([2**53, 2**62, -5, 2**53 + 1], dtype="<i8")]),
+            (1, 1, 1.0, [np.array([1, 2**62, 7, 0], dtype="<i8")]),
+            (2, 2, 1.0, [np.array([1, 0, -1, 0], dtype="<i8")]),
+        ],
+    )
+    case(
+        "sum_i4_u1_saturate",
+        "sum",
+        "integer sums saturate at the dtype's range (no wrap-around)",
+        [
+            (0, 0, 1.0, [np.array([2**30, -(2**30), 5], dtype="<i4"), np.array([200, 3], dtype="|u1")]),
+            (1, 1, 1.0, [np.array([2**30, -(2**30) - 1, 6], dtype="<i4"), np.array([100, 4], dtype="|u1")]),
+        ],
+    )
+    # weighted_mean: (Σ w·x) / Σw, not Σ (w/Σw)·x; weight 0 counts as 1.0.
+    case(
+        "weighted_mean_f8",
+        "weighted_mean",
+        "Σ w·x / Σ w differs in the last bits from normalising the weights first; "
+        "one committed weight is 0.0 and counts as 1.0; last coordinate -0.0 everywhere",
+        [
+            (k, k, w, [np.concatenate([rnd(f"wm_f8/{k}", 24, "<f8"), neg0])])
+            for k, w in ((0, 1000.0), (1, 3000.0), (2, 0.0), (3, 700.0), (4, 1234.5))
+        ],
+    )
+    case(
+        "weighted_mean_f4",
+        "weighted_mean",
+        "float32 inputs with weights that are not powers of two",
+        [(k, k, w, [rnd(f"wm_f4/{k}", 16, "<f4")]) for k, w in ((0, 3.0), (1, 7.0), (2, 11.0))],
+    )
+    case(
+        "weighted_mean_i4_rounding",
+        "weighted_mean",
+        "means of .5 round half to even: 0.5→0, 1.5→2, -1.5→-2, -2.5→-2, 5.5→6; 2.4→2, -2.6→-3",
+        [
+            (0, 0, 1.0, [np.array([0, 1, -1, -2, 5, 2, -3], dtype="<i4")]),
+            (1, 1, 1.0, [np.array([1, 2, -2, -3, 6, 3, -2], dtype="<i4")]),
+        ],
+    )
+    case(
+        "weighted_mean_i4_weights",
+        "weighted_mean",
+        "integer inputs with unequal weights",
+        [(k, k, w, [rnd(f"wm_i4/{k}", 12, "<i4")]) for k, w in ((0, 2.0), (1, 5.0), (2, 9.0))],
+    )
+    # trimmed_mean: t = min(⌈0.2·n − 1e-9⌉, ⌊(n−1)/2⌋); the kept values summed in ascending
+    # sorted order; divided by the count (not multiplied by its reciprocal).
+    for n in (4, 5, 8):
+        case(
+            f"trimmed_mean_f8_n{n}",
+            "trimmed_mean",
+            f"n = {n}: t = {math.ceil(0.2 * n - 1e-9)} from each end",
+            [(k, k, 1.0, [rnd(f"tm_f8_{n}/{k}", 24, "<f8")]) for k in range(n)],
+        )
+    case(
+        "trimmed_mean_i4_n5",
+        "trimmed_mean",
+        "integer inputs, n = 5 (t = 1): the mean of 3 rounds half to even",
+        [(k, k, 1.0, [rnd(f"tm_i4/{k}", 12, "<i4")]) for k in range(5)],
+    )
+    # median
+    case(
+        "median_f8_odd",
+        "median",
+        "n = 5: the middle value; -0.0 becomes +0.0 before sorting",
+        [
+            (k, k, 1.0, [np.concatenate([rnd(f"med_odd/{k}", 16, "<f8"), f8([-0.0, 5.0, -5.0][k % 3])])])
+            for k in range(5)
+        ],
+    )
+    case(
+        "median_f8_even",
+        "median",
+        "n = 4: 0.5·(lo + hi); second-to-last coordinate: lo = hi = 5e-324, where 0.5·lo + 0.5·hi = 0; "
+        "last coordinate: -0.0 in the middle",
+        [
+            (
+                k,
+                k,
+                1.0,
+                [
+                    np.concatenate(
+                        [
+                            rnd(f"med_even/{k}", 24, "<f8"),
+                            f8([5e-324, 5e-324, 0.0, 1.0][k]),
+                            f8([-0.0, -0.0, -1.0, 1.0][k]),
+                        ]
+                    )
+                ],
+            )
+            for k in range(4)
+        ],
+    )
+    case(
+        "median_i4_even",
+        "median",
+        "n = 4 integers: 0.5·(2 + 3) = 2.5 → 2 and 0.5·(3 + 4) = 3.5 → 4 (half to even), "
+        "0.5·(-3 + -2) = -2.5 → -2",
+        [
+            (k, k, 1.0, [np.array(v, dtype="<i4")])
+            for k, v in enumerate(([1, 3, -4], [2, 4, -3], [3, 5, -2], [4, 6, -1]))
+        ],
+    )
+    case(
+        "median_u1_odd",
+        "median",
+        "n = 3 uint8",
+        [
+            (k, k, 1.0, [np.array(v, dtype="|u1")])
+            for k, v in enumerate(([0, 255, 7], [9, 1, 7], [200, 2, 8]))
+        ],
+    )
+    # Errors: what a committee member reports (SPEC §11.3, §12).
+    case(
+        "error_sum_f8_overflow",
+        "sum",
+        "1.5e308 + 1.5e308 is +inf in float64",
+        [(0, 0, 1.0, [f8(1.5e308)]), (1, 1, 1.0, [f8(1.5e308)])],
+    )
+    case(
+        "error_sum_f4_overflow",
+        "sum",
+        "3e38 + 3e38 fits float64 but not float32",
+        [(0, 0, 1.0, [np.array([3e38], dtype="<f4")]), (1, 1, 1.0, [np.array([3e38], dtype="<f4")])],
+    )
+    case(
+        "error_median_even_overflow",
+        "median",
+        "0.5·(lo + hi) with lo = hi = 1.5e308: lo + hi overflows (0.5·lo + 0.5·hi would not)",
+        [(0, 0, 1.0, [f8(1.5e308)]), (1, 1, 1.0, [f8(1.5e308)])],
+    )
+    case(
+        "error_shape_mismatch",
+        "sum",
+        "one input has 3 values where the others have 2",
+        [(0, 0, 1.0, [f8(1.0, 2.0)]), (1, 1, 1.0, [f8(1.0, 2.0, 3.0)])],
+    )
+    case(
+        "error_dtype_mismatch",
+        "sum",
+        "one input is float32 where the other is float64",
+        [(0, 0, 1.0, [f8(1.0)]), (1, 1, 1.0, [np.array([1.0], dtype="<f4")])],
+    )
+    case(
+        "error_non_finite",
+        "median",
+        "an input holds NaN (tensors_hex only: JSON has no NaN)",
+        [(0, 0, 1.0, [f8(1.0)]), (1, 1, 1.0, [f8(float("nan"))]), (2, 2, 1.0, [f8(2.0)])],
+    )
+    return cases
+
+
 def tensor_vectors() -> dict[str, Any]:
     import numpy as np
 
-    from protocol.aggregation import aggregate
     from protocol.tensors import encode_arrays
 
     cases = {
@@ -752,52 +1021,31 @@ def tensor_vectors() -> dict[str, Any]:
             np.array([[1.0, -2.5], [0.25, 3.0]], dtype="<f4"),
             np.array([0.5, -0.0, 7.0], dtype="<f4"),
         ],
-        "int64_scalar": [np.array(42, dtype="<i8")],
+        "float64_and_float16": [
+            np.array([0.1, -1e-300, 5e-324], dtype="<f8"),
+            np.array([65504.0, -6e-08], dtype="<f2"),
+        ],
+        "int32_int64_scalar": [np.array([-(2**31), 2**31 - 1], dtype="<i4"), np.array(42, dtype="<i8")],
         "uint8_empty": [np.zeros((0, 3), dtype="|u1")],
         "empty_list": [],
     }
     tensors = [
         {
             "name": name,
-            "arrays": [
-                {"dtype": a.dtype.str, "shape": list(a.shape), "values": a.ravel().tolist()} for a in arrays
-            ],
+            "arrays": _arrays_json(arrays),
             "hex": encode_arrays(arrays).hex(),
             "sha256": hashlib.sha256(encode_arrays(arrays)).hexdigest(),
         }
         for name, arrays in cases.items()
     ]
-    inputs = [
-        (KEYS["node1"].peer_id, 1.0, [np.array([1.0, 2.0, -4.0], dtype="<f4")]),
-        (KEYS["node2"].peer_id, 3.0, [np.array([5.0, 2.5, 0.0], dtype="<f4")]),
-        (KEYS["node3"].peer_id, 2.0, [np.array([-1.0, 100.0, 0.5], dtype="<f4")]),
-        (KEYS["submitter"].peer_id, 2.0, [np.array([2.0, 2.0, 2.0], dtype="<f4")]),
-        # A fifth input so that trimmed_mean (t = 1 of 5) and median differ.
-        (Key("extra", bytes(range(128, 160))).peer_id, 0.5, [np.array([10.0, -3.0, 1.0], dtype="<f4")]),
-    ]
-    rounds = []
-    for rule in ("sum", "weighted_mean", "trimmed_mean", "median"):
-        out = aggregate(rule, inputs)
-        rounds.append(
-            {
-                "rule": rule,
-                "output_values": out[0].ravel().tolist(),
-                "output_hex": encode_arrays(out).hex(),
-                "output_sha256": hashlib.sha256(encode_arrays(out)).hexdigest(),
-            }
-        )
     return {
-        "description": "Tensor lists (protocol/SPEC.md §11.2, §11.3) and the four aggregation rules over one "
-        "set of inputs (trim_ratio 0.2).",
+        "description": "Tensor lists (protocol/SPEC.md §11.2), and aggregation cases (§11.3): each "
+        "input is (peer_id, shard, committed weight, tensor list); aggregate them in ascending "
+        "(peer_id, shard) order with trim_ratio 0.2 and a committed weight of 0 counting as 1.0; "
+        "expect the output tensor list, or the drop reason. Inputs are listed in no particular order.",
         "tensors": tensors,
-        "aggregation": {
-            "inputs": [
-                {"peer_id": p, "weight": w, "dtype": a[0].dtype.str, "values": a[0].tolist()}
-                for p, w, a in inputs
-            ],
-            "trim_ratio": 0.2,
-            "results": rounds,
-        },
+        "trim_ratio": 0.2,
+        "aggregation": aggregation_cases(),
     }
 
 

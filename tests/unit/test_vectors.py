@@ -10,6 +10,7 @@ import ast
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -353,15 +354,26 @@ def test_committee_vectors() -> None:
         assert quorum(len(by_key)) == r["quorum"] == 2
 
 
-def test_tensor_and_aggregation_vectors() -> None:
+def _arrays(spec: list[dict[str, Any]]) -> list[Any]:
     import numpy as np
 
-    from protocol.aggregation import aggregate
+    return [np.array(a["values"], dtype=a["dtype"]).reshape(a["shape"]) for a in spec]
+
+
+def test_tensor_vectors() -> None:
     from protocol.tensors import decode_arrays, encode_arrays
 
     data = load("tensors.json")
+    assert {a["dtype"] for t in data["tensors"] for a in t["arrays"]} == {
+        "<f2",
+        "<f4",
+        "<f8",
+        "<i4",
+        "<i8",
+        "|u1",
+    }
     for t in data["tensors"]:
-        arrays = [np.array(a["values"], dtype=a["dtype"]).reshape(a["shape"]) for a in t["arrays"]]
+        arrays = _arrays(t["arrays"])
         raw = bytes.fromhex(t["hex"])
         assert encode_arrays(arrays) == raw
         assert hashlib.sha256(raw).hexdigest() == t["sha256"]
@@ -369,16 +381,265 @@ def test_tensor_and_aggregation_vectors() -> None:
         assert [(b.dtype.str, list(b.shape), b.ravel().tolist()) for b in back] == [
             (a["dtype"], a["shape"], a["values"]) for a in t["arrays"]
         ]
-    agg = data["aggregation"]
-    inputs = [(i["peer_id"], i["weight"], [np.array(i["values"], dtype=i["dtype"])]) for i in agg["inputs"]]
-    assert {r["rule"] for r in agg["results"]} == {"sum", "weighted_mean", "trimmed_mean", "median"}
-    outputs = set()
-    for r in agg["results"]:
-        # Input order must not matter (canonical order is by peer ID).
-        for order in (inputs, list(reversed(inputs))):
-            out = aggregate(r["rule"], order, trim_ratio=agg["trim_ratio"])
-            assert encode_arrays(out).hex() == r["output_hex"]
-        assert out[0].tolist() == r["output_values"]
-        assert hashlib.sha256(bytes.fromhex(r["output_hex"])).hexdigest() == r["output_sha256"]
-        outputs.add(r["output_sha256"])
-    assert len(outputs) == 4  # the inputs tell every rule apart
+
+
+# --- aggregation (SPEC §11.3) ------------------------------------------------------------------
+#
+# AggInput = (peer_id, shard, committed weight, arrays); an outcome is the output tensor list's
+# hex, or "error:<reason>".
+AggInput = tuple[str, int, float, list[Any]]
+
+
+def _agg_cases() -> list[dict[str, Any]]:
+    return list(load("tensors.json")["aggregation"])
+
+
+def _agg_inputs(case: dict[str, Any]) -> list[AggInput]:
+    from protocol.tensors import decode_arrays
+
+    out = []
+    for i in case["inputs"]:
+        arrays = decode_arrays(bytes.fromhex(i["tensors_hex"]))
+        if "arrays" in i:  # the JSON values and the hex are the same tensors
+            assert [(a.dtype.str, list(a.shape), a.ravel().tolist()) for a in arrays] == [
+                (a["dtype"], a["shape"], a["values"]) for a in i["arrays"]
+            ]
+        out.append((i["peer_id"], i["shard"], i["weight"], arrays))
+    return out
+
+
+def _expected(case: dict[str, Any]) -> str:
+    e = case["expect"]
+    return f"error:{e['error']}" if "error" in e else str(e["hex"])
+
+
+def _code_outcome(rule: str, inputs: list[AggInput]) -> str:
+    from protocol.aggregation import aggregate, effective_weight
+    from protocol.certificate import input_key
+    from protocol.tensors import encode_arrays
+
+    try:
+        out = aggregate(
+            rule, [(input_key(p, s), effective_weight(w), a) for p, s, w, a in inputs], trim_ratio=0.2
+        )
+    except RemoteProtocolError as exc:
+        return f"error:{exc.reason}"
+    return encode_arrays(out).hex()
+
+
+def test_aggregation_vectors_cover_every_variant_source() -> None:
+    cases = _agg_cases()
+    assert load("tensors.json")["trim_ratio"] == 0.2
+    by_rule: dict[str, set[str]] = {}
+    for c in cases:
+        dtypes = {i["tensors_hex"][:0] + a["dtype"] for i in c["inputs"] for a in i.get("arrays", [])}
+        by_rule.setdefault(c["rule"], set()).update(dtypes)
+    for rule in ("sum", "weighted_mean", "trimmed_mean", "median"):
+        assert {"<f8"} <= by_rule[rule] and by_rule[rule] & {"<i4", "<i8", "|u1"}, rule
+    counts = {(c["rule"], len(c["inputs"]) % 2) for c in cases if "error" not in c["expect"]}
+    assert {("median", 0), ("median", 1), ("trimmed_mean", 0), ("trimmed_mean", 1)} <= counts
+
+
+@pytest.mark.parametrize("case", _agg_cases(), ids=lambda c: c["name"])
+def test_aggregation_vector(case: dict[str, Any]) -> None:
+    """The code gives each case's expected bytes (or drop reason), whatever the input order."""
+    inputs = _agg_inputs(case)
+    for order in (inputs, list(reversed(inputs)), sorted(inputs, key=lambda i: (-i[1], i[0]))):
+        assert _code_outcome(case["rule"], order) == _expected(case)
+    if "error" not in case["expect"]:
+        raw = bytes.fromhex(case["expect"]["hex"])
+        assert hashlib.sha256(raw).hexdigest() == case["expect"]["sha256"]
+        from protocol.tensors import decode_arrays
+
+        assert [(a.dtype.str, list(a.shape), a.ravel().tolist()) for a in decode_arrays(raw)] == [
+            (a["dtype"], a["shape"], a["values"]) for a in case["expect"]["arrays"]
+        ]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One reading of SPEC §11.3; the defaults are the right one, every other value a plausible
+    mistake of a second implementation."""
+
+    order: str = "peer_shard"  # "reverse" | "shard_unpadded" (key f"{peer}/{shard}" unpadded)
+    start_first: bool = False  # a sum starts from the first term instead of +0.0
+    acc: str = "<f8"  # "<f4": float32 accumulation (forbidden)
+    cast_via_f4: bool = False  # float64 → float32 → float16 (double rounding)
+    normalise_first: bool = False  # weighted_mean as Σ (w/Σw)·x
+    zero_weight_as_is: bool = False  # a committed weight 0 counts as 0, not 1.0
+    trim_floor: bool = False  # t = ⌊0.2·n⌋
+    trim_in_peer_order: bool = False  # kept values summed in input order, not sorted order
+    trim_reciprocal: bool = False  # sum · (1/k) instead of sum / k
+    median: str = "half_sum"  # "lower" | "upper" | "lo_plus_half_diff" | "half_each"
+    median_int_floor: bool = False  # integer median of an even count as (lo + hi) // 2
+    keep_neg_zero: bool = False  # no -0.0 → +0.0 before sorting
+    int_round: str = "even"  # "away" | "floor" | "trunc"
+    int_exact: bool = False  # integers summed exactly (as integers), not in float64
+    int_wrap: bool = False  # integer results wrap around instead of saturating
+
+
+WRONG_VARIANTS = {
+    "reverse_order": Variant(order="reverse"),
+    "shard_key_unpadded": Variant(order="shard_unpadded"),
+    "sum_starts_from_first_term": Variant(start_first=True),
+    "float32_accumulation": Variant(acc="<f4"),
+    "float16_cast_through_float32": Variant(cast_via_f4=True),
+    "weighted_mean_normalises_first": Variant(normalise_first=True),
+    "zero_weight_counts_zero": Variant(zero_weight_as_is=True),
+    "trim_count_floor": Variant(trim_floor=True),
+    "trimmed_sum_in_peer_order": Variant(trim_in_peer_order=True),
+    "trimmed_multiplies_by_reciprocal": Variant(trim_reciprocal=True),
+    "median_even_lower": Variant(median="lower"),
+    "median_even_upper": Variant(median="upper"),
+    "median_even_lo_plus_half_diff": Variant(median="lo_plus_half_diff"),
+    "median_even_half_each": Variant(median="half_each"),
+    "median_int_floor_division": Variant(median_int_floor=True),
+    "no_negative_zero_normalisation": Variant(keep_neg_zero=True),
+    "int_round_half_away": Variant(int_round="away"),
+    "int_round_floor": Variant(int_round="floor"),
+    "int_round_trunc": Variant(int_round="trunc"),
+    "int_exact_sum": Variant(int_exact=True),
+    "int_wraps": Variant(int_wrap=True),
+}
+
+
+def _ref_aggregate(rule: str, inputs: list[AggInput], v: Variant) -> str:
+    """A second, independent implementation of SPEC §11.3 (element by element, plain loops),
+    with the mistakes of ``v`` switched on. Returns the outcome like :func:`_code_outcome`."""
+    import numpy as np
+
+    if v.order == "peer_shard":
+        items = sorted(inputs, key=lambda i: (i[0], i[1]))
+    elif v.order == "reverse":
+        items = sorted(inputs, key=lambda i: (i[0], i[1]), reverse=True)
+    else:
+        items = sorted(inputs, key=lambda i: f"{i[0]}/{i[1]}")
+    first = items[0][3]
+    for _, _, _, arrays in items:
+        if len(arrays) != len(first) or any(
+            a.shape != b.shape or a.dtype != b.dtype for a, b in zip(arrays, first, strict=True)
+        ):
+            return "error:shape_mismatch"
+        if any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in arrays):
+            return "error:non_finite"
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is an outcome here
+        return _ref_compute(rule, items, v)
+
+
+def _ref_compute(rule: str, items: list[AggInput], v: Variant) -> str:
+    import numpy as np
+
+    from protocol.tensors import encode_arrays
+
+    first = items[0][3]
+    acc_t = np.dtype(v.acc).type
+    n = len(items)
+    weights = [w if (w > 0 or v.zero_weight_as_is) else 1.0 for _, _, w, _ in items]
+    outputs = []
+    for pos, like in enumerate(first):
+        cols = [a[pos].ravel() for _, _, _, a in items]
+        size = like.size
+        result: list[Any] = []
+        for e in range(size):
+            xs = [c[e] for c in cols]
+            if v.int_exact and like.dtype.kind in "iu" and rule == "sum":
+                result.append(sum(int(x) for x in xs))
+                continue
+            fx = [acc_t(x) for x in xs]
+            if rule in ("trimmed_mean", "median") and not v.keep_neg_zero:
+                fx = [x + acc_t(0.0) for x in fx]  # -0.0 + 0.0 = +0.0
+            if rule == "sum":
+                acc = fx[0] if v.start_first else acc_t(0.0)
+                for x in fx[1:] if v.start_first else fx:
+                    acc = acc_t(acc + x)
+            elif rule == "weighted_mean":
+                total = acc_t(0.0)
+                for w in weights:
+                    total = acc_t(total + acc_t(w))
+                terms = [
+                    acc_t(acc_t(w) / total) * x if v.normalise_first else acc_t(w) * x
+                    for w, x in zip(weights, fx, strict=True)
+                ]
+                acc = terms[0] if v.start_first else acc_t(0.0)
+                for t in terms[1:] if v.start_first else terms:
+                    acc = acc_t(acc + t)
+                acc = acc if v.normalise_first else acc_t(acc / total)
+            elif rule == "trimmed_mean":
+                t = math.floor(0.2 * n) if v.trim_floor else math.ceil(0.2 * n - 1e-9)
+                t = min(t, (n - 1) // 2)
+                ranked = sorted(range(n), key=lambda i: (fx[i], i))  # stable: ties keep input order
+                kept = ranked[t : n - t]
+                order = sorted(kept) if v.trim_in_peer_order else kept
+                acc = acc_t(0.0)
+                for i in order:
+                    acc = acc_t(acc + fx[i])
+                k = acc_t(n - 2 * t)
+                acc = acc_t(acc * acc_t(acc_t(1.0) / k)) if v.trim_reciprocal else acc_t(acc / k)
+            else:
+                srt = sorted(fx)
+                mid = n // 2
+                if n % 2:
+                    acc = srt[mid]
+                else:
+                    lo, hi = srt[mid - 1], srt[mid]
+                    if v.median_int_floor and like.dtype.kind in "iu":
+                        acc = acc_t((int(lo) + int(hi)) // 2)
+                    elif v.median == "lower":
+                        acc = lo
+                    elif v.median == "upper":
+                        acc = hi
+                    elif v.median == "lo_plus_half_diff":
+                        acc = acc_t(lo + acc_t(0.5) * acc_t(hi - lo))
+                    elif v.median == "half_each":
+                        acc = acc_t(acc_t(0.5) * lo + acc_t(0.5) * hi)
+                    else:
+                        acc = acc_t(acc_t(0.5) * acc_t(lo + hi))
+            result.append(acc)
+        if like.dtype.kind == "f":
+            vals = np.array(result, dtype=np.float64)
+            if not np.isfinite(vals).all():
+                return "error:overflow"
+            via_f4 = v.cast_via_f4 and like.dtype == np.float16
+            out = (vals.astype(np.float32) if via_f4 else vals).astype(like.dtype)
+            if not np.isfinite(out).all():
+                return "error:overflow"
+        else:
+            info = np.iinfo(like.dtype)
+            ints = []
+            for x in result:
+                if isinstance(x, int):
+                    r = x
+                else:
+                    f = float(x)
+                    if not math.isfinite(f):
+                        return "error:overflow"
+                    r = {
+                        "even": round(f),  # Python rounds half to even
+                        "away": int(math.copysign(math.floor(abs(f) + 0.5), f)),
+                        "floor": math.floor(f),
+                        "trunc": math.trunc(f),
+                    }[v.int_round]
+                if v.int_wrap:
+                    span = int(info.max) - int(info.min) + 1
+                    r = (r - int(info.min)) % span + int(info.min)
+                ints.append(min(max(r, int(info.min)), int(info.max)))
+            out = np.array(ints, dtype=like.dtype)
+        outputs.append(out.reshape(like.shape))
+    return encode_arrays(outputs).hex()
+
+
+@pytest.mark.parametrize("case", _agg_cases(), ids=lambda c: c["name"])
+def test_reference_reading_of_the_spec_matches_every_vector(case: dict[str, Any]) -> None:
+    """The straightforward reading of SPEC §11.3 (the reference below, with no mistake switched
+    on) agrees with every case, so each wrong variant differs from it in one point only."""
+    assert _ref_aggregate(case["rule"], _agg_inputs(case), Variant()) == _expected(case)
+
+
+@pytest.mark.parametrize("name", sorted(WRONG_VARIANTS))
+def test_vectors_tell_every_wrong_variant_apart(name: str) -> None:
+    """Each plausible misreading of SPEC §11.3 disagrees with at least one vector — so an
+    implementation that passes tensors.json does not carry it (issue: every wrong variant used
+    to pass the four old aggregation vectors, float32 accumulation included)."""
+    v = WRONG_VARIANTS[name]
+    wrong = [c["name"] for c in _agg_cases() if _ref_aggregate(c["rule"], _agg_inputs(c), v) != _expected(c)]
+    assert wrong, f"variant {name} passes every aggregation vector"
