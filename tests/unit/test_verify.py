@@ -205,12 +205,28 @@ def test_an_award_signed_by_another_peer_is_caught(task: SyntheticTask, bundle: 
     assert bad["award award-0.msg"].startswith("forged_award"), bad
 
 
-def test_a_bundle_short_of_rounds_is_caught(bundle: Path) -> None:
+def test_a_bundle_short_of_rounds_is_caught(task: SyntheticTask, bundle: Path) -> None:
+    """The rounds to check come from the signed announce, not the manifest: a bundle with
+    round 2 taken out (and its manifest saying 1) certifies 1 of 2."""
+    import shutil
+
+    shutil.rmtree(bundle / "round-2")
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["rounds"] = 1
+    m["result"]["outputs"][0]["sha256"] = SyntheticTask.sha(task.outputs[1])
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    bad = verify_tampered(bundle)
+    assert bad["rounds"] == "bundle certifies 1 of 2 rounds", bad
+    assert bad["round 2 certificate"] == "missing: no votes in the bundle", bad
+
+
+def test_a_manifest_understating_the_rounds_is_caught(bundle: Path) -> None:
+    """The manifest's round count is a claim like any other: checked against the bundle."""
     m = json.loads((bundle / "manifest.json").read_text())
     m["rounds"] = 1
     (bundle / "manifest.json").write_text(json.dumps(m))
     bad = verify_tampered(bundle)
-    assert bad["rounds"] == "bundle certifies 1 of 2 rounds", bad
+    assert bad == {"manifest rounds": "the manifest claims 1 certified round(s); the bundle certifies 2"}, bad
 
 
 def test_final_weights_that_are_not_the_last_certified_output_are_caught(bundle: Path) -> None:
