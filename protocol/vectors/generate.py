@@ -171,9 +171,13 @@ def messages() -> list[tuple[str, Message]]:
         {"shard": i, "peer_id": KEYS[name].peer_id, "share": c / total, "inputs": {}}
         for i, (name, c) in enumerate(chosen)
     ]
+    # One story across the vectors: the lease and the result are node1's for the shard the
+    # award gives node1, and the vote's inputs are the award's (peer, shard) pairs.
+    shard_of = {name: i for i, (name, _) in enumerate(chosen)}
     # The round's participants are the award's peers; the committee is drawn from them
     # (SPEC.md §11.1): with two participants both sit on it, and the quorum is 2.
     committee = sorted(draw_committee(TASK_ID, 1, [KEYS[n].peer_id for n, _ in chosen], 3))
+    outputs = {"node1": (SHA_A, 1000.0), "node3": (SHA_B, 2000.0)}
     return [
         (
             "node1",
@@ -248,7 +252,7 @@ def messages() -> list[tuple[str, Message]]:
                 **_times(12, 60_000),
                 task_id=TASK_ID,
                 epoch=0,
-                shard=0,
+                shard=shard_of["node1"],
                 round=1,
                 state="running",
                 detail="",
@@ -261,12 +265,12 @@ def messages() -> list[tuple[str, Message]]:
                 **_times(13, 3_600_000),
                 task_id=TASK_ID,
                 epoch=0,
-                shard=0,
+                shard=shard_of["node1"],
                 round=1,
                 ok=True,
                 error=None,
-                outputs={"weights": {"sha256": SHA_A, "size": 407_000}},
-                weight=1000.0,
+                outputs={"weights": {"sha256": outputs["node1"][0], "size": 407_000}},
+                weight=outputs["node1"][1],
                 metrics={"accuracy": 0.875, "loss": 0.25},
             ),
         ),
@@ -281,10 +285,15 @@ def messages() -> list[tuple[str, Message]]:
                 committee=committee,
                 inputs=sorted(
                     [
-                        {"peer_id": KEYS["node1"].peer_id, "shard": 0, "sha256": SHA_A, "weight": 1000.0},
-                        {"peer_id": KEYS["node3"].peer_id, "shard": 1, "sha256": SHA_B, "weight": 2000.0},
+                        {
+                            "peer_id": KEYS[name].peer_id,
+                            "shard": shard_of[name],
+                            "sha256": outputs[name][0],
+                            "weight": outputs[name][1],
+                        }
+                        for name in shard_of
                     ],
-                    key=lambda i: i["peer_id"],
+                    key=lambda i: (i["peer_id"], i["shard"]),
                 ),
                 excluded=[],
                 output={"sha256": SHA_O, "size": 407_000},

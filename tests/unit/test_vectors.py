@@ -223,6 +223,34 @@ def test_vote_vector_names_the_drawn_committee() -> None:
     assert tally([signed]) is None  # one vote of two is not a majority
 
 
+def test_envelope_vectors_tell_one_story() -> None:
+    """The award, lease, result and vote vectors agree on who holds which shard: the lease and
+    the result name the shard the award gives their signer, and the vote's inputs are the
+    award's (peer, shard) pairs with the committed hash and weight (issue: the award gave
+    shard 0 to node3, the lease and result had node1 on shard 0, and the vote swapped them)."""
+    from protocol.certificate import holders_of, vote_is_well_formed
+
+    data = load("envelopes.json")
+    by_kind = {v["kind"]: open_envelope(bytes.fromhex(v["envelope_hex"])) for v in data["vectors"]}
+    announce, award = by_kind["announce"].message, by_kind["award"].message
+    lease, result, vote = by_kind["lease"], by_kind["result"], by_kind["vote"]
+    assert isinstance(announce, TaskAnnounce) and isinstance(award, Award) and isinstance(vote.message, Vote)
+    holders = holders_of(award)
+    for signed in (lease, result):
+        m = signed.message
+        assert m.task_id == award.task_id and m.epoch == award.epoch  # type: ignore[attr-defined]
+        assert holders[m.shard] == signed.signer  # type: ignore[attr-defined]
+    assert sorted((i["peer_id"], i["shard"]) for i in vote.message.inputs) == sorted(
+        (p, s) for s, p in holders.items()
+    )
+    mine = next(i for i in vote.message.inputs if i["peer_id"] == result.signer)
+    assert mine["shard"] == result.message.shard  # type: ignore[attr-defined]
+    assert mine["sha256"] == result.message.outputs["weights"]["sha256"]  # type: ignore[attr-defined]
+    assert mine["weight"] == result.message.weight  # type: ignore[attr-defined]
+    assert vote.message.rule == announce.aggregation and vote.message.round == result.message.round  # type: ignore[attr-defined]
+    vote_is_well_formed(vote, awards=[award], rule=announce.aggregation)
+
+
 # --- negative vectors ------------------------------------------------------------------------
 
 
