@@ -638,14 +638,14 @@ def replay_vectors() -> dict[str, Any]:
     n1, n2 = KEYS["node1"], KEYS["node2"]
     other_task = "fedcba9876543210fedcba9876543210"
 
-    def advert(seq: int, issued: int, ttl: int, key: Key = n1) -> bytes:
+    def advert(seq: int, issued: int, ttl: int, key: Key = n1, load: float = 0.5) -> bytes:
         msg = build(
             Advert,
             seq=seq,
             issued_at=issued,
             expires_at=issued + ttl,
             c0=1000.0,
-            load=0.5,
+            load=load,
             cpu={"cores": 1, "model": "", "gflops": 1.0},
             memory={"total_mb": 1, "available_mb": 1},
             gpus=[],
@@ -670,7 +670,13 @@ def replay_vectors() -> dict[str, Any]:
 
     steps = [
         (advert(5, T0, 30_000), T0, "accept", "first advert of node1"),
-        (advert(5, T0, 30_000), T0 + 1, "replayed", "the same advert again"),
+        (
+            advert(5, T0, 30_000),
+            T0 + 1,
+            "duplicate",
+            "the same envelope again: dropped by its ID before any cryptography (SPEC §5.3)",
+        ),
+        (advert(5, T0, 30_000, load=0.6), T0 + 1, "replayed", "another advert with the same sequence"),
         (advert(4, T0, 30_000), T0 + 2, "replayed", "a lower sequence"),
         (advert(6, T0 + 1000, 30_000), T0 + 1000, "accept", "the next sequence"),
         (advert(9, T0, 30_000, n2), T0 + 1000, "accept", "another signer has its own sequence"),
@@ -685,8 +691,8 @@ def replay_vectors() -> dict[str, Any]:
         (bid(2, TASK_ID), T0, "replayed", "bid seq 2 for task A is below 3"),
     ]
     return {
-        "description": "Replay and freshness rules (protocol/SPEC.md §6): feed the envelopes in order to "
-        "one receiver whose clock reads now_ms; expect 'accept' or the drop reason.",
+        "description": "Duplicates, replay and freshness (protocol/SPEC.md §5.3, §6): feed the envelopes "
+        "in order to one receiver whose clock reads now_ms; expect 'accept' or the drop reason.",
         "skew_ms": 30_000,
         "steps": [
             {"envelope_hex": raw.hex(), "now_ms": now, "expect": expect, "note": note}

@@ -335,19 +335,46 @@ def test_peerid_vector(vector: dict[str, Any]) -> None:
 
 
 def test_replay_script() -> None:
+    """The daemon's receiver (peerd/inbox.py: §5.3 duplicate check, §5, §6) gives each step's
+    outcome — `duplicate` for the exact same envelope, `replayed` for another envelope whose
+    seq is not above the highest (issue: SPEC said `duplicate`, replay.json `replayed`)."""
+    from peerd.counters import Counters
+    from peerd.inbox import Inbox
+
     data = load("replay.json")
     assert data["skew_ms"] == CLOCK_SKEW_MS
-    guard = ReplayGuard()
+    clock = [0]
+    counters = Counters()
+    inbox = Inbox(counters, now_ms=lambda: clock[0])
     outcomes = []
+    for step in data["steps"]:
+        clock[0] = step["now_ms"]
+        before = counters.snapshot()
+        signed = inbox.admit(bytes.fromhex(step["envelope_hex"]), sender=None, kinds=frozenset(MESSAGE_TYPES))
+        changed = [k for k, n in counters.snapshot().items() if n != before.get(k, 0)]
+        if signed is not None:
+            assert changed == [f"accepted.{signed.kind}"]
+            outcomes.append("accept")
+        else:
+            assert len(changed) == 1 and changed[0].startswith("dropped."), changed
+            outcomes.append(changed[0].removeprefix("dropped."))
+    assert outcomes == [s["expect"] for s in data["steps"]]
+    assert {"accept", "duplicate", "replayed", "expired", "from_future", "absurd"} <= set(outcomes)
+
+
+def test_replay_guard_alone_follows_section_6() -> None:
+    """§6 on its own (no duplicate check) drops every non-accepted step of replay.json with the
+    same reason, except that the exact duplicate falls through to `replayed`."""
+    data = load("replay.json")
+    guard = ReplayGuard()
     for step in data["steps"]:
         signed = open_envelope(bytes.fromhex(step["envelope_hex"]))
         try:
             guard.accept(signed, step["now_ms"])
-            outcomes.append("accept")
+            got = "accept"
         except ProtocolError as exc:
-            outcomes.append(exc.reason)
-    assert outcomes == [s["expect"] for s in data["steps"]]
-    assert {"accept", "replayed", "expired", "from_future", "absurd"} <= set(outcomes)
+            got = exc.reason
+        assert got == ("replayed" if step["expect"] == "duplicate" else step["expect"])
 
 
 def test_blob_vectors() -> None:
