@@ -47,6 +47,7 @@ __all__ = [
     "default_dirs",
     "default_socket_path",
     "load_config",
+    "prepare_socket_dir",
 ]
 
 
@@ -491,6 +492,40 @@ def _build(raw: dict[str, Any], *, source: Path | None, env: Mapping[str, str], 
     if problems:
         raise ConfigError(problems, source=source)
     return Config(node, network, adverts, offer, market, policy, limits, rpc, source=source)
+
+
+def prepare_socket_dir(cfg: Config) -> None:
+    """Create the socket's directory if missing and refuse one the daemon's user does not alone
+    control (owned by another user, writable by group or others, a symlink): anyone who can
+    write it can swap the socket (peerd/rpc/rundir.py). Raises :class:`ConfigError` naming the
+    key and the path, so ``peerd`` exits 2 before it starts anything.
+
+    Separate from :func:`load_config`, which only reads: peerctl loads the same file to find the
+    socket and must not create the daemon's directories.
+    """
+    import grp
+
+    from peerd.rpc.rundir import UnsafeSocketDir, ensure_daemon_dir
+
+    directory = cfg.node.socket.parent
+    key = "node.runtime_dir" if directory == cfg.node.runtime_dir else "node.socket"
+    gid = None
+    if cfg.node.socket_group is not None:
+        try:
+            gid = grp.getgrnam(cfg.node.socket_group).gr_gid
+        except KeyError:
+            raise ConfigError(
+                [f"node.socket_group: no such group {cfg.node.socket_group!r}"], source=cfg.source
+            ) from None
+    try:
+        ensure_daemon_dir(directory, gid=gid)
+    except UnsafeSocketDir as exc:
+        raise ConfigError([f"{key}: unsafe socket directory {exc}"], source=cfg.source) from None
+    except OSError as exc:
+        raise ConfigError(
+            [f"{key}: cannot create the socket directory {directory}: {exc.strerror or exc}"],
+            source=cfg.source,
+        ) from None
 
 
 def _dc_max(value: Any) -> float:

@@ -32,7 +32,7 @@ from peerd import __version__, sdnotify
 from peerd.adverts import AdvertService, Offer, measure_capacity
 from peerd.api import Api
 from peerd.blobs import BlobStore
-from peerd.config import Config, ConfigError, load_config
+from peerd.config import Config, ConfigError, load_config, prepare_socket_dir
 from peerd.contractor import Contractor
 from peerd.counters import Counters
 from peerd.identity import IdentityError, load_or_create_identity
@@ -205,6 +205,9 @@ def main(config_path: Path | None, log_level: str | None) -> None:
     """Run the peerd compute-sharing daemon."""
     try:
         cfg = load_config(config_path)
+        # Where the socket will live is decided here, before anything starts: a directory
+        # another user controls is a config error (peerd/rpc/rundir.py, docs/config.md).
+        prepare_socket_dir(cfg)
     except ConfigError as exc:
         click.echo(f"peerd: configuration error: {exc}", err=True)
         sys.exit(2)

@@ -7,7 +7,8 @@ is, how errors map to exit codes, and the call helper. peerctl talks to the daem
 through :mod:`peerd.rpc.client` and never imports trio, libp2p, numpy or TensorFlow.
 
 Exit codes: 0 ok; 1 the daemon answered with an error (or the task failed); 2 usage or
-input-file errors; 3 the daemon is not running; 4 no permission to open its socket.
+input-file errors, or a socket directory another user could control; 3 the daemon is not
+running; 4 no permission to open its socket.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from peerd.rpc.client import (
     RpcClient,
     RpcClientError,
     SocketPermissionDenied,
+    UnsafeSocket,
 )
 
 #: Where systemd's RuntimeDirectory=peerd puts the service's socket.
@@ -107,7 +109,9 @@ def rpc_errors() -> Iterator[None]:
     try:
         yield
     except DaemonNotRunning as exc:
-        fail(str(exc), ExitCode.NOT_RUNNING)
+        fail(f"{exc}; start peerd, or point --socket or $PEERD_SOCKET at its socket", ExitCode.NOT_RUNNING)
+    except UnsafeSocket as exc:
+        fail(str(exc), ExitCode.USAGE)
     except SocketPermissionDenied as exc:
         fail(str(exc), ExitCode.PERMISSION)
     except RpcCallError as exc:

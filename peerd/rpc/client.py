@@ -12,6 +12,7 @@ from __future__ import annotations
 import grp
 import os
 import socket
+import stat
 from collections import deque
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -29,6 +30,7 @@ from peerd.rpc.jsonrpc import (
     is_stream_end,
     parse_server_message,
 )
+from peerd.rpc.rundir import UnsafeSocketDir, check_client_dir
 
 __all__ = [
     "ConnectionLost",
@@ -38,6 +40,7 @@ __all__ = [
     "RpcClientError",
     "SocketPermissionDenied",
     "Subscription",
+    "UnsafeSocket",
 ]
 
 
@@ -47,6 +50,10 @@ class RpcClientError(Exception):
 
 class DaemonNotRunning(RpcClientError):
     """No socket file, or nobody listening on it."""
+
+
+class UnsafeSocket(RpcClientError):
+    """The socket's directory could be controlled by another user; not connected."""
 
 
 class SocketPermissionDenied(RpcClientError):
@@ -65,6 +72,18 @@ class RpcCallError(RpcClientError):
         self.code = code
         self.message = message
         self.data = data
+
+
+def _refused(path: Path) -> str:
+    """Why connect() was refused: Linux says ECONNREFUSED for a file that is no socket at all."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return f"peerd is not running (no socket at {path})"
+    if stat.S_ISSOCK(mode):
+        return f"peerd is not running (connection refused at {path}: a socket left by a daemon that stopped)"
+    kind = "a directory" if stat.S_ISDIR(mode) else "a regular file" if stat.S_ISREG(mode) else "not a socket"
+    return f"{path} is {kind}, not peerd's socket"
 
 
 def _group_hint(path: Path) -> str:
@@ -91,16 +110,22 @@ class RpcClient:
     def connect(self) -> None:
         if self._sock is not None:
             return
+        try:
+            # Before connecting: a socket in a directory another user controls may be theirs,
+            # put there to receive our calls (peerd/rpc/rundir.py).
+            check_client_dir(self.path.parent)
+        except UnsafeSocketDir as exc:
+            raise UnsafeSocket(f"refusing to connect to {self.path}: unsafe socket directory {exc}") from None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
             sock.connect(str(self.path))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             sock.close()
             raise DaemonNotRunning(f"peerd is not running (no socket at {self.path})") from None
         except ConnectionRefusedError:
             sock.close()
-            raise DaemonNotRunning(f"peerd is not running (connection refused at {self.path})") from None
+            raise DaemonNotRunning(_refused(self.path)) from None
         except PermissionError:
             sock.close()
             raise SocketPermissionDenied(

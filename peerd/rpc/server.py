@@ -44,6 +44,7 @@ from peerd.rpc.jsonrpc import (
     encode_result,
     parse_request,
 )
+from peerd.rpc.rundir import UnsafeSocketDir, ensure_daemon_dir
 
 if TYPE_CHECKING:
     # libp2p pulls in trio-typing, whose stale trio stubs shadow trio's own annotations for
@@ -440,13 +441,14 @@ class RpcServer:
             raise RpcServerError(f"node.socket_group: no such group {self.group!r}") from None
 
     def _ensure_parent(self, gid: int | None) -> None:
-        parent = self.path.parent
-        if parent.exists():
-            return
-        # Created only when missing (systemd's RuntimeDirectory= normally provides it).
-        parent.mkdir(parents=True, mode=0o750 if gid is not None else 0o700)
-        if gid is not None:
-            os.chown(parent, -1, gid)
+        # Created only when missing (systemd's RuntimeDirectory= normally provides it), and
+        # refused unless the daemon's user alone controls it (peerd/rpc/rundir.py says why).
+        # `peerd` checks this at start already, as a config error; this keeps RpcServer safe
+        # however it is started.
+        try:
+            ensure_daemon_dir(self.path.parent, gid=gid)
+        except UnsafeSocketDir as exc:
+            raise RpcServerError(f"unsafe socket directory {exc}") from None
 
     async def _remove_stale_socket(self) -> None:
         try:

@@ -179,7 +179,8 @@ def test_daemon_not_running_is_exit_3_with_one_line(tmp_path: Path) -> None:
     res = CliRunner().invoke(peerctl, ["--socket", str(tmp_path / "none.sock"), "status"])
     assert res.exit_code == 3
     assert res.output.strip().splitlines() == [
-        f"peerctl: peerd is not running (no socket at {tmp_path}/none.sock)"
+        f"peerctl: peerd is not running (no socket at {tmp_path}/none.sock); "
+        "start peerd, or point --socket or $PEERD_SOCKET at its socket"
     ]
 
 
