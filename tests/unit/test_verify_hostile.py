@@ -366,3 +366,122 @@ def test_names_outside_the_grammar_do_not_parse(name: str) -> None:
 def test_every_file_of_a_real_bundle_parses(bundle: Path) -> None:
     names = [str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()]
     assert names and all(parse_name(n) is not None for n in names), names
+
+
+# -- plain tasks (aggregation none): the shard outputs are the signed results' -------------------
+
+
+def plain_bundle(d: Path) -> tuple[SyntheticTask, dict[int, bytes]]:
+    """A 3-shard echo task: announce, award, one signed result per shard and its output."""
+    from protocol.awards import allocate, assignments_of
+    from protocol.messages import Award, Bid, TaskAnnounce
+    from tests.helpers_training import Forge, keys
+
+    t = SyntheticTask(rounds=1)
+    forge = Forge()
+    ann_raw = forge.seal(
+        t.submitter,
+        TaskAnnounce,
+        ttl_ms=600_000,
+        task_id=t.task_id,
+        kind="echo",
+        work=28.0 * 600,
+        deadline_ms=600_000,
+        max_shards=3,
+        resources={"gpu": False, "memory_mb": 0},
+        aggregation="none",
+        rounds=1,
+        params={},
+        inputs={},
+        bid_window_ms=1000,
+        net={"k": 0.2, "dc_min": 0.0, "dc_max": None},
+    )
+    ann = open_envelope(ann_raw).message
+    peers = keys(3, salt=2)
+    bids = [
+        forge.seal(p, Bid, ttl_ms=60_000, task_id=t.task_id, c0=10.0 + i, load=0.0)
+        for i, p in enumerate(peers)
+    ]
+    assignments = assignments_of(allocate(ann, [open_envelope(b) for b in bids]))  # type: ignore[arg-type]
+    award = forge.seal(
+        t.submitter,
+        Award,
+        ttl_ms=600_000,
+        task_id=t.task_id,
+        epoch=0,
+        bids=bids,
+        assignments=assignments,
+        under_capacity=False,
+        excluded=[],
+    )
+    files = {"announce.msg": ann_raw, "award-0.msg": award}
+    outs: dict[int, bytes] = {}
+    outputs = []
+    for a in assignments:
+        s, p = a["shard"], next(k for k in peers if k.peer_id == a["peer_id"])
+        data = f"echo of shard {s}".encode()
+        outs[s] = data
+        ref = {"sha256": SyntheticTask.sha(data), "size": len(data)}
+        files[f"round-1/result-{s}-{p.peer_id}.msg"] = forge.seal(
+            p,
+            Result,
+            task_id=t.task_id,
+            epoch=0,
+            shard=s,
+            round=1,
+            ok=True,
+            error=None,
+            outputs={"stdout": ref},
+            weight=1.0,
+            metrics={"wall_seconds": 0.5},
+        )
+        files[f"outputs/shard-{s}/stdout"] = data
+        outputs.append({"name": f"shard-{s}/stdout", **ref})
+    for name, data in files.items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_bytes(data)
+    m = {
+        "task_id": t.task_id,
+        "kind": "echo",
+        "state": "done",
+        "rounds": 0,
+        "result": {
+            "outputs": outputs,
+            "metrics": {f"shard-{s}.wall_seconds": 0.5 for s in outs},
+            "certificate": None,
+        },
+        "files": {},
+    }
+    write_manifest(d, m)
+    reseal(d)
+    return t, outs
+
+
+def test_a_plain_bundle_verifies_and_a_swapped_output_is_caught(tmp_path: Path) -> None:
+    d = tmp_path / "plain"
+    _, outs = plain_bundle(d)
+    rep = verify_bundle(d)
+    assert rep.ok, failed(rep)
+    assert {f"result shard {s}" for s in outs} | {"manifest outputs", "manifest metrics"} <= {
+        c.name for c in rep.checks if c.ok
+    }
+    (d / "outputs" / "shard-0" / "stdout").write_bytes(outs[1])
+    reseal(d)
+    bad = failed(verify_bundle(d))
+    assert bad == {
+        "output shard-0/stdout": f"sha256 {SyntheticTask.sha(outs[1])[:16]}…, the signed result commits to "
+        f"{SyntheticTask.sha(outs[0])[:16]}…"
+    }
+
+
+def test_a_plain_manifest_claiming_other_outputs_is_caught(tmp_path: Path) -> None:
+    d = tmp_path / "plain"
+    plain_bundle(d)
+    m = manifest(d)
+    m["result"]["outputs"][0]["sha256"] = "11" * 32
+    write_manifest(d, m)
+    bad = failed(verify_bundle(d))
+    assert (
+        set(bad) == {"manifest outputs"}
+        and "shard-0/stdout: manifest {'sha256': '1111" in bad["manifest outputs"]
+    )
