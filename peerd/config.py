@@ -76,6 +76,8 @@ class NetworkConfig:
     bootstrap: tuple[str, ...] = ()
     mdns: bool = False
     max_msgs_per_origin_per_s: float = 200.0
+    #: Peer table size, this node not counted (peerd/peertable.py has the eviction rule).
+    max_peers: int = 1024
 
 
 @dataclass(frozen=True)
@@ -421,6 +423,7 @@ def _build(raw: dict[str, Any], *, source: Path | None, env: Mapping[str, str], 
         bootstrap=s.get("bootstrap", list_of(bootstrap_addr), ()),
         mdns=s.get("mdns", boolean, False),
         max_msgs_per_origin_per_s=s.get("max_msgs_per_origin_per_s", positive_float, 200.0),
+        max_peers=s.get("max_peers", positive_int, NetworkConfig.max_peers),
     )
 
     s = sections["adverts"]

@@ -118,7 +118,9 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
                 blobs=blobs,
                 p2p=p2p,
                 pool=pool,
-                table=PeerTable(),
+                table=PeerTable(
+                    max_peers=cfg.network.max_peers, connected=p2p.connected_peers, counters=counters
+                ),
                 nursery=nursery,
                 c0=capacity.c0(offer),
             )
