@@ -22,7 +22,7 @@ from typing import Any
 
 from protocol.allocation import Award as Allocation
 from protocol.allocation import Candidate, NetworkParams, choose, demand, validate_candidate
-from protocol.envelope import Signed
+from protocol.envelope import Signed, open_envelope
 from protocol.errors import RemoteProtocolError
 from protocol.messages import Award, Bid, TaskAnnounce
 
@@ -158,3 +158,36 @@ def check_award(
     expected = reassign(list(previous.assignments), set(award.excluded), costs)
     if sorted(map(_shard_key, expected)) != sorted(map(_shard_key, shards)):
         raise RemoteProtocolError("re-award does not follow the replacement rule", reason="bad_award")
+
+
+class EmbeddedBidError(RemoteProtocolError):
+    """A bid quoted in an award failed §5: the award is ``bad_award``, and ``embedded`` is
+    the bid's own reason (counted as ``dropped.embedded_<reason>``, SPEC §10.3)."""
+
+    def __init__(self, message: str, *, embedded: str) -> None:
+        super().__init__(message, reason="bad_award")
+        self.embedded = embedded
+
+
+def open_quoted_bids(award: Award) -> list[Signed]:
+    """Open every bid envelope ``award`` quotes: §5 with kinds {bid}, no replay check
+    (quoting is not replaying). The first that fails rejects the whole award (SPEC §10.3)."""
+    out = []
+    for i, raw in enumerate(award.bids):
+        try:
+            out.append(open_envelope(raw, kinds=frozenset({"bid"})))
+        except RemoteProtocolError as exc:
+            raise EmbeddedBidError(
+                f"quoted bid {i} fails: embedded_{exc.reason}: {exc}", embedded=exc.reason
+            ) from None
+    return out
+
+
+def check_signed_award(announce: Signed, award: Signed, previous: Award | None = None) -> None:
+    """SPEC §10.3 in the order a receiver applies it: the quoted bids, then
+    :func:`check_award` with the announce's signer as the submitter. ``previous``: the
+    award of epoch ``award.epoch - 1`` when the caller holds it."""
+    if not isinstance(announce.message, TaskAnnounce) or not isinstance(award.message, Award):
+        raise RemoteProtocolError("expected an announce and an award", reason="unexpected_kind")
+    bids = open_quoted_bids(award.message)
+    check_award(announce.message, award.message, announce.signer, award.signer, bids, previous)

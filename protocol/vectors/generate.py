@@ -463,6 +463,13 @@ def negative_vectors() -> dict[str, Any]:
         "non_canonical",
     )
     resigned(
+        replace_value(wire, "c0", codec.pack(10**7)),
+        "c0 as the integer 10000000, above the field's bound 1e6: the type check accepts the "
+        "integer and judges its value (SPEC §3), so absurd comes before non_canonical",
+        "payload_int_for_float_out_of_bounds",
+        "absurd",
+    )
+    resigned(
         replace_value(wire, "seq", b"\xcf" + struct.pack(">Q", 11)),
         "seq 11 as uint64 instead of a positive fixint",
         "payload_wide_int",
@@ -715,7 +722,8 @@ def blob_vectors() -> dict[str, Any]:
     ]
     return {
         "description": "Blob protocol messages (/peerd/blob/1.0.0, protocol/SPEC.md §9): "
-        "each is one frame payload.",
+        "each is one frame payload. 'invalid': payloads a decoder must reject, with the reason; "
+        "'sessions': flow-control runs (SPEC §9.3 steps 4-5) on one side that must fail with the reason.",
         "messages": [
             {
                 "type": type(m).__name__,
@@ -1064,6 +1072,587 @@ def tensor_vectors() -> dict[str, Any]:
     }
 
 
+# --- awards, re-awards and votes (SPEC §10.3, §11.1) --------------------------------------
+
+
+def _story() -> dict[str, Any]:
+    """The announce, the seed-example bids and the epoch-0 award of envelopes.json."""
+    msgs = dict((m.KIND, (signer, m)) for signer, m in messages())
+    announce = msgs["announce"][1]
+    award = msgs["award"][1]
+    assert isinstance(announce, TaskAnnounce) and isinstance(award, Award)
+    return {
+        "announce": announce,
+        "announce_raw": KEYS["submitter"].envelope("announce", codec.pack(announce.to_wire())),
+        "award": award,
+        "bids": list(award.bids),
+    }
+
+
+def _award_fields(award: Award) -> dict[str, Any]:
+    wire = award.to_wire()
+    return {k: wire[k] for k in wire}
+
+
+def _seal_award(fields: dict[str, Any], signer: str = "submitter") -> bytes:
+    msg = build(Award, **fields)
+    return KEYS[signer].envelope("award", codec.pack(msg.to_wire()))
+
+
+def award_vectors() -> dict[str, Any]:
+    from protocol.awards import reassign
+
+    st = _story()
+    base = _award_fields(st["award"])
+    pid = {n: k.peer_id for n, k in KEYS.items()}
+    by_shard = sorted(base["assignments"], key=lambda a: a["shard"])
+    from protocol.awards import allocate, open_quoted_bids
+
+    alloc = allocate(st["announce"], open_quoted_bids(st["award"]))
+    bidders = [(b.peer_id, b.cost) for b in alloc.scored]
+
+    def fields(**over: Any) -> dict[str, Any]:
+        return {**base, **over}
+
+    def reaward(prev: dict[str, Any], lost: list[str], epoch: int) -> dict[str, Any]:
+        excluded = sorted(set(prev["excluded"]) | {pid[n] for n in lost})
+        moved = reassign(prev["assignments"], set(excluded), bidders)
+        return {**prev, "epoch": epoch, "seq": 4 + epoch, "excluded": excluded, "assignments": moved}
+
+    epoch1 = reaward(base, ["node3"], 1)  # node3 lost: its shard goes to the spare bidder node2
+    epoch2 = reaward(epoch1, ["node1"], 2)  # node1 lost too: no spare left, node2 holds both
+    assert {a["peer_id"] for a in epoch1["assignments"]} == {pid["node1"], pid["node2"]}
+    assert {a["peer_id"] for a in epoch2["assignments"]} == {pid["node2"]}
+    raw_e0, raw_e1 = _seal_award(base), _seal_award(epoch1)
+    lost = next(a["shard"] for a in by_shard if a["peer_id"] == pid["node3"])  # node3's shard
+
+    cases: list[dict[str, Any]] = []
+
+    def case(
+        name: str, award: bytes, expect: str, note: str, previous: bytes | None = None, **extra: Any
+    ) -> None:
+        cases.append(
+            {
+                "name": name,
+                "award_hex": award.hex(),
+                "previous_hex": previous.hex() if previous else None,
+                "expect": expect,
+                "note": note,
+                **extra,
+            }
+        )
+
+    def swap(assignments: list[dict[str, Any]], **per_shard: Any) -> list[dict[str, Any]]:
+        return [{**a, **per_shard.get(f"s{a['shard']}", {})} for a in assignments]
+
+    case("epoch0", raw_e0, "accept", "the envelopes.json award: the seed's task 1, shards to node3 and node1")
+    case(
+        "epoch0_share_within_tolerance",
+        _seal_award(fields(assignments=swap(by_shard, s0={"share": by_shard[0]["share"] + 1e-10}))),
+        "accept",
+        "a share 1e-10 off C_i/ΣC is within the 1e-9 tolerance",
+    )
+    case(
+        "reaward_spare",
+        raw_e1,
+        "accept",
+        "epoch 1: node3 is lost; its shard goes to the cheapest quoted bidder holding none (node2)",
+        raw_e0,
+    )
+    case(
+        "reaward_no_spare",
+        _seal_award(epoch2),
+        "accept",
+        "epoch 2: node1 is lost too; no spare bidder is left, so its shard goes to the cheapest "
+        "remaining holder, node2, which then holds both shards",
+        raw_e1,
+    )
+    case(
+        "reaward_without_previous",
+        _seal_award(
+            {
+                **epoch1,
+                "assignments": swap(
+                    epoch1["assignments"],
+                    **{f"s{lost}": {"peer_id": pid["node1"]}, f"s{1 - lost}": {"peer_id": pid["node2"]}},
+                ),
+            }
+        ),
+        "accept",
+        "a receiver without the previous epoch checks only that every holder is a quoted, "
+        "non-excluded bidder and the shards are 0..n-1 (here node1 and node2 swapped: the exact "
+        "check would refuse it)",
+    )
+    # --- epoch 0 ---
+    case(
+        "forged",
+        _seal_award(base, "node1"),
+        "forged_award",
+        "the award is signed by node1, not the submitter",
+    )
+    case(
+        "other_task",
+        _seal_award(fields(task_id="fedcba9876543210fedcba9876543210")),
+        "bad_award",
+        "the award names another task than the announce",
+    )
+    bad_sig = bytearray(st["bids"][1])
+    bad_sig[-20] ^= 0x01  # a byte of the signature (the envelope's "sig" precedes "type" and "v")
+    case(
+        "embedded_bad_signature",
+        _seal_award(fields(bids=[st["bids"][0], bytes(bad_sig), st["bids"][2]])),
+        "bad_award",
+        "one quoted bid's signature does not verify: the whole award is rejected",
+        embedded="bad_signature",
+    )
+    cancel = build(Cancel, **_times(5, 60_000), task_id=TASK_ID, reason="x")
+    case(
+        "embedded_unexpected_kind",
+        _seal_award(
+            fields(bids=[*st["bids"], KEYS["submitter"].envelope("cancel", codec.pack(cancel.to_wire()))])
+        ),
+        "bad_award",
+        "the award quotes a cancel envelope among its bids",
+        embedded="unexpected_kind",
+    )
+    other_bid = build(
+        Bid, **_times(12, 60_000), task_id="fedcba9876543210fedcba9876543210", c0=1500.0, load=0.8
+    )
+    case(
+        "bid_for_other_task",
+        _seal_award(
+            fields(
+                bids=[
+                    st["bids"][0],
+                    KEYS["node2"].envelope("bid", codec.pack(other_bid.to_wire())),
+                    st["bids"][2],
+                ]
+            )
+        ),
+        "bad_award",
+        "node2's quoted bid is for another task: quoted bids are exactly the usable ones, none is skipped",
+    )
+    again = build(Bid, **_times(12, 60_000), task_id=TASK_ID, c0=1500.0, load=0.8)
+    case(
+        "two_bids_of_one_signer",
+        _seal_award(fields(bids=[*st["bids"], KEYS["node2"].envelope("bid", codec.pack(again.to_wire()))])),
+        "bad_award",
+        "node2 is quoted twice (seq 11 and 12): one bid per signer, none is skipped",
+    )
+    wrong = sorted([pid["node1"], pid["node2"]])
+    case(
+        "wrong_set",
+        _seal_award(fields(assignments=[{**a, "peer_id": p} for a, p in zip(by_shard, wrong, strict=True)])),
+        "bad_award",
+        "node1 and node2 instead of the rule's node1 and node3 (ΣC = 2500.26 < R = 3000)",
+    )
+    case(
+        "shares_swapped",
+        _seal_award(
+            fields(
+                assignments=swap(
+                    by_shard, s0={"share": by_shard[1]["share"]}, s1={"share": by_shard[0]["share"]}
+                )
+            )
+        ),
+        "bad_award",
+        "the two shares exchanged",
+    )
+    case(
+        "share_beyond_tolerance",
+        _seal_award(fields(assignments=swap(by_shard, s0={"share": by_shard[0]["share"] + 1e-8}))),
+        "bad_award",
+        "a share 1e-8 off C_i/ΣC",
+    )
+    case(
+        "under_capacity_wrong",
+        _seal_award(fields(under_capacity=True)),
+        "bad_award",
+        "under_capacity set although ΣC ≥ R",
+    )
+    case(
+        "excluded_at_epoch0",
+        _seal_award(fields(excluded=[pid["node2"]])),
+        "bad_award",
+        "epoch 0 excludes a peer",
+    )
+    case(
+        "shards_not_from_zero",
+        _seal_award(fields(assignments=swap(by_shard, s0={"shard": 2}))),
+        "bad_award",
+        "shards numbered 1 and 2 instead of 0 and 1",
+    )
+    # --- re-awards (epoch 1, checked against epoch 0 unless the note says otherwise) ---
+    e1 = epoch1["assignments"]
+    lost_shard, kept_shard = lost, 1 - lost
+    case(
+        "reaward_excluded_keeps_shard",
+        _seal_award({**epoch1, "assignments": by_shard}),
+        "bad_award",
+        "node3 is excluded but still holds its shard",
+    )
+    case(
+        "reaward_to_non_bidder",
+        _seal_award({**epoch1, "assignments": swap(e1, **{f"s{lost_shard}": {"peer_id": pid["submitter"]}})}),
+        "bad_award",
+        "node3's shard goes to the submitter, which quoted no bid (checked even without the previous epoch)",
+    )
+    case(
+        "reaward_wrong_replacement",
+        _seal_award({**epoch1, "assignments": swap(e1, **{f"s{lost_shard}": {"peer_id": pid["node1"]}})}),
+        "bad_award",
+        "node3's shard goes to node1, a holder, although node2 is a spare bidder",
+        raw_e0,
+    )
+    case(
+        "reaward_moves_good_shard",
+        _seal_award({**epoch1, "assignments": swap(e1, **{f"s{kept_shard}": {"peer_id": pid["node2"]}})}),
+        "bad_award",
+        "node1, in good standing, loses its shard to node2 as well",
+        raw_e0,
+    )
+    case(
+        "reaward_changes_share",
+        _seal_award(
+            {**epoch1, "assignments": swap(e1, s0={"share": e1[1]["share"]}, s1={"share": e1[0]["share"]})}
+        ),
+        "bad_award",
+        "the re-award exchanges the two shares (shares are those of epoch 0)",
+        raw_e0,
+    )
+    case(
+        "reaward_changes_under_capacity",
+        _seal_award({**epoch1, "under_capacity": True}),
+        "bad_award",
+        "the re-award sets under_capacity, which epoch 0 did not",
+        raw_e0,
+    )
+    case(
+        "reaward_drops_a_shard",
+        _seal_award({**epoch1, "assignments": [{**a, "shard": 0} for a in e1 if a["shard"] == kept_shard]}),
+        "bad_award",
+        "only one shard is left (the shard count is fixed by epoch 0)",
+        raw_e0,
+    )
+    case(
+        "reaward_forgives",
+        _seal_award(
+            {
+                **epoch2,
+                "excluded": [pid["node1"]],
+                "assignments": swap(epoch2["assignments"], **{f"s{lost_shard}": {"peer_id": pid["node3"]}}),
+            }
+        ),
+        "bad_award",
+        "epoch 2 drops node3, excluded at epoch 1, from `excluded` and gives it a shard back",
+        raw_e1,
+    )
+    return {
+        "description": "Awards and re-awards (protocol/SPEC.md §10.3): check each award envelope against "
+        "the announce (the task's submitter is its signer) and, where previous_hex is given, the award of "
+        "the previous epoch; expect 'accept' or the drop reason ('embedded' names the quoted bid's own "
+        "reason, counted as dropped.embedded_<reason>).",
+        "announce_hex": st["announce_raw"].hex(),
+        "submitter": pid["submitter"],
+        "cases": cases,
+    }
+
+
+def vote_vectors() -> dict[str, Any]:
+    from protocol.certificate import holders_of
+
+    st = _story()
+    aw = award_vectors()
+    by_name = {c["name"]: c for c in aw["cases"]}
+    raw_e0 = bytes.fromhex(by_name["epoch0"]["award_hex"])
+    raw_e1 = bytes.fromhex(by_name["reaward_spare"]["award_hex"])
+    from protocol.envelope import open_envelope
+
+    e0, e1 = open_envelope(raw_e0).message, open_envelope(raw_e1).message
+    assert isinstance(e0, Award) and isinstance(e1, Award)
+    pid = {n: k.peer_id for n, k in KEYS.items()}
+    name_of = {v: k for k, v in pid.items()}
+    sha = {"node1": SHA_A, "node2": hashlib.sha256(b"peerd vector output C").hexdigest(), "node3": SHA_B}
+    weight = {"node1": 1000.0, "node2": 1500.0, "node3": 2000.0}
+
+    def inputs_of(award: Award, skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        return sorted(
+            (
+                {"peer_id": p, "shard": s, "sha256": sha[name_of[p]], "weight": weight[name_of[p]]}
+                for s, p in holders_of(award).items()
+                if name_of[p] not in skip
+            ),
+            key=lambda i: (i["peer_id"], i["shard"]),
+        )
+
+    def vote(signer: str, award: Award = e0, seq: int = 20, **over: Any) -> bytes:
+        participants = sorted(set(holders_of(award).values()))
+        fields: dict[str, Any] = {
+            **_times(seq, 3_600_000),
+            "task_id": TASK_ID,
+            "round": 1,
+            "rule": "weighted_mean",
+            "committee": sorted(draw_committee(TASK_ID, 1, participants, 3)),
+            "inputs": inputs_of(award),
+            "excluded": [],
+            "output": {"sha256": SHA_O, "size": 407_000},
+            "attempt": 0,
+            **over,
+        }
+        return KEYS[signer].envelope("vote", codec.pack(build(Vote, **fields).to_wire()))
+
+    cases: list[dict[str, Any]] = []
+
+    def case(name: str, check: str, votes: list[bytes], expect: str, note: str) -> None:
+        cases.append(
+            {
+                "name": name,
+                "check": check,
+                "round": 1,
+                "votes_hex": [v.hex() for v in votes],
+                "expect": expect,
+                "note": note,
+            }
+        )
+
+    n1, n3 = vote("node1"), vote("node3")
+    e0_shards = {name_of[p]: s for s, p in holders_of(e0).items()}
+    case(
+        "certificate",
+        "certificate",
+        [n1, n3],
+        "accept",
+        "node1 and node3, both committee members, sign one ballot",
+    )
+    case(
+        "certificate_attempts_differ",
+        "certificate",
+        [n1, vote("node3", seq=21, attempt=1)],
+        "accept",
+        "attempt is not part of the ballot",
+    )
+    exclude3: dict[str, Any] = {
+        "inputs": inputs_of(e0, skip=("node3",)),
+        "excluded": [{"peer_id": pid["node3"], "reason": "missing at the round deadline"}],
+    }
+    case(
+        "certificate_with_exclusion",
+        "certificate",
+        [vote("node1", **exclude3), vote("node3", **exclude3)],
+        "accept",
+        "node3 is excluded: still a participant (it names the committee), not an input",
+    )
+    e1_committee = sorted(draw_committee(TASK_ID, 1, sorted(set(holders_of(e1).values())), 3))
+    case(
+        "certificate_after_reaward",
+        "certificate",
+        [vote("node1", e1, committee=e1_committee), vote("node2", e1, committee=e1_committee)],
+        "accept",
+        "after the epoch-1 re-award node1 and node2 hold the shards, and the committee is drawn from them",
+    )
+    case("no_quorum_one_vote", "certificate", [n1], "no_quorum", "one vote of a committee of two")
+    case(
+        "no_quorum_one_signer_twice",
+        "certificate",
+        [n1, vote("node1", seq=21, attempt=1)],
+        "no_quorum",
+        "node1's two attempts count once",
+    )
+    case(
+        "no_quorum_ballots_differ",
+        "certificate",
+        [n1, vote("node3", output={"sha256": SHA_A, "size": 407_000})],
+        "no_quorum",
+        "the two votes name different outputs",
+    )
+    case(
+        "other_round",
+        "certificate",
+        [
+            n1,
+            vote(
+                "node3",
+                round=2,
+                committee=sorted(draw_committee(TASK_ID, 2, sorted(set(holders_of(e0).values())), 3)),
+            ),
+        ],
+        "bad_certificate",
+        "node3's vote is for round 2 in a certificate of round 1",
+    )
+    bad = bytearray(n3)
+    bad[-20] ^= 0x01
+    case(
+        "bad_signature",
+        "certificate",
+        [n1, bytes(bad)],
+        "bad_signature",
+        "node3's vote signature does not verify",
+    )
+    case(
+        "wrong_rule",
+        "vote",
+        [vote("node1", rule="sum")],
+        "bad_certificate",
+        "the vote's rule is sum; the announce says weighted_mean",
+    )
+    case(
+        "shard_twice",
+        "vote",
+        [vote("node1", inputs=[{**i, "shard": e0_shards["node1"]} for i in inputs_of(e0)])],
+        "bad_certificate",
+        "both inputs name node1's shard",
+    )
+    case(
+        "wrong_committee",
+        "vote",
+        [vote("node1", committee=[pid["node1"]])],
+        "bad_committee",
+        "node1 alone is not the drawn committee",
+    )
+    case(
+        "self_certify",
+        "vote",
+        [vote("node1", committee=[pid["node1"]], inputs=inputs_of(e0, skip=("node3",)))],
+        "bad_committee",
+        "node1 lists only itself: its committee of one is drawn correctly from that, "
+        "but no award has node1 as its only holder",
+    )
+    case(
+        "shards_swapped",
+        "vote",
+        [vote("node1", inputs=[{**i, "shard": 1 - i["shard"]} for i in inputs_of(e0)])],
+        "bad_committee",
+        "the right participants, but each input names the other's shard",
+    )
+    case(
+        "not_in_committee",
+        "vote",
+        [vote("node2")],
+        "not_in_committee",
+        "node2 signs a vote of a committee of node1 and node3",
+    )
+    return {
+        "description": "Votes and certificates (protocol/SPEC.md §11.1): with the announce and the "
+        "task's signed awards, check each vote ('vote') or the set of votes as a certificate of round "
+        "`round` ('certificate'); expect 'accept' or the reason.",
+        "announce_hex": st["announce_raw"].hex(),
+        "awards_hex": [raw_e0.hex(), raw_e1.hex()],
+        "cases": cases,
+    }
+
+
+def blob_negative_vectors() -> dict[str, Any]:
+    """Blob messages a decoder must reject, and flow-control sessions that must fail."""
+    from protocol import blobproto
+
+    def mp(obj: dict[str, Any]) -> bytes:
+        return codec.pack(obj)
+
+    ack = blobproto.encode(blobproto.Ack(5))
+    invalid = [
+        ("not_msgpack", b"\xc1", "malformed", "the never-used byte 0xc1"),
+        ("not_a_map", codec.pack("ack"), "malformed", "a str, not a map"),
+        ("trailing", ack + b"\xc0", "malformed", "a valid ack followed by nil"),
+        ("unknown_type", mp({"type": "put"}), "unknown_type", "type 'put'"),
+        ("no_type", mp({"received": 5}), "unknown_type", "no type key"),
+        ("missing_field", mp({"type": "ack"}), "bad_field", "ack without received"),
+        ("extra_field", mp({"received": 5, "type": "ack", "x": 1}), "bad_field", "ack with a third key"),
+        ("str_for_int", mp({"received": "5", "type": "ack"}), "bad_field", "received as a string"),
+        ("bool_for_int", mp({"received": True, "type": "ack"}), "bad_field", "received as true"),
+        ("negative_int", mp({"received": -1, "type": "ack"}), "bad_field", "received -1"),
+        (
+            "unknown_status",
+            mp({"size": 0, "status": "maybe", "type": "header"}),
+            "bad_field",
+            "status 'maybe'",
+        ),
+        (
+            "bad_digest",
+            mp({"offset": 0, "sha256": SHA_A.upper(), "type": "get"}),
+            "bad_digest",
+            "uppercase hex",
+        ),
+        ("short_digest", mp({"sha256": SHA_A[:63], "type": "end"}), "bad_digest", "63 hex characters"),
+        ("empty_chunk", mp({"data": b"", "type": "chunk"}), "bad_chunk", "a chunk of 0 bytes"),
+        ("str_for_bin", mp({"data": "abc", "type": "chunk"}), "bad_field", "chunk data as str"),
+        (
+            "key_order",
+            mp_map(list(reversed(canonical_pairs({"received": 5, "type": "ack"})))),
+            "non_canonical",
+            "keys reversed",
+        ),
+        (
+            "wide_int",
+            replace_value({"received": 5, "type": "ack"}, "received", b"\xcd\x00\x05"),
+            "non_canonical",
+            "5 as uint16",
+        ),
+    ]
+    end_a = blobproto.encode(blobproto.End(SHA_A)).hex()
+
+    def chunk(n: int) -> str:
+        return blobproto.encode(blobproto.Chunk(b"x" * n)).hex()
+
+    sessions = [
+        {
+            "name": "ack_decreases",
+            "side": "sender",
+            "offset": 0,
+            "size": 10,
+            "events": [
+                ["sent", 10],
+                ["ack", blobproto.encode(blobproto.Ack(10)).hex()],
+                ["ack", blobproto.encode(blobproto.Ack(5)).hex()],
+            ],
+            "reason": "bad_ack",
+            "note": "an ack below the previous one",
+        },
+        {
+            "name": "ack_beyond_sent",
+            "side": "sender",
+            "offset": 0,
+            "size": 10,
+            "events": [["sent", 4], ["ack", blobproto.encode(blobproto.Ack(5)).hex()]],
+            "reason": "bad_ack",
+            "note": "an ack of 5 bytes when 4 were sent",
+        },
+        {
+            "name": "past_size",
+            "side": "receiver",
+            "offset": 0,
+            "size": 4,
+            "sha256": SHA_A,
+            "events": [["chunk", chunk(5)]],
+            "reason": "too_large",
+            "note": "5 bytes of a blob announced as 4",
+        },
+        {
+            "name": "end_early",
+            "side": "receiver",
+            "offset": 0,
+            "size": 10,
+            "sha256": SHA_A,
+            "events": [["chunk", chunk(5)], ["end", end_a]],
+            "reason": "short",
+            "note": "end after 5 of 10 bytes",
+        },
+        {
+            "name": "end_names_another_blob",
+            "side": "receiver",
+            "offset": 3,
+            "size": 5,
+            "sha256": SHA_B,
+            "events": [["chunk", chunk(2)], ["end", end_a]],
+            "reason": "hash_mismatch",
+            "note": "a resumed transfer (offset 3) whose end names another blob than the one requested",
+        },
+    ]
+    return {
+        "invalid": [{"name": n, "hex": h.hex(), "reason": r, "note": note} for n, h, r, note in invalid],
+        "sessions": sessions,
+    }
+
+
 def render() -> dict[str, str]:
     files: dict[str, Any] = {
         "envelopes.json": envelope_vectors(),
@@ -1074,7 +1663,9 @@ def render() -> dict[str, str]:
         "replay.json": replay_vectors(),
         "committee.json": committee_vectors(),
         "tensors.json": tensor_vectors(),
-        "blob.json": blob_vectors(),
+        "blob.json": {**blob_vectors(), **blob_negative_vectors()},
+        "awards.json": award_vectors(),
+        "votes.json": vote_vectors(),
     }
     return {
         name: json.dumps(body, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
