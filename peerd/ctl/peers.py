@@ -1,4 +1,8 @@
-"""``peerctl peers``: every verified, unexpired advert in the peer table (``peers.list``)."""
+"""``peerctl peers``: every verified, unexpired advert in the peer table (``peers.list``).
+
+``peers.list`` answers one page at a time (docs/rpc.md); this command follows the ``next``
+cursors on one connection and shows all pages together.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,44 @@ from typing import Any
 import click
 from rich.console import Console
 
-from peerd.ctl import CtlState, call, json_option, pass_state
+from peerd.ctl import CtlState, fail, json_option, pass_state, rpc_errors
 from peerd.ctl import render as r
+from peerd.rpc import PEERS_PAGE_MAX
+
+#: A bound on the pages followed, far beyond any table (``network.max_peers`` is 1024 by
+#: default and a page up to 1024): a daemon that kept answering ``next`` cannot loop us forever.
+MAX_PAGES = 10_000
 
 
-def request() -> tuple[str, dict[str, Any]]:
-    return "peers.list", {}
+def request(after: str | None = None, limit: int | None = None) -> tuple[str, dict[str, Any]]:
+    """The request for the page after peer ID ``after`` (None: the first page).
+
+    No ``limit`` means the daemon's default page size; a first request without params is also
+    what a daemon from before paging understands (it then answers everything, without ``next``).
+    """
+    params: dict[str, Any] = {}
+    if after is not None:
+        params["after"] = after
+    if limit is not None:
+        params["limit"] = limit
+    return "peers.list", params
+
+
+def fetch_all(state: CtlState, limit: int | None = None) -> dict[str, Any]:
+    """Every page of ``peers.list``, as one ``{"peers": [...]}``."""
+    peers: list[Any] = []
+    after: str | None = None
+    with rpc_errors(), state.client() as rpc:
+        for _ in range(MAX_PAGES):
+            result = rpc.call(*request(after, limit))
+            peers += result.get("peers", [])
+            nxt = result.get("next")
+            if nxt is None:
+                return {"peers": peers}
+            if not isinstance(nxt, str) or (after is not None and nxt <= after):
+                fail(f"peers.list: the daemon's next cursor {nxt!r} does not move forward")
+            after = nxt
+    fail(f"peers.list: still more after {MAX_PAGES} pages; giving up")
 
 
 def _gpus(gpus: list[dict[str, Any]]) -> str:
@@ -52,8 +88,15 @@ def render(result: dict[str, Any], console: Console) -> None:
 
 
 @click.command("peers")
+@click.option(
+    "--page-size",
+    type=click.IntRange(1, PEERS_PAGE_MAX),
+    default=None,
+    help=f"Peers per request, at most {PEERS_PAGE_MAX} (default: the daemon's page size). "
+    "All pages are shown.",
+)
 @json_option
 @pass_state
-def command(state: CtlState, as_json: bool) -> None:
+def command(state: CtlState, page_size: int | None, as_json: bool) -> None:
     """List peers and their signed capacity adverts."""
-    r.emit(call(state, *request()), as_json, render)
+    r.emit(fetch_all(state, page_size), as_json, render)

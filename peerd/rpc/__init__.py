@@ -41,11 +41,29 @@ class MethodSpec:
 
 _TASK_ID = Params((Field("task_id", str, check=non_empty_id),))
 
+#: ``peers.list`` pages (docs/rpc.md): peers sorted by ID, ``limit`` per page (default and
+#: maximum below), the next page starting after the previous page's ``next``. A full table
+#: (``network.max_peers``, 1024 by default) fits one maximal page, ~0.7 MB.
+PEERS_PAGE_DEFAULT = 256
+PEERS_PAGE_MAX = 1024
+
+
+def _page_limit(value: int) -> str | None:
+    return None if 1 <= value <= PEERS_PAGE_MAX else f"must be between 1 and {PEERS_PAGE_MAX}"
+
+
+_PEERS_PAGE = Params(
+    (
+        Field("limit", int, required=False, check=_page_limit, doc="peers per page"),
+        Field("after", str, required=False, check=non_empty_id, doc="the previous page's next"),
+    )
+)
+
 CONTRACT: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec("node.info", "read", NO_PARAMS),
-        MethodSpec("peers.list", "read", NO_PARAMS),
+        MethodSpec("peers.list", "read", _PEERS_PAGE),
         MethodSpec("network.connect", "write", Params((Field("addr", str, check=multiaddr),))),
         MethodSpec("task.submit", "write", Params((Field("spec", dict),))),
         MethodSpec("task.list", "read", NO_PARAMS),
@@ -75,4 +93,13 @@ NOTIFICATIONS = ("task.event", "task.end")
 TERMINAL_STATES = frozenset({"done", "failed", "cancelled"})
 TASK_STATES = ("pending", "bidding", "running", "aggregating", "done", "failed", "cancelled")
 
-__all__ = ["CONTRACT", "NOTIFICATIONS", "TASK_STATES", "TERMINAL_STATES", "MethodSpec", "Permission"]
+__all__ = [
+    "CONTRACT",
+    "NOTIFICATIONS",
+    "PEERS_PAGE_DEFAULT",
+    "PEERS_PAGE_MAX",
+    "TASK_STATES",
+    "TERMINAL_STATES",
+    "MethodSpec",
+    "Permission",
+]
