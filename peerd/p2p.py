@@ -52,6 +52,20 @@ Found while building this (not in the note; measured on this machine):
   being validated (it marks messages seen only afterwards): validators therefore go through
   our own verdict cache, so each unique message reaches a validator exactly once.
 
+Hostile and departing peers (issue 11), each handled here:
+
+* a departed peer's lapsed peer-store entry (py-libp2p raises PeerStoreError) never reaches
+  the p2p task: :meth:`P2PNode._known_addrs`; a discovery round that fails in any way is
+  counted and the loop goes on; a discovered peer that does not answer leaves the routing
+  table (:meth:`P2PNode._forget`);
+* only peers that identify as Kademlia servers enter the routing table, the DHT's own
+  inbound path included (:meth:`P2PNode._only_dht_servers`);
+* every inbound stream, libp2p's own protocols included, has a per-(peer, protocol) cap
+  and a read idle timeout (:class:`_InboundGuard`, :data:`_STREAM_POLICIES`);
+* handshakes in progress are capped per source address (:class:`_HandshakeGate`);
+* gossip a neighbour relays for other origins has its own token bucket, so free identities
+  behind one connection are slowed as one.
+
 Validators run after libp2p has checked the strict signature against the message's
 ``from``, so :attr:`GossipMessage.origin` is the verified originator; they never see our
 own messages. Error handling: every libp2p exception becomes a
@@ -156,6 +170,45 @@ _DISCOVERY_MAX_DIALS = 8
 #: Upper bound on peers we dial on our own initiative (DHT discovery); small networks
 #: end up fully meshed, large ones stop well below the connection manager's watermarks.
 _DISCOVERY_TARGET_PEERS = 48
+_KAD_PROTOCOL = "/ipfs/kad/1.0.0"
+
+
+@dataclass(frozen=True)
+class _StreamPolicy:
+    """What one peer may hold open on one protocol family (issue 11, held streams).
+
+    ``max_per_peer`` concurrent inbound streams; one more is reset before any handler sees
+    it (refusing the newcomer, never evicting an older stream: libp2p's pubsub treats the
+    loss of a peer's inbound stream as the peer's death). ``idle_s``: a read that waits
+    longer than this ends the stream.
+    """
+
+    family: str
+    max_per_peer: int
+    idle_s: float | None
+
+
+#: By protocol prefix; the first match wins.
+_STREAM_POLICIES = (
+    # Gossipsub keeps ONE long-lived inbound stream per peer (two while a reconnect
+    # overlaps). No idle timeout: a quiet network is not an idle peer, and resetting the
+    # stream makes py-libp2p's pubsub drop the peer (Pubsub.stream_handler ->
+    # _handle_dead_peer) while its connection stays up. The cap bounds what a stalled
+    # stream can hold: 750 stalled streams from 3 identities used to cost ~790 MB.
+    _StreamPolicy("/meshsub/", max_per_peer=2, idle_s=None),
+    # Kademlia: request/response; go-libp2p-kad-dht closes a stream idle for 1 min. The
+    # DHT's own global inbound limiter would otherwise let one peer's stalled streams
+    # starve everyone's lookups.
+    _StreamPolicy("/ipfs/kad/", max_per_peer=4, idle_s=30.0),
+    _StreamPolicy("/ipfs/id/", max_per_peer=2, idle_s=10.0),  # identify and identify/push
+    _StreamPolicy("/ipfs/ping/", max_per_peer=2, idle_s=60.0),  # pings come every few s
+    # peerd's own protocols time out in 10-30 s in their handlers; this is the backstop.
+    _StreamPolicy("", max_per_peer=64, idle_s=120.0),
+)
+
+
+def _policy_for(protocol: str) -> _StreamPolicy:
+    return next(p for p in _STREAM_POLICIES if protocol.startswith(p.family))
 
 
 @dataclass(frozen=True)
@@ -185,6 +238,17 @@ class P2PConfig:
     max_gossip_bytes: int = 60 * 1024  # effective cap is min(this, _LIBP2P_MAX_GOSSIP)
     dial_backoff_initial_s: float = 0.5
     dial_backoff_max_s: float = 30.0
+    # How long the peer store keeps the addresses of a peer we dialled. libp2p's own figure
+    # is 120 s; after it lapses the peer store raises for that peer (see _known_addrs).
+    peer_addr_ttl_s: float = 120.0
+    # Gossip a neighbour relays for OTHER origins, per topic (issue 11: identities are free,
+    # so a per-origin limit alone lets one connection carry any number of fake origins).
+    # Honest relay load is about N / (2 x mesh degree) adverts/s per neighbour, so 100/s
+    # carries adverts for ~1,600 peers; burst = 2x.
+    max_relayed_per_neighbour_per_s: float = 100.0
+    # Handshakes in progress from one source address (IPv4 /32, IPv6 /64). libp2p's only
+    # limit is ~250 in total, which one address could hold by itself (issue 11).
+    max_pending_handshakes_per_source: int = 8
 
 
 # --- error translation: the ONE place where libp2p exceptions become ours ----------------
@@ -321,6 +385,150 @@ class _Verdict:
         self.done = trio.Event()
         self.result = False
         self.expires = expires
+
+
+# --- inbound stream guard (issue 11: held streams) --------------------------------------------
+
+
+class _StreamIdle(StreamReset):
+    """Raised by a guarded read that saw no data for the protocol's idle time.
+
+    A StreamReset, so libp2p's own handlers take it as the stream's end (pubsub and the
+    DHT catch StreamError and reset).
+    """
+
+
+async def _reset_quietly(stream: INetStream) -> None:
+    with trio.CancelScope(shield=True) as scope:
+        scope.deadline = trio.current_time() + _STREAM_CLOSE_TIMEOUT_S
+        with contextlib.suppress(Exception):
+            await stream.reset()
+
+
+class _InboundGuard:
+    """Wraps every inbound stream handler, libp2p's own included, with :data:`_STREAM_POLICIES`.
+
+    libp2p 0.8.1 bounds inbound streams only in total (the resource manager), so one
+    peer could hold thousands of stalled ``/meshsub`` or ``/ipfs/kad`` streams, each
+    pinning buffers. Here each (peer, protocol family) gets a concurrency cap and each
+    read an idle deadline; a refused or idle stream is reset and counted.
+    """
+
+    def __init__(self, stats: dict[str, int]) -> None:
+        self._stats = stats
+        self._open: dict[tuple[str, str], int] = {}
+
+    def open_streams(self) -> int:
+        return sum(self._open.values())
+
+    def wrap(
+        self, protocol: str, handler: Callable[[INetStream], Awaitable[None]]
+    ) -> Callable[[INetStream], Awaitable[None]]:
+        policy = _policy_for(protocol)
+
+        async def guarded(stream: INetStream) -> None:
+            try:
+                peer = stream.muxed_conn.peer_id.to_base58()
+            except Exception:
+                peer = "?"
+            key = (peer, policy.family)
+            held = self._open.get(key, 0)
+            if held >= policy.max_per_peer:
+                self._stats["streams_capped"] += 1
+                log.debug("refusing a %s stream from %s: %d already open", protocol, peer, held)
+                await _reset_quietly(stream)
+                return
+            self._open[key] = held + 1
+            if policy.idle_s is not None:
+                self._limit_reads(stream, policy.idle_s)
+            try:
+                await handler(stream)
+            except _StreamIdle:
+                await _reset_quietly(stream)
+            except Exception as exc:
+                # trap 7: nothing may reach libp2p's stream dispatch, which would tear the host down.
+                self._stats["handler_errors"] += 1
+                log.debug("%s handler raised on a stream from %s: %r", protocol, peer, exc)
+                await _reset_quietly(stream)
+            finally:
+                left = self._open[key] - 1
+                if left:
+                    self._open[key] = left
+                else:
+                    del self._open[key]
+
+        return guarded
+
+    def _limit_reads(self, stream: INetStream, idle_s: float) -> None:
+        # Shadow the instance's read: the same object reaches libp2p's handlers and our
+        # framing, and nothing else about the stream changes.
+        inner = stream.read
+        stats = self._stats
+
+        async def read(n: int | None = None) -> bytes:
+            with trio.move_on_after(idle_s):
+                return await inner(n)
+            stats["streams_idle_closed"] += 1
+            raise _StreamIdle(f"no data for {idle_s:.0f} s")
+
+        stream.read = read  # type: ignore[method-assign]
+
+
+# --- handshakes per source (issue 11: the bootstrap peer can be locked) ------------------------
+
+
+def _source_key(raw_conn: Any) -> str | None:
+    """The source a pending-handshake limit is kept under: IPv4 /32, IPv6 /64 (one host's
+    usual allocation, so rotating addresses inside it does not help)."""
+    try:
+        remote = raw_conn.get_remote_address()
+        ip = ipaddress.ip_address(remote[0])
+    except Exception:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class _HandshakeGate:
+    """Bounds inbound handshakes in progress per source (issue 11: the bootstrap peer can
+    be locked). libp2p admits ~250 upgrades at once in total and each may take its 10 s
+    upgrade timeout, so ~25 stalled connects/s from one address kept a node closed to all.
+    Installed over the swarm's ``upgrade_inbound_raw_conn``: the count covers exactly the
+    Noise + yamux upgrade, not the connection's life.
+    """
+
+    def __init__(self, per_source: int, stats: dict[str, int]) -> None:
+        self._per_source = per_source
+        self._stats = stats
+        self._pending: dict[str, int] = {}
+
+    def install(self, network: Any) -> None:
+        inner = network.upgrade_inbound_raw_conn
+
+        async def upgrade(raw_conn: Any, maddr: multiaddr.Multiaddr) -> Any:
+            source = _source_key(raw_conn)
+            if source is None:
+                return await inner(raw_conn, maddr)
+            held = self._pending.get(source, 0)
+            if held >= self._per_source:
+                self._stats["handshakes_refused"] += 1
+                with contextlib.suppress(Exception):
+                    await raw_conn.close()
+                raise SwarmException(f"{held} handshakes already in progress from {source}")
+            self._pending[source] = held + 1
+            try:
+                return await inner(raw_conn, maddr)
+            finally:
+                left = self._pending[source] - 1
+                if left:
+                    self._pending[source] = left
+                else:
+                    del self._pending[source]
+
+        network.upgrade_inbound_raw_conn = upgrade
 
 
 # --- connection events ---------------------------------------------------------------------
@@ -476,6 +684,9 @@ class P2PNode:
             "max_msgs_per_origin_per_s": config.max_msgs_per_origin_per_s,
             "max_gossip_bytes": config.max_gossip_bytes,
             "dial_backoff_initial_s": config.dial_backoff_initial_s,
+            "peer_addr_ttl_s": config.peer_addr_ttl_s,
+            "max_relayed_per_neighbour_per_s": config.max_relayed_per_neighbour_per_s,
+            "max_pending_handshakes_per_source": config.max_pending_handshakes_per_source,
         }
         for name, value in positive.items():
             if not value > 0:
@@ -507,6 +718,13 @@ class P2PNode:
                 "dials_ok",
                 "dials_failed",
                 "discovery_lookups",
+                "discovery_errors",
+                "dht_peers_refused",
+                "dht_peers_forgotten",
+                "gossip_relay_limited",
+                "streams_capped",
+                "streams_idle_closed",
+                "handshakes_refused",
             ),
             0,
         )
@@ -515,6 +733,9 @@ class P2PNode:
         self._host: IHost | None = None
         self._pubsub: Pubsub | None = None
         self._dht: KadDHT | None = None
+        self._relay_buckets: dict[tuple[str, bytes], _TokenBucket] = {}
+        self._guard = _InboundGuard(self._stats)
+        self._handshakes = _HandshakeGate(config.max_pending_handshakes_per_source, self._stats)
         self._watcher = _ConnectionWatcher()
         self._discovery_kick = trio.Event()
         self._running = False
@@ -540,6 +761,8 @@ class P2PNode:
         """Counters since construction, plus the ``peers_connected`` gauge."""
         out = dict(self._stats)
         out["peers_connected"] = len(self.connected_peers())
+        out["inbound_streams_open"] = self._guard.open_streams()
+        out["dht_routing_table"] = self._dht.routing_table.size() if self._dht is not None else 0
         return out
 
     # --- registration (before run) --------------------------------------------------------
@@ -589,6 +812,7 @@ class P2PNode:
         if hasattr(network, "retry_config"):
             network.retry_config = RetryConfig(max_retries=0)
         network.register_notifee(self._watcher)
+        self._handshakes.install(network)
         return host
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -630,6 +854,12 @@ class P2PNode:
             pubsub.set_topic_validator(topic, self._libp2p_validator(topic), is_async_validator=True)
         for protocol_id, handler in self._handlers.items():
             host.set_stream_handler(TProtocol(protocol_id), self._stream_entry(handler))
+        # Every inbound stream, libp2p's own protocols included, goes through the guard.
+        handlers = host.get_mux().handlers
+        for proto, fn in list(handlers.items()):
+            if proto is not None and fn is not None:
+                handlers[proto] = self._guard.wrap(str(proto), fn)
+        self._only_dht_servers(dht)
         try:
             # Anything libp2p raises out of its services becomes a TransportError here.
             with _translate_errors("p2p node"):
@@ -719,6 +949,63 @@ class P2PNode:
             self._stats["dials_failed"] += 1
             raise
         self._stats["dials_ok"] += 1
+        # connect() filed the addresses for libp2p's fixed 120 s; ours is configurable.
+        with contextlib.suppress(Exception):
+            host.get_peerstore().add_addrs(
+                info.peer_id, info.addrs, max(1, round(self._config.peer_addr_ttl_s))
+            )
+
+    def _known_addrs(self, peer: ID) -> list[multiaddr.Multiaddr]:
+        """The peer store's live addresses of ``peer``; [] when it has none.
+
+        py-libp2p raises PeerStoreError ("peer ID is expired") for a peer whose addresses
+        have lapsed and ("peer ID not found") for one it never knew. Called unguarded from
+        discovery, that ended the p2p task and with it every daemon a departed peer had
+        touched (issue 11).
+        """
+        if self._host is None:
+            return []
+        try:
+            return list(self._host.get_peerstore().addrs(peer))
+        except Exception:
+            return []
+
+    def _forget(self, peer: ID) -> None:
+        """Drop a peer that does not answer from the routing table, so we stop handing it out."""
+        dht = self._dht
+        if dht is not None and dht.routing_table.peer_in_table(peer):
+            with contextlib.suppress(Exception):
+                dht.routing_table.remove_peer(peer)
+                self._stats["dht_peers_forgotten"] += 1
+
+    def _serves_dht(self, peer: ID) -> bool:
+        """Whether identify says ``peer`` serves Kademlia (the kad-dht spec admits only
+        server-mode peers to a routing table). Unknown counts as no."""
+        if self._host is None:
+            return False
+        try:
+            protocols = self._host.get_peerstore().get_protocols(peer)
+        except Exception:
+            return False
+        return _KAD_PROTOCOL in {str(p) for p in protocols or ()}
+
+    def _only_dht_servers(self, dht: KadDHT) -> None:
+        """Make the DHT's own inbound path check server mode too.
+
+        py-libp2p 0.8.1 adds every peer that opens a DHT stream to its routing table
+        (``add_peer(..., skip_server_mode_check=True)``), so DHT *clients* (a js-libp2p
+        node in client mode, a browser) were handed out as servers, and dials to them
+        failed once they left (issue 11).
+        """
+        inner = dht.add_peer
+
+        async def add_peer(peer_id: ID, *, skip_server_mode_check: bool = False) -> bool:
+            if not self._serves_dht(peer_id):
+                self._stats["dht_peers_refused"] += 1
+                return False
+            return await inner(peer_id, skip_server_mode_check=True)
+
+        dht.add_peer = add_peer  # type: ignore[method-assign]
 
     def _is_connected(self, peer: ID) -> bool:
         return self._host is not None and bool(self._host.get_network().get_connections(peer))
@@ -788,7 +1075,13 @@ class P2PNode:
                 delay = _DISCOVERY_REPEAT_S
             else:
                 delay = min(delay * 2, _DISCOVERY_MAX_S)
-            await self._discover_once()
+            try:
+                await self._discover_once()
+            except Exception as exc:
+                # Discovery is best effort. Whatever one peer's answer or one dial does,
+                # it must not end the p2p task (issue 11: it took whole devnets down).
+                self._stats["discovery_errors"] += 1
+                log.warning("DHT discovery round failed: %r", exc)
 
     async def _discover_once(self) -> int:
         host, _, dht = self._require()
@@ -797,9 +1090,10 @@ class P2PNode:
             return 0
         for peer in connected:
             # Peers only enter the routing table when they query us or we query them;
-            # make sure direct neighbours are there to start the lookup from.
-            if not dht.routing_table.peer_in_table(peer):
-                await dht.add_peer(peer, skip_server_mode_check=True)
+            # make sure direct neighbours that serve the DHT are there to start from.
+            if not dht.routing_table.peer_in_table(peer) and self._serves_dht(peer):
+                with contextlib.suppress(Exception):
+                    await dht.add_peer(peer)
         self._stats["discovery_lookups"] += 1
         candidates: list[ID] = []
         with trio.move_on_after(_DISCOVERY_LOOKUP_TIMEOUT_S):
@@ -818,14 +1112,18 @@ class P2PNode:
         async def dial_one(peer: ID) -> None:
             nonlocal newly
             async with limiter:
-                addrs = host.get_peerstore().addrs(peer)
+                addrs = self._known_addrs(peer)
                 if not addrs:
+                    # A departed peer whose addresses lapsed: nothing to dial, and nobody
+                    # should be told about it.
+                    self._forget(peer)
                     return
                 try:
                     await self._dial(PeerInfo(peer, addrs))
                     newly += 1
                 except TransportError as exc:
                     log.debug("discovered peer %s unreachable: %s", peer, exc)
+                    self._forget(peer)
 
         async with trio.open_nursery() as nursery:
             for peer in to_dial:
@@ -878,7 +1176,12 @@ class P2PNode:
         verdict = _Verdict(now + _VERDICT_TTL_S)
         self._remember(key, verdict, now)
         try:
-            verdict.result = await self._judge(topic, forwarder, origin, msg, now)
+            judged = await self._judge(topic, forwarder, origin, msg, now)
+            verdict.result = bool(judged)
+            if judged is None:
+                # Refused because of the neighbour that relayed it, not because of the
+                # message: another neighbour's copy may still be judged on its merits.
+                self._verdicts.pop(key, None)
         finally:
             # Also on cancellation (libp2p's 5 s validation timeout): waiters then see the
             # default result, a reject, instead of waiting forever.
@@ -886,13 +1189,19 @@ class P2PNode:
         self._stats["gossip_accepted" if verdict.result else "gossip_rejected"] += 1
         return verdict.result
 
-    async def _judge(self, topic: str, forwarder: ID, origin: ID, msg: rpc_pb2.Message, now: float) -> bool:
+    async def _judge(
+        self, topic: str, forwarder: ID, origin: ID, msg: rpc_pb2.Message, now: float
+    ) -> bool | None:
+        """The validator's verdict; None when the relaying neighbour is over its limit."""
         if len(msg.data) > self._max_gossip:
             self._stats["gossip_oversized"] += 1
             return False
         if not self._take_token(topic, msg.from_id, now):
             self._stats["gossip_rate_limited"] += 1
             return False
+        if forwarder != origin and not self._take_relay_token(topic, forwarder.to_bytes(), now):
+            self._stats["gossip_relay_limited"] += 1
+            return None
         message = GossipMessage(
             topic=topic, data=bytes(msg.data), origin=origin.to_base58(), received_from=forwarder.to_base58()
         )
@@ -927,6 +1236,17 @@ class P2PNode:
                 for k in [k for k, b in self._buckets.items() if b.is_full(now)]:
                     del self._buckets[k]
             bucket = self._buckets[key] = _TokenBucket(rate, 2 * rate, now)
+        return bucket.take(now)
+
+    def _take_relay_token(self, topic: str, forwarder: bytes, now: float) -> bool:
+        rate = self._config.max_relayed_per_neighbour_per_s
+        key = (topic, forwarder)
+        bucket = self._relay_buckets.get(key)
+        if bucket is None:
+            if len(self._relay_buckets) >= _BUCKETS_MAX:
+                for k in [k for k, b in self._relay_buckets.items() if b.is_full(now)]:
+                    del self._relay_buckets[k]
+            bucket = self._relay_buckets[key] = _TokenBucket(rate, 2 * rate, now)
         return bucket.take(now)
 
     def _guarded_pubsub_handler(self, pubsub: Pubsub) -> Callable[[INetStream], Awaitable[None]]:
