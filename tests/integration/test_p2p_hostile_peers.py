@@ -101,7 +101,8 @@ async def test_peers_that_come_and_go_are_forgotten_and_never_end_a_node() -> No
                     nursery.cancel_scope.cancel()
                 departed |= {c.peer_id for c in comers}
                 await eventually(
-                    lambda: not any(set(n.connected_peers()) & departed for n in others), "them gone"
+                    lambda: not any(set(n.connected_peers()) & departed for n in others),  # noqa: B023
+                    "them gone",
                 )
                 await trio.sleep(1.5)  # past the 1 s address lifetime
                 for node in nodes:
