@@ -203,13 +203,15 @@ async function lookup (keyText, timeoutS) {
   }
   const found = new Set()
   const responded = new Set()
-  let errors = 0
+  const errors = []
   for await (const ev of dht.getClosestPeers(key.toMultihash().bytes, { signal })) {
     if (ev.name === 'FINAL_PEER') found.add(ev.peer.id.toString())
     else if (ev.name === 'PEER_RESPONSE') {
       responded.add(ev.from.toString())
       for (const p of ev.closer) found.add(p.id.toString())
-    } else if (ev.name === 'QUERY_ERROR') errors++
+    } else if (ev.name === 'QUERY_ERROR' && errors.length < 16) {
+      errors.push(`${ev.from}: ${ev.error?.name}: ${ev.error?.message}`)
+    }
   }
   found.delete(node.peerId.toString())
   return { peers: [...found].sort(), responded: [...responded].sort(), query_errors: errors }
