@@ -46,3 +46,34 @@ ensure_venv() {
     echo "$want" > "$stamp"
   fi
 }
+
+ensure_interop_js() {
+  # The js-libp2p peer of tests/integration/test_interop_js.py (a second libp2p
+  # implementation; versions pinned in tests/interop/js/package-lock.json). Node.js >= 18:
+  # tests/interop/js/polyfill.mjs fills in what 18 lacks. On failure this only warns: the
+  # interop tests then FAIL and say how to install it (they never skip).
+  local dir="$ROOT/tests/interop/js" stamp want log
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+      say "installing Debian packages: nodejs npm"
+      apt-get update -qq >/dev/null 2>&1 || true
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null 2>&1 \
+        || say "warning: could not install nodejs npm (the interop tests will fail and say so)"
+    else
+      say "warning: missing node/npm; install them with: sudo apt-get install nodejs npm"
+    fi
+  fi
+  command -v npm >/dev/null 2>&1 || return 0
+  stamp="$dir/node_modules/.peerd-stamp" # npm ci empties node_modules, stamp included
+  want=$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)
+  [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && return 0
+  say "installing the js-libp2p interop peer (npm ci)"
+  log=$(mktemp)
+  if (cd "$dir" && npm ci --no-audit --no-fund) >"$log" 2>&1; then
+    echo "$want" > "$stamp"
+  else
+    tail -30 "$log" >&2
+    say "warning: npm ci in $dir failed (the interop tests will fail and say so)"
+  fi
+  rm -f "$log"
+}
