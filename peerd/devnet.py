@@ -37,6 +37,22 @@ def _toml_value(v: Any) -> str:
     return json.dumps(v) if not isinstance(v, bool) else ("true" if v else "false")
 
 
+def _private_dir(path: Path, *, tighten: bool) -> None:
+    """Create ``path`` mode 0700 whatever the umask (its parents as ``mkdir -p`` would).
+
+    ``tighten``: an existing directory (ours: a node's, from an earlier run) loses group and
+    other permissions too; the devnet's top directory may be the user's own, so it is only
+    created, never changed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not tighten:
+            return
+    os.chmod(path, 0o700)  # mkdir's mode is masked by the umask; chmod's is not
+
+
 class Devnet:
     def __init__(self, directory: Path = DEFAULT_DIR) -> None:
         self.dir = Path(directory).absolute()
@@ -57,12 +73,16 @@ class Devnet:
 
     # -- lifecycle ----------------------------------------------------------------------
     def configure(self, n: int, overrides: dict[str, dict[str, Any]] | None = None) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.dir, tighten=False)
         ports = [_free_port() for _ in range(n)]
         ids = []
         for i in range(n):
+            # The node directory is the daemon's runtime_dir (its socket's directory): the
+            # daemon refuses one its group or others can write (peerd/rpc/rundir.py), which a
+            # plain mkdir under umask 002 gives (0775).
+            _private_dir(self.node_dir(i), tighten=True)
             state = self.node_dir(i) / "state"
-            state.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _private_dir(state, tighten=True)
             key = state / "identity.key"
             if not key.exists():
                 fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
