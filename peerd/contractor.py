@@ -44,7 +44,6 @@ class Contractor:
         self.rounds = rounds
         self.local_submitter = local_submitter
         self._running: dict[tuple[str, int], trio.CancelScope] = {}
-        self._bid_tasks: set[str] = set()
 
     # -- eligibility and bidding --------------------------------------------------------
     def ineligible_reason(self, ann: TaskAnnounce, submitter: str) -> str | None:

@@ -256,12 +256,6 @@ class Store:
             )
         )
 
-    def mark_fetched(self, task_id: str, round_no: int, shard: int, peer_id: str) -> None:
-        self.db.execute(
-            "UPDATE results SET fetched=1 WHERE task_id=? AND round=? AND shard=? AND peer_id=?",
-            (task_id, round_no, shard, peer_id),
-        )
-
     def add_vote(self, task_id: str, round_no: int, peer_id: str, attempt: int, raw: bytes) -> bool:
         cur = self.db.execute(
             "INSERT OR IGNORE INTO votes (task_id, round, peer_id, attempt, raw) VALUES (?,?,?,?,?)",

@@ -417,7 +417,7 @@ def _v1_pool_dir(mount: str, own: str, pool_name: str, probe_file: str) -> Path 
         probe.mkdir()
         try:
             current = _read(probe / probe_file)
-            _write(probe / probe_file, current if current != "max" else "max")
+            _write(probe / probe_file, current)  # write back what is there: only the right to write is probed
         finally:
             probe.rmdir()
     except OSError as e:

@@ -172,7 +172,6 @@ class _Worker:
     cgroup: WorkerCgroup | None
     stderr_tail: bytearray = field(default_factory=bytearray)
     submitter: str | None = None
-    ready_error: str | None = None
     jobs: int = 0
     idle_since: float = 0.0
     dead: bool = False
@@ -456,7 +455,6 @@ class WorkerPool:
             msg = msgpack.unpackb(frame, raw=False)
             if not isinstance(msg, dict) or msg.get("op") != "ready":
                 raise _StartError("worker did not say ready")
-            w.ready_error = msg.get("error") if isinstance(msg.get("error"), str) else None
         except BaseException as e:
             with trio.CancelScope(shield=True):
                 await self._reclaim(w)

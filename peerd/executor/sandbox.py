@@ -22,7 +22,6 @@ The probe runs the real command once with a small script that checks the isolati
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -386,9 +385,3 @@ def _probe_bwrap(bwrap: str, python: str) -> SandboxReport:
         caps_dropped=caps,
         notes=tuple(notes),
     )
-
-
-def clear_probe_cache() -> None:
-    _probe_cache.clear()
-    with contextlib.suppress(AttributeError):
-        runtime_layout.cache_clear()

@@ -91,14 +91,12 @@ NOTIFICATIONS = ("task.event", "task.end")
 
 #: Terminal task states: ``task.watch`` sends ``task.end`` once a task reaches one of them.
 TERMINAL_STATES = frozenset({"done", "failed", "cancelled"})
-TASK_STATES = ("pending", "bidding", "running", "aggregating", "done", "failed", "cancelled")
 
 __all__ = [
     "CONTRACT",
     "NOTIFICATIONS",
     "PEERS_PAGE_DEFAULT",
     "PEERS_PAGE_MAX",
-    "TASK_STATES",
     "TERMINAL_STATES",
     "MethodSpec",
     "Permission",
