@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS shards (
 );
 CREATE TABLE IF NOT EXISTS results (
     task_id TEXT NOT NULL, round INTEGER NOT NULL, shard INTEGER NOT NULL, peer_id TEXT NOT NULL,
-    raw BLOB NOT NULL, fetched INTEGER NOT NULL DEFAULT 0,
+    raw BLOB NOT NULL, fetched INTEGER NOT NULL DEFAULT 0, seq INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (task_id, round, shard, peer_id)
 );
 CREATE TABLE IF NOT EXISTS votes (
@@ -89,6 +89,9 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        cols = {r["name"] for r in self.db.execute("PRAGMA table_info(results)")}
+        if "seq" not in cols:  # a store written before commits were ordered by seq
+            self.db.execute("ALTER TABLE results ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self.db.close()
@@ -238,10 +241,28 @@ class Store:
         )
 
     # -- results / votes / certificates / rounds --------------------------------------
-    def add_result(self, task_id: str, round_no: int, shard: int, peer_id: str, raw: bytes) -> bool:
+    def add_result(
+        self,
+        task_id: str,
+        round_no: int,
+        shard: int,
+        peer_id: str,
+        raw: bytes,
+        *,
+        seq: int,
+        certified: bool = False,
+    ) -> bool:
+        """Keep ``peer_id``'s commit for (round, shard) that counts (protocol/SPEC.md §11, *Which
+        commit counts*): a higher ``seq`` supersedes the stored one until the round has a
+        certificate, which is final. ``certified``: the caller knows of the round's certificate
+        before it is stored here. The first commit of a peer is kept whenever it comes: a
+        certificate may name it. True when the row was written."""
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO results (task_id, round, shard, peer_id, raw) VALUES (?,?,?,?,?)",
-            (task_id, round_no, shard, peer_id, raw),
+            "INSERT INTO results (task_id, round, shard, peer_id, raw, seq) VALUES (?,?,?,?,?,?)"
+            " ON CONFLICT (task_id, round, shard, peer_id) DO UPDATE SET raw=excluded.raw, seq=excluded.seq"
+            " WHERE excluded.seq > results.seq AND NOT ? AND NOT EXISTS"
+            " (SELECT 1 FROM certificates c WHERE c.task_id=excluded.task_id AND c.round=excluded.round)",
+            (task_id, round_no, shard, peer_id, raw, seq, certified),
         )
         return bool(cur.rowcount)
 

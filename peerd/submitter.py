@@ -193,7 +193,15 @@ class Submitter:
         if view.holder(msg.shard, msg.epoch) != signed.signer:
             self.node.counters.inc("dropped.not_holder")
             return {"ok": False, "reason": "not the shard's holder"}
-        self.node.store.add_result(msg.task_id, msg.round, msg.shard, signed.signer, raw)
+        self.node.store.add_result(
+            msg.task_id,
+            msg.round,
+            msg.shard,
+            signed.signer,
+            raw,
+            seq=msg.seq,
+            certified=msg.round in view.certificates,
+        )
         if view.add_result(signed):
             self.node.counters.inc("results.received")
         return {"ok": True, "reason": ""}

@@ -17,7 +17,7 @@ from peerd.node import TASKS_TOPIC, Node
 from peerd.p2p import GossipMessage
 from peerd.rounds import Rounds
 from peerd.submitter import Submitter
-from peerd.taskbook import TaskBook
+from peerd.taskbook import TaskBook, TaskView
 from protocol.certificate import vote_is_well_formed
 from protocol.envelope import Signed
 from protocol.errors import RemoteProtocolError
@@ -91,13 +91,11 @@ class TaskBus:
                 # Results are kept per shard and ordered by the signer's own sequence, which
                 # says nothing across two signers: the shard's current holder wins.
                 if view.holder(m.shard) != signed.signer:
-                    if view.submitter == self.node.peer_id:
-                        self.node.store.add_result(m.task_id, m.round, m.shard, signed.signer, signed.raw)
+                    self._store_result(view, signed)
                     return True
                 del view.results[m.round][m.shard]
             if view.add_result(signed):
-                if view.submitter == self.node.peer_id:
-                    self.node.store.add_result(m.task_id, m.round, m.shard, signed.signer, signed.raw)
+                self._store_result(view, signed)
                 self.rounds.on_result(view, signed)
             return True
         if isinstance(m, Vote):
@@ -122,3 +120,18 @@ class TaskBus:
             self.contractor.on_cancel(view, signed)
             return True
         return False
+
+    def _store_result(self, view: TaskView, signed: Signed) -> None:
+        """The submitter keeps every holder's commit that counts, for the result bundle."""
+        m = signed.message
+        assert isinstance(m, Result)
+        if view.submitter == self.node.peer_id:
+            self.node.store.add_result(
+                m.task_id,
+                m.round,
+                m.shard,
+                signed.signer,
+                signed.raw,
+                seq=m.seq,
+                certified=m.round in view.certificates,
+            )

@@ -100,7 +100,7 @@ def test_everything_committed_survives_reopening(tmp_path: Path) -> None:
     assert store.add_bid("t1", "peer", b"bid")
     assert not store.add_bid("t1", "peer", b"bid again")  # one bid per peer per task
     store.add_award("t1", 0, b"award", shards(2))
-    assert store.add_result("t1", 1, 0, "p0", b"result")
+    assert store.add_result("t1", 1, 0, "p0", b"result", seq=1)
     store.set_result("t1", {"outputs": [], "metrics": {}})
     store.set_work("t1", 0, 1, 0, "done", b"signed result")
     store.add_certificate("t1", 1, {"sha256": "0" * 64}, [b"vote"])
