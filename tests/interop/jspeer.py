@@ -154,15 +154,20 @@ class JsPeer:
 
 @asynccontextmanager
 async def js_peer(
-    *, listen: bool = False, services: tuple[str, ...] | None = None, max_seconds: float = 300.0
+    *,
+    listen: bool = False,
+    services: tuple[str, ...] | None = None,
+    dht_server: bool = False,
+    max_seconds: float = 300.0,
 ) -> AsyncIterator[JsPeer]:
     """Start ``peer.mjs``; yields once it is listening (or ready, if ``listen`` is false).
 
-    ``services``: any of "identify", "ping", "dht", "gossipsub" (default all). The process
-    ends when the block exits, whatever happens inside it.
+    ``services``: any of "identify", "ping", "dht", "gossipsub" (default all); the DHT runs
+    in client mode unless ``dht_server``. The process ends when the block exits, whatever
+    happens inside it.
     """
     node = require_interop_js()
-    config: dict[str, Any] = {"listen": listen, "max_seconds": max_seconds}
+    config: dict[str, Any] = {"listen": listen, "dht_server": dht_server, "max_seconds": max_seconds}
     if services is not None:
         config["services"] = list(services)
     process = await trio.lowlevel.open_process(

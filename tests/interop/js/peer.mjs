@@ -12,13 +12,14 @@
 //               An attacker that only opens raw streams leaves out "dht" and "gossipsub":
 //               js-libp2p caps outbound streams of a protocol it serves itself.
 //   max_seconds the process exits by itself after this long (default 120, at most 900)
+//   dht_server  true: serve the DHT (default: client mode, as the reported js client)
 //
 // Commands ({"cmd": ..., "id": <anything>, ...}; every command is answered by exactly one
 // {"event": "done", "id", "cmd", ...} or {"event": "error", "id", "cmd", "error"} line):
 //   dial      {addr}                      127.0.0.1 multiaddrs with /p2p/<id> only
 //   identify  {peer}                      run identify on our connection to peer
 //   ping      {peer}
-//   lookup    {key?, timeout_s?}          Kademlia getClosestPeers (client mode); key is a
+//   lookup    {key?, timeout_s?}          Kademlia getClosestPeers; key is a
 //                                         peer ID (default: our own)
 //   subscribe {topic}
 //   publish   {topic, data}               data is UTF-8 text
@@ -68,7 +69,9 @@ if (wanted.has('ping')) services.ping = ping()
 if (wanted.has('dht')) {
   services.dht = kadDHT({
     protocol: '/ipfs/kad/1.0.0',
-    clientMode: true, // as the reported client: it queries, it never serves
+    // A client, as the reported one: it queries and never serves. dht_server: true makes
+    // it a server that other nodes may hand out (and that later vanishes).
+    clientMode: config.dht_server !== true,
     peerInfoMapper: passthroughMapper // keep 127.0.0.1 addresses (the default drops them)
   })
 }
