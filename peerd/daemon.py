@@ -124,7 +124,7 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
                 nursery=nursery,
                 c0=capacity.c0(offer),
             )
-            book = TaskBook()
+            book = TaskBook(signer.peer_id, counters)
             rounds = Rounds(node)
             submitter = Submitter(node, book)
             contractor = Contractor(node, book, rounds, submitter)

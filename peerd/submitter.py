@@ -125,7 +125,7 @@ class Submitter:
             deadline_at=(msg.issued_at + msg.deadline_ms) / 1000,
             message=f"announced; bid window {msg.bid_window_ms} ms",
         )
-        self.book.add(signed)
+        self.book.add(signed)  # our own: always admitted
         self.node.counters.inc("tasks.submitted")
         self.node.nursery.start_soon(self._drive, task_id)
         return task_id
@@ -271,6 +271,8 @@ class Submitter:
         if signed is None:
             return None
         view = self.book.add(signed)
+        if view is None:
+            return None
         for aw in self.node.store.awards(row["task_id"]):
             s = self.node.inbox.verify_embedded(bytes(aw["raw"]), kinds=frozenset({"award"}))
             if s is not None:

@@ -13,6 +13,8 @@ from typing import Any
 
 import trio
 
+from peerd.counters import Counters
+from peerd.inbox import wall_ms
 from protocol.certificate import Certificate, tally
 from protocol.envelope import Signed
 from protocol.messages import Award, Result, TaskAnnounce, Vote
@@ -105,25 +107,76 @@ class TaskView:
 
 
 class TaskBook:
-    #: Bound on followed tasks so a flood of announces cannot exhaust memory; the
-    #: oldest finished views go first.
+    """The views this daemon follows, bounded so a flood of signed announces cannot exhaust
+    memory — nor push out a task this node has a part in.
+
+    When full, a new view takes the place of, in this order: a finished one (cancelled, past
+    its deadline, or its last round certified), then a foreign idle one (not ours, no award
+    yet), then another foreign one this node holds no shard of; the oldest first in each
+    group. A view of a task this node submitted or holds a shard of is never evicted (its
+    submitter, contractor and committee roles read it); when only such views are left, a
+    foreign announce is refused and counted ``tasks.book_refused``. Our own tasks are always
+    admitted: they are bounded by what our callers submit, not by the network.
+    """
+
     MAX_TASKS = 10_000
 
-    def __init__(self) -> None:
+    def __init__(self, peer_id: str = "", counters: Counters | None = None, *, max_tasks: int = 0) -> None:
+        self.peer_id = peer_id
+        self.counters = counters if counters is not None else Counters()
+        self.max_tasks = max_tasks or self.MAX_TASKS
         self._views: dict[str, TaskView] = {}
 
     def get(self, task_id: str) -> TaskView | None:
         return self._views.get(task_id)
 
-    def add(self, signed: Signed) -> TaskView:
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def is_protected(self, view: TaskView) -> bool:
+        """Ours, or one we hold a shard of under its latest award."""
+        return bool(self.peer_id) and (view.submitter == self.peer_id or self.peer_id in view.participants())
+
+    @staticmethod
+    def is_finished(view: TaskView, now_ms: int) -> bool:
+        ann = view.announce
+        return (
+            view.cancelled
+            or ann.issued_at + ann.deadline_ms < now_ms
+            or (ann.aggregation != "none" and ann.rounds in view.certificates)
+        )
+
+    def _victim(self, now_ms: int) -> str | None:
+        idle = other = None
+        for task_id, view in self._views.items():  # insertion order: oldest first
+            if self.is_protected(view):
+                continue
+            if self.is_finished(view, now_ms):
+                return task_id
+            if not view.awards:
+                idle = idle or task_id
+            else:
+                other = other or task_id
+        return idle or other
+
+    def add(self, signed: Signed, *, now_ms: int | None = None) -> TaskView | None:
+        """The view of the announced task, new or known; None when the book is full of views
+        that may not be evicted (the announce is dropped, counted ``tasks.book_refused``)."""
         msg = signed.message
         assert isinstance(msg, TaskAnnounce)
         view = self._views.get(msg.task_id)
-        if view is None:
-            if len(self._views) >= self.MAX_TASKS:
-                self._views.pop(next(iter(self._views)))
-            view = TaskView(msg.task_id, msg, signed.raw, signed.signer)
-            self._views[msg.task_id] = view
+        if view is not None:
+            return view
+        ours = bool(self.peer_id) and signed.signer == self.peer_id
+        if len(self._views) >= self.max_tasks and not ours:
+            victim = self._victim(wall_ms() if now_ms is None else now_ms)
+            if victim is None:
+                self.counters.inc("tasks.book_refused")
+                return None
+            del self._views[victim]
+            self.counters.inc("tasks.book_evicted")
+        view = TaskView(msg.task_id, msg, signed.raw, signed.signer)
+        self._views[msg.task_id] = view
         return view
 
     def __iter__(self) -> Any:

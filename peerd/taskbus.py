@@ -59,6 +59,8 @@ class TaskBus:
                 self.node.counters.inc("dropped.task_id_collision")
                 return False
             view = self.book.add(signed)
+            if view is None:
+                return False  # the book is full of tasks we have a part in (counted there)
             self.node.nursery.start_soon(self.contractor.on_announce, view)
             return True
         found = self.book.get(m.task_id)  # type: ignore[attr-defined]
