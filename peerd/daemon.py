@@ -37,7 +37,7 @@ from peerd.contractor import Contractor
 from peerd.counters import Counters
 from peerd.identity import IdentityError, load_or_create_identity
 from peerd.inbox import Inbox
-from peerd.node import BID_PROTOCOL, RESULT_PROTOCOL, Node
+from peerd.node import BID_PROTOCOL, MAX_GOSSIP_BYTES, RESULT_PROTOCOL, Node
 from peerd.peertable import PeerTable
 from peerd.rounds import Rounds
 from peerd.seqstore import SequenceStore
@@ -104,6 +104,7 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
             bootstrap=tuple(cfg.network.bootstrap),
             mdns=cfg.network.mdns,
             max_msgs_per_origin_per_s=cfg.network.max_msgs_per_origin_per_s,
+            max_gossip_bytes=MAX_GOSSIP_BYTES,
         ),
     )
     try:

@@ -36,7 +36,24 @@ TASKS_TOPIC = "peerd/tasks/1"
 BID_PROTOCOL = "/peerd/bid/1.0.0"
 RESULT_PROTOCOL = "/peerd/result/1.0.0"
 
+#: The largest gossip payload this daemon sends or accepts: the one limit a gossiped message
+#: must fit (passed to the p2p layer as its cap). Below the 64 KiB envelope limit (SPEC §5) on
+#: purpose: with pubsub's own fields a 64 KiB payload spans two yamux frames, and py-libp2p
+#: 0.8.1 can interleave another write between them (tests/integration/hostile.py).
+MAX_GOSSIP_BYTES = 60 * 1024
+#: How much a re-announce of the same task may outgrow the first (a larger ``seq`` takes up to
+#: 8 more bytes in msgpack; the other fields keep their sizes), so a task accepted at submit
+#: can always be re-announced.
+ANNOUNCE_SLACK = 16
+
 M = TypeVar("M", bound=Message)
+
+
+def gossip_too_large(raw: bytes, *, slack: int = 0) -> str | None:
+    """Why ``raw`` cannot be gossiped (its size against :data:`MAX_GOSSIP_BYTES`), or None."""
+    if len(raw) + slack > MAX_GOSSIP_BYTES:
+        return f"{len(raw)} bytes signed, and one gossip message carries at most {MAX_GOSSIP_BYTES - slack}"
+    return None
 
 
 @dataclass
@@ -79,6 +96,14 @@ class Node:
         return raw, signed
 
     async def gossip(self, raw: bytes) -> None:
+        if gossip_too_large(raw):
+            # A bug, not a network condition: what we sign for the topic is sized to fit
+            # (the announce is checked at submit). Loud, and counted apart from transport loss.
+            self.counters.inc("tasks.publish_oversized")
+            log.error(
+                "not publishing a %d-byte message: above the %d-byte gossip cap", len(raw), MAX_GOSSIP_BYTES
+            )
+            return
         try:
             await self.p2p.publish(TASKS_TOPIC, raw)
         except Exception as exc:  # publishing is best effort; callers have their own retries

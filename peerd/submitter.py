@@ -22,7 +22,7 @@ import trio
 
 from peerd.executor import Job, Limits
 from peerd.inbox import wall_ms
-from peerd.node import Node
+from peerd.node import ANNOUNCE_SLACK, MAX_GOSSIP_BYTES, Node, gossip_too_large
 from peerd.streams import FrameStream
 from peerd.taskbook import TaskBook, TaskView
 from peerd.taskspec import parse_spec
@@ -107,9 +107,18 @@ class Submitter:
             # Without this the caller got an internal error instead of a spec error.
             if exc.reason == "oversized":
                 raise SubmitError(
-                    "params: too large for the signed announce (64 KiB); pass big data as an input file"
+                    f"params: too large for the signed announce (one gossip message, at most"
+                    f" {MAX_GOSSIP_BYTES} bytes); pass big data as an input file"
                 ) from None
             raise SubmitError(f"spec: cannot be announced: {exc}") from None
+        # The envelope limit (64 KiB) is not the only one: the announce must fit one gossip
+        # message, re-announces included. Stored and bid on locally but never published, it
+        # used to wait for bids that could not come.
+        too_large = gossip_too_large(raw, slack=ANNOUNCE_SLACK)
+        if too_large is not None:
+            raise SubmitError(
+                f"params: the announce is too large to publish ({too_large}); pass big data as an input file"
+            )
         msg = signed.message
         assert isinstance(msg, TaskAnnounce)
         record = spec.to_json()
