@@ -1,4 +1,4 @@
-"""Aggregation rules of the signed aggregation round (DESIGN §6), as pure numpy functions.
+"""Aggregation rules of the signed aggregation round (docs/design.md §6), as pure numpy functions.
 
 Every committee member recomputes the aggregate O from the committed outputs O_i and votes
 for its hash, so all members must get the *same bytes*. protocol/SPEC.md §11.3 states the
@@ -29,7 +29,7 @@ Rules:
     FedAvg (McMahan et al., 2017): O = Σ w_i·O_i / Σ w_i, with w_i the sample counts the
     participants committed to (a committed weight of 0 counts as 1.0, :func:`effective_weight`).
     Weights of the participants present are renormalised simply by dividing by their own sum
-    (DESIGN §6: a missing participant is left out).
+    (docs/design.md §6: a missing participant is left out).
 ``trimmed_mean``
     Per coordinate: sort the n values, drop the t lowest and t highest, average the rest
     (unweighted), with t = min(⌈trim_ratio·n − 1e-9⌉, ⌊(n−1)/2⌋). The ceiling (not the floor

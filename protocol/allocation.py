@@ -1,4 +1,4 @@
-"""The seed's allocation formula and the award rule (seed §4, DESIGN §4), as pure functions.
+"""The seed's allocation formula and the award rule (seed §4, docs/design.md §4), as pure functions.
 
 Per node *i* (from its signed bid): base capacity ``C0`` (work units per second) and load
 ``L >= 0``. With network parameters ``k, dc_min, dc_max``::
@@ -14,7 +14,7 @@ candidates of largest C (ties by peer ID) and mark the award ``under_capacity``.
 work are proportional to C within the chosen set.
 
 Every peer must be able to recompute an award bit for bit from the signed bids it lists
-(DESIGN §4), so:
+(docs/design.md §4), so:
 
 * every per-candidate value is one IEEE-754 double operation (``k*L``, clamp, ``C0+ΔC``,
   ``C*L``), and every sum over a set is a left-to-right sum in ascending peer-ID order
@@ -37,7 +37,7 @@ from types import MappingProxyType
 
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 
-#: Hard limit on candidates an award may consider (DESIGN §4 bid window). A task announced to
+#: Hard limit on candidates an award may consider (docs/design.md §4 bid window). A task announced to
 #: a large network could draw hundreds of bids; the exact search below must stay bounded, and
 #: 64 is far above any max_shards we expect to be useful for one task.
 MAX_CANDIDATES = 64
@@ -65,7 +65,7 @@ _TINY = 1e-300
 
 @dataclass(frozen=True, slots=True)
 class NetworkParams:
-    """Network-wide constants of the seed's formula (DESIGN §4 defaults: 0.2, 0, +∞)."""
+    """Network-wide constants of the seed's formula (docs/design.md §4 defaults: 0.2, 0, +∞)."""
 
     k: float = 0.2
     dc_min: float = 0.0
@@ -99,7 +99,7 @@ def effective_capacity(c0: float, load: float, params: NetworkParams) -> float:
 
 
 def demand(work: float, deadline_s: float) -> float:
-    """R = W / D, in work units per second (DESIGN §4)."""
+    """R = W / D, in work units per second (docs/design.md §4)."""
     if not (math.isfinite(work) and work >= 0):
         raise LocalProtocolError(f"work must be finite and >= 0, got {work!r}", reason="bad_demand")
     if not (math.isfinite(deadline_s) and deadline_s > 0):
@@ -286,7 +286,7 @@ def choose(
     t_max: float = math.inf,
     params: NetworkParams = NetworkParams(),  # frozen, so a shared default is safe
 ) -> Award:
-    """Apply the award rule (DESIGN §4) to the candidates; a pure, deterministic function.
+    """Apply the award rule (docs/design.md §4) to the candidates; a pure, deterministic function.
 
     Raises RemoteProtocolError(reason="absurd_bid") for an implausible bid or a duplicate peer
     id (filter with :func:`validate_candidate` first), LocalProtocolError for bad arguments.

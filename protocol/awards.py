@@ -1,4 +1,4 @@
-"""Awards as a pure function of signed bids, and their verification (DESIGN §4).
+"""Awards as a pure function of signed bids, and their verification (docs/design.md §4).
 
 Any peer holding a task's announce and its award recomputes the award from the bids it
 lists — nobody has to trust the submitter's choice. Epoch 0 must equal

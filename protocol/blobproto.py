@@ -1,6 +1,6 @@
 """Messages and flow-control rules of the blob transfer protocol ``/peerd/blob/1.0.0``, sans-IO.
 
-Bulk data (task inputs, shard outputs, model weights) never rides gossip (DESIGN §3): it is
+Bulk data (task inputs, shard outputs, model weights) never rides gossip (docs/design.md §3.5): it is
 stored content-addressed by SHA-256 and fetched peer to peer over this protocol.
 
 Transport
@@ -68,7 +68,7 @@ Exchange
 7. Neither side waits forever: peerd gives up on a stream when the other side makes no progress
    (no frame, or no window) for 30 s, and the receiver retries with backoff (resuming).
 
-Why acknowledge at all (py-libp2p trap 10 in shared/notes): a yamux write waits at most 5 s for
+Why acknowledge at all (py-libp2p trap 10, docs/design.md appendix B.1): a yamux write waits at most 5 s for
 the peer to grant window and then resets the stream ("Timed out waiting for window update").
 Two rules follow. Both sides always drain: the receiver reads chunks as they arrive, and the
 sender reads acks concurrently with sending, so neither side's writes ever wait on a reader

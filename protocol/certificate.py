@@ -1,4 +1,4 @@
-"""Certificates of aggregation rounds, checked without trusting anyone (DESIGN §6).
+"""Certificates of aggregation rounds, checked without trusting anyone (docs/design.md §6).
 
 A round's certificate is a set of signed votes. It is valid when
 * every vote is for the same ballot (task, round, rule, committee, inputs, output hash);
@@ -29,7 +29,7 @@ from protocol.envelope import Signed, open_envelope
 from protocol.errors import RemoteProtocolError
 from protocol.messages import Award, Vote
 
-#: Committee size (DESIGN §6: "e.g. the 3 smallest H(task ‖ round ‖ peer)").
+#: Committee size (docs/design.md §6: the 3 participants with the smallest H(task ‖ round ‖ peer)).
 COMMITTEE_SIZE = 3
 
 

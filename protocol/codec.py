@@ -2,7 +2,7 @@
 
 msgpack is not canonical: the same object has many encodings (map key order, integer
 and float widths, str vs bin, duplicate keys all decode). peerd therefore signs *bytes*,
-never objects (DESIGN §3), and every decoder re-encodes what it decoded and rejects the
+never objects (docs/design.md §3.2), and every decoder re-encodes what it decoded and rejects the
 input unless the bytes are identical. The canonical form is:
 
 * maps: string keys only, sorted by their UTF-8 bytes, no duplicates;
@@ -20,7 +20,7 @@ import msgpack
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 
 #: Default cap for one decoded object. Adverts and bids are ~1 KiB; an award lists at
-#: most a few dozen signed bids. Bulk data never rides here (DESIGN §3: blobs).
+#: most a few dozen signed bids. Bulk data never rides here (docs/design.md §3.5).
 DEFAULT_MAX_BYTES = 256 * 1024
 
 _MAX_DEPTH = 16

@@ -1,4 +1,4 @@
-"""Deterministic committee draw for the signed aggregation round (DESIGN §6).
+"""Deterministic committee draw for the signed aggregation round (docs/design.md §6).
 
 Everyone who knows the task ID, the round number and the participant set computes the same
 committee, with no coordination and nothing a participant can grind after the award: the
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from protocol.errors import LocalProtocolError
 
-#: Committee size by default (DESIGN §6: "e.g. the 3 smallest H(task ‖ round ‖ peer)").
+#: Committee size by default (docs/design.md §6: the 3 participants with the smallest H(task ‖ round ‖ peer)).
 DEFAULT_SIZE = 3
 
 

@@ -1,4 +1,4 @@
-"""Signed envelopes: sign bytes, not objects (DESIGN §3).
+"""Signed envelopes: sign bytes, not objects (docs/design.md §3.2).
 
 Wire form (canonical msgpack map)::
 
@@ -57,7 +57,7 @@ class Signed:
 
 
 def message_digest(raw: bytes) -> str:
-    """The ID of an envelope: used to verify each unique message once (DESIGN §8)."""
+    """The ID of an envelope: used to verify each unique message once (docs/design.md §8)."""
     return hashlib.sha256(raw).hexdigest()
 
 
@@ -127,7 +127,7 @@ def open_envelope(
     # The payload is canonical msgpack, but field converters may still coerce (an integer
     # in a float field becomes a float). Re-encoding the *message* and comparing closes
     # that gap, so each message has exactly one signed encoding: dedupe by envelope hash
-    # and "sign bytes, not objects" (DESIGN §3) both rely on it.
+    # and "sign bytes, not objects" (docs/design.md §3.2) both rely on it.
     if codec.pack(message.to_wire()) != payload:
         raise RemoteProtocolError(f"{kind} payload is not in canonical form", reason="non_canonical")
     return Signed(message, peer_id_from_public_key(key), key, bytes(raw), message_digest(bytes(raw)))

@@ -4,7 +4,7 @@ A frame is a 4-byte big-endian unsigned length followed by that many payload byt
 Large objects (blobs, weights) are never sent as one frame: they are chunked by the
 blob protocol, and each frame is capped at :data:`MAX_FRAME` so a hostile peer cannot
 make us buffer more than that before we can judge it (py-libp2p trap 9/10 in
-shared/notes/py-libp2p.md: its own exact-read helper fails above ~6.5 MB and yamux
+docs/design.md appendix B.1: its own exact-read helper fails above ~6.5 MB and yamux
 resets streams whose reader stalls, so we frame and acknowledge ourselves).
 """
 

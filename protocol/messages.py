@@ -9,7 +9,7 @@ Every payload carries ``seq`` (per-signer, strictly increasing, persisted across
 restarts), ``issued_at`` and ``expires_at`` (Unix milliseconds). Receivers drop a
 message whose sequence is not above the highest seen for (signer, kind, scope), or
 that has expired, or that claims a lifetime above the kind's ``MAX_TTL_MS``
-(DESIGN §3 "Replay"; gossip's own seen-cache only lasts 120 s, py-libp2p trap 13).
+(docs/design.md §3.3; gossip's own seen-cache only lasts 120 s, py-libp2p trap 13).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from protocol.errors import LocalProtocolError, RemoteProtocolError
 M = TypeVar("M", bound="Message")
 
 #: Aggregation rules a task may name. ``none`` keeps each shard's outputs apart (echo,
-#: sleep, python); the others merge arrays in a signed aggregation round (DESIGN §6).
+#: sleep, python); the others merge arrays in a signed aggregation round (docs/design.md §6).
 AGGREGATION_RULES = ("none", "sum", "weighted_mean", "trimmed_mean", "median")
 TASK_KINDS = ("echo", "sleep", "python", "keras-train", "keras-predict")
 
@@ -179,7 +179,7 @@ class TaskAnnounce(Message):
 
 @dataclasses.dataclass(frozen=True)
 class Bid(Message):
-    """An eligible peer's offer for a task: its current C⁰ and L (DESIGN §4)."""
+    """An eligible peer's offer for a task: its current C⁰ and L (docs/design.md §4)."""
 
     KIND: ClassVar[str] = "bid"
     TYPE: ClassVar[int] = 3
@@ -196,7 +196,7 @@ class Bid(Message):
 @dataclasses.dataclass(frozen=True)
 class Award(Message):
     """The submitter's award. ``bids`` are the signed bid envelopes it was computed from,
-    so any peer can recompute it (DESIGN §4: the award is a pure function of its bids).
+    so any peer can recompute it (docs/design.md §4: the award is a pure function of its bids).
     ``epoch`` 0 is the first award; each re-award of a lost shard increments it, and
     ``excluded`` lists the peers whose leases were lost (they get no shard)."""
 
@@ -251,7 +251,7 @@ class Lease(Message):
 @dataclasses.dataclass(frozen=True)
 class Result(Message):
     """A shard's signed result for one round: a commitment to the hash and weight of its
-    output O_i (DESIGN §6). The bytes themselves move as blobs."""
+    output O_i (docs/design.md §6). The bytes themselves move as blobs."""
 
     KIND: ClassVar[str] = "result"
     TYPE: ClassVar[int] = 6
@@ -278,7 +278,7 @@ VOTE_INPUT = s.struct(
 
 @dataclasses.dataclass(frozen=True)
 class Vote(Message):
-    """A committee member's signed vote for the aggregate of one round (DESIGN §6)."""
+    """A committee member's signed vote for the aggregate of one round (docs/design.md §6)."""
 
     KIND: ClassVar[str] = "vote"
     TYPE: ClassVar[int] = 7

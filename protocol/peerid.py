@@ -2,7 +2,7 @@
 
 A peer's signer key *is* its libp2p identity key, so the sender of every signed message
 is derived from the key that signed it, never from a field inside the message
-(DESIGN §3). Per the libp2p peer-id spec, an Ed25519 public key is protobuf-encoded
+(docs/design.md §3.2). Per the libp2p peer-id spec, an Ed25519 public key is protobuf-encoded
 (``08 01 12 20 || key``: KeyType=Ed25519, Data=32 bytes), and since that is at most 42
 bytes it is wrapped in an *identity* multihash (``00 24``) and printed in base58btc.
 """

@@ -1,4 +1,4 @@
-"""Replay and freshness checks, sans-IO (DESIGN §3 "Replay").
+"""Replay and freshness checks, sans-IO (docs/design.md §3.3).
 
 A receiver keeps the highest sequence seen per (signer, kind, scope). The scope is the
 task (or task/shard, task/round) for task messages and empty for adverts: messages of
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from protocol.envelope import Signed
 from protocol.errors import RemoteProtocolError
 
-#: Allowed clock skew between peers (DESIGN §3: ±30 s).
+#: Allowed clock skew between peers (docs/design.md §3.3: ±30 s).
 CLOCK_SKEW_MS = 30_000
 
 

@@ -1,6 +1,6 @@
 """Canonical codec for lists of numpy arrays (model weights, shard outputs O_i).
 
-Wire form (shared/notes/tensorflow-and-data.md, "Moving weights")::
+Wire form (docs/design.md appendix B.3, "Moving weights")::
 
     msgpack array of maps, one per tensor, keys in exactly this order:
       "data"  : bin   — the elements, C order, little-endian, prod(shape)·itemsize bytes
@@ -10,8 +10,8 @@ Wire form (shared/notes/tensorflow-and-data.md, "Moving weights")::
 with msgpack's shortest encodings (ints in the smallest form, str/bin length headers in the
 smallest form). The encoding is *canonical*: one list of arrays has exactly one encoding, so
 its sha256 (:func:`arrays_digest`) is what a participant commits to and what the committee
-votes on (DESIGN §6). The decoder accepts only canonical input (decode → re-encode → the bytes
-must be identical), as the envelope rule in DESIGN §3 requires for every signed payload.
+votes on (docs/design.md §6). The decoder accepts only canonical input (decode → re-encode → the bytes
+must be identical), as the envelope rule of docs/design.md §3.1 requires for every signed payload.
 
 Keys are in alphabetical order; little-endian because every machine we run on is, so encoding
 is a memcpy. Only numeric dtypes Keras weights and label/index tensors use are allowed: no
