@@ -245,7 +245,7 @@ class Api:
 
 
 def explain(node: Node, view: Any) -> dict[str, Any]:
-    """Every bid with its C, L, cost and why it was or was not chosen (DESIGN §4)."""
+    """Every bid with its C, L, cost and why it was or was not chosen (docs/design.md §4)."""
     bids = []
     for r in node.store.bids(view.task_id):
         s = node.inbox.verify_embedded(bytes(r["raw"]), kinds=frozenset({"bid"}))

@@ -1,4 +1,4 @@
-"""The content-addressed blob store (DESIGN §3 last bullet, §7 "blob store").
+"""The content-addressed blob store (docs/design.md §3.5, §7).
 
 Layout under ``root`` (the ``blobs`` folder of the state dir)::
 
@@ -8,7 +8,7 @@ Layout under ``root`` (the ``blobs`` folder of the state dir)::
     tmp/                      files being written by put_bytes/put_file
 
 Crash safety (a ``kill -9`` or power loss must never leave a half-written file under a final
-name, DESIGN §7 "a restart loses nothing that was acknowledged"): every final file is written
+name, docs/design.md §7 "a restart loses nothing that was acknowledged"): every final file is written
 elsewhere on the same filesystem, fsynced, then ``rename``d into place — rename is atomic on
 POSIX — and the parent directory is fsynced so the rename itself survives a power loss.
 Leftovers in ``tmp/`` are garbage by construction and are removed when the store opens.

@@ -1,7 +1,7 @@
 """The node's Ed25519 identity: one 32-byte seed in ``<state_dir>/identity.key``.
 
 The same seed is the libp2p identity key (peerd.p2p) and the signer of every protocol message,
-so a message's sender is always the peer ID derived from its signing key (DESIGN §3).
+so a message's sender is always the peer ID derived from its signing key (docs/design.md §3.2).
 
 The file holds the raw seed and nothing else, mode 0600. It is created atomically (temp file,
 fsync, then published under its final name) so a crash never leaves a half-written key, and

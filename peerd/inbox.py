@@ -1,10 +1,10 @@
 """The one door through which signed messages from peers come in.
 
-Order of checks (cheapest first, crypto once per unique message — DESIGN §8):
+Order of checks (cheapest first, crypto once per unique message — docs/design.md §8):
 1. dedupe by the envelope's sha256 (gossip and retries deliver the same bytes often);
 2. size cap, decode, signature, canonical form, field bounds (``open_envelope``);
 3. the signer must be the peer that sent it: for gossip, libp2p's verified origin; for
-   streams, the authenticated remote peer (DESIGN §3: "a message's sender is its
+   streams, the authenticated remote peer (docs/design.md §3.2: "a message's sender is its
    signer, never a field inside it");
 4. freshness and replay (``ReplayGuard``).
 Every drop is counted as ``dropped.<reason>`` and logged at debug level; nothing a

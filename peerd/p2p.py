@@ -1,7 +1,7 @@
 """The daemon's only window onto libp2p (py-libp2p 0.8.1): host, gossip, streams, discovery.
 
-DESIGN §2 makes this the ONLY module that imports libp2p, so every finding in
-``shared/notes/py-libp2p.md`` ("trap N" below) is handled here, once, and the rest of the
+docs/design.md §2.3 makes this the ONLY module that imports libp2p, so every finding in
+docs/design.md appendix B.1 ("trap N" below) is handled here, once, and the rest of the
 daemon sees a small surface: :class:`P2PNode` (run / connect / publish with validators /
 framed streams / stats) and the error types of :mod:`protocol.errors`.
 
@@ -29,9 +29,9 @@ Which trap each piece handles:
   manager with limits far above a devnet, and :meth:`P2PNode._dial` checks that the
   connection really exists after ``connect`` returns.
 * trap 12/13 (scoring inert; 120 s seen-cache allows replay) — not relied on: adverts and all
-  other signed messages carry their own sequence and expiry (DESIGN §3).
+  other signed messages carry their own sequence and expiry (docs/design.md §3.3).
 * trap 14 (noisy DHT logger) — ``libp2p.kad_dht`` is lowered to ERROR.
-Found while building this (not in the note; measured on this machine):
+Found while building this (appendix B.1 lists them too; measured on this machine):
 
 * trap 15: the swarm keeps a 60 s "negative cache" of peers whose dial failed and refuses to
   redial them, which would defeat a 0.5 s bootstrap backoff; our own dials evict the entry

@@ -1,6 +1,6 @@
 """What this machine has: CPU, memory, GPUs (NVML), and its measured base capacity C⁰.
 
-Seed §3.2 step 1 ("every node reports its compute capacity and load") and DESIGN §4:
+Seed §3.2 step 1 ("every node reports its compute capacity and load") and docs/design.md §4:
 C⁰ is in work units per second; peerd's work unit is one GFLOP, so C⁰ is GFLOP/s as
 measured by a short float32 matmul calibration at start (per device). The daemon
 never imports TensorFlow: the CPU is calibrated with numpy, and GPUs are rated from

@@ -1,4 +1,4 @@
-"""The signed aggregation round (DESIGN §6, seed §4 O = Σ O_i).
+"""The signed aggregation round (docs/design.md §6, seed §4 O = Σ O_i).
 
 Per round r of a task with an aggregation rule:
 1. each participant (a shard holder per the latest award; one peer may hold two shards
@@ -121,7 +121,7 @@ class Rounds:
 
     async def _wait_for_commits(self, view: TaskView, round_no: int, started: float) -> None:
         deadline = view.first_result_at.get(round_no, started) + self._round_timeout(view)
-        # A participant that stopped heartbeating is left out (DESIGN §6); give each one
+        # A participant that stopped heartbeating is left out (docs/design.md §6); give each one
         # at least a lease TTL from when this duty started.
         grace_until = started + self.node.config.market.lease_ttl_s
         while trio.current_time() < deadline and round_no not in view.certificates and not view.cancelled:

@@ -1,4 +1,4 @@
-"""The per-signer message sequence, strictly increasing across restarts (DESIGN §3).
+"""The per-signer message sequence, strictly increasing across restarts (docs/design.md §3.3).
 
 Sequences are reserved in blocks: before handing out any number above the persisted
 high-water mark we durably raise the mark by BLOCK. After a crash we restart *from*

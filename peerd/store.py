@@ -1,4 +1,4 @@
-"""Durable daemon state in SQLite (DESIGN §7): tasks, bids, awards, shards, results,
+"""Durable daemon state in SQLite (docs/design.md §7): tasks, bids, awards, shards, results,
 votes, certificates, rounds and events.
 
 Why SQLite: one file, transactions, crash safety. WAL mode with synchronous=NORMAL is

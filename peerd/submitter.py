@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 TERMINAL = ("done", "failed", "cancelled")
 #: Inputs used only by the submitter itself (evaluation), never sent to contractors.
 LOCAL_ONLY_INPUTS = ("validation", "test")
-#: Inputs split across shards in proportion to C (DESIGN §4) instead of sent whole.
+#: Inputs split across shards in proportion to C (docs/design.md §4) instead of sent whole.
 SPLIT_INPUTS = {"keras-train": ("data",), "keras-predict": ("data",)}
 
 
@@ -412,7 +412,7 @@ class Submitter:
             self.contractor.on_award(view)
 
     async def _split_inputs(self, view: TaskView, assignments: list[dict[str, Any]]) -> None:
-        """Split the data across shards in proportion to each node's C (DESIGN §4)."""
+        """Split the data across shards in proportion to each node's C (docs/design.md §4)."""
         row = self.node.store.task(view.task_id)
         assert row is not None
         refs = json.loads(row["spec"])["input_refs"]

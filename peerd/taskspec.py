@@ -7,7 +7,7 @@ by the daemon and become content-addressed blobs; the spec keeps only their path
 A spec::
 
     kind = "keras-train"        # echo | sleep | python | keras-train | keras-predict
-    work = 120.0                # W: estimated work in GFLOP (DESIGN §4)
+    work = 120.0                # W: estimated work in GFLOP (docs/design.md §4)
     deadline_s = 600            # D: seconds from submission; R = W / D
     max_shards = 3
     aggregation = "weighted_mean"   # none | sum | weighted_mean | trimmed_mean | median

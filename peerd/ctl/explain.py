@@ -1,7 +1,7 @@
 """``peerctl explain TASK``: why the award went the way it did (``task.explain``).
 
 Every bid with its C = C0 + ΔC, load L, cost C·L, and whether and why it was chosen, so the
-award rule of DESIGN §4 (minimise Σ C·L subject to Σ C ≥ R) can be checked by eye.
+award rule of docs/design.md §4 (minimise Σ C·L subject to Σ C ≥ R) can be checked by eye.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ pool and gets back. The cgroup classes are how the pool turns ``Limits.memory_by
 ``Limits.max_processes`` into kernel-enforced caps on one worker's whole process tree
 (docs/execution.md has the table of what is enforced how).
 
-This machine (shared/notes/sandbox.md) is *hybrid*: memory and pids live in cgroup v1 and are
+This machine (docs/design.md appendix B.2) is *hybrid*: memory and pids live in cgroup v1 and are
 writable by root; the v2 mount carries no controllers. A systemd host with ``Delegate=yes`` gives
 the daemon a v2 subtree instead. Both are handled here; when neither works the pool falls back to
 RLIMIT_AS as a backstop plus RSS polling (TensorFlow reserves ~2.2 GB of address space for

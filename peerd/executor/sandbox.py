@@ -1,6 +1,6 @@
 """The bubblewrap sandbox every worker runs in: the command builder and the probe.
 
-Why bubblewrap: of the mechanisms tried on this kind of machine (shared/notes/sandbox.md) it is the
+Why bubblewrap: of the mechanisms tried on this kind of machine (docs/design.md appendix B.2) it is the
 one that works as root and unprivileged, gives its own network namespace, runs TensorFlow at full
 speed, and needs nothing but a small unprivileged binary. What the sandbox looks like inside:
 
@@ -188,7 +188,7 @@ def sandbox_env(
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONNOUSERSITE": "1",
         # One thread per slot: the seed's MLP trains slower with 2 threads than 1 here
-        # (shared/notes/tensorflow-and-data.md); the worker also sets TF's own thread pools.
+        # (docs/design.md appendix B.3); the worker also sets TF's own thread pools.
         "OMP_NUM_THREADS": "1",
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "TF_ENABLE_ONEDNN_OPTS": "0",

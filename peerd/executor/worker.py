@@ -50,7 +50,7 @@ _HEADER = struct.Struct(">I")
 
 #: Packages a "tf" worker must not import: Keras pulls in scikit-learn, SciPy, matplotlib and
 #: pandas when they are installed (+770 modules, +70 MiB, a font cache written to HOME) for wrappers
-#: and plots no keras job uses (shared/notes/tensorflow-and-data.md).
+#: and plots no keras job uses (docs/design.md appendix B.3).
 TF_BLOCKED = frozenset({"sklearn", "scipy", "matplotlib", "pandas", "narwhals"})
 
 

@@ -49,7 +49,7 @@ def get_keras() -> Any:
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 
-            # One thread per slot (shared/notes/tensorflow-and-data.md) and bit-identical results for a
+            # One thread per slot (docs/design.md appendix B.3) and bit-identical results for a
             # given seed; both must be set before TensorFlow runs its first op.
             tf.config.threading.set_intra_op_parallelism_threads(1)
             tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -139,7 +139,7 @@ def compile_args(params: Mapping[str, Any], *, default_metrics: list[str]) -> di
     for m in metrics:
         if m not in METRICS:
             raise TaskFailed("task_error", f"metric {m!r} not in {sorted(METRICS)}")
-    # A fresh optimizer object per job: each FedAvg round starts from fresh optimizer state (DESIGN §6).
+    # A fresh optimizer per job: each FedAvg round starts from fresh optimizer state (docs/design.md §6).
     optimizer = getattr(keras.optimizers, OPTIMIZERS[opt_name])(learning_rate=lr)
     return {"optimizer": optimizer, "loss": loss, "metrics": list(metrics)}
 
