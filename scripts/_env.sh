@@ -13,7 +13,7 @@ say() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
 
 ensure_debs() {
   # bubblewrap: the task sandbox (fail closed without it). dataset-fashion-mnist: the
-  # demo's data, read through Keras' own loader (shared/notes/tensorflow-and-data.md).
+  # demo's data, read through Keras' own loader (docs/design.md appendix B.3).
   local need=()
   command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
   [ -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)

@@ -2,7 +2,7 @@
 
 Debian's ``dataset-fashion-mnist`` installs the four IDX files; linking them into
 ``$KERAS_HOME/datasets/fashion-mnist/`` lets ``keras.datasets.fashion_mnist.load_data()``
-read them without a download (shared/notes/tensorflow-and-data.md). When the package
+read them without a download (docs/design.md appendix B.3). When the package
 cannot be had, scikit-learn's bundled 8×8 digits stand in (and the run says so).
 
 Writes into OUT (default examples/data/):

@@ -111,7 +111,7 @@ def train_spec(
 
 def work_needing(capacities: list[float], n: int, deadline_s: float) -> float:
     """A work W such that R = W / D exceeds the sum of the n − 1 largest C, yet is covered
-    by the n largest (DESIGN §4): the award then needs exactly n nodes."""
+    by the n largest (docs/design.md §4): the award then needs exactly n nodes."""
     top = sorted(capacities, reverse=True)
     assert len(top) >= n, f"need {n} capacities, have {len(top)}"
     below = sum(top[: n - 1])
@@ -186,7 +186,7 @@ class SyntheticTask:
         self.announce_raw = self.forge.seal(
             self.submitter, TaskAnnounce, ttl_ms=600_000,
             task_id=self.task_id, kind="keras-train",
-            # C = 10, 11, 12 (idle): R = W / D = 28 needs all three (DESIGN §4).
+            # C = 10, 11, 12 (idle): R = W / D = 28 needs all three (docs/design.md §4).
             work=28.0 * 600, deadline_ms=600_000, max_shards=3,
             resources={"gpu": False, "memory_mb": 0}, aggregation=self.rule, rounds=self.rounds,
             params={}, inputs={}, bid_window_ms=1000, net={"k": 0.2, "dc_min": 0.0, "dc_max": None},

@@ -1,4 +1,4 @@
-"""Blobs (issue 3, DESIGN §8): blob transfer throughput on loopback vs a raw libp2p stream.
+"""Blobs (issue 3, docs/design.md §8): blob transfer throughput on loopback vs a raw libp2p stream.
 
 Two processes, as two daemons would be: this one and a server started with
 ``python -m scripts.benchmarks.blobs serve DIR BYTES``, each with its own ``peerd.p2p.P2PNode``

@@ -50,7 +50,7 @@ def _model(keras: Any, model_json: str) -> Any:
 
 
 def _compile(keras: Any, model: Any) -> None:
-    # A fresh optimizer every round, as in peerd (DESIGN §6) and standard FedAvg.
+    # A fresh optimizer every round, as in peerd (docs/design.md §6) and standard FedAvg.
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=LR),
         loss="sparse_categorical_crossentropy",

@@ -1,4 +1,4 @@
-"""Warm worker (issue 3, DESIGN §8): per-task overhead of the sandboxed worker pool.
+"""Warm worker (issue 3, docs/design.md §8): per-task overhead of the sandboxed worker pool.
 
 The pool is driven directly (``peerd.executor.WorkerPool``, no daemon), one CPU slot, a light
 warm spare, bubblewrap as in the daemon. ``echo`` jobs from one submitter are run back to back:

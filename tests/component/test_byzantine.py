@@ -10,7 +10,7 @@ the 4 participants sends sign-flipped (×−5) weights, or random weights, every
 TensorFlow runs in this test process (no daemons): one thread, op determinism, the
 shuffles and dropout masks seeded per participant and round, so a run is reproducible.
 Optimizer: Adam with its state reset each round (as every FedAvg client starts a round,
-DESIGN §6). Accuracy is measured on digits' test and validation splits together (540
+docs/design.md §6). Accuracy is measured on digits' test and validation splits together (540
 images), the most held-out data this small set has.
 """
 
@@ -48,7 +48,7 @@ class Federation:
         keras = pytest.importorskip("keras")
         tf = pytest.importorskip("tensorflow")
         try:
-            # Must precede TensorFlow's first op in this process (shared/notes/tensorflow-and-data.md).
+            # Must precede TensorFlow's first op in this process (docs/design.md appendix B.3).
             tf.config.threading.set_intra_op_parallelism_threads(1)
             tf.config.threading.set_inter_op_parallelism_threads(1)
         except RuntimeError:

@@ -1,4 +1,4 @@
-"""Escape attempts from shared/notes/sandbox.md and issue 3's fault list, each through real bwrap.
+"""Escape attempts from docs/design.md appendix B.2 and issue 3's fault list, each through real bwrap.
 
 Every attack runs as a *trusted* ``python`` job — trust only lets code run at all; the sandbox and
 caps apply the same. Each test checks the attack was stopped, reported with the right error, and

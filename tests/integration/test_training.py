@@ -1,6 +1,6 @@
 """Decentralized training end to end: 3 real daemons on 127.0.0.1 train the seed's model on
 scikit-learn's digits in 3 shards × 3 rounds, merged by FedAvg in a signed aggregation
-round each round (DESIGN §6, issue 4). Then the result bundle is checked like an outsider
+round each round (docs/design.md §6, issue 4). Then the result bundle is checked like an outsider
 would (``peerctl verify``), and a tampered copy of it is not.
 
 Waits are bounded polling loops; nothing asserts on how long anything took. The test

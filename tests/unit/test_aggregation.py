@@ -1,4 +1,4 @@
-"""Aggregation rules (DESIGN §6): values, canonical order, robustness, bad input."""
+"""Aggregation rules (docs/design.md §6): values, canonical order, robustness, bad input."""
 
 from __future__ import annotations
 

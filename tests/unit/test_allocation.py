@@ -1,4 +1,4 @@
-"""The seed's allocation formula and the award rule (DESIGN §4, seed §4.3)."""
+"""The seed's allocation formula and the award rule (docs/design.md §4, seed §4.3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Awards as a pure function of signed bids (protocol/awards.py, DESIGN §4, SPEC §10.3).
+"""Awards as a pure function of signed bids (protocol/awards.py, docs/design.md §4, SPEC §10.3).
 
 Everything here is sans-IO: real Ed25519 keys sign real bid envelopes, the award is built
 the way the submitter builds it, and :func:`check_award` — what every contractor and

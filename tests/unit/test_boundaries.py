@@ -1,4 +1,4 @@
-"""Layer boundaries (DESIGN §2), checked by importing in fresh interpreters and by reading the AST.
+"""Layer boundaries (docs/design.md §2.3), checked by importing in fresh interpreters and by reading the AST.
 
 * ``protocol`` is sans-IO: importing any of its modules loads no trio, libp2p, TensorFlow or Keras,
   and its source imports only the stdlib, msgpack, cryptography, numpy and itself;

@@ -1,4 +1,4 @@
-"""Committee draw and quorum (DESIGN §6)."""
+"""Committee draw and quorum (docs/design.md §6)."""
 
 from __future__ import annotations
 

@@ -272,7 +272,7 @@ def loaded_by(code: str) -> set[str]:
 
 
 def test_what_each_side_imports() -> None:
-    # The daemon side of the executor never loads TensorFlow/Keras (DESIGN §2, §5) ...
+    # The daemon side of the executor never loads TensorFlow/Keras (docs/design.md §2, §5) ...
     daemon = loaded_by("from peerd.executor import WorkerPool, Job, Limits, JobResult")
     assert not daemon & {"tensorflow", "keras", "numpy"}
     # ... and a light worker stays light: ready in ~0.1 s, so a task does not wait on imports.

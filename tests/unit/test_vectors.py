@@ -180,7 +180,7 @@ def test_award_vector_is_the_seed_example() -> None:
     assert demand == 3000.0
     k = announce.net["k"]
     caps = {p: b.c0 + k * b.load for p, b in bids.items()}
-    assert math.isclose(sum(caps[p] * bids[p].load for p in bids), 4100.466)  # DESIGN §4, not 3366.56
+    assert math.isclose(sum(caps[p] * bids[p].load for p in bids), 4100.466)  # docs/design.md §4, not 3366.56
     chosen = [a["peer_id"] for a in award.assignments]
     assert chosen == sorted(chosen) and len(chosen) == 2
     assert math.isclose(sum(caps[p] for p in chosen), 3000.34)
