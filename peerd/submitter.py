@@ -32,7 +32,7 @@ from protocol.awards import allocate, assignments_of, net_params, reassign, usab
 from protocol.certificate import Certificate, check_certificate
 from protocol.envelope import Signed, open_envelope
 from protocol.errors import ProtocolError
-from protocol.messages import Award, Cancel, Result, TaskAnnounce
+from protocol.messages import MAX_T_MAX, Award, Cancel, Result, TaskAnnounce
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,11 @@ class Submitter:
         }
         params = json.loads(json.dumps(spec.params))  # plain JSON types only
         dc_max = None if cfg.dc_max == float("inf") else cfg.dc_max
+        net: dict[str, Any] = {"k": cfg.k, "dc_min": cfg.dc_min, "dc_max": dc_max}
+        if cfg.t_max <= MAX_T_MAX:
+            # market.t_max rides in the announce (SPEC §10.2): every peer recomputes the award
+            # under the same bound. Unbounded (or beyond any set's cost) it is left out.
+            net["t_max"] = cfg.t_max
         try:
             raw, signed = self.node.seal(
                 TaskAnnounce,
@@ -99,7 +104,7 @@ class Submitter:
                 params=params,
                 inputs=shared,
                 bid_window_ms=spec.bid_window_ms or cfg.bid_window_ms,
-                net={"k": cfg.k, "dc_min": cfg.dc_min, "dc_max": dc_max},
+                net=net,
             )
         except ProtocolError as exc:
             # parse_spec admits only what an announce can carry, but one limit is on the whole:

@@ -44,8 +44,14 @@ def usable_bids(announce: TaskAnnounce, bids: Sequence[Signed]) -> list[Signed]:
     return [best[p] for p in sorted(best)]
 
 
+def t_max_of(net: Mapping[str, Any]) -> float:
+    """The announce's T_max (SPEC §10.2): ``net.t_max``, +∞ when absent."""
+    t_max = net.get("t_max")
+    return math.inf if t_max is None else float(t_max)
+
+
 def allocate(announce: TaskAnnounce, bids: Sequence[Signed]) -> Allocation:
-    """The award rule applied to the task's signed bids."""
+    """The award rule applied to the task's signed bids, under the announce's T_max."""
     cands = []
     for b in usable_bids(announce, bids):
         c = Candidate(b.signer, b.message.c0, b.message.load)  # type: ignore[attr-defined]
@@ -58,6 +64,7 @@ def allocate(announce: TaskAnnounce, bids: Sequence[Signed]) -> Allocation:
         cands,
         demand=demand(announce.work, announce.deadline_ms / 1000),
         max_shards=announce.max_shards,
+        t_max=t_max_of(announce.net),
         params=net_params(announce.net),
     )
 

@@ -48,6 +48,20 @@ NET_PARAMS = s.struct(
         "dc_max": s.optional(s.real(-MAX_GFLOPS, MAX_GFLOPS)),
     }
 )
+#: T_max bound on the wire. Any larger bound is no bound: a set's cost Σ C·L is below 64 · 10¹⁵ ·
+#: 10³ (max_shards · C · L, SPEC §10.2), so such a t_max is simply omitted (+∞).
+MAX_T_MAX = 1e30
+#: An announce's ``net``: the advert's network parameters plus, optionally, ``t_max`` (SPEC §10.2;
+#: absent means +∞, so an announce without a bound is the same bytes as before it existed).
+ANNOUNCE_NET = s.struct(
+    {
+        "k": s.real(0, 1e6),
+        "dc_min": s.real(-MAX_GFLOPS, MAX_GFLOPS),
+        "dc_max": s.optional(s.real(-MAX_GFLOPS, MAX_GFLOPS)),
+        "t_max": s.real(0, MAX_T_MAX),
+    },
+    optional_keys=frozenset({"t_max"}),
+)
 OUTPUT_REF = s.struct({"sha256": s.SHA256, "size": s.integer(0, 1 << 40)})
 
 
@@ -171,7 +185,7 @@ class TaskAnnounce(Message):
     params: dict[str, Any] = _f(s.map_of(s.NAME, s.anything(), 64))
     inputs: dict[str, Any] = _f(s.map_of(s.NAME, OUTPUT_REF, 64))
     bid_window_ms: int = _f(s.integer(1, 60_000))
-    net: dict[str, Any] = _f(NET_PARAMS)
+    net: dict[str, Any] = _f(ANNOUNCE_NET)
 
     def scope(self) -> str:
         return self.task_id

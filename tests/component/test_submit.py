@@ -1,0 +1,121 @@
+"""Submitter.submit against real parts (config, signer, sequence, inbox, store, blob store, task
+book), without a network: what is checked and announced at submit (issue 7).
+
+The p2p node, worker pool and peer table are not touched by ``submit``; the nursery only records
+the task driver it would start.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import trio
+
+from peerd.blobs import BlobStore
+from peerd.config import Config, load_config
+from peerd.counters import Counters
+from peerd.inbox import Inbox
+from peerd.node import MAX_GOSSIP_BYTES, Node
+from peerd.seqstore import SequenceStore
+from peerd.store import Store
+from peerd.submitter import SubmitError, Submitter
+from peerd.taskbook import TaskBook
+from protocol.awards import allocate
+from protocol.envelope import Signed, Signer, open_envelope
+from protocol.messages import Bid, TaskAnnounce
+
+
+class _Nursery:
+    def __init__(self) -> None:
+        self.started: list[Any] = []
+
+    def start_soon(self, fn: Any, *args: Any) -> None:
+        self.started.append((fn, args))
+
+
+def make_config(tmp: Path, market: str = "") -> Config:
+    path = tmp / "peerd.toml"
+    path.write_text(
+        f'[node]\nstate_dir = "{tmp / "state"}"\nruntime_dir = "{tmp / "run"}"\n'
+        f"[offer]\ncores = 1\nmemory_mb = 1024\n[market]\n{market}\n"
+    )
+    return load_config(path, env={})
+
+
+def make_submitter(tmp: Path, market: str = "") -> tuple[Submitter, Node]:
+    cfg = make_config(tmp, market)
+    counters = Counters()
+    signer = Signer(b"\x07" * 32)
+    node = Node(
+        config=cfg,
+        signer=signer,
+        seq=SequenceStore(tmp / "sequence"),
+        counters=counters,
+        inbox=Inbox(counters),
+        store=Store(tmp / "db.sqlite"),
+        blobs=BlobStore(tmp / "blobs", max_blob_bytes=1 << 20),
+        p2p=cast(Any, None),
+        pool=cast(Any, None),
+        table=cast(Any, None),
+        nursery=cast(Any, _Nursery()),
+    )
+    return Submitter(node, TaskBook(signer.peer_id, counters)), node
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+
+
+def _announce(node: Node, task_id: str) -> TaskAnnounce:
+    row = node.store.task(task_id)
+    assert row is not None
+    msg = open_envelope(bytes(row["announce"]), kinds=frozenset({"announce"})).message
+    assert isinstance(msg, TaskAnnounce)
+    return msg
+
+
+def _bid(n: int, task_id: str, c0: float, load: float) -> Signed:
+    msg = Bid(seq=1, issued_at=1, expires_at=2, task_id=task_id, c0=c0, load=load)
+    return open_envelope(Signer(bytes([n]) * 32).seal(msg), kinds=frozenset({"bid"}))
+
+
+def test_market_t_max_reaches_the_award_rule(tmp: Path) -> None:
+    sub, node = make_submitter(tmp, "t_max = 50.0")
+    spec = {"kind": "echo", "work": 100.0, "deadline_s": 1, "max_shards": 2, "params": {"data": "x"}}
+    task_id = trio.run(sub.submit, spec)
+    ann = _announce(node, task_id)
+    assert ann.net["t_max"] == 50.0
+    # R = 100: one peer covers it at cost C·L = 100.02 · 0.5 > t_max; two idle ones cost 0.
+    busy, idle_a, idle_b = (
+        _bid(1, task_id, 100.0, 0.5),
+        _bid(2, task_id, 60.0, 0.0),
+        _bid(3, task_id, 60.0, 0.0),
+    )
+    assert not allocate(ann, [busy, idle_a, idle_b]).under_capacity
+    # Only the busy peer and one idle one bid: every covering set costs > t_max.
+    alloc = allocate(ann, [busy, idle_a])
+    assert alloc.under_capacity and "t_max=50" in alloc.reasons[alloc.chosen[0]]
+
+
+def test_an_unbounded_t_max_is_not_on_the_wire(tmp: Path) -> None:
+    sub, node = make_submitter(tmp)
+    assert math.isinf(node.config.market.t_max)
+    task_id = trio.run(sub.submit, {"kind": "echo", "params": {"data": "x"}})
+    assert "t_max" not in _announce(node, task_id).net
+
+
+def test_an_announce_above_the_gossip_cap_is_refused_at_submit(tmp: Path) -> None:
+    sub, node = make_submitter(tmp)
+    # Below the 64 KiB envelope limit, above the gossip cap.
+    spec = {"kind": "echo", "params": {"data": "x" * (MAX_GOSSIP_BYTES + 600)}}
+    with pytest.raises(SubmitError, match=r"^params: .*gossip"):
+        trio.run(sub.submit, spec)
+    assert node.store.tasks() == []
+    # Just below the cap it is announced (and would be published).
+    ok = trio.run(sub.submit, {"kind": "echo", "params": {"data": "x" * (MAX_GOSSIP_BYTES - 1000)}})
+    assert node.store.task(ok) is not None
