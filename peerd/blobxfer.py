@@ -19,7 +19,7 @@ import functools
 import logging
 import os
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -215,6 +215,44 @@ async def _send_body(
 
 
 # -- fetching ----------------------------------------------------------------------------------
+
+
+async def fetch_from_any(
+    fetch_one: Callable[[str], Awaitable[Path]],
+    peers: Sequence[str],
+    *,
+    passes: int = 1,
+    pause_s: float = 1.0,
+    give_up: Callable[[str, ProtocolError], bool] | None = None,
+) -> Path:
+    """Fetch one blob from the first of ``peers`` that serves it: the one rule for "from any
+    peer" (committee inputs, certified outputs, results, task inputs).
+
+    ``fetch_one(peer)`` is one provider's fetch (:func:`fetch_blob`, which already retries
+    transport failures and resumes the partial). Peers are tried in the given order; every
+    peer's bytes are hash-checked, so who serves them does not matter. Up to ``passes`` passes
+    over the list, ``pause_s`` apart (trio time). ``give_up(peer, error)`` True ends the
+    search at once (a committer that revealed other bytes than it committed to is not
+    retried through others). Raises the last :class:`ProtocolError`, or a TransportError
+    when ``peers`` is empty.
+    """
+    if passes < 1:
+        raise LocalProtocolError("passes must be >= 1", reason="bad_argument")
+    last: ProtocolError | None = None
+    for n in range(passes):
+        if n:
+            await trio.sleep(pause_s)
+        for peer in peers:
+            try:
+                return await fetch_one(peer)
+            except ProtocolError as exc:
+                log.info("blob not fetched from %s: %s", peer, exc)
+                last = exc
+                if give_up is not None and give_up(peer, exc):
+                    raise
+    if last is None:
+        raise TransportError("no peer to fetch it from", reason="no_provider")
+    raise last
 
 
 class _RetryableError(RemoteProtocolError):

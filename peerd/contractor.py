@@ -220,7 +220,9 @@ class Contractor:
         refs = {**ann.inputs, **assignment["inputs"]}
         for name, ref in sorted(refs.items()):
             state["detail"] = f"fetching {name}"
-            inputs[name] = await self.node.fetch_blob(view.submitter, ref["sha256"], max_bytes=ref["size"])
+            inputs[name] = await self.node.fetch_from_any(
+                ref["sha256"], [view.submitter], max_bytes=ref["size"]
+            )
         first_round = view.certified_rounds() + 1 if ann.aggregation != "none" else 1
         for round_no in range(first_round, ann.rounds + 1):
             state["round"] = round_no

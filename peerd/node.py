@@ -9,7 +9,7 @@ dozen constructor arguments; tests build one with fakes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -22,6 +22,7 @@ from peerd.inbox import Inbox, wall_ms
 from peerd.seqstore import SequenceStore
 from peerd.store import Store
 from protocol.envelope import Signed, Signer
+from protocol.errors import ProtocolError
 from protocol.messages import Message
 
 if TYPE_CHECKING:
@@ -122,6 +123,29 @@ class Node:
             return await self.p2p.open_stream(peer_id, blobxfer.PROTOCOL_ID)
 
         return await blobxfer.fetch_blob(open_stream, digest, self.blobs, max_bytes=limit)
+
+    async def fetch_from_any(
+        self,
+        digest: str,
+        peers: Sequence[str],
+        *,
+        max_bytes: int | None = None,
+        passes: int = 1,
+        pause_s: float = 1.0,
+        give_up: Callable[[str, ProtocolError], bool] | None = None,
+    ) -> Path:
+        """The local copy, or the blob fetched from the first of ``peers`` that serves it
+        (:func:`peerd.blobxfer.fetch_from_any`; ourselves and repeats are skipped)."""
+        from peerd import blobxfer
+
+        if self.blobs.has(digest):
+            return self.blobs.path(digest)
+        order = [p for p in dict.fromkeys(peers) if p != self.peer_id]
+
+        async def one(peer: str) -> Path:
+            return await self.fetch_blob(peer, digest, max_bytes=max_bytes)
+
+        return await blobxfer.fetch_from_any(one, order, passes=passes, pause_s=pause_s, give_up=give_up)
 
     def emit(self, task_id: str, event: dict[str, Any]) -> None:
         """Push an event to every RPC watcher of ``task_id`` (never blocks the caller)."""

@@ -79,22 +79,14 @@ class Rounds:
                 raise RuntimeError("task cancelled")
             await view.wait_changed(5.0)
         cert = view.certificates[round_no]
-        return await self._fetch_from_any(cert.output["sha256"], cert.output["size"], cert.signers)
-
-    async def _fetch_from_any(self, digest: str, size: int, peers: tuple[str, ...]) -> Path:
-        if self.node.blobs.has(digest):
-            return self.node.blobs.path(digest)
-        errors = []
-        for _ in range(3):
-            for peer in peers:
-                if peer == self.node.peer_id:
-                    continue
-                try:
-                    return await self.node.fetch_blob(peer, digest, max_bytes=size)
-                except ProtocolError as exc:
-                    errors.append(f"{peer}: {exc}")
-            await trio.sleep(1.0)
-        raise RuntimeError(f"could not fetch {digest[:12]} from any voter: {'; '.join(errors[-3:])}")
+        digest = cert.output["sha256"]
+        try:
+            # Three passes over the voters: one that just certified may still be writing it.
+            return await self.node.fetch_from_any(
+                digest, cert.signers, max_bytes=cert.output["size"], passes=3
+            )
+        except ProtocolError as exc:
+            raise RuntimeError(f"could not fetch {digest[:12]} from any voter: {exc}") from None
 
     # -- committee duty -----------------------------------------------------------------
     def _holders(self, view: TaskView) -> dict[int, str]:
@@ -199,17 +191,13 @@ class Rounds:
                 i["sha256"] == ref["sha256"] for i in sv.message.inputs
             ):
                 voters.add(signer)
-        sources = [committer, *sorted(voters)]
-        last: ProtocolError | None = None
-        for peer in sources:
-            try:
-                return await self.node.fetch_blob(peer, ref["sha256"], max_bytes=ref["size"])
-            except ProtocolError as exc:
-                last = exc
-                if exc.reason == "hash_mismatch" and peer == committer:
-                    break  # the committer revealed other bytes than it committed to
-        assert last is not None
-        raise last
+        return await self.node.fetch_from_any(
+            ref["sha256"],
+            [committer, *sorted(voters)],
+            max_bytes=ref["size"],
+            # The committer revealed other bytes than it committed to: its input is excluded.
+            give_up=lambda peer, exc: peer == committer and exc.reason == "hash_mismatch",
+        )
 
     async def _vote(self, view: TaskView, round_no: int, attempt: int) -> bool:
         """Compute the aggregate over what we have and gossip a signed vote; False if

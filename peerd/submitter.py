@@ -574,12 +574,11 @@ class Submitter:
                 )
                 return True
             for ref in msg.outputs.values():
-                if not self.node.blobs.has(ref["sha256"]):
-                    try:
-                        await self.node.fetch_blob(sv.signer, ref["sha256"], max_bytes=ref["size"])
-                    except ProtocolError as exc:
-                        log.info("fetching output of %s failed: %s", view.task_id, exc)
-                        return False
+                try:
+                    await self.node.fetch_from_any(ref["sha256"], [sv.signer], max_bytes=ref["size"])
+                except ProtocolError as exc:
+                    log.info("fetching output of %s failed: %s", view.task_id, exc)
+                    return False
             self.node.store.set_shard_state(view.task_id, a["shard"], "done")
         outputs = []
         for a in shards:
@@ -655,18 +654,10 @@ class Submitter:
         """Fetch a certified round's inputs: from each committer, else from the voters (who
         fetched them to vote). Best effort: a missing input shows up in ``peerctl verify``."""
         for i in cert.inputs:
-            if self.node.blobs.has(i["sha256"]):
-                continue
-            for peer in [i["peer_id"], *cert.signers]:
-                if peer == self.node.peer_id:
-                    continue
-                try:
-                    await self.node.fetch_blob(peer, i["sha256"])
-                    break
-                except ProtocolError as exc:
-                    log.info(
-                        "round %d input %s… from %s not fetched: %s", cert.round, i["sha256"][:12], peer, exc
-                    )
+            try:
+                await self.node.fetch_from_any(i["sha256"], [i["peer_id"], *cert.signers])
+            except ProtocolError as exc:
+                log.info("round %d input %s… not fetched: %s", cert.round, i["sha256"][:12], exc)
 
     async def _evaluate(
         self, view: TaskView, output: dict[str, Any], input_name: str
@@ -701,15 +692,11 @@ class Submitter:
         return {k: float(v) for k, v in res.metrics.items()}
 
     async def _fetch_certified(self, view: TaskView, output: dict[str, Any]) -> Path:
-        if self.node.blobs.has(output["sha256"]):
-            return self.node.blobs.path(output["sha256"])
-        last: Exception | None = None
-        for peer in output.get("signers", []) or [s for c in view.certificates.values() for s in c.signers]:
-            try:
-                return await self.node.fetch_blob(peer, output["sha256"], max_bytes=output["size"])
-            except ProtocolError as exc:
-                last = exc
-        raise RuntimeError(f"cannot fetch the certified output: {last}")
+        peers = output.get("signers", []) or [s for c in view.certificates.values() for s in c.signers]
+        try:
+            return await self.node.fetch_from_any(output["sha256"], peers, max_bytes=output["size"])
+        except ProtocolError as exc:
+            raise RuntimeError(f"cannot fetch the certified output: {exc}") from None
 
     async def _complete_rounds(self, view: TaskView) -> None:
         # A certificate that arrived while an earlier round was being evaluated has not been

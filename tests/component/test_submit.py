@@ -26,6 +26,7 @@ from peerd.submitter import SubmitError, Submitter
 from peerd.taskbook import TaskBook
 from protocol.awards import allocate
 from protocol.envelope import Signed, Signer, open_envelope
+from protocol.errors import RemoteProtocolError
 from protocol.messages import Bid, TaskAnnounce
 
 
@@ -119,3 +120,20 @@ def test_an_announce_above_the_gossip_cap_is_refused_at_submit(tmp: Path) -> Non
     # Just below the cap it is announced (and would be published).
     ok = trio.run(sub.submit, {"kind": "echo", "params": {"data": "x" * (MAX_GOSSIP_BYTES - 1000)}})
     assert node.store.task(ok) is not None
+
+
+def test_node_fetch_from_any_skips_itself_and_repeats_and_uses_a_local_copy(tmp: Path) -> None:
+    _, node = make_submitter(tmp)
+    asked: list[str] = []
+
+    async def fetch_blob(peer: str, digest: str, *, max_bytes: int | None = None) -> Path:
+        asked.append(peer)
+        raise RemoteProtocolError("no", reason="not_found")
+
+    node.fetch_blob = fetch_blob  # type: ignore[method-assign,assignment]
+    digest = node.blobs.put_bytes(b"here")
+    assert trio.run(node.fetch_from_any, digest, ["a"]) == node.blobs.path(digest)
+    assert asked == []
+    with pytest.raises(RemoteProtocolError):
+        trio.run(node.fetch_from_any, "0" * 64, ["a", node.peer_id, "b", "a"])
+    assert asked == ["a", "b"]
