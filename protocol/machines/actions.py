@@ -19,6 +19,9 @@ from protocol.envelope import Signed
 
 PROTO_BID = "bid"
 PROTO_RESULT = "result"
+#: ``FetchBlob.size`` when the machine knows no size (a vote input names only a hash): the
+#: driver applies its own cap (the daemon: ``policy.max_blob_mb``).
+ANY_SIZE = -1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,7 +89,8 @@ class CancelJob(Action):
 
 @dataclass(frozen=True, kw_only=True)
 class FetchBlob(Action):
-    """Fetch blob ``digest`` (at most ``size`` bytes) from ``source`` — one peer; the
+    """Fetch blob ``digest`` (at most ``size`` bytes, or the driver's cap for
+    :data:`ANY_SIZE`) from ``source`` — one peer; the
     machines decide the next source and any retry themselves — or return the local copy.
     Answer with ``BlobFetched(tag=tag, …)``, with the bytes if ``want_bytes``."""
 

@@ -1,0 +1,990 @@
+"""TaskMachine: the submitter's view of one task (seed §3.2 steps 2–5, docs/tasks.md).
+
+The rules are those of ``peerd/submitter.py`` today, moved here so that the submitter can
+become a thin driver:
+
+* **Bidding.** Start publishes the announce and opens the bid window
+  (``announce.bid_window_ms``). At its end the usable bids (``awards.usable_bids``) are
+  awarded by the real rule (``awards.allocate`` + ``assignments_of``). With no bid the
+  task is ``pending``: it waits ``min(2 s · attempt, 10 s)`` — a bid arriving meanwhile
+  is awarded at once — then re-announces with a fresh sequence (gossip drops bytes it saw
+  in the last 120 s) and opens another window.
+* **Award.** Epoch 0 quotes the usable bids; kinds that split their data
+  (docs/tasks.md: keras ``data``) first ask the driver to split it (``SplitInputs``).
+* **Leases.** A holder of an unfinished shard whose last lease (or the start of
+  supervision, or its award) is more than ``lease_ttl_ms`` old is lost (SPEC §7.6). A shard
+  is finished when its result is in (plain tasks) or its holder's lease says ``done``
+  (aggregated tasks).
+* **Re-award.** Lost holders are added to ``excluded`` and their shards moved by the real
+  replacement rule (``awards.reassign``) over every usable bid received so far (late bids
+  included). When no bidder is left, the task asks for fresh bids (re-announce, one bid
+  window) and tries again.
+* **Results.** Plain tasks (``aggregation = "none"``) are done when every shard of the
+  latest award has a result whose outputs were fetched; aggregated tasks when the last
+  round is certified and its output fetched (rounds are reported in order, each with the
+  optional evaluation on the submitter's held-out ``validation`` input).
+* **Failure.** A result with ``ok = false`` fails a plain task; an aggregated task fails
+  when as many results failed as there are shards ("every shard failed"); the deadline
+  (``issued_at + deadline_ms``) fails any unfinished task, with the last reason given.
+* **Cancel.** The local user's cancel publishes a signed ``cancel`` (SPEC §7.9).
+
+Issue 8 (known defects kept as today's behaviour, each with one place to change):
+``_shard_failed`` is where "a shard that fails moves to another bidder" goes, and
+``_lost_holders`` is where "a lease heartbeat alone never holds a shard past a multiple
+of its expected time" goes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.allocation import Award as Allocation
+from protocol.awards import allocate, assignments_of, reassign, usable_bids
+from protocol.certificate import Certificate
+from protocol.envelope import Signed
+from protocol.errors import LocalProtocolError
+from protocol.machines import actions as act
+from protocol.machines import events as ev
+from protocol.machines.common import MarketTimes, Sealer, Timers, illegal, join_short, short
+from protocol.messages import Award, Bid, Cancel, Lease, Message, Result, TaskAnnounce
+
+#: Fields of an announce that a re-announce repeats (everything but seq and times).
+ANNOUNCE_FIELDS = (
+    "task_id",
+    "kind",
+    "work",
+    "deadline_ms",
+    "max_shards",
+    "resources",
+    "aggregation",
+    "rounds",
+    "params",
+    "inputs",
+    "bid_window_ms",
+    "net",
+)
+#: How long the submitter's cancel stays valid (as ``Submitter.cancel``).
+CANCEL_TTL_MS = 3_600_000
+#: The reason a ``pending`` task gives (docs/tasks.md).
+NO_BIDS_REASON = "no eligible peer has bid (kind, resources, policy or sandbox)"
+
+T_BID_WINDOW = "bid_window"
+T_BACKOFF = "backoff"
+T_DEADLINE = "deadline"
+T_LEASES = "leases"
+T_REFETCH = "refetch"
+
+
+class TaskState(enum.Enum):
+    """The machine's phase. ``public`` is the state the store and ``peerctl`` show."""
+
+    NEW = "new"  # built, not started
+    BIDDING = "bidding"  # a bid window is open (after the first announce or a re-announce)
+    BACKOFF = "backoff"  # no usable bid: waiting before re-announcing; a bid awards at once
+    AWARDING = "awarding"  # epoch 0 chosen, waiting for the driver to split the data
+    RUNNING = "running"  # awarded: leases, results, rounds, re-awards
+    REBIDDING = "rebidding"  # every bidder lost: a fresh bid window before the re-award
+    AGGREGATING = "aggregating"  # last round certified: fetching and scoring the final model
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED})
+
+
+@dataclass
+class Restored:
+    """What the store holds of a task the submitter resumes after a restart
+    (``Submitter.resume``), every message already verified by the driver."""
+
+    bids: Sequence[Signed] = ()
+    awards: Sequence[Signed] = ()
+    results: Sequence[Signed] = ()
+    certificates: Mapping[int, Certificate] = field(default_factory=dict)
+    reported_rounds: Iterable[int] = ()
+    public_state: str = "bidding"
+
+
+@dataclass
+class _Report:
+    """A certified round being reported (input fetches, then the optional evaluation)."""
+
+    round: int
+    pending: dict[str, tuple[str, int, list[str]]] = field(default_factory=dict)  # tag → (sha, size, sources)
+    eval_sources: list[str] = field(default_factory=list)
+    eval_job: str | None = None
+    val: dict[str, float] | None = None
+
+
+class TaskMachine:
+    """The submitter's view of one task. Build it with the signed announce (ours), call
+    ``handle(Start(...))`` once, then feed it every event of the task.
+
+    ``split_input``: the name of an input the driver splits across the shards before
+    epoch 0 (keras kinds' ``data``), or None. ``held_out``: the submitter-only inputs
+    (``validation``, ``test``: name → blob ref) it scores a keras-train model on.
+    ``wait_for_network``: holders' silence counts only once ``PeersKnown`` reports a
+    connected peer (the daemon passes True: its supervisor waits so after every start, since
+    a node nobody has reached yet cannot have received any lease); ``restored``: resume a
+    task from the store after a restart.
+    """
+
+    def __init__(
+        self,
+        announce: Signed,
+        *,
+        sealer: Sealer,
+        times: MarketTimes,
+        split_input: str | None = None,
+        held_out: Mapping[str, Mapping[str, Any]] | None = None,
+        restored: Restored | None = None,
+        wait_for_network: bool = False,
+    ) -> None:
+        if not isinstance(announce.message, TaskAnnounce):
+            raise LocalProtocolError("TaskMachine needs a signed announce", reason="illegal_event")
+        if announce.signer != sealer.peer_id:
+            raise LocalProtocolError("TaskMachine: the announce is not ours", reason="illegal_event")
+        self.announce: TaskAnnounce = announce.message
+        self.announce_signed = announce
+        self.task_id = self.announce.task_id
+        self.me = sealer.peer_id
+        self.sealer = sealer
+        self.times = times
+        self.split_input = split_input
+        self.held_out = dict(held_out or {})
+        self.state = TaskState.NEW
+        #: The public state and its reason, as last persisted (the deadline message uses it).
+        self.public_state = "bidding"
+        self.reason: str | None = None
+        self.timers = Timers()
+        self.bids: dict[str, Signed] = {}  # envelope digest → bid
+        self.awards: dict[int, Signed] = {}
+        self.heartbeats: dict[str, int] = {}
+        self.lease_states: dict[tuple[str, int], str] = {}
+        self.results: dict[int, dict[int, Signed]] = {}
+        self.certificates: dict[int, Certificate] = {}
+        self.reported: set[int] = set()
+        self.fetched: set[str] = set()
+        self.shards_done: set[int] = set()
+        self.attempt = 0
+        self.alive_peers = 0
+        self.lease_start = 0
+        #: Holders' silence counts only once some peer is connected (``wait_for_network``).
+        self.network_up = not wait_for_network
+        self._last_round_info: dict[str, Any] = {}
+        self._lost_now: set[str] = set()
+        self._fetching: str | None = None  # tag of the one plain-output fetch in flight
+        self._pending_alloc: tuple[list[Signed], Allocation, list[dict[str, Any]]] | None = None
+        self._report: _Report | None = None
+        self._final: _Report | None = None
+        self._resumed = restored is not None
+        if restored is not None:
+            self._restore(restored)
+
+    # -- the one dispatch method ---------------------------------------------------------------
+    def handle(self, event: ev.Event) -> list[act.Action]:
+        """Take one event; return the actions the driver must perform, in order."""
+        s = self.state
+        if s is TaskState.NEW:
+            if isinstance(event, ev.Start):
+                return self._start(event.now_ms)
+            raise illegal("TaskMachine", s, event)
+        if isinstance(event, ev.Start):
+            raise illegal("TaskMachine", s, event)
+        if isinstance(event, ev.MessageVerified):
+            return self._on_message(event)
+        if s in TERMINAL:
+            # Late completions of work started before the end, and user requests that race it,
+            # change nothing; a timer cannot fire (all were cancelled) and a split cannot be due.
+            if isinstance(event, ev.BlobFetched | ev.JobFinished | ev.CancelRequested | ev.PeersKnown):
+                return []
+            if isinstance(event, ev.PeerLost | ev.RoundCertified | ev.InputsSplit):
+                return []
+            raise illegal("TaskMachine", s, event)
+        if isinstance(event, ev.TimerFired):
+            self.timers.fire("TaskMachine", event.name)
+            return self._on_timer(event.name, event.now_ms)
+        if isinstance(event, ev.CancelRequested):
+            return self._cancel(event.now_ms, event.reason)
+        if isinstance(event, ev.PeersKnown):
+            self.alive_peers = event.alive
+            if event.connected > 0:
+                self.network_up = True
+            return []
+        if isinstance(event, ev.PeerLost):
+            self._lost_now.add(event.peer)
+            return self._check_leases(event.now_ms) if s is TaskState.RUNNING else []
+        if isinstance(event, ev.InputsSplit):
+            if s is not TaskState.AWARDING:
+                raise illegal("TaskMachine", s, event)
+            return self._award_split(event)
+        if isinstance(event, ev.RoundCertified):
+            return self._on_certificate(event)
+        if isinstance(event, ev.BlobFetched):
+            return self._on_blob(event)
+        if isinstance(event, ev.JobFinished):
+            return self._on_job(event)
+        raise illegal("TaskMachine", s, event)
+
+    # -- timers ------------------------------------------------------------------------------------
+    def _on_timer(self, name: str, now: int) -> list[act.Action]:
+        s = self.state
+        if name == T_DEADLINE:
+            why = self.reason or "no result before the deadline"
+            return self._finish(now, TaskState.FAILED, f"deadline passed: {why}", reason="deadline")
+        if name == T_BID_WINDOW and s is TaskState.BIDDING:
+            return self._window_closed(now)
+        if name == T_BACKOFF and s is TaskState.BACKOFF:
+            out = self._publish_announce(now, fresh=True)
+            self.state = TaskState.BIDDING  # the public state stays "pending" (as today)
+            out.append(self.timers.set(T_BID_WINDOW, now + self.announce.bid_window_ms))
+            return out
+        if name == T_BID_WINDOW and s is TaskState.REBIDDING:
+            self.state = TaskState.RUNNING
+            return self._supervise(now)
+        if name == T_LEASES and s is TaskState.RUNNING:
+            return self._check_leases(now)
+        if name == T_REFETCH:
+            # Armed while running; a re-bid window may have come in between.
+            return self._check_plain(now) if s is TaskState.RUNNING else []
+        raise LocalProtocolError(f"TaskMachine: timer {name!r} in state {s.name}", reason="illegal_event")
+
+    # -- start and bidding -------------------------------------------------------------------------
+    def _start(self, now: int) -> list[act.Action]:
+        ann = self.announce
+        out: list[act.Action] = [self.timers.set(T_DEADLINE, ann.issued_at + ann.deadline_ms)]
+        if self._resumed:
+            out.append(
+                act.Persist(
+                    record=act.TaskEvent(
+                        task_id=self.task_id, state=self.public_state, message="submitter restarted; resuming"
+                    )
+                )
+            )
+        if self.awards:
+            # Heartbeats seen before a restart are unknown: every holder gets a full TTL,
+            # counted from when some peer can reach us again.
+            self.state = TaskState.RUNNING
+            self.lease_start = now
+            out += self._supervise(now)
+            return out
+        self.state = TaskState.BIDDING
+        out += self._publish_announce(now, fresh=False)
+        out.append(self.timers.set(T_BID_WINDOW, now + ann.bid_window_ms))
+        return out
+
+    def _publish_announce(self, now: int, *, fresh: bool) -> list[act.Action]:
+        if not fresh:
+            return [act.Publish(signed=self.announce_signed)]
+        a = self.announce
+        # Gossip drops bytes it has seen in the last 120 s: a re-announce must be a new
+        # message (new sequence) with the same task fields.
+        signed = self.sealer.seal(
+            TaskAnnounce,
+            now_ms=now,
+            ttl_ms=max(1, a.expires_at - now),
+            **{k: getattr(a, k) for k in ANNOUNCE_FIELDS},
+        )
+        return [act.Publish(signed=signed)]
+
+    def usable(self) -> list[Signed]:
+        """The bids that count now: one per peer, the highest sequence (``usable_bids``)."""
+        return usable_bids(self.announce, list(self.bids.values()))
+
+    def _window_closed(self, now: int) -> list[act.Action]:
+        if self.usable():
+            return self._award0(now)
+        self.attempt += 1
+        self.state = TaskState.BACKOFF
+        out = self._set_state(
+            "pending",
+            f"no eligible bids yet ({self.alive_peers} peers known); waiting, then re-announcing",
+            reason=NO_BIDS_REASON,
+        )
+        out.append(self.timers.set(T_BACKOFF, now + min(2_000 * self.attempt, 10_000)))
+        return out
+
+    def _award0(self, now: int) -> list[act.Action]:
+        bids = self.usable()
+        alloc = allocate(self.announce, bids)
+        assignments = assignments_of(alloc)
+        out = self.timers.cancel(T_BACKOFF) + self.timers.cancel(T_BID_WINDOW)
+        if self.split_input is not None:
+            self.state = TaskState.AWARDING
+            self._pending_alloc = (bids, alloc, assignments)
+            out.append(
+                act.SplitInputs(
+                    task_id=self.task_id,
+                    name=self.split_input,
+                    shares=tuple(a["share"] for a in assignments),
+                    seed=int(self.announce.params.get("seed", 0)),
+                )
+            )
+            return out
+        return out + self._seal_award0(now, bids, alloc, assignments)
+
+    def _award_split(self, event: ev.InputsSplit) -> list[act.Action]:
+        assert self._pending_alloc is not None
+        bids, alloc, assignments = self._pending_alloc
+        if len(event.inputs) != len(assignments):
+            raise LocalProtocolError(
+                f"TaskMachine: {len(event.inputs)} split inputs for {len(assignments)} shards",
+                reason="illegal_event",
+            )
+        for a, extra in zip(assignments, event.inputs, strict=True):
+            a["inputs"].update({k: dict(v) for k, v in extra.items()})
+        self._pending_alloc = None
+        return self._seal_award0(event.now_ms, bids, alloc, assignments)
+
+    def _seal_award0(
+        self, now: int, bids: list[Signed], alloc: Allocation, assignments: list[dict[str, Any]]
+    ) -> list[act.Action]:
+        signed = self.sealer.seal(
+            Award,
+            now_ms=now,
+            ttl_ms=Award.MAX_TTL_MS,
+            task_id=self.task_id,
+            epoch=0,
+            bids=[b.raw for b in bids],
+            assignments=assignments,
+            under_capacity=alloc.under_capacity,
+            excluded=[],
+        )
+        self.awards[0] = signed
+        self.state = TaskState.RUNNING
+        self.lease_start = now
+        note = " (under capacity: no set of bids covers R)" if alloc.under_capacity else ""
+        out: list[act.Action] = [
+            act.Persist(
+                record=act.AwardRecord(
+                    task_id=self.task_id, epoch=0, raw=signed.raw, assignments=tuple(assignments)
+                )
+            )
+        ]
+        out += self._set_state(
+            "running", f"awarded {len(assignments)} shard(s) to {join_short(alloc.chosen)}{note}"
+        )
+        out.append(act.Publish(signed=signed))
+        out += self._supervise(now)
+        return out
+
+    # -- derived views -----------------------------------------------------------------------------
+    def latest_award(self) -> Award | None:
+        if not self.awards:
+            return None
+        msg = self.awards[max(self.awards)].message
+        assert isinstance(msg, Award)
+        return msg
+
+    def assignments(self) -> list[dict[str, Any]]:
+        award = self.latest_award()
+        return sorted((dict(a) for a in award.assignments), key=lambda a: a["shard"]) if award else []
+
+    def holder(self, shard: int, epoch: int | None = None) -> str | None:
+        """Who held ``shard`` at ``epoch`` (default: now), as ``TaskView.holder``."""
+        epochs = [e for e in self.awards if epoch is None or e <= epoch]
+        if not epochs:
+            return None
+        msg = self.awards[max(epochs)].message
+        assert isinstance(msg, Award)
+        for a in msg.assignments:
+            if a["shard"] == shard:
+                return str(a["peer_id"])
+        return None
+
+    # -- messages ----------------------------------------------------------------------------------
+    def _on_message(self, event: ev.MessageVerified) -> list[act.Action]:
+        m: Message = event.signed.message
+        task_id = getattr(m, "task_id", None)
+        if task_id != self.task_id:
+            raise LocalProtocolError(
+                f"TaskMachine {self.task_id}: {m.KIND} for task {task_id} misrouted", reason="illegal_event"
+            )
+        if isinstance(m, Bid):
+            return self._on_bid(event)
+        if isinstance(m, Result):
+            return self._on_result(event, m)
+        if isinstance(m, Lease):
+            return self._on_lease(event, m)
+        # Our own announce, award and cancel come back to us; votes go to the round's
+        # RoundMachine, whose certificate reaches us as RoundCertified.
+        return []
+
+    def _on_bid(self, event: ev.MessageVerified) -> list[act.Action]:
+        stream = event.via == ev.VIA_STREAM
+        if self.state in TERMINAL:
+            out: list[act.Action] = [act.Count(name="bids.unknown_task")]
+            return out + ([act.Reply(ok=False, reason="unknown task")] if stream else [])
+        signed = event.signed
+        out = []
+        if signed.digest not in self.bids:
+            self.bids[signed.digest] = signed
+            out += [
+                act.Persist(record=act.BidRecord(task_id=self.task_id, peer=signed.signer, raw=signed.raw)),
+                act.Count(name="bids.received"),
+            ]
+        if stream:
+            out.append(act.Reply(ok=True))
+        if self.state is TaskState.BACKOFF and self.usable():
+            # A bid that arrives just after a short window is taken at once.
+            out += self._award0(event.now_ms)
+        return out
+
+    def _on_lease(self, event: ev.MessageVerified, m: Lease) -> list[act.Action]:
+        signer = event.signed.signer
+        if self.holder(m.shard, m.epoch) != signer:
+            return [act.Drop(reason="not_holder", detail=f"lease for shard {m.shard} from {short(signer)}")]
+        if self.state not in TERMINAL:
+            self.heartbeats[signer] = event.now_ms
+            self._lost_now.discard(signer)
+        self.lease_states[(signer, m.shard)] = m.state
+        return []
+
+    def _on_result(self, event: ev.MessageVerified, m: Result) -> list[act.Action]:
+        signed = event.signed
+        stream = event.via == ev.VIA_STREAM
+        if stream and event.sender is not None and signed.signer != event.sender:
+            return [act.Drop(reason="signer_mismatch"), act.Reply(ok=False, reason="signer mismatch")]
+        if self.holder(m.shard, m.epoch) != signed.signer:
+            out: list[act.Action] = [act.Drop(reason="not_holder")]
+            return out + ([act.Reply(ok=False, reason="not the shard's holder")] if stream else [])
+        out = [
+            act.Persist(
+                record=act.ResultRecord(
+                    task_id=self.task_id, round=m.round, shard=m.shard, peer=signed.signer, raw=signed.raw
+                )
+            )
+        ]
+        if self._keep_result(signed, m):
+            out.append(act.Count(name="results.received"))
+        if stream:
+            out.append(act.Reply(ok=True))
+        if self.state is TaskState.RUNNING:
+            out += self._supervise(event.now_ms)
+        return out
+
+    def _keep_result(self, signed: Signed, m: Result) -> bool:
+        """Per (round, shard) one result: the current holder's over an earlier holder's (a
+        shard re-awarded mid-round), else the highest sequence (SPEC §7.7, §11)."""
+        by_shard = self.results.setdefault(m.round, {})
+        cur = by_shard.get(m.shard)
+        if cur is not None and cur.signer != signed.signer:
+            if self.holder(m.shard) != signed.signer:
+                return False
+        elif cur is not None and cur.message.seq >= m.seq:
+            return False
+        by_shard[m.shard] = signed
+        return True
+
+    # -- supervision: leases, results, rounds --------------------------------------------------
+    def _supervise(self, now: int) -> list[act.Action]:
+        """One pass of the submitter's supervision (``Submitter._supervise``): results or
+        rounds first, then the leases."""
+        out: list[act.Action] = []
+        if self.announce.aggregation == "none":
+            out += self._check_plain(now)
+        else:
+            out += self._report_rounds(now)
+            if self.state is TaskState.RUNNING:
+                out += self._check_all_failed(now)
+        if self.state is TaskState.RUNNING:
+            out += self._check_leases(now)
+        return out
+
+    def _shard_finished(self, shard: int) -> bool:
+        if self.announce.aggregation == "none":
+            return any(shard in by for by in self.results.values())
+        return self.lease_states.get((self.holder(shard) or "", shard)) == "done"
+
+    def _lost_holders(self, now: int) -> set[str]:
+        """Holders of unfinished shards whose lease lapsed (SPEC §7.6).
+
+        Issue 8 (item 4, speculative re-award) changes this rule, here and only here: a
+        heartbeat alone must not hold a shard past a multiple of its expected time. Today it
+        does, until the deadline."""
+        lost = set()
+        for a in self.assignments():
+            peer = a["peer_id"]
+            if self._shard_finished(a["shard"]):
+                continue
+            last = max(self.heartbeats.get(peer, self.lease_start), self.lease_start)
+            if peer in self._lost_now or now - last > self.times.lease_ttl_ms:
+                lost.add(peer)
+        return lost
+
+    def _check_leases(self, now: int) -> list[act.Action]:
+        if not self.network_up:
+            # Just restarted and nobody has reconnected yet: no lease could have reached us,
+            # so the TTL starts once one can (otherwise every holder was "lost").
+            self.lease_start = now
+            return [self.timers.set(T_LEASES, now + min(1_000, self.times.heartbeat_ms))]
+        lost = self._lost_holders(now)
+        out: list[act.Action] = []
+        if lost:
+            out += self._reaward(now, lost)
+        if self.state is TaskState.RUNNING:
+            out += self._arm_leases(now)
+        return out
+
+    def _arm_leases(self, now: int) -> list[act.Action]:
+        """The lease check is due when the first unfinished holder's lease would lapse."""
+        due = []
+        for a in self.assignments():
+            if self._shard_finished(a["shard"]):
+                continue
+            last = max(self.heartbeats.get(a["peer_id"], self.lease_start), self.lease_start)
+            due.append(last + self.times.lease_ttl_ms + 1)
+        if not due:
+            return self.timers.cancel(T_LEASES)
+        at = max(now + 1, min(due))
+        if self.timers.armed.get(T_LEASES) == at:
+            return []
+        return [self.timers.set(T_LEASES, at)]
+
+    def _reaward(self, now: int, lost: set[str]) -> list[act.Action]:
+        award = self.latest_award()
+        assert award is not None
+        usable = self.usable()
+        alloc = allocate(self.announce, usable)
+        costs = [(s.peer_id, s.cost) for s in alloc.scored]
+        excluded = sorted(set(award.excluded) | lost)
+        new = reassign(list(award.assignments), set(excluded), costs)
+        self._lost_now -= lost
+        if not new:
+            self.state = TaskState.REBIDDING
+            out = self._set_state("running", f"lost {len(lost)} peer(s); asking for fresh bids")
+            out += self.timers.cancel(T_LEASES)
+            out += self._publish_announce(now, fresh=True)
+            out.append(self.timers.set(T_BID_WINDOW, now + self.announce.bid_window_ms))
+            return out
+        epoch = award.epoch + 1
+        signed = self.sealer.seal(
+            Award,
+            now_ms=now,
+            ttl_ms=Award.MAX_TTL_MS,
+            task_id=self.task_id,
+            epoch=epoch,
+            bids=[b.raw for b in usable],
+            assignments=[{**a, "inputs": dict(a["inputs"])} for a in new],
+            under_capacity=award.under_capacity,
+            excluded=excluded,
+        )
+        self.awards[epoch] = signed
+        before = {x["shard"]: x["peer_id"] for x in award.assignments}
+        for p in lost:
+            self.heartbeats[p] = now  # not re-detected before the new award lands
+        for a in new:
+            if a["peer_id"] != before.get(a["shard"]):
+                # A peer that just got a shard has not heartbeated it yet: a full TTL from now.
+                self.heartbeats[a["peer_id"]] = now
+        moved = ", ".join(
+            f"shard {a['shard']} → {short(a['peer_id'])}" for a in new if a["peer_id"] != before[a["shard"]]
+        )
+        out = [
+            act.Persist(
+                record=act.AwardRecord(
+                    task_id=self.task_id, epoch=epoch, raw=signed.raw, assignments=tuple(new)
+                )
+            ),
+            act.Count(name="tasks.reawarded"),
+        ]
+        out += self._set_state("running", f"lease lost by {join_short(sorted(lost))}; re-awarded {moved}")
+        out.append(act.Publish(signed=signed))
+        return out
+
+    def _check_plain(self, now: int) -> list[act.Action]:
+        """aggregation = none: done when every shard has an OK result whose outputs we hold.
+        Shards are checked in order, and outputs fetched one at a time, as today."""
+        merged: dict[int, Signed] = {}
+        for rnd in sorted(self.results):
+            merged.update(self.results[rnd])
+        shards = self.assignments()
+        out: list[act.Action] = []
+        for a in shards:
+            sv = merged.get(a["shard"])
+            if sv is None:
+                return out
+            msg = sv.message
+            assert isinstance(msg, Result)
+            if not msg.ok:
+                return out + self._shard_failed(now, sv, msg)
+            for ref in msg.outputs.values():
+                if ref["sha256"] not in self.fetched:
+                    if self._fetching is None and T_REFETCH not in self.timers:
+                        self._fetching = f"output:{ref['sha256']}"
+                        out.append(
+                            act.FetchBlob(
+                                digest=ref["sha256"], size=ref["size"], source=sv.signer, tag=self._fetching
+                            )
+                        )
+                    return out
+            if a["shard"] not in self.shards_done:
+                self.shards_done.add(a["shard"])
+                out.append(
+                    act.Persist(
+                        record=act.ShardStateRecord(task_id=self.task_id, shard=a["shard"], state="done")
+                    )
+                )
+        outputs = []
+        metrics: dict[str, float] = {}
+        for a in shards:
+            msg = merged[a["shard"]].message
+            assert isinstance(msg, Result)
+            for name, ref in sorted(msg.outputs.items()):
+                outputs.append(
+                    {"name": f"shard-{a['shard']}/{name}", "sha256": ref["sha256"], "size": ref["size"]}
+                )
+            for k, v in msg.metrics.items():
+                metrics[f"shard-{a['shard']}.{k}"] = v
+        out.append(
+            act.Persist(
+                record=act.TaskResultRecord(
+                    task_id=self.task_id, result={"outputs": outputs, "metrics": metrics, "certificate": None}
+                )
+            )
+        )
+        return out + self._finish(now, TaskState.DONE, f"{len(shards)} shard result(s) received")
+
+    def _shard_failed(self, now: int, sv: Signed, msg: Result) -> list[act.Action]:
+        """A plain task's shard returned ``ok = false``.
+
+        Today the whole task fails. Issue 8 (item 3) moves the shard to another bidder up
+        to a retry budget: that rule goes here, and only here."""
+        return self._finish(
+            now,
+            TaskState.FAILED,
+            f"shard {msg.shard} failed on {short(sv.signer)}: {msg.error}",
+            reason=(msg.error or "failed").split(":")[0],
+        )
+
+    def _check_all_failed(self, now: int) -> list[act.Action]:
+        failed = []
+        for rnd in sorted(self.results):
+            for shard in sorted(self.results[rnd]):
+                sv = self.results[rnd][shard]
+                msg = sv.message
+                assert isinstance(msg, Result)
+                if not msg.ok:
+                    failed.append(f"shard {msg.shard} on {short(sv.signer)}: {msg.error}")
+        if failed and len(failed) == len(self.assignments()):
+            return self._finish(
+                now, TaskState.FAILED, f"every shard failed: {failed[0]}", reason="shards_failed"
+            )
+        return []
+
+    # -- rounds --------------------------------------------------------------------------------------
+    def _on_certificate(self, event: ev.RoundCertified) -> list[act.Action]:
+        cert = event.certificate
+        if cert.task_id != self.task_id:
+            raise LocalProtocolError(
+                f"TaskMachine {self.task_id}: certificate misrouted", reason="illegal_event"
+            )
+        if self.announce.aggregation == "none":
+            raise illegal("TaskMachine", self.state, event)
+        self.certificates.setdefault(cert.round, cert)
+        if self.state is TaskState.RUNNING:
+            return self._supervise(event.now_ms)
+        return []
+
+    def _report_rounds(self, now: int) -> list[act.Action]:
+        """Report certified rounds in order, one at a time (``_on_round_certified``); after
+        the last one, complete the task (``_complete_rounds``)."""
+        out: list[act.Action] = []
+        while self._report is None and self.state is TaskState.RUNNING:
+            todo = [r for r in sorted(self.certificates) if r not in self.reported]
+            if not todo:
+                if self.announce.rounds in self.certificates:
+                    out += self._complete(now)
+                return out
+            out += self._begin_report(now, todo[0])
+        return out
+
+    def _begin_report(self, now: int, rnd: int) -> list[act.Action]:
+        cert = self.certificates[rnd]
+        rep = _Report(round=rnd)
+        self._report = rep
+        out: list[act.Action] = []
+        # Keep this round's committed inputs now, while their committers are surely up: the
+        # result bundle needs them (peerctl verify). Best effort, each from its committer,
+        # else from the voters (who fetched them to vote).
+        for i, inp in enumerate(cert.inputs):
+            sources = [p for p in [inp["peer_id"], *cert.signers] if p != self.me]
+            if sources:
+                tag = f"round-input:{rnd}:{i}"
+                rep.pending[tag] = (inp["sha256"], act.ANY_SIZE, sources[1:])
+                out.append(act.FetchBlob(digest=inp["sha256"], size=act.ANY_SIZE, source=sources[0], tag=tag))
+        if not rep.pending:
+            out += self._after_inputs(now, rep)
+        return out
+
+    def _after_inputs(self, now: int, rep: _Report) -> list[act.Action]:
+        if self.announce.kind == "keras-train" and "validation" in self.held_out:
+            return self._evaluate(now, rep, "validation")
+        return self._end_report(now, rep)
+
+    def _evaluate(self, now: int, rep: _Report, input_name: str) -> list[act.Action]:
+        """Score the certified model on our own held-out input: fetch it, then a local job."""
+        rep.eval_sources = self._model_sources(rep.round)
+        return self._fetch_model(now, rep, input_name)
+
+    def _model_sources(self, rnd: int) -> list[str]:
+        """The voters, who serve the certified output (ourselves last: the driver returns a
+        local copy when there is one)."""
+        signers = self.certificates[rnd].signers
+        return [p for p in signers if p != self.me] or [p for p in signers if p == self.me]
+
+    def _fetch_model(self, now: int, rep: _Report, input_name: str) -> list[act.Action]:
+        cert = self.certificates[rep.round]
+        out = cert.output
+        if not rep.eval_sources:
+            return self._eval_done(now, rep, input_name, None)  # evaluation is best effort
+        src = rep.eval_sources.pop(0)
+        return [
+            act.FetchBlob(
+                digest=out["sha256"], size=out["size"], source=src, tag=f"model:{rep.round}:{input_name}"
+            )
+        ]
+
+    def _start_eval(self, rep: _Report, input_name: str) -> list[act.Action]:
+        cert = self.certificates[rep.round]
+        rep.eval_job = f"{self.task_id}-eval-{input_name}"
+        params = {
+            "model_config": self.announce.params.get("model_config"),
+            "loss": self.announce.params.get("loss", "sparse_categorical_crossentropy"),
+        }
+        return [
+            act.StartJob(
+                job_id=rep.eval_job,
+                task_id=self.task_id,
+                kind="keras-predict",
+                shard=-1,
+                round=rep.round,
+                epoch=-1,
+                submitter=self.me,
+                params=params,
+                inputs={"weights": dict(cert.output), "data": dict(self.held_out[input_name])},
+                purpose="evaluate",
+            )
+        ]
+
+    def _eval_done(
+        self, now: int, rep: _Report, input_name: str, metrics: dict[str, float] | None
+    ) -> list[act.Action]:
+        rep.eval_job = None
+        if input_name == "validation":
+            rep.val = metrics
+            return self._end_report(now, rep)
+        return self._finish_rounds(now, metrics)
+
+    def _end_report(self, now: int, rep: _Report) -> list[act.Action]:
+        rnd = rep.round
+        cert = self.certificates[rnd]
+        info: dict[str, Any] = {
+            "round": rnd,
+            # A peer holding two shards (a re-award without a spare) is listed once.
+            "participants": list(dict.fromkeys(i["peer_id"] for i in cert.inputs)),
+            "excluded": [dict(e) for e in cert.excluded],
+            "certified": True,
+            "certified_at": now / 1000,
+            "output": cert.output["sha256"],
+            "signers": list(cert.signers),
+        }
+        # Training metrics: sample-weighted mean of the reports of the inputs the certificate
+        # aggregated — not of every result seen (an excluded peer's numbers are not the model's).
+        reports: list[tuple[dict[str, float], float]] = []
+        for i in cert.inputs:
+            sv = self.results.get(rnd, {}).get(int(i["shard"]))
+            msg = sv.message if sv is not None and sv.signer == i["peer_id"] else None
+            if isinstance(msg, Result) and msg.outputs.get("weights", {}).get("sha256") == i["sha256"]:
+                reports.append((dict(msg.metrics), float(msg.weight)))
+        for key in ("loss", "accuracy"):
+            vals = [(m[key], w) for m, w in reports if key in m]
+            total = sum(w for _, w in vals)
+            if vals and total > 0:
+                info[key] = sum(v * w for v, w in vals) / total
+        if rep.val:
+            info["val_loss"], info["val_accuracy"] = rep.val.get("loss"), rep.val.get("accuracy")
+        self.reported.add(rnd)
+        self._report = None
+        self._last_round_info = info
+        note = f"; val accuracy {info['val_accuracy']:.4f}" if info.get("val_accuracy") is not None else ""
+        out: list[act.Action] = [
+            act.Persist(record=act.RoundRecord(task_id=self.task_id, round=rnd, info=info))
+        ]
+        out += self._set_state(
+            "running" if rnd < self.announce.rounds else "aggregating",
+            f"round {rnd}/{self.announce.rounds} certified by {len(cert.signers)} of "
+            f"{len(cert.committee)}{note}",
+        )
+        out.append(
+            act.Notify(
+                task_id=self.task_id,
+                state="running",
+                message=f"round {rnd} certified",
+                extra={"round": rnd, "metrics": info},
+            )
+        )
+        if self.state is TaskState.RUNNING:
+            out += self._report_rounds(now)
+        return out
+
+    def _complete(self, now: int) -> list[act.Action]:
+        """The last round is certified: fetch the final model (from its signers), score it on
+        ``test`` if we hold one, and record the result."""
+        self.state = TaskState.AGGREGATING
+        out = self.timers.cancel(T_LEASES)
+        cert = self.certificates[self.announce.rounds]
+        rep = _Report(round=cert.round, eval_sources=self._model_sources(cert.round))
+        self._final = rep
+        return out + self._fetch_final(now, rep)
+
+    def _fetch_final(self, now: int, rep: _Report) -> list[act.Action]:
+        cert = self.certificates[rep.round]
+        if not rep.eval_sources:
+            return self._finish(
+                now,
+                TaskState.FAILED,
+                "internal error: cannot fetch the certified output",
+                reason="internal",
+            )
+        src = rep.eval_sources.pop(0)
+        return [
+            act.FetchBlob(
+                digest=cert.output["sha256"], size=cert.output["size"], source=src, tag=f"final:{rep.round}"
+            )
+        ]
+
+    def _after_final_model(self, now: int, rep: _Report) -> list[act.Action]:
+        if self.announce.kind == "keras-train" and "test" in self.held_out:
+            return self._start_eval(rep, "test")
+        return self._finish_rounds(now, None)
+
+    def _finish_rounds(self, now: int, test: dict[str, float] | None) -> list[act.Action]:
+        cert = self.certificates[self.announce.rounds]
+        metrics: dict[str, float] = {f"test_{k}": v for k, v in (test or {}).items()}
+        last = self._last_round_info
+        if last.get("val_accuracy") is not None:
+            metrics["val_accuracy"] = last["val_accuracy"]
+        result = {
+            "outputs": [{"name": "weights", "sha256": cert.output["sha256"], "size": cert.output["size"]}],
+            "metrics": metrics,
+            "certificate": {
+                "round": cert.round,
+                "rule": cert.rule,
+                "committee": list(cert.committee),
+                "signers": list(cert.signers),
+                "output": cert.output["sha256"],
+            },
+        }
+        msg = f"{self.announce.rounds} round(s) certified"
+        if "test_accuracy" in metrics:
+            msg += f"; test accuracy {metrics['test_accuracy']:.4f}"
+        out: list[act.Action] = [
+            act.Persist(record=act.TaskResultRecord(task_id=self.task_id, result=result))
+        ]
+        return out + self._finish(now, TaskState.DONE, msg)
+
+    # -- completions ---------------------------------------------------------------------------------
+    def _on_blob(self, event: ev.BlobFetched) -> list[act.Action]:
+        now, tag = event.now_ms, event.tag
+        if tag == self._fetching:
+            self._fetching = None
+            if event.ok:
+                self.fetched.add(event.digest)
+                return self._check_plain(now) if self.state is TaskState.RUNNING else []
+            # Retry at the next supervision tick (at most a second, as today).
+            if self.state is TaskState.RUNNING:
+                return [self.timers.set(T_REFETCH, now + min(1_000, self.times.heartbeat_ms))]
+            return []
+        rep = self._report
+        if rep is not None and tag in rep.pending:
+            sha, size, rest = rep.pending.pop(tag)
+            out: list[act.Action] = []
+            if not event.ok and rest:
+                rep.pending[tag] = (sha, size, rest[1:])
+                return [act.FetchBlob(digest=sha, size=size, source=rest[0], tag=tag)]
+            if not rep.pending:
+                out += self._after_inputs(now, rep)
+            return out
+        if rep is not None and tag == f"model:{rep.round}:validation":
+            if event.ok:
+                return self._start_eval(rep, "validation")
+            return self._fetch_model(now, rep, "validation")
+        fin = self._final
+        if fin is not None and tag == f"final:{fin.round}" and self.state is TaskState.AGGREGATING:
+            if event.ok:
+                return self._after_final_model(now, fin)
+            return self._fetch_final(now, fin)
+        raise LocalProtocolError(f"TaskMachine: no fetch {tag!r} is pending", reason="illegal_event")
+
+    def _on_job(self, event: ev.JobFinished) -> list[act.Action]:
+        metrics = {k: float(v) for k, v in event.metrics.items()} if event.ok else None
+        rep = self._report
+        if rep is not None and rep.eval_job == event.job_id:
+            return self._eval_done(event.now_ms, rep, "validation", metrics)
+        fin = self._final
+        if fin is not None and fin.eval_job == event.job_id and self.state is TaskState.AGGREGATING:
+            return self._eval_done(event.now_ms, fin, "test", metrics)
+        raise LocalProtocolError(f"TaskMachine: no job {event.job_id!r} is running", reason="illegal_event")
+
+    # -- the end -------------------------------------------------------------------------------------
+    def _cancel(self, now: int, reason: str) -> list[act.Action]:
+        signed = self.sealer.seal(
+            Cancel, now_ms=now, ttl_ms=CANCEL_TTL_MS, task_id=self.task_id, reason=reason
+        )
+        out: list[act.Action] = [act.Publish(signed=signed)]
+        return out + self._finish(now, TaskState.CANCELLED, reason)
+
+    def _set_state(self, state: str, message: str, reason: str | None = None) -> list[act.Action]:
+        self.public_state, self.reason = state, reason
+        return [
+            act.Persist(
+                record=act.TaskState(task_id=self.task_id, state=state, message=message, reason=reason)
+            ),
+            act.Notify(task_id=self.task_id, state=state, message=message),
+        ]
+
+    def _finish(
+        self, now: int, state: TaskState, message: str, reason: str | None = None
+    ) -> list[act.Action]:
+        assert state in TERMINAL
+        self.state = state
+        self.public_state, self.reason = state.value, reason
+        out = self.timers.cancel_all()
+        for rep in (self._report, self._final):
+            if rep is not None and rep.eval_job is not None:
+                out.append(act.CancelJob(job_id=rep.eval_job))
+        return [
+            *out,
+            act.Persist(
+                record=act.TaskState(task_id=self.task_id, state=state.value, message=message, reason=reason)
+            ),
+            act.Count(name=f"tasks.{state.value}"),
+            act.Notify(task_id=self.task_id, state=state.value, message=message, final=True),
+        ]
+
+    # -- restart -------------------------------------------------------------------------------------
+    def _restore(self, r: Restored) -> None:
+        for b in r.bids:
+            self.bids[b.digest] = b
+        for a in r.awards:
+            assert isinstance(a.message, Award)
+            self.awards[a.message.epoch] = a
+        for res in r.results:
+            assert isinstance(res.message, Result)
+            self._keep_result(res, res.message)
+        self.certificates.update(r.certificates)
+        self.reported.update(r.reported_rounds)
+        self.public_state = r.public_state
+
+
+def deadline_ms(announce: TaskAnnounce) -> int:
+    """When the task fails if unfinished (docs/tasks.md ``deadline_s``)."""
+    return announce.issued_at + announce.deadline_ms
+
+
+__all__ = ["TERMINAL", "Restored", "TaskMachine", "TaskState", "deadline_ms"]
