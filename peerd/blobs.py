@@ -24,6 +24,8 @@ import fcntl
 import hashlib
 import os
 import tempfile
+import threading
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -147,6 +149,7 @@ class PartialBlob:
         os.replace(self.path, final)
         _fsync_dir(final.parent)
         self.close()
+        self._store._touch(self.digest)
         return final
 
     def discard(self) -> None:
@@ -188,6 +191,11 @@ class BlobStore:
         for leftover in self._tmp_dir.iterdir():
             with contextlib.suppress(OSError):
                 leftover.unlink()
+        # digest -> monotonic time it was last stored (put or fetched) by this process: what
+        # gc's grace period protects, e.g. a task's inputs between put_file and the task row
+        # that refers to them. In memory on purpose: an existing file keeps its mtime.
+        self._touched: dict[str, float] = {}
+        self._touched_lock = threading.Lock()
 
     # -- paths --------------------------------------------------------------------------
 
@@ -215,8 +223,13 @@ class BlobStore:
 
     # -- writing complete blobs -----------------------------------------------------------
 
+    def _touch(self, digest: str) -> None:
+        with self._touched_lock:
+            self._touched[digest] = time.monotonic()
+
     def _install(self, tmp_path: Path, digest: str) -> str:
         """fsync and rename a fully written temp file to its final name (idempotent)."""
+        self._touch(digest)
         final = self._final_path(digest)
         if final.is_file():
             # Same digest, same content: keep the existing file (its mtime, its inode).
@@ -311,11 +324,26 @@ class BlobStore:
         ]
         return sorted(found)
 
-    def gc(self, keep: set[str]) -> int:
+    def usage_bytes(self) -> int:
+        """Bytes held: complete blobs and partial downloads (what limits.blob_store_mb bounds)."""
+        total = 0
+        for p in [*self.root.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*"), *self._partial_dir.glob("*.part")]:
+            with contextlib.suppress(FileNotFoundError):
+                total += p.stat().st_size
+        return total
+
+    def gc(self, keep: set[str], *, grace_s: float = 0.0) -> int:
         """Delete every complete blob and idle partial not in ``keep``; return how many files went.
 
-        A partial that a download holds open (flocked) is left alone.
+        A partial that a download holds open (flocked) is left alone, and so is a blob this
+        store wrote or finished less than ``grace_s`` seconds ago.
         """
+        now = time.monotonic()
+        with self._touched_lock:
+            for d, at in list(self._touched.items()):
+                if now - at > grace_s:
+                    del self._touched[d]
+            keep = keep | set(self._touched)
         removed = 0
         for digest in self.digests():
             if digest not in keep:

@@ -123,6 +123,9 @@ class LimitsConfig:
     wall_seconds: int = 900
     max_processes: int = 64
     max_output_mb: int = 64
+    #: Budget of the blob store (state_dir/blobs), MiB: above it the collector frees the blobs
+    #: of the oldest finished tasks (peerd/blobgc.py).
+    blob_store_mb: int = 10240
 
 
 @dataclass(frozen=True)
@@ -485,7 +488,10 @@ def _build(raw: dict[str, Any], *, source: Path | None, env: Mapping[str, str], 
         wall_seconds=s.get("wall_seconds", positive_int, LimitsConfig.wall_seconds),
         max_processes=s.get("max_processes", positive_int, LimitsConfig.max_processes),
         max_output_mb=s.get("max_output_mb", positive_int, LimitsConfig.max_output_mb),
+        blob_store_mb=s.get("blob_store_mb", positive_int, LimitsConfig.blob_store_mb),
     )
+    if limits.blob_store_mb < policy.max_blob_mb:
+        s.problem("blob_store_mb", f"must be at least policy.max_blob_mb ({policy.max_blob_mb})")
 
     s = sections["rpc"]
     rpc = RpcConfig(allowed_uids=s.get("allowed_uids", list_of(non_negative_int), ()))

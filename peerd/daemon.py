@@ -31,6 +31,7 @@ import trio
 from peerd import __version__, sdnotify
 from peerd.adverts import AdvertService, Offer, measure_capacity
 from peerd.api import Api
+from peerd.blobgc import BlobCollector
 from peerd.blobs import BlobStore
 from peerd.config import Config, ConfigError, load_config, prepare_socket_dir
 from peerd.contractor import Contractor
@@ -172,6 +173,11 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
             await nursery.start(rpc.run)
             submitter.resume()
             contractor.redeliver_pending()
+            # After resume: the views of our unfinished tasks are back in the book.
+            collector = BlobCollector(
+                store, book, blobs, counters, budget_bytes=cfg.limits.blob_store_mb << 20
+            )
+            await nursery.start(collector.run)
             nursery.start_soon(sdnotify.watchdog_loop)
             log.info(
                 "peerd %s ready: peer %s on %s", __version__, signer.peer_id, ", ".join(p2p.listen_addrs())

@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     created_at  REAL NOT NULL,
     updated_at  REAL NOT NULL,
     deadline_at REAL NOT NULL,
-    result      TEXT                        -- JSON
+    result      TEXT,                       -- JSON
+    result_collected INTEGER NOT NULL DEFAULT 0  -- 1: its blobs were deleted over budget
 );
 CREATE TABLE IF NOT EXISTS bids (
     task_id TEXT NOT NULL, peer_id TEXT NOT NULL, raw BLOB NOT NULL, received_at REAL NOT NULL,
@@ -89,9 +90,11 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
-        cols = {r["name"] for r in self.db.execute("PRAGMA table_info(results)")}
-        if "seq" not in cols:  # a store written before commits were ordered by seq
-            self.db.execute("ALTER TABLE results ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
+        # Columns added since the first release, for stores written before them.
+        for table, column in (("results", "seq"), ("tasks", "result_collected")):
+            cols = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in cols:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self.db.close()
@@ -178,6 +181,50 @@ class Store:
         if conds:
             q += " WHERE " + " AND ".join(conds)
         return list(self.db.execute(q + " ORDER BY created_at", args))
+
+    def mark_result_collected(self, task_id: str) -> None:
+        """The blob collector deleted this finished task's blobs (over limits.blob_store_mb)."""
+        with self.tx() as db:
+            db.execute("UPDATE tasks SET result_collected=1 WHERE task_id=?", (task_id,))
+            row = db.execute("SELECT state FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+            if row is not None:
+                db.execute(
+                    "INSERT INTO events (task_id, at, state, message) VALUES (?,?,?,?)",
+                    (
+                        task_id,
+                        time.time(),
+                        row["state"],
+                        "outputs deleted: the blob store was over its budget (limits.blob_store_mb)",
+                    ),
+                )
+
+    def task_material(self, task_id: str) -> tuple[list[str], list[bytes]]:
+        """Everything stored about one task that may name a blob: its JSON columns and its
+        signed messages (announce, awards, results, votes, our shard results). For the blob
+        collector (peerd/blobgc.py), which keeps every blob a live task names."""
+        texts: list[str] = []
+        raws: list[bytes] = []
+        row = self.task(task_id)
+        if row is not None:
+            texts += [t for t in (row["spec"], row["result"]) if t]
+            if row["announce"]:
+                raws.append(bytes(row["announce"]))
+        for sql, into in (
+            ("SELECT inputs FROM shards WHERE task_id=?", texts),
+            ("SELECT output FROM certificates WHERE task_id=?", texts),
+            ("SELECT info FROM rounds WHERE task_id=?", texts),
+        ):
+            into += [r[0] for r in self.db.execute(sql, (task_id,)) if r[0]]
+        for sql in (
+            "SELECT raw FROM awards WHERE task_id=?",
+            "SELECT raw FROM results WHERE task_id=?",
+            "SELECT raw FROM votes WHERE task_id=?",
+            "SELECT result FROM work WHERE task_id=? AND result IS NOT NULL",
+        ):
+            raws += [bytes(r[0]) for r in self.db.execute(sql, (task_id,))]
+        for r in self.db.execute("SELECT votes FROM certificates WHERE task_id=?", (task_id,)):
+            raws += [bytes.fromhex(v) for v in json.loads(r[0])]
+        return texts, raws
 
     def events(self, task_id: str) -> list[sqlite3.Row]:
         return list(
