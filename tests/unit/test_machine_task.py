@@ -1,0 +1,577 @@
+"""TaskMachine (protocol/machines/task.py): every transition and illegal event, driven
+directly with real Ed25519 signatures, the real award rule (protocol/awards.py) and real
+certificates (protocol/certificate.py), plus full lives: a plain task done, a lost holder
+re-awarded, every bidder lost, cancel, deadline, and a 2-round aggregated task."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import pytest
+
+from protocol.awards import check_award, open_quoted_bids
+from protocol.certificate import Certificate, tally
+from protocol.committee import committee
+from protocol.envelope import Signed, Signer
+from protocol.errors import LocalProtocolError
+from protocol.machines import actions as act
+from protocol.machines import events as ev
+from protocol.machines.common import MarketTimes, SignerSealer
+from protocol.machines.task import Restored, TaskMachine, TaskState
+from protocol.messages import Award, Bid, Cancel, Lease, Result, TaskAnnounce, Vote
+
+NOW = 1_700_000_000_000
+TASK = "ab" * 16
+TIMES = MarketTimes(lease_ttl_ms=10_000, heartbeat_ms=2_000)
+SHA = "11" * 32
+A = TypeVar("A", bound=act.Action)
+
+
+def sealer(n: int) -> SignerSealer:
+    return SignerSealer(Signer(bytes([n]) * 32), first_seq=1000 * n)
+
+
+SUB = sealer(1)
+W = [sealer(n) for n in (2, 3, 4, 5)]
+BY_ID = {s.peer_id: s for s in [SUB, *W]}
+
+
+def announce(**over: Any) -> Signed:
+    fields: dict[str, Any] = {
+        "task_id": TASK,
+        "kind": "echo",
+        "work": 10.0,
+        "deadline_ms": 120_000,
+        "max_shards": 1,
+        "resources": {"gpu": False, "memory_mb": 0},
+        "aggregation": "none",
+        "rounds": 1,
+        "params": {},
+        "inputs": {},
+        "bid_window_ms": 300,
+        "net": {"k": 0.2, "dc_min": 0.0, "dc_max": None},
+    }
+    fields.update(over)
+    return SUB.seal(TaskAnnounce, now_ms=NOW, ttl_ms=fields["deadline_ms"], **fields)
+
+
+def bid(who: SignerSealer, c0: float = 10.0, load: float = 0.5, at: int = NOW + 10) -> Signed:
+    return who.seal(Bid, now_ms=at, ttl_ms=60_000, task_id=TASK, c0=c0, load=load)
+
+
+def of(actions: list[act.Action], cls: type[A]) -> list[A]:
+    return [a for a in actions if isinstance(a, cls)]
+
+
+def one(actions: list[act.Action], cls: type[A]) -> A:
+    found = of(actions, cls)
+    assert len(found) == 1, (cls.__name__, actions)
+    return found[0]
+
+
+R = TypeVar("R", bound=act.Record)
+
+
+def record(actions: list[act.Action], cls: type[R]) -> R:
+    """The first record of ``cls`` the actions persist."""
+    return next(p.record for p in of(actions, act.Persist) if isinstance(p.record, cls))
+
+
+def states(actions: list[act.Action]) -> list[str]:
+    return [p.record.state for p in of(actions, act.Persist) if isinstance(p.record, act.TaskState)]
+
+
+def body(signed: Signed) -> dict[str, Any]:
+    """A message's fields without its sequence and times (to re-seal them)."""
+    return {k: v for k, v in signed.message.to_wire().items() if k not in ("seq", "issued_at", "expires_at")}
+
+
+def deliver(m: TaskMachine, signed: Signed, at: int, via: str = ev.VIA_STREAM) -> list[act.Action]:
+    return m.handle(ev.MessageVerified(now_ms=at, signed=signed, via=via, sender=signed.signer))
+
+
+def result(
+    who: SignerSealer, shard: int, at: int, *, ok: bool = True, epoch: int = 0, rnd: int = 1, **kw: Any
+) -> Signed:
+    fields: dict[str, Any] = {
+        "outputs": {"out": {"sha256": SHA, "size": 5}} if ok else {},
+        "weight": 1.0 if ok else 0.0,
+        "metrics": {},
+        "error": None if ok else "memory_limit: worker used 3 GiB",
+    }
+    fields.update(kw)
+    return who.seal(
+        Result, now_ms=at, ttl_ms=10**9, task_id=TASK, epoch=epoch, shard=shard, round=rnd, ok=ok, **fields
+    )
+
+
+def lease(who: SignerSealer, shard: int, at: int, *, epoch: int = 0, state: str = "running") -> Signed:
+    return who.seal(
+        Lease,
+        now_ms=at,
+        ttl_ms=10_000,
+        task_id=TASK,
+        epoch=epoch,
+        shard=shard,
+        round=1,
+        state=state,
+        detail="",
+    )
+
+
+def started(ann: Signed | None = None, **kw: Any) -> tuple[TaskMachine, list[act.Action]]:
+    m = TaskMachine(ann or announce(), sealer=SUB, times=TIMES, **kw)
+    return m, m.handle(ev.Start(now_ms=NOW))
+
+
+def awarded(
+    ann: Signed | None = None, bidders: tuple[SignerSealer, ...] = (W[0],), **kw: Any
+) -> tuple[TaskMachine, list[act.Action]]:
+    m, _ = started(ann, **kw)
+    for w in bidders:
+        deliver(m, bid(w), NOW + 10)
+    return m, m.handle(ev.TimerFired(now_ms=NOW + 300, name="bid_window"))
+
+
+def assert_award_checks(m: TaskMachine, epoch: int) -> Award:
+    """The award the machine sealed passes the receivers' real check (SPEC §10.3)."""
+    signed = m.awards[epoch]
+    award = signed.message
+    assert isinstance(award, Award)
+    prev = m.awards.get(epoch - 1)
+    previous = prev.message if prev is not None and isinstance(prev.message, Award) else None
+    check_award(m.announce, award, SUB.peer_id, signed.signer, open_quoted_bids(award), previous)
+    return award
+
+
+# -- start and bidding ------------------------------------------------------------------------------
+
+
+def test_start_publishes_the_announce_and_arms_window_and_deadline() -> None:
+    ann = announce()
+    m, out = started(ann)
+    assert m.state is TaskState.BIDDING
+    assert one(out, act.Publish).signed.raw == ann.raw
+    timers = {t.name: t.at_ms for t in of(out, act.SetTimer)}
+    assert timers == {"bid_window": NOW + 300, "deadline": NOW + 120_000}
+
+
+def test_new_machine_takes_only_start() -> None:
+    m = TaskMachine(announce(), sealer=SUB, times=TIMES)
+    with pytest.raises(LocalProtocolError, match="illegal event TimerFired in state NEW"):
+        m.handle(ev.TimerFired(now_ms=NOW, name="bid_window"))
+    with pytest.raises(LocalProtocolError, match="illegal event MessageVerified in state NEW"):
+        deliver(m, bid(W[0]), NOW)
+    m.handle(ev.Start(now_ms=NOW))
+    with pytest.raises(LocalProtocolError, match="illegal event Start in state BIDDING"):
+        m.handle(ev.Start(now_ms=NOW))
+
+
+def test_the_announce_must_be_ours() -> None:
+    other = W[0].seal(TaskAnnounce, now_ms=NOW, ttl_ms=1000, **body(announce()))
+    with pytest.raises(LocalProtocolError, match="not ours"):
+        TaskMachine(other, sealer=SUB, times=TIMES)
+
+
+def test_bid_is_stored_counted_and_answered_once() -> None:
+    m, _ = started()
+    b = bid(W[0])
+    out = deliver(m, b, NOW + 10)
+    assert [type(a) for a in out] == [act.Persist, act.Count, act.Reply]
+    assert one(out, act.Reply).ok and one(out, act.Count).name == "bids.received"
+    again = deliver(m, b, NOW + 11)
+    assert again == [act.Reply(ok=True)]  # the same envelope is not stored twice
+
+
+def test_unarmed_timer_and_misrouted_message_are_illegal() -> None:
+    m, _ = started()
+    with pytest.raises(LocalProtocolError, match="timer 'leases' fired but is not armed"):
+        m.handle(ev.TimerFired(now_ms=NOW, name="leases"))
+    other = W[0].seal(Bid, now_ms=NOW, ttl_ms=60_000, task_id="cd" * 16, c0=1.0, load=0.0)
+    with pytest.raises(LocalProtocolError, match="misrouted"):
+        deliver(m, other, NOW)
+    with pytest.raises(LocalProtocolError, match="illegal event InputsSplit in state BIDDING"):
+        m.handle(ev.InputsSplit(now_ms=NOW, inputs=({},)))
+    with pytest.raises(LocalProtocolError, match="illegal event SendCompleted"):
+        m.handle(ev.SendCompleted(now_ms=NOW, tag="x", ok=True))
+
+
+def test_no_bids_backs_off_then_reannounces_with_a_fresh_sequence() -> None:
+    ann = announce()
+    m, _ = started(ann)
+    m.handle(ev.PeersKnown(now_ms=NOW, alive=4, connected=2))
+    out = m.handle(ev.TimerFired(now_ms=NOW + 300, name="bid_window"))
+    assert m.state is TaskState.BACKOFF and states(out) == ["pending"]
+    rec = one(out, act.Persist).record
+    assert isinstance(rec, act.TaskState)
+    assert rec.message == "no eligible bids yet (4 peers known); waiting, then re-announcing"
+    assert rec.reason == "no eligible peer has bid (kind, resources, policy or sandbox)"
+    assert one(out, act.SetTimer) == act.SetTimer(name="backoff", at_ms=NOW + 2_300)
+    out = m.handle(ev.TimerFired(now_ms=NOW + 2_300, name="backoff"))
+    fresh = one(out, act.Publish).signed
+    assert m.state is TaskState.BIDDING and m.public_state == "pending"
+    assert fresh.raw != ann.raw and fresh.message.seq > ann.message.seq
+    assert body(fresh) == body(ann)
+    assert fresh.message.expires_at == ann.message.expires_at
+    out = m.handle(ev.TimerFired(now_ms=NOW + 2_600, name="bid_window"))
+    assert one(out, act.SetTimer) == act.SetTimer(name="backoff", at_ms=NOW + 2_600 + 4_000)
+
+
+def test_backoff_is_capped_at_ten_seconds() -> None:
+    m, _ = started()
+    t = NOW + 300
+    delays = []
+    for _ in range(7):
+        out = m.handle(ev.TimerFired(now_ms=t, name="bid_window"))
+        at = one(out, act.SetTimer).at_ms
+        delays.append(at - t)
+        m.handle(ev.TimerFired(now_ms=at, name="backoff"))
+        t = at + 300
+    assert delays == [2_000, 4_000, 6_000, 8_000, 10_000, 10_000, 10_000]
+
+
+def test_a_bid_during_backoff_is_awarded_at_once() -> None:
+    m, _ = started()
+    m.handle(ev.TimerFired(now_ms=NOW + 300, name="bid_window"))
+    out = deliver(m, bid(W[1], at=NOW + 900), NOW + 900)
+    assert m.state is TaskState.RUNNING
+    assert act.CancelTimer(name="backoff") in out
+    award = assert_award_checks(m, 0)
+    assert [a["peer_id"] for a in award.assignments] == [W[1].peer_id]
+
+
+def test_award_follows_the_rule_and_is_published() -> None:
+    ann = announce(work=3000.0, deadline_ms=1000, max_shards=3)
+    m, _ = started(ann)
+    for w, (c0, load) in zip(W, [(1000, 0.5), (1500, 0.8), (2000, 1.2)], strict=False):
+        deliver(m, bid(w, c0, load), NOW + 10)
+    out = m.handle(ev.TimerFired(now_ms=NOW + 300, name="bid_window"))
+    award = assert_award_checks(m, 0)
+    assert m.state is TaskState.RUNNING and states(out) == ["running"]
+    assert one(out, act.Publish).signed is m.awards[0]
+    rec = of(out, act.Persist)[0].record
+    assert isinstance(rec, act.AwardRecord) and rec.epoch == 0 and rec.raw == m.awards[0].raw
+    assert len(award.assignments) == 2 and not award.under_capacity
+    assert one(out, act.SetTimer) == act.SetTimer(name="leases", at_ms=NOW + 300 + 10_001)
+
+
+def test_split_inputs_wait_for_the_driver() -> None:
+    m, _ = started(
+        announce(kind="keras-predict", max_shards=2, work=100.0, deadline_ms=1000), split_input="data"
+    )
+    deliver(m, bid(W[0], 60.0), NOW + 10)
+    deliver(m, bid(W[1], 60.0), NOW + 10)
+    out = m.handle(ev.TimerFired(now_ms=NOW + 300, name="bid_window"))
+    split = one(out, act.SplitInputs)
+    assert m.state is TaskState.AWARDING and split.name == "data" and len(split.shares) == 2
+    assert not of(out, act.Publish)
+    with pytest.raises(LocalProtocolError, match="1 split inputs for 2 shards"):
+        m.handle(ev.InputsSplit(now_ms=NOW + 400, inputs=({},)))
+    parts = ({"data": {"sha256": "aa" * 32, "size": 3}}, {"data": {"sha256": "bb" * 32, "size": 4}})
+    out = m.handle(ev.InputsSplit(now_ms=NOW + 400, inputs=parts))
+    award = assert_award_checks(m, 0)
+    assert m.state is TaskState.RUNNING
+    assert [a["inputs"]["data"]["sha256"] for a in award.assignments] == ["aa" * 32, "bb" * 32]
+
+
+# -- results ---------------------------------------------------------------------------------------
+
+
+def test_plain_task_done_after_fetching_every_output() -> None:
+    m, _ = awarded(announce(max_shards=2, work=30.0, deadline_ms=1000), bidders=(W[0], W[1]))
+    award = assert_award_checks(m, 0)
+    holders = {a["shard"]: BY_ID[a["peer_id"]] for a in award.assignments}
+    assert len(holders) == 2
+    out = deliver(
+        m, result(holders[1], 1, NOW + 500, outputs={"o": {"sha256": "22" * 32, "size": 1}}), NOW + 500
+    )
+    assert one(out, act.Reply).ok and not of(out, act.FetchBlob)  # shard 0 first, as today
+    out = deliver(m, result(holders[0], 0, NOW + 600), NOW + 600)
+    f = one(out, act.FetchBlob)
+    assert (f.digest, f.source, f.size) == (SHA, holders[0].peer_id, 5)
+    out = m.handle(
+        ev.BlobFetched(now_ms=NOW + 700, tag=f.tag, digest=SHA, source=f.source, ok=False, reason="x")
+    )
+    assert one(out, act.SetTimer) == act.SetTimer(name="refetch", at_ms=NOW + 1_700)
+    out = m.handle(ev.TimerFired(now_ms=NOW + 1_700, name="refetch"))
+    f = one(out, act.FetchBlob)
+    out = m.handle(ev.BlobFetched(now_ms=NOW + 1_800, tag=f.tag, digest=SHA, source=f.source, ok=True))
+    f2 = one(out, act.FetchBlob)
+    assert f2.digest == "22" * 32
+    out = m.handle(
+        ev.BlobFetched(now_ms=NOW + 1_900, tag=f2.tag, digest=f2.digest, source=f2.source, ok=True)
+    )
+    assert m.state is TaskState.DONE
+    res = record(out, act.TaskResultRecord)
+    assert [o["name"] for o in res.result["outputs"]] == ["shard-0/out", "shard-1/o"]
+    assert states(out) == ["done"] and one(out, act.Notify).final
+    assert act.Count(name="tasks.done") in out
+    assert {c.name for c in of(out, act.CancelTimer)} == {"deadline"}
+    assert not m.timers.armed
+
+
+def test_result_checks_signer_and_holder() -> None:
+    m, _ = awarded()
+    holder = W[0]
+    forged = result(W[1], 0, NOW + 400)
+    out = m.handle(
+        ev.MessageVerified(now_ms=NOW + 400, signed=forged, via=ev.VIA_STREAM, sender=holder.peer_id)
+    )
+    assert out == [act.Drop(reason="signer_mismatch"), act.Reply(ok=False, reason="signer mismatch")]
+    out = deliver(m, forged, NOW + 400)
+    assert out == [act.Drop(reason="not_holder"), act.Reply(ok=False, reason="not the shard's holder")]
+    out = deliver(m, forged, NOW + 400, via=ev.VIA_GOSSIP)
+    assert out == [act.Drop(reason="not_holder")]
+    assert m.state is TaskState.RUNNING and not m.results
+
+
+def test_a_failed_shard_fails_a_plain_task_today() -> None:
+    m, _ = awarded()
+    out = deliver(m, result(W[0], 0, NOW + 400, ok=False), NOW + 400)
+    assert m.state is TaskState.FAILED
+    rec = [p.record for p in of(out, act.Persist) if isinstance(p.record, act.TaskState)][-1]
+    assert rec.reason == "memory_limit" and rec.message.startswith("shard 0 failed on ")
+
+
+def test_highest_sequence_result_counts() -> None:
+    m, _ = awarded(announce(max_shards=1))
+    newer = result(W[0], 0, NOW + 400)
+    older = SignerSealer(W[0].signer, first_seq=1).seal(Result, now_ms=NOW + 300, ttl_ms=10**9, **body(newer))
+    deliver(m, newer, NOW + 400, via=ev.VIA_GOSSIP)
+    out = deliver(m, older, NOW + 401, via=ev.VIA_GOSSIP)
+    assert not [c for c in of(out, act.Count) if c.name == "results.received"]
+    assert m.results[1][0] is newer
+
+
+# -- leases and re-award --------------------------------------------------------------------------------
+
+
+def test_lease_from_a_non_holder_is_dropped_and_heartbeats_move_the_check() -> None:
+    m, _ = awarded()
+    assert deliver(m, lease(W[1], 0, NOW + 500), NOW + 500, via=ev.VIA_GOSSIP) == [
+        act.Drop(reason="not_holder", detail=f"lease for shard 0 from {W[1].peer_id[-8:]}")
+    ]
+    deliver(m, lease(W[0], 0, NOW + 5_000), NOW + 5_000, via=ev.VIA_GOSSIP)
+    out = m.handle(ev.TimerFired(now_ms=NOW + 10_301, name="leases"))
+    assert out == [act.SetTimer(name="leases", at_ms=NOW + 15_001)]  # not lost: re-armed
+    assert m.state is TaskState.RUNNING
+
+
+def test_lost_holder_is_reawarded_to_a_spare_bidder() -> None:
+    m, _ = awarded(bidders=(W[0], W[1]))
+    assert [a["peer_id"] for a in m.assignments()] == [min(W[0].peer_id, W[1].peer_id)]
+    holder = BY_ID[m.assignments()[0]["peer_id"]]
+    spare = W[1] if holder is W[0] else W[0]
+    out = m.handle(ev.TimerFired(now_ms=NOW + 10_301, name="leases"))
+    award = assert_award_checks(m, 1)
+    assert award.excluded == (holder.peer_id,)
+    assert [a["peer_id"] for a in award.assignments] == [spare.peer_id]
+    assert act.Count(name="tasks.reawarded") in out and one(out, act.Publish).signed is m.awards[1]
+    rec = record(out, act.TaskState)
+    assert rec.message == f"lease lost by {holder.peer_id[-8:]}; re-awarded shard 0 → {spare.peer_id[-8:]}"
+    # The new holder gets a full TTL from the re-award.
+    assert one(out, act.SetTimer) == act.SetTimer(name="leases", at_ms=NOW + 10_301 + 10_001)
+    # The old holder's late result is not the holder's any more (epoch 1).
+    assert deliver(m, result(holder, 0, NOW + 11_000, epoch=1), NOW + 11_000)[0] == act.Drop(
+        reason="not_holder"
+    )
+    out = deliver(m, result(spare, 0, NOW + 12_000, epoch=1), NOW + 12_000)
+    f = one(out, act.FetchBlob)
+    assert f.source == spare.peer_id
+    m.handle(ev.BlobFetched(now_ms=NOW + 12_100, tag=f.tag, digest=SHA, source=f.source, ok=True))
+    assert m.state is TaskState.DONE
+
+
+def test_peer_lost_reawards_without_waiting_for_the_ttl() -> None:
+    m, _ = awarded(bidders=(W[0], W[1]))
+    holder = m.assignments()[0]["peer_id"]
+    m.handle(ev.PeerLost(now_ms=NOW + 400, peer=holder))
+    assert 1 in m.awards and m.latest_award() is not None
+    assert holder in m.latest_award().excluded  # type: ignore[union-attr]
+
+
+def test_every_bidder_lost_asks_for_fresh_bids_then_reawards() -> None:
+    m, _ = awarded()
+    out = m.handle(ev.TimerFired(now_ms=NOW + 10_301, name="leases"))
+    assert m.state is TaskState.REBIDDING and 1 not in m.awards
+    assert states(out) == ["running"] and one(out, act.Publish).signed.message.KIND == "announce"
+    assert act.SetTimer(name="bid_window", at_ms=NOW + 10_601) in out
+    deliver(m, bid(W[2], at=NOW + 10_400), NOW + 10_400)
+    out = m.handle(ev.TimerFired(now_ms=NOW + 10_601, name="bid_window"))
+    award = assert_award_checks(m, 1)
+    assert m.state is TaskState.RUNNING
+    assert [a["peer_id"] for a in award.assignments] == [W[2].peer_id] and award.excluded == (W[0].peer_id,)
+
+
+def test_wait_for_network_holds_the_lease_clock() -> None:
+    m, _ = awarded(wait_for_network=True)
+    out = m.handle(ev.TimerFired(now_ms=NOW + 10_301, name="leases"))
+    assert out == [act.SetTimer(name="leases", at_ms=NOW + 11_301)] and 1 not in m.awards
+    m.handle(ev.PeersKnown(now_ms=NOW + 11_000, alive=3, connected=1))
+    out = m.handle(ev.TimerFired(now_ms=NOW + 11_301, name="leases"))
+    # A full TTL from the last moment nobody could reach us.
+    assert out == [act.SetTimer(name="leases", at_ms=NOW + 10_301 + 10_001)]
+    m.handle(ev.TimerFired(now_ms=NOW + 20_302, name="leases"))
+    assert m.state is TaskState.REBIDDING
+
+
+# -- deadline, cancel, terminal -----------------------------------------------------------------------
+
+
+def test_deadline_fails_with_the_last_reason() -> None:
+    m, _ = started()
+    m.handle(ev.TimerFired(now_ms=NOW + 300, name="bid_window"))
+    out = m.handle(ev.TimerFired(now_ms=NOW + 120_000, name="deadline"))
+    assert m.state is TaskState.FAILED
+    rec = record(out, act.TaskState)
+    assert rec.reason == "deadline"
+    assert rec.message == "deadline passed: no eligible peer has bid (kind, resources, policy or sandbox)"
+    assert act.CancelTimer(name="backoff") in out and not m.timers.armed
+    out = deliver(m, bid(W[0], at=NOW + 120_001), NOW + 120_001)
+    assert out == [act.Count(name="bids.unknown_task"), act.Reply(ok=False, reason="unknown task")]
+    with pytest.raises(LocalProtocolError, match="illegal event TimerFired in state FAILED"):
+        m.handle(ev.TimerFired(now_ms=NOW, name="deadline"))
+
+
+def test_deadline_while_running_says_no_result() -> None:
+    m, _ = awarded()
+    out = m.handle(ev.TimerFired(now_ms=NOW + 120_000, name="deadline"))
+    rec = record(out, act.TaskState)
+    assert rec.message == "deadline passed: no result before the deadline"
+
+
+def test_cancel_publishes_a_signed_cancel_and_ends() -> None:
+    m, _ = awarded()
+    out = m.handle(ev.CancelRequested(now_ms=NOW + 1_000))
+    c = one(out, act.Publish).signed
+    assert isinstance(c.message, Cancel) and c.signer == SUB.peer_id and c.message.task_id == TASK
+    assert m.state is TaskState.CANCELLED and states(out) == ["cancelled"]
+    assert one(out, act.Notify) == act.Notify(
+        task_id=TASK, state="cancelled", message="cancelled by the submitter", final=True
+    )
+    assert m.handle(ev.CancelRequested(now_ms=NOW + 2_000)) == []
+
+
+# -- aggregated tasks --------------------------------------------------------------------------------------
+
+
+def certify(m: TaskMachine, rnd: int, out_sha: str = "cc" * 32) -> Certificate:
+    """A real certificate: the committee drawn from the award's holders votes one ballot."""
+    holders = {a["shard"]: a["peer_id"] for a in m.assignments()}
+    members = sorted(committee(TASK, rnd, sorted(set(holders.values()))))
+    inputs = [
+        {"peer_id": p, "shard": s, "sha256": f"{s + 1:02x}" * 32, "weight": 1.0}
+        for s, p in sorted(holders.items(), key=lambda kv: (kv[1], kv[0]))
+    ]
+    votes = [
+        BY_ID[p].seal(
+            Vote,
+            now_ms=NOW,
+            ttl_ms=Vote.MAX_TTL_MS,
+            task_id=TASK,
+            round=rnd,
+            rule="weighted_mean",
+            committee=members,
+            inputs=inputs,
+            excluded=[],
+            output={"sha256": out_sha, "size": 9},
+            attempt=0,
+        )
+        for p in members
+    ]
+    cert = tally(votes)
+    assert cert is not None
+    return cert
+
+
+def test_two_round_aggregated_task_is_done_when_the_last_round_is_certified() -> None:
+    ann = announce(
+        kind="keras-train", aggregation="weighted_mean", rounds=2, max_shards=2, work=30.0, deadline_ms=1000
+    )
+    m, _ = awarded(ann, bidders=(W[0], W[1]))
+    assert len(m.assignments()) == 2
+    c1 = certify(m, 1)
+    out = m.handle(ev.RoundCertified(now_ms=NOW + 1_000, certificate=c1))
+    fetches = of(out, act.FetchBlob)
+    assert {f.digest for f in fetches} == {"01" * 32, "02" * 32}  # the round's inputs, for the bundle
+    for f in fetches:
+        out = m.handle(
+            ev.BlobFetched(now_ms=NOW + 1_100, tag=f.tag, digest=f.digest, source=f.source, ok=True)
+        )
+    rr = record(out, act.RoundRecord)
+    assert rr.round == 1 and rr.info["signers"] == list(c1.signers)
+    assert states(out) == ["running"] and m.state is TaskState.RUNNING
+    c2 = certify(m, 2, "dd" * 32)
+    out = m.handle(ev.RoundCertified(now_ms=NOW + 2_000, certificate=c2))
+    for f in of(out, act.FetchBlob):
+        out = m.handle(
+            ev.BlobFetched(now_ms=NOW + 2_100, tag=f.tag, digest=f.digest, source=f.source, ok=True)
+        )
+    assert m.state is TaskState.AGGREGATING and "aggregating" in states(out)
+    final = one(out, act.FetchBlob)
+    assert final.digest == "dd" * 32 and final.source in c2.signers
+    out = m.handle(
+        ev.BlobFetched(now_ms=NOW + 2_200, tag=final.tag, digest=final.digest, source=final.source, ok=False)
+    )
+    final = one(out, act.FetchBlob)  # the next voter
+    out = m.handle(
+        ev.BlobFetched(now_ms=NOW + 2_300, tag=final.tag, digest=final.digest, source=final.source, ok=True)
+    )
+    assert m.state is TaskState.DONE
+    res = record(out, act.TaskResultRecord)
+    assert res.result["certificate"]["output"] == "dd" * 32 and res.result["certificate"]["round"] == 2
+
+
+def test_validation_evaluation_runs_a_local_job_per_round() -> None:
+    ann = announce(kind="keras-train", aggregation="weighted_mean", rounds=1, max_shards=1)
+    held = {"validation": {"sha256": "ee" * 32, "size": 10}}
+    m, _ = awarded(ann, held_out=held)
+    out = m.handle(ev.RoundCertified(now_ms=NOW + 1_000, certificate=certify(m, 1)))
+    for f in of(out, act.FetchBlob):
+        out = m.handle(
+            ev.BlobFetched(now_ms=NOW + 1_100, tag=f.tag, digest=f.digest, source=f.source, ok=True)
+        )
+    f = one(out, act.FetchBlob)
+    assert f.tag == "model:1:validation"
+    out = m.handle(ev.BlobFetched(now_ms=NOW + 1_200, tag=f.tag, digest=f.digest, source=f.source, ok=True))
+    job = one(out, act.StartJob)
+    assert job.purpose == "evaluate" and job.inputs["data"]["sha256"] == "ee" * 32
+    with pytest.raises(LocalProtocolError, match="no job 'other' is running"):
+        m.handle(ev.JobFinished(now_ms=NOW + 1_250, job_id="other", ok=True))
+    out = m.handle(ev.JobFinished(now_ms=NOW + 1_300, job_id=job.job_id, ok=True, metrics={"accuracy": 0.75}))
+    rr = record(out, act.RoundRecord)
+    assert rr.info["val_accuracy"] == 0.75
+
+
+def test_every_shard_failed_fails_an_aggregated_task() -> None:
+    ann = announce(
+        kind="keras-train", aggregation="weighted_mean", rounds=2, max_shards=2, work=30.0, deadline_ms=1000
+    )
+    m, _ = awarded(ann, bidders=(W[0], W[1]))
+    holders = {a["shard"]: BY_ID[a["peer_id"]] for a in m.assignments()}
+    deliver(m, result(holders[0], 0, NOW + 500, ok=False), NOW + 500)
+    assert m.state is TaskState.RUNNING
+    out = deliver(m, result(holders[1], 1, NOW + 600, ok=False), NOW + 600)
+    assert m.state is TaskState.FAILED
+    rec = [p.record for p in of(out, act.Persist) if isinstance(p.record, act.TaskState)][-1]
+    assert rec.reason == "shards_failed" and rec.message.startswith("every shard failed: shard 0 on ")
+
+
+def test_a_certificate_for_a_plain_task_is_illegal() -> None:
+    m, _ = awarded()
+    agg = announce(aggregation="sum")
+    other = TaskMachine(agg, sealer=SUB, times=TIMES)
+    del other
+    with pytest.raises(LocalProtocolError, match="illegal event RoundCertified"):
+        m.handle(ev.RoundCertified(now_ms=NOW, certificate=certify(m, 1)))
+
+
+def test_resume_supervises_stored_awards_and_logs_the_restart() -> None:
+    m0, _ = awarded()
+    restored = Restored(bids=list(m0.bids.values()), awards=[m0.awards[0]], public_state="running")
+    m = TaskMachine(announce(), sealer=SUB, times=TIMES, restored=restored, wait_for_network=True)
+    out = m.handle(ev.Start(now_ms=NOW + 50_000))
+    assert m.state is TaskState.RUNNING and not of(out, act.Publish)
+    ev_rec = [p.record for p in of(out, act.Persist) if isinstance(p.record, act.TaskEvent)]
+    assert ev_rec and ev_rec[0].message == "submitter restarted; resuming"
+    assert act.SetTimer(name="leases", at_ms=NOW + 51_000) in out
