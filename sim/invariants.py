@@ -1,0 +1,223 @@
+"""The invariants of issue 7, checked after every event.
+
+Each check runs on what an event produced (an award published, a job started, a vote
+cast, a task ended), at the moment it is produced, so "after every event" costs no scan of
+the whole world. Every check calls the protocol's own code:
+
+1. **A task ends only with every shard's result or a stated reason.** A task that ends
+   ``done`` has, for every shard of its latest award, a result from that shard's holder
+   (plain tasks) or a certificate for every round (aggregated tasks); any other ending
+   names its reason. At the end of the run every task has ended.
+2. **At most one certified aggregate per (task, round), and every certificate verifies**
+   with ``protocol.certificate.check_certificate`` — the function ``peerctl verify`` uses
+   (peerd/verify.py) — given the task's awards and rule. The simulator watches every vote
+   cast: whenever the votes of one ballot reach a quorum, that ballot is certified, and a
+   second certified ballot for the same round is a violation.
+3. **No node executes a shard it was not awarded, and no award differs from its
+   recomputation from the signed bids**: every award published passes
+   ``protocol.awards.check_signed_award`` against the announce and the previous epoch,
+   and every job started is for a (shard, epoch) some award of the task gives to that node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.awards import check_signed_award
+from protocol.certificate import check_certificate
+from protocol.committee import quorum
+from protocol.envelope import Signed
+from protocol.errors import ProtocolError
+from protocol.messages import Award, Result, Vote
+from sim.engine import Violation
+
+
+@dataclass
+class TaskRecord:
+    task_id: str
+    submitter: str
+    announce: Signed
+    submitted_at: float
+    awards: dict[int, Award] = field(default_factory=dict)
+    award_raw: dict[int, bytes] = field(default_factory=dict)
+    first_award_at: float | None = None
+    results: dict[tuple[int, int], dict[str, Result]] = field(
+        default_factory=dict
+    )  # (round, shard) -> signer
+    votes: dict[int, dict[tuple[Any, ...], dict[str, bytes]]] = field(default_factory=dict)
+    certified: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # round -> ballot
+    ended: tuple[float, str, str] | None = None  # (time, state, reason)
+    executed: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+class Invariants:
+    def __init__(self, now: Callable[[], float]) -> None:
+        self._now = now
+        self.tasks: dict[str, TaskRecord] = {}
+        self.checked = {"awards": 0, "jobs": 0, "votes": 0, "certificates": 0, "endings": 0}
+        self.extra: list[Callable[[str, Signed], None]] = []
+
+    def fail(self, what: str) -> None:
+        raise Violation(what)
+
+    # -- tasks ---------------------------------------------------------------------------
+    def announced(self, announce: Signed) -> None:
+        tid = announce.message.task_id  # type: ignore[attr-defined]
+        if tid not in self.tasks:
+            self.tasks[tid] = TaskRecord(tid, announce.signer, announce, self._now())
+
+    def published(self, signed: Signed) -> None:
+        """Every task message any simulated peer publishes or sends passes through here."""
+        kind = signed.kind
+        if kind == "award":
+            self._award(signed)
+        elif kind == "result":
+            self._result(signed)
+        elif kind == "vote":
+            self._vote(signed)
+        for hook in self.extra:
+            hook(kind, signed)
+
+    def _award(self, signed: Signed) -> None:
+        aw = signed.message
+        assert isinstance(aw, Award)
+        rec = self.tasks.get(aw.task_id)
+        if rec is None:
+            self.fail(f"award for unannounced task {aw.task_id}")
+            return
+        if aw.epoch in rec.awards:
+            if rec.award_raw[aw.epoch] != signed.raw:
+                self.fail(f"task {aw.task_id}: two different awards for epoch {aw.epoch}")
+            return
+        previous = rec.awards.get(aw.epoch - 1)
+        try:
+            check_signed_award(rec.announce, signed, previous)
+        except ProtocolError as exc:
+            self.fail(
+                f"task {aw.task_id}: award epoch {aw.epoch} differs from its recomputation from the "
+                f"signed bids ({exc.reason}: {exc})"
+            )
+        self.checked["awards"] += 1
+        rec.awards[aw.epoch] = aw
+        rec.award_raw[aw.epoch] = signed.raw
+        if rec.first_award_at is None:
+            rec.first_award_at = self._now()
+
+    def _result(self, signed: Signed) -> None:
+        res = signed.message
+        assert isinstance(res, Result)
+        rec = self.tasks.get(res.task_id)
+        if rec is None:
+            return
+        cur = rec.results.setdefault((res.round, res.shard), {}).get(signed.signer)
+        if cur is None or res.seq > cur.seq:
+            rec.results[(res.round, res.shard)][signed.signer] = res
+
+    def _vote(self, signed: Signed) -> None:
+        vote = signed.message
+        assert isinstance(vote, Vote)
+        rec = self.tasks.get(vote.task_id)
+        if rec is None:
+            return
+        self.checked["votes"] += 1
+        ballot = vote.ballot()
+        by_ballot = rec.votes.setdefault(vote.round, {})
+        signers = by_ballot.setdefault(ballot, {})
+        signers[signed.signer] = signed.raw
+        if len(signers) < quorum(len(vote.committee)):
+            return
+        prior = rec.certified.get(vote.round)
+        if prior == ballot:
+            return
+        # The ballot just reached a quorum: it is a certificate. Verify it as peerctl verify does.
+        cert = self.certificate(vote.task_id, vote.round, list(signers.values()), who="the votes cast")
+        if prior is not None:
+            self.fail(
+                f"task {vote.task_id} round {vote.round}: a second certified aggregate "
+                f"(output {cert.output['sha256'][:12]}, first {prior[-1][:12]})"
+            )
+        rec.certified[vote.round] = ballot
+
+    def certificate(self, task_id: str, round_no: int, raw_votes: list[bytes], *, who: str) -> Any:
+        """Check a certificate with protocol.certificate.check_certificate; violation if it fails."""
+        rec = self.tasks[task_id]
+        self.checked["certificates"] += 1
+        try:
+            return check_certificate(
+                raw_votes,
+                task_id=task_id,
+                round_no=round_no,
+                awards=list(rec.awards.values()),
+                rule=rec.announce.message.aggregation,  # type: ignore[attr-defined]
+            )
+        except ProtocolError as exc:
+            self.fail(
+                f"task {task_id} round {round_no}: certificate from {who} does not verify "
+                f"({exc.reason}: {exc})"
+            )
+            raise  # unreachable: fail() raises
+
+    # -- execution -----------------------------------------------------------------------
+    def job_started(self, peer_id: str, task_id: str, shard: int, epoch: int | None) -> None:
+        rec = self.tasks.get(task_id)
+        self.checked["jobs"] += 1
+        if rec is None:
+            self.fail(f"{peer_id[-8:]} runs a shard of unknown task {task_id}")
+            return
+        epochs = [epoch] if epoch is not None else sorted(rec.awards)
+        for e in epochs:
+            aw = rec.awards.get(e)
+            if aw is not None and any(
+                a["shard"] == shard and a["peer_id"] == peer_id for a in aw.assignments
+            ):
+                rec.executed.append((peer_id, shard, e))
+                return
+        self.fail(
+            f"{peer_id[-8:]} executes shard {shard} of task {task_id} (epoch {epoch}) which no award gives it"
+        )
+
+    # -- endings -------------------------------------------------------------------------
+    def task_ended(self, task_id: str, state: str, reason: str | None) -> None:
+        rec = self.tasks.get(task_id)
+        if rec is None:
+            self.fail(f"unknown task {task_id} ended")
+            return
+        if rec.ended is not None:
+            if rec.ended[1] != state:
+                self.fail(f"task {task_id} ended twice: {rec.ended[1]}, then {state}")
+            return
+        self.checked["endings"] += 1
+        rec.ended = (self._now(), state, reason or "")
+        if state != "done":
+            if not reason:
+                self.fail(f"task {task_id} ended {state} without a stated reason")
+            return
+        if not rec.awards:
+            self.fail(f"task {task_id} done without an award")
+            return
+        latest = rec.awards[max(rec.awards)]
+        ann = rec.announce.message
+        if ann.aggregation == "none":  # type: ignore[attr-defined]
+            for a in latest.assignments:
+                got = [
+                    r for (rnd, shard), by in rec.results.items() if shard == a["shard"] for r in by.values()
+                ]
+                if not got:
+                    self.fail(f"task {task_id} done without a result for shard {a['shard']}")
+        else:
+            for rnd in range(1, ann.rounds + 1):  # type: ignore[attr-defined]
+                if rnd not in rec.certified:
+                    self.fail(f"task {task_id} done without a certificate for round {rnd}")
+
+    def at_end(self, grace: float) -> None:
+        """Every task has ended (its deadline passed ``grace`` seconds ago at the latest)."""
+        for rec in self.tasks.values():
+            if rec.ended is None:
+                ann = rec.announce.message
+                deadline = rec.submitted_at + ann.deadline_ms / 1000  # type: ignore[attr-defined]
+                self.fail(
+                    f"task {rec.task_id} never ended (deadline at {deadline:.1f} s, run ended at "
+                    f"{self._now():.1f} s, grace {grace:g} s)"
+                )
