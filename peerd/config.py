@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from peerd.kinds import KINDS
 from protocol.errors import ProtocolError
 from protocol.peerid import public_key_from_peer_id
 
 DEFAULT_CONFIG_PATH = Path("/etc/peerd/peerd.toml")
-KNOWN_TASK_KINDS = ("echo", "sleep", "keras-train", "keras-predict", "python")
+#: Every kind of the registry (peerd/kinds.py), in its order: offer.accept_kinds' default.
+KNOWN_TASK_KINDS = tuple(KINDS)
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107

@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from peerd import kinds
 from peerd.executor import Job, JobResult, Limits
 from peerd.inbox import wall_ms
 from peerd.node import BID_PROTOCOL, RESULT_PROTOCOL, Node
@@ -53,8 +54,8 @@ class Contractor:
             return "draining"
         if ann.kind not in cfg.offer.accept_kinds:
             return f"kind {ann.kind} not offered"
-        if ann.kind == "python" and not trusted:
-            return "python tasks only from trusted submitters"
+        if kinds.get(ann.kind).trusted_only and not trusted:
+            return f"{ann.kind} tasks only from trusted submitters"
         if ann.resources["gpu"] and not cfg.offer.gpus:
             return "no GPU offered"
         if ann.resources["memory_mb"] > min(cfg.offer.memory_mb, cfg.limits.memory_mb):
@@ -227,9 +228,10 @@ class Contractor:
         for round_no in range(first_round, ann.rounds + 1):
             state["round"] = round_no
             job_inputs = dict(inputs)
-            if ann.kind == "keras-train" and round_no > 1:
+            chained = kinds.get(ann.kind).chained_input
+            if chained is not None and round_no > 1:
                 state["detail"] = f"waiting for the certificate of round {round_no - 1}"
-                job_inputs["weights"] = await self.rounds.start_model(view, round_no - 1)
+                job_inputs[chained] = await self.rounds.start_model(view, round_no - 1)
             state["detail"] = f"running round {round_no}"
             result = await self._execute(view, shard, round_no, job_inputs)
             await self._publish_result(view, shard, epoch, round_no, result)
@@ -240,18 +242,19 @@ class Contractor:
 
     def _job(self, view: TaskView, shard: int, round_no: int, inputs: dict[str, Path]) -> Job:
         ann = view.announce
+        kind = kinds.get(ann.kind)
         lim = self.node.config.limits
         params: dict[str, Any] = dict(ann.params)
         params = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
-        if ann.kind == "keras-train":
+        if kind.seed_per_round:
             # One seed per task and round, the same on every shard: round 1 builds its model
             # under this seed, so every participant starts from the same initial weights
             # (as FedAvg assumes; per-shard seeds cost 0.57-0.66 vs 0.78-0.82 accuracy after
             # round 1 on digits). The shards' data differ, so their batches still differ.
             params["seed"] = int(params.get("seed", 0)) * 1000 + round_no
-        if ann.kind == "python":
-            params.setdefault("script", "script")  # the spec names the script input "script"
-        job_inputs = {k: v for k, v in inputs.items() if k not in ("validation", "test")}
+        for key, value in kind.job_defaults.items():
+            params.setdefault(key, value)
+        job_inputs = {k: v for k, v in inputs.items() if k not in kind.local_only_inputs}
         return Job(
             job_id=f"{ann.task_id}-{shard}-{round_no}",
             submitter=view.submitter,

@@ -28,7 +28,7 @@ from typing import Any
 import click
 import trio
 
-from peerd import __version__, sdnotify
+from peerd import __version__, kinds, sdnotify
 from peerd.adverts import AdvertService, Offer, measure_capacity
 from peerd.api import Api
 from peerd.blobgc import BlobCollector
@@ -89,13 +89,13 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
     )
     offer = make_offer(cfg, [g.index for g in capacity.gpus])
     devices = [f"gpu:{g}" for g in offer.gpus] or ["cpu"]
-    # Keep a TensorFlow worker warm only where keras kinds are offered (it costs ~500 MB).
-    keras = any(k.startswith("keras") for k in cfg.offer.accept_kinds)
+    # Keep a TensorFlow ("tf") worker warm only where a kind needing one is offered (~500 MB).
+    classes = {kinds.get(k).worker_class for k in cfg.offer.accept_kinds}
     pool = WorkerPool(
         state / "work",
         devices=devices,
         require_sandbox=cfg.policy.require_sandbox,
-        warm_classes=("light", "tf") if keras else ("light",),
+        warm_classes=("light", "tf") if "tf" in classes else ("light",),
         hide=(state,),
     )
     p2p = P2PNode(

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from peerd import kinds
 from peerd.executor import Job, Limits
 from peerd.inbox import wall_ms
 from peerd.node import ANNOUNCE_SLACK, MAX_GOSSIP_BYTES, Node, gossip_too_large
@@ -37,10 +38,6 @@ from protocol.messages import MAX_T_MAX, Award, Cancel, Result, TaskAnnounce
 log = logging.getLogger(__name__)
 
 TERMINAL = ("done", "failed", "cancelled")
-#: Inputs used only by the submitter itself (evaluation), never sent to contractors.
-LOCAL_ONLY_INPUTS = ("validation", "test")
-#: Inputs split across shards in proportion to C (docs/design.md §4) instead of sent whole.
-SPLIT_INPUTS = {"keras-train": ("data",), "keras-predict": ("data",)}
 
 
 class SubmitError(Exception):
@@ -73,14 +70,20 @@ class Submitter:
             except ProtocolError as exc:
                 raise SubmitError(f"inputs.{name}: {exc}") from None
             refs[name] = {"sha256": digest, "size": self.node.blobs.size(digest)}
-        if spec.kind in SPLIT_INPUTS and "data" in refs:
-            await trio.to_thread.run_sync(self._check_npz, self.node.blobs.path(refs["data"]["sha256"]))
+        kind = kinds.get(spec.kind)
+        # Split inputs are .npz files cut across the shards in proportion to C (docs/design.md
+        # §4); local-only ones never leave this node (peerd/kinds.py says which are which).
+        for name in kind.split_inputs:
+            if name in refs:
+                await trio.to_thread.run_sync(
+                    self._check_npz, name, self.node.blobs.path(refs[name]["sha256"])
+                )
         task_id = secrets.token_hex(16)
         cfg = self.node.config.market
         shared = {
             n: r
             for n, r in refs.items()
-            if n not in LOCAL_ONLY_INPUTS and n not in SPLIT_INPUTS.get(spec.kind, ())
+            if n not in kind.local_only_inputs and n not in kind.split_inputs
         }
         params = json.loads(json.dumps(spec.params))  # plain JSON types only
         dc_max = None if cfg.dc_max == float("inf") else cfg.dc_max
@@ -145,16 +148,18 @@ class Submitter:
         return task_id
 
     @staticmethod
-    def _check_npz(path: Path) -> None:
+    def _check_npz(name: str, path: Path) -> None:
         try:
             with np.load(path, allow_pickle=False) as z:
                 if "x" not in z.files:
-                    raise SubmitError("inputs.data: the .npz must hold an array named x (and y for training)")
+                    raise SubmitError(
+                        f"inputs.{name}: the .npz must hold an array named x (and y for training)"
+                    )
                 n = len(z["x"])
                 if "y" in z.files and len(z["y"]) != n:
-                    raise SubmitError("inputs.data: x and y have different lengths")
+                    raise SubmitError(f"inputs.{name}: x and y have different lengths")
         except (ValueError, OSError) as exc:
-            raise SubmitError(f"inputs.data: not a readable .npz ({exc})") from None
+            raise SubmitError(f"inputs.{name}: not a readable .npz ({exc})") from None
 
     # -- bids ---------------------------------------------------------------------------
     def accept_bid(self, raw: bytes, sender: str, *, verified: Signed | None = None) -> dict[str, Any]:
@@ -421,7 +426,7 @@ class Submitter:
         row = self.node.store.task(view.task_id)
         assert row is not None
         refs = json.loads(row["spec"])["input_refs"]
-        for name in SPLIT_INPUTS.get(view.announce.kind, ()):
+        for name in kinds.get(view.announce.kind).split_inputs:
             if name not in refs:
                 continue
             path = self.node.blobs.path(refs[name]["sha256"])
@@ -666,14 +671,15 @@ class Submitter:
         row = self.node.store.task(view.task_id)
         assert row is not None
         refs = json.loads(row["spec"])["input_refs"]
-        if view.announce.kind != "keras-train" or input_name not in refs:
+        evaluate_with = kinds.get(view.announce.kind).evaluate_with
+        if evaluate_with is None or input_name not in refs:
             return None
         try:
             weights = await self._fetch_certified(view, output)
             job = Job(
                 job_id=f"{view.task_id}-eval-{input_name}",
                 submitter=self.node.peer_id,
-                kind="keras-predict",
+                kind=evaluate_with,
                 params={
                     "model_config": view.announce.params["model_config"],
                     "loss": view.announce.params.get("loss", "sparse_categorical_crossentropy"),

@@ -18,19 +18,19 @@ A spec::
     memory_mb = 1024
     [inputs]                    # name = path to a local file
     data = "train.npz"
-    [params]                    # kind-specific, see docs/tasks.md
+    [params]                    # kind-specific: the schema in peerd/kinds.py, docs/tasks.md
     epochs = 1
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peerd import kinds
 from protocol import schema
 from protocol.errors import ProtocolError
 from protocol.messages import AGGREGATION_RULES, TASK_KINDS
@@ -45,8 +45,6 @@ MAX_INPUTS = 64
 #: One value of ``params``: what the announce's ``params`` field admits (depth, width,
 #: finite numbers). Integers beyond 64 bits are refused too: msgpack cannot carry them.
 _PARAM_VALUE = schema.anything()
-KERAS_OPTIMIZERS = ("adam", "sgd", "rmsprop", "adagrad")
-KERAS_LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy", "mse", "binary_crossentropy")
 TOP_KEYS = {
     "kind",
     "work",
@@ -155,8 +153,7 @@ def parse_spec(obj: Any, *, base_dir: Path | None = None) -> TaskSpec:
     work = _num(obj, "work", 1e-9, 1e15, 1.0)
     deadline_s = _num(obj, "deadline_s", 1, 30 * 86400, 600)
     max_shards = _int(obj, "max_shards", 1, 64, 1)
-    default_rule = "weighted_mean" if kind == "keras-train" else "none"
-    aggregation = obj.get("aggregation", default_rule)
+    aggregation = obj.get("aggregation", kinds.get(kind).default_aggregation)
     if aggregation not in AGGREGATION_RULES:
         raise SpecError(f"aggregation: must be one of {', '.join(AGGREGATION_RULES)}, got {aggregation!r}")
     rounds = _int(obj, "rounds", 1, 1000, 1)
@@ -226,69 +223,33 @@ def parse_spec(obj: Any, *, base_dir: Path | None = None) -> TaskSpec:
 
 
 def _check_kind(spec: TaskSpec, base_dir: Path | None) -> None:
+    """What the kind asks of a spec (peerd/kinds.py): rounds, its ``[params]`` schema (unknown,
+    missing and mistyped keys are refused, the key named), its inputs, its aggregation rules."""
+    kind = kinds.get(spec.kind)
     p = spec.params
-    if spec.kind in ("echo", "sleep", "python") and spec.rounds != 1:
+    if spec.rounds != 1 and not kind.multi_round:
         raise SpecError(f"rounds: {spec.kind} tasks run once (rounds = 1)")
-    if spec.kind == "echo":
-        if "data" in p and not isinstance(p["data"], str):
-            raise SpecError("params.data: must be a string")
-    elif spec.kind == "sleep":
-        _num(p, "seconds", 0, 86400, where="params.") if "seconds" in p else None
-        if "seconds" not in p:
-            raise SpecError("params.seconds: required for sleep tasks")
-    elif spec.kind == "python":
-        if "script" not in spec.inputs:
-            raise SpecError("inputs.script: a python task needs its script as an input file")
-        args = p.get("args", [])
-        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-            raise SpecError(f"params.args: must be a list of strings, got {args!r}"[:200])
-    elif spec.kind in ("keras-train", "keras-predict"):
-        if "model_config_file" in p:
-            path = Path(str(p.pop("model_config_file")))
-            if not path.is_absolute() and base_dir is not None:
-                path = base_dir / path
-            try:
-                p["model_config"] = path.read_text()
-            except OSError as exc:
-                raise SpecError(f"params.model_config_file: cannot read {path}: {exc.strerror}") from None
-        cfg = p.get("model_config")
-        if not isinstance(cfg, str):
-            raise SpecError("params.model_config: required (a Keras model JSON config, or model_config_file)")
+    for key, param in kind.params.items():
+        if param.inline_as is None or key not in p:
+            continue
+        # A file named in the spec, read now and inlined (model_config_file → model_config).
+        why = param.problem(p[key])
+        if why is not None:
+            raise SpecError(f"params.{key}: {why}")
+        path = Path(p.pop(key))
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
         try:
-            model = json.loads(cfg)
-        except ValueError as exc:
-            raise SpecError(f"params.model_config: not valid JSON ({exc})") from None
-        # A Keras model config is an object {"class_name": ..., "config": {...}}; anything else
-        # would only fail later, on every contractor, after the bidding.
-        if (
-            not isinstance(model, dict)
-            or not isinstance(model.get("class_name"), str)
-            or not isinstance(model.get("config"), dict)
-        ):
-            raise SpecError(
-                'params.model_config: not a Keras model config (a JSON object with "class_name" and "config")'
-            )
-        if len(cfg) > 40_000:
-            raise SpecError(
-                "params.model_config: larger than 40 kB (the announce must fit one 60 KiB gossip message)"
-            )
-        if "data" not in spec.inputs:
-            raise SpecError(f"inputs.data: a {spec.kind} task needs an .npz with x (and y)")
-        if spec.kind == "keras-train":
-            if spec.aggregation == "none":
-                raise SpecError(
-                    "aggregation: keras-train merges weights: sum, weighted_mean, trimmed_mean or median"
-                )
-            opt = p.get("optimizer", "adam")
-            if opt not in KERAS_OPTIMIZERS:
-                choices = ", ".join(KERAS_OPTIMIZERS)
-                raise SpecError(f"params.optimizer: must be one of {choices}, got {opt!r}")
-            loss = p.get("loss", "sparse_categorical_crossentropy")
-            if loss not in KERAS_LOSSES:
-                raise SpecError(f"params.loss: must be one of {', '.join(KERAS_LOSSES)}, got {loss!r}")
-            _int(p, "epochs", 1, 1000, 1, where="params.")
-            _int(p, "batch_size", 1, 1 << 16, 32, where="params.")
-            if "round_timeout_s" in p:
-                _num(p, "round_timeout_s", 1, 86400, where="params.")
-        elif "weights" not in spec.inputs:
-            raise SpecError("inputs.weights: keras-predict needs the model's weights")
+            p[param.inline_as] = path.read_text()
+        except OSError as exc:
+            raise SpecError(f"params.{key}: cannot read {path}: {exc.strerror}") from None
+    problem = kinds.params_problem(kind, p)
+    if problem is not None:
+        raise SpecError(problem)
+    for name, what in kind.required_inputs.items():
+        if name not in spec.inputs:
+            raise SpecError(f"inputs.{name}: a {spec.kind} task needs {what}")
+    if spec.aggregation not in kind.aggregations:
+        raise SpecError(
+            f"aggregation: {spec.kind} tasks take {', '.join(kind.aggregations)}, got {spec.aggregation!r}"
+        )

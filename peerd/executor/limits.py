@@ -77,7 +77,7 @@ class Job:
     params: Mapping[str, Any]  # kind-specific, msgpack-able
     inputs: Mapping[str, Path]  # name -> host file (content-addressed blob); exposed read-only
     limits: Limits = field(default_factory=Limits)
-    trusted: bool = False  # the "python" kind only runs when True
+    trusted: bool = False  # kinds marked trusted_only (peerd/kinds.py) run only when True
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,7 @@ from peerd.executor.sandbox import (
     runtime_layout,
     sandbox_env,
 )
+from peerd.kinds import KINDS
 from protocol.errors import ProtocolError, RemoteProtocolError
 from protocol.framing import FrameDecoder, encode_frame
 
@@ -344,10 +345,10 @@ class WorkerPool:
                 "refused",
                 f"no working sandbox on this peer, refusing to run tasks: {self.sandbox_report.reason}",
             )
-        if job.kind == "python" and not job.trusted:
+        if KINDS[job.kind].trusted_only and not job.trusted:
             return JobResult.failure(
                 "refused",
-                f"submitter {job.submitter} is not trusted here; the python kind runs only trusted code",
+                f"submitter {job.submitter} is not trusted here; the {job.kind} kind runs only trusted code",
             )
         for name, path in job.inputs.items():
             if not _INPUT_NAME.match(name):

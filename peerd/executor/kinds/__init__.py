@@ -10,32 +10,19 @@ import importlib
 from collections.abc import Callable
 
 from peerd.executor.kinds._base import Outcome, TaskContext, TaskFailed
+from peerd.kinds import KINDS
 
-#: kind -> worker class. "light" workers start in ~0.1 s and import no TensorFlow; "tf" workers
-#: pre-import Keras so a keras job does not pay TensorFlow's 2–10 s import.
-KIND_CLASS: dict[str, str] = {
-    "echo": "light",
-    "sleep": "light",
-    "python": "light",
-    "keras-train": "tf",
-    "keras-predict": "tf",
-}
+#: kind -> worker class (peerd/kinds.py). "light" workers start in ~0.1 s and import no
+#: TensorFlow; "tf" workers pre-import Keras so a keras job does not pay TensorFlow's 2–10 s import.
+KIND_CLASS: dict[str, str] = {k.name: k.worker_class for k in KINDS.values()}
 
 #: Kinds whose worker may serve further jobs of the same submitter. Not "python": a script can
 #: leave processes or state behind in the sandbox, so its worker is always killed afterwards.
-REUSABLE: frozenset[str] = frozenset({"echo", "sleep", "keras-train", "keras-predict"})
-
-_MODULES = {
-    "echo": "echo",
-    "sleep": "sleep",
-    "python": "python",
-    "keras-train": "keras_train",
-    "keras-predict": "keras_predict",
-}
+REUSABLE: frozenset[str] = frozenset(k.name for k in KINDS.values() if k.reusable_worker)
 
 
 def load_kind(kind: str) -> Callable[[TaskContext], Outcome]:
-    mod = importlib.import_module(f"peerd.executor.kinds.{_MODULES[kind]}")
+    mod = importlib.import_module(f"peerd.executor.kinds.{KINDS[kind].module}")
     run: Callable[[TaskContext], Outcome] = mod.run
     return run
 
