@@ -258,13 +258,12 @@ class RoundMachine:
             self.state = RoundState.VOTED if self.attempt else RoundState.COLLECTING
             old = self.certificate
             self.certificate = None
+            # Forget the votes of the certified ballot, keep any newer ones.
+            stale = _ballot_of(old) if old is not None else None
             self.votes = {
                 k: v
                 for k, v in self.votes.items()
-                if not (isinstance(v.message, Vote) and old is not None and v.raw in old.votes)
-                and not (
-                    isinstance(v.message, Vote) and old is not None and _ballot_of(old) == v.message.ballot()
-                )
+                if not (isinstance(v.message, Vote) and v.message.ballot() == stale)
             }
             again = tally(list(self.votes.values()))
             if again is not None:
