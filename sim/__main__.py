@@ -51,6 +51,8 @@ def parse(argv: list[str] | None) -> tuple[SimConfig, Options]:
     ap.add_argument("--bidders", type=int, default=0, help="0: every peer bids; D: D random peers per task")
     ap.add_argument("--arrival-rate", type=float, default=2.0, help="tasks per virtual second")
     ap.add_argument("--aggregated", type=float, default=0.5, help="fraction of tasks with aggregation rounds")
+    # Test-only (tests/sim/test_cli.py): build every RoundMachine with this planted bug.
+    ap.add_argument("--plant-bug", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--trace", type=Path, help="write the whole event trace to this file")
     ap.add_argument("--trace-tail", type=int, default=60, help="trace lines printed on a violation")
     args = ap.parse_args(argv)
@@ -86,6 +88,7 @@ def parse(argv: list[str] | None) -> tuple[SimConfig, Options]:
         arrival_rate=args.arrival_rate,
         aggregated=args.aggregated,
         keep_trace=args.trace is not None,
+        planted_bug=args.plant_bug,
     )
     return cfg, Options(trace=args.trace, json=args.json, tail=args.trace_tail)
 

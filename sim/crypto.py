@@ -107,6 +107,8 @@ def _protocol_modules() -> list[Any]:
 @contextlib.contextmanager
 def verification_memo() -> Iterator[_Memo]:
     """Route every protocol module's ``open_envelope`` through one process-wide memo."""
+    MEMO.cache.clear()
+    MEMO.hits = MEMO.misses = 0
     patched = []
     for mod in _protocol_modules():
         if getattr(mod, "open_envelope", None) is _ORIGINAL_OPEN:

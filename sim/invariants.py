@@ -201,8 +201,13 @@ class Invariants:
         ann = rec.announce.message
         if ann.aggregation == "none":  # type: ignore[attr-defined]
             for a in latest.assignments:
+                # A result counts when its signer held the shard at the result's epoch.
                 got = [
-                    r for (rnd, shard), by in rec.results.items() if shard == a["shard"] for r in by.values()
+                    r
+                    for (_rnd, shard), by in rec.results.items()
+                    if shard == a["shard"]
+                    for signer, r in by.items()
+                    if r.ok and self._holder(rec, shard, r.epoch) == signer
                 ]
                 if not got:
                     self.fail(f"task {task_id} done without a result for shard {a['shard']}")
@@ -210,6 +215,14 @@ class Invariants:
             for rnd in range(1, ann.rounds + 1):  # type: ignore[attr-defined]
                 if rnd not in rec.certified:
                     self.fail(f"task {task_id} done without a certificate for round {rnd}")
+
+    @staticmethod
+    def _holder(rec: TaskRecord, shard: int, epoch: int) -> str | None:
+        epochs = [e for e in rec.awards if e <= epoch]
+        if not epochs:
+            return None
+        aw = rec.awards[max(epochs)]
+        return next((str(a["peer_id"]) for a in aw.assignments if a["shard"] == shard), None)
 
     def at_end(self, grace: float) -> None:
         """Every task has ended (its deadline passed ``grace`` seconds ago at the latest)."""

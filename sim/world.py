@@ -99,11 +99,12 @@ def _digest(*parts: object) -> bytes:
     return hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()
 
 
-def shard_output(task_id: str, round_no: int, shard: int, run: int, liar: bool) -> bytes:
+def shard_output(task_id: str, round_no: int, shard: int, run: tuple[int, int], liar: bool) -> bytes:
     """A shard's simulated output O_i: a tensor list (SPEC §11.2) of one float64 vector.
 
-    Honest outputs are the round's "true" model plus a small per-shard, per-run deviation (a
-    re-run of a round gives other bytes, as training does); a liar's are far off."""
+    Honest outputs are the round's "true" model plus a small deviation per shard and per
+    ``run`` (peer, job number): another peer, or a re-run, gives other bytes, as training
+    does; a liar's are far off."""
     base = np.frombuffer(_digest("model", task_id, round_no), dtype=np.uint8)[:8].astype(np.float64) / 255.0
     dev = np.frombuffer(_digest("dev", task_id, round_no, shard, run), dtype=np.uint8)[:8].astype(np.float64)
     vec = base + (dev - 127.5) / 1e4
@@ -112,7 +113,7 @@ def shard_output(task_id: str, round_no: int, shard: int, run: int, liar: bool) 
     return tensors.encode_arrays([vec])
 
 
-def plain_output(task_id: str, shard: int, run: int, liar: bool) -> bytes:
+def plain_output(task_id: str, shard: int, run: tuple[int, int], liar: bool) -> bytes:
     return _digest("out", task_id, shard, run, "liar" if liar else "honest") * 8
 
 
@@ -320,7 +321,7 @@ class Peer:
         noise = w.rng("work").lognormvariate(0.0, w.cfg.work_noise) if w.cfg.work_noise > 0 else 1.0
         work = ann.work * share / max(1, ann.rounds) * noise
         self.runs += 1
-        run = self.runs
+        run = (self.index, self.runs)
         liar = self.liar
 
         def result() -> ev.JobFinished:
@@ -693,7 +694,7 @@ class World:
         if inc != peer.incarnation or not peer.up:
             return
         peer.runs += 1
-        data = shard_output(res.task_id, res.round, res.shard, peer.runs, True)
+        data = shard_output(res.task_id, res.round, res.shard, (peer.index, peer.runs), True)
         digest = hashlib.sha256(data).hexdigest()
         self.blob_data.setdefault(digest, data)
         peer.keep_blob(digest)
