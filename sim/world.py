@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,18 +30,18 @@ from typing import Any
 
 import numpy as np
 
-from protocol import tensors
+from protocol import codec, tensors
 from protocol.awards import check_signed_award
-from protocol.envelope import Signed, Signer
+from protocol.envelope import Signed, Signer, message_digest
 from protocol.errors import ProtocolError
 from protocol.machines import actions as act
 from protocol.machines import events as ev
-from protocol.machines.common import MarketTimes, SignerSealer
+from protocol.machines.common import MarketTimes
 from protocol.machines.round import RoundMachine
 from protocol.machines.shard import ShardMachine, ShardState
 from protocol.machines.task import TERMINAL as TASK_TERMINAL
 from protocol.machines.task import TaskMachine
-from protocol.messages import Advert, Award, Result, TaskAnnounce
+from protocol.messages import Advert, Award, Lease, Message, Result, TaskAnnounce
 from protocol.replay import ReplayGuard
 from sim.crypto import open_memo
 from sim.engine import Engine, Handle, Violation
@@ -120,6 +121,34 @@ def plain_output(task_id: str, shard: int, run: tuple[int, int], liar: bool) -> 
 # -- one peer -----------------------------------------------------------------------------------
 
 
+class PeerSealer:
+    """The peer's ``protocol.machines.common.Sealer``: its Ed25519 signer and the sequence
+    counter it persists (SPEC §6: strictly increasing; a restart resumes above the last
+    reserved block, as the daemon's sequence store does)."""
+
+    def __init__(self, signer: Signer, first_seq: int = 1) -> None:
+        self.signer = signer
+        self.next_seq = first_seq
+
+    @property
+    def peer_id(self) -> str:
+        return self.signer.peer_id
+
+    def seal(self, cls: type[Message], *, now_ms: int, ttl_ms: int, **fields: Any) -> Signed:
+        seq = self.next_seq
+        self.next_seq += 1
+        msg = cls(seq=seq, issued_at=now_ms, expires_at=now_ms + min(ttl_ms, cls.MAX_TTL_MS), **fields)
+        raw = self.signer.seal(msg)
+        return Signed(msg, self.signer.peer_id, self.signer.public_key, raw, message_digest(raw))
+
+    def skip(self) -> int:
+        """Use up one sequence number without sealing (an advert only counted, see
+        ``Peer.advertise``)."""
+        seq = self.next_seq
+        self.next_seq += 1
+        return seq
+
+
 class Slot:
     """One machine running on one peer."""
 
@@ -152,7 +181,8 @@ class Peer:
         self.signer = Signer(seed_bytes)
         self.peer_id = self.signer.peer_id
         self.high_seq = 0  # the persisted sequence high-water mark
-        self.sealer = SignerSealer(self.signer)
+        self.sealer = PeerSealer(self.signer)
+        self._advert: tuple[tuple[float, int], int, int] | None = None  # (content, size, seq)
         # Capacity classes: laptops, servers, GPU boxes (GFLOP/s).
         u = rng.random()
         if u < 0.6:
@@ -238,6 +268,10 @@ class Peer:
         w = self.world
         eng = w.engine
         if isinstance(a, act.Publish):
+            msg = a.signed.message
+            if isinstance(msg, Lease) and msg.state in ("failed", "released"):
+                # Why shards end early (the summary's counters): hashes stripped, so alike count alike.
+                w.counters[f"leases.{msg.state}: {re.sub('[0-9a-f]{8,}', '…', msg.detail)[:60]}"] += 1
             w.publish(self, a.signed)
             if self.liar and a.signed.kind == "result":
                 w.equivocate_later(self, a.signed)
@@ -392,7 +426,25 @@ class Peer:
         self.advert_due = None
         w = self.world
         now = self.now_ms()
-        signed = self.sealer.seal(
+        content = (self.load, min(self.active_shards, self.slots))
+        if self._advert is not None and self._advert[0] == content:
+            # Nobody simulated reads adverts (they are counted, docs/simulation.md): an advert
+            # whose content did not change is not sealed again. It uses a sequence number and
+            # has the size of the last sealed one, corrected for the longer encoding of seq.
+            _, size, seq0 = self._advert
+            seq = self.sealer.skip()
+            w.advert(self, size + len(codec.pack(seq)) - len(codec.pack(seq0)))
+        else:
+            signed = self._seal_advert(now)
+            assert isinstance(signed.message, Advert)
+            self._advert = (content, len(signed.raw), signed.message.seq)
+            w.advert(self, len(signed.raw))
+        self.advert_due = w.engine.after(
+            w.cfg.advert_interval, f"advert {self.index}", self.advertise, self.incarnation
+        )
+
+    def _seal_advert(self, now: int) -> Signed:
+        return self.sealer.seal(
             Advert,
             now_ms=now,
             ttl_ms=10_000,
@@ -413,10 +465,6 @@ class Peer:
             params={"k": 0.2, "dc_min": 0.0, "dc_max": None},
             addrs=[f"/ip4/10.{self.index >> 16 & 255}.{self.index >> 8 & 255}.{self.index & 255}/tcp/4001"],
             version="0.1.0",
-        )
-        w.advert(self, signed)
-        self.advert_due = w.engine.after(
-            w.cfg.advert_interval, f"advert {self.index}", self.advertise, self.incarnation
         )
 
     def poke_advert(self) -> None:
@@ -474,7 +522,7 @@ class Peer:
             self.advert_due.cancel()
         for task_id in self.machines:
             self.world.unfollow(task_id, self.index)
-        self.high_seq = self.sealer._next  # what its sequence store had reserved at most
+        self.high_seq = self.sealer.next_seq  # what its sequence store had reserved at most
         self._reset_volatile()
 
     def restart(self) -> None:
@@ -486,7 +534,8 @@ class Peer:
         w.net.up[self.index] = True
         # The sequence store reserves blocks: a restart skips to the next block, never reuses.
         nxt = (self.high_seq // SEQ_BLOCK + 1) * SEQ_BLOCK + 1
-        self.sealer = SignerSealer(self.signer, first_seq=nxt)
+        self.sealer = PeerSealer(self.signer, first_seq=nxt)
+        self._advert = None
         self.blobs = {d for d in w.blob_owner.get(self.index, set())}
         w.restart_peer(self)
         self.advert_due = w.engine.after(
@@ -553,17 +602,26 @@ class World:
         self._active.get(task_id, set()).discard(peer)
 
     def receivers(self, src: Peer, signed: Signed) -> tuple[list[int], int]:
-        """Who gets a task message as an event, and how many more receive it uncounted as
-        events (docs/simulation.md "What is simulated, what is counted"): an announce goes
-        to every peer; an award or cancel to every peer with a machine for the task (a bid
-        out); leases, results and votes to the peers whose machines act on them (the
-        submitter, holders, round participants). Every other peer would only store the
-        message: its reception is counted, not simulated."""
+        """Who gets a task message as an event, and how many more receptions are counted
+        without one (docs/simulation.md "What is simulated, what is counted").
+
+        Today's protocol (``bidders=0``) gossips every task message to every peer: an
+        announce is delivered to all; an award or cancel to every peer with a machine for the
+        task (a bid out); leases, results and votes to the peers whose machines act on them
+        (the submitter, holders, round participants, and for aggregated tasks every bidder).
+        Every other peer would only store the message: its reception is counted.
+
+        With ``bidders=D`` (the solicitation variant) the submitter sends its announce to D
+        sampled peers and the task's messages reach only the peers that follow it: nothing
+        more is counted."""
         kind = signed.kind
         n = self.cfg.peers
-        if kind == "announce":
-            return [i for i in range(n) if i != src.index], 0
         task_id = signed.message.task_id  # type: ignore[attr-defined]
+        solicit = 0 < self.cfg.bidders < n
+        if kind == "announce":
+            if solicit:
+                return sorted(self.sample(task_id) - {src.index}), 0
+            return [i for i in range(n) if i != src.index], 0
         if kind in ("award", "cancel"):
             group = self._followers.get(task_id, set())
         else:
@@ -574,7 +632,7 @@ class World:
             targets.add(sub)
         targets.discard(src.index)
         out = sorted(targets)
-        return out, max(0, n - 1 - len(out))
+        return out, 0 if solicit else max(0, n - 1 - len(out))
 
     # -- the network ----------------------------------------------------------------------------
     def publish(self, src: Peer, signed: Signed) -> None:
@@ -597,12 +655,12 @@ class World:
             0.0, f"local {signed.kind} {src.index}", self._local_in, src, signed, src.incarnation
         )
 
-    def advert(self, src: Peer, signed: Signed) -> None:
+    def advert(self, src: Peer, size: int) -> None:
         if self.cfg.adverts == "sampled":
             n_recv = min(self.cfg.advert_sample, self.cfg.peers - 1)
         else:
             n_recv = self.cfg.peers - 1
-        self.net.publish(src.index, "advert", len(signed.raw), _noop, (), to=(), accounted=n_recv)
+        self.net.publish(src.index, "advert", size, _noop, (), to=(), accounted=n_recv)
 
     def _gossip_in(self, dst: int, raw: bytes, origin: str) -> None:
         peer = self.peers[dst]
@@ -883,16 +941,17 @@ class World:
         )
 
     # -- contractors -------------------------------------------------------------------------------
+    def sample(self, task_id: str) -> frozenset[int]:
+        """The D peers solicited for a task: the D smallest H(task ‖ peer) (deterministic)."""
+        got = self._samples.get(task_id)
+        if got is None:
+            order = sorted(range(self.cfg.peers), key=lambda i: _digest("bidders", task_id, i))
+            got = self._samples[task_id] = frozenset(order[: self.cfg.bidders])
+        return got
+
     def solicited(self, task_id: str, peer: Peer) -> bool:
         d = self.cfg.bidders
-        if d <= 0 or d >= self.cfg.peers:
-            return True
-        # A deterministic sample of d peers per task: the d smallest H(task ‖ peer).
-        ranks = self._samples.get(task_id)
-        if ranks is None:
-            order = sorted(range(self.cfg.peers), key=lambda i: _digest("bidders", task_id, i))
-            ranks = self._samples[task_id] = frozenset(order[:d])
-        return peer.index in ranks
+        return d <= 0 or d >= self.cfg.peers or peer.index in self.sample(task_id)
 
     def maybe_bid(self, peer: Peer, announce: Signed) -> None:
         ann = announce.message
