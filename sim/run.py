@@ -62,7 +62,7 @@ def run(cfg: SimConfig, *, keep_world: bool = False, setup: Any = None) -> Outco
                     break
                 if eng.now > last_submit and world.ended_tasks >= len(tasks) and world.all_ended():
                     break
-            world.invariants.at_end(cfg.grace)
+            world.invariants.at_end(cfg.grace, lambda peer_id: world.by_id[peer_id].up)
         except Violation as exc:
             violation = str(exc)
             eng.note(f"VIOLATION {violation}")

@@ -32,6 +32,7 @@ import numpy as np
 
 from protocol import codec, tensors
 from protocol.awards import check_signed_award
+from protocol.certificate import check_certificate
 from protocol.envelope import Signed, Signer, message_digest
 from protocol.errors import ProtocolError
 from protocol.machines import actions as act
@@ -40,7 +41,7 @@ from protocol.machines.common import MarketTimes
 from protocol.machines.round import RoundMachine
 from protocol.machines.shard import ShardMachine, ShardState
 from protocol.machines.task import TERMINAL as TASK_TERMINAL
-from protocol.machines.task import TaskMachine
+from protocol.machines.task import Restored, TaskMachine
 from protocol.messages import Advert, Award, Lease, Message, Result, TaskAnnounce
 from protocol.replay import ReplayGuard
 from sim.crypto import open_memo
@@ -89,6 +90,8 @@ class SimConfig:
     heartbeat_ms: int = 2_000
     keep_trace: bool = False
     grace: float = 120.0  # after the last deadline, how long the run may go on
+    #: Submitters crash too (their TaskMachines resume from their records on restart).
+    crash_submitters: bool = True
     #: Test-only: passed to every RoundMachine (``RoundMachine.PLANTED_BUGS``); never the default.
     planted_bug: str | None = None
 
@@ -198,6 +201,7 @@ class Peer:
         self.incarnation = 0
         self.runs = 0  # job counter: outputs of a re-run differ
         self.disk: list[act.Record] = []
+        self.own_tasks: dict[str, Signed] = {}  # announces of the tasks it submitted (on disk)
         self._reset_volatile()
 
     def _reset_volatile(self) -> None:
@@ -309,6 +313,8 @@ class Peer:
                 w.task_ended(self, a.task_id, a.state, a.message)
         elif isinstance(a, act.Persist):
             self.disk.append(a.record)
+            if isinstance(a.record, act.TaskEvent) and "restarted" in a.record.message:
+                w.counters["tasks.resumed"] += 1
             if isinstance(a.record, act.TaskState):
                 w.last_state[a.record.task_id] = a.record
         elif isinstance(a, act.Count):
@@ -980,7 +986,11 @@ class World:
                 peer.feed(other, ev.RoundCertified(now_ms=peer.now_ms(), certificate=cert))
 
     def restart_peer(self, peer: Peer) -> None:
-        """Rebuild what a restarted daemon resumes (contractor: re-deliver stored results)."""
+        """Rebuild what a restarted daemon resumes from its store: the submitter's unfinished
+        tasks (``Submitter.resume``: a TaskMachine from its persisted records) and the
+        contractor's stored results (``Contractor.redeliver_pending``)."""
+        for task_id, own in peer.own_tasks.items():
+            self.resume_task(peer, task_id, own)
         for rec in peer.disk:
             if isinstance(rec, act.WorkRecord):
                 ann = self.announces.get(rec.task_id)
@@ -991,6 +1001,34 @@ class World:
                 peer.announces[rec.task_id] = ann
                 slot = peer.add_machine("shard", rec.task_id, m)
                 peer.feed(slot, ev.Start(now_ms=peer.now_ms()))
+
+    def resume_task(self, peer: Peer, task_id: str, ann: Signed) -> None:
+        recs = [r for r in peer.disk if r.task_id == task_id]
+        states = [r for r in recs if isinstance(r, act.TaskState)]
+        if states and states[-1].state in ("done", "failed", "cancelled"):
+            return
+        certificates = {}
+        for r in recs:
+            if isinstance(r, act.CertificateRecord):
+                # As peerd/submitter.py reloads them: checked again with the protocol's code.
+                certificates[r.round] = check_certificate(list(r.votes), task_id=task_id, round_no=r.round)
+        restored = Restored(
+            bids=[open_memo(r.raw, frozenset({"bid"})) for r in recs if isinstance(r, act.BidRecord)],
+            awards=[open_memo(r.raw, frozenset({"award"})) for r in recs if isinstance(r, act.AwardRecord)],
+            results=[
+                open_memo(r.raw, frozenset({"result"})) for r in recs if isinstance(r, act.ResultRecord)
+            ],
+            certificates=certificates,
+            reported_rounds=[r.round for r in recs if isinstance(r, act.RoundRecord)],
+            public_state=states[-1].state if states else "bidding",
+        )
+        peer.announces[task_id] = ann
+        m = TaskMachine(ann, sealer=peer.sealer, times=self.times, restored=restored, wait_for_network=True)
+        slot = peer.add_machine("task", task_id, m)
+        now = peer.now_ms()
+        peer.feed(slot, ev.Start(now_ms=now))
+        # The simulated network is reachable again at once (partitions aside).
+        peer.feed(slot, ev.PeersKnown(now_ms=now, alive=sum(self.net.up), connected=1))
 
     # -- tasks ---------------------------------------------------------------------------------------
     def submit(self, peer: Peer, spec: dict[str, Any]) -> None:
@@ -1004,6 +1042,7 @@ class World:
         self.announces[task_id] = signed
         self.invariants.announced(signed)
         peer.announces[task_id] = signed
+        peer.own_tasks[task_id] = signed
         m = TaskMachine(signed, sealer=peer.sealer, times=self.times)
         slot = peer.add_machine("task", task_id, m)
         peer.feed(slot, ev.Start(now_ms=now))
@@ -1108,7 +1147,13 @@ def build(cfg: SimConfig) -> tuple[World, list[tuple[float, int, dict[str, Any]]
     tasks = make_tasks(cfg, world.rng("workload"))
     horizon = horizon_of(tasks)
     submitters = frozenset(s for _, s, _ in tasks)
-    sched = draw(cfg.faults, cfg.peers, horizon, world.rng("faults"), protect=submitters)
+    sched = draw(
+        cfg.faults,
+        cfg.peers,
+        horizon,
+        world.rng("faults"),
+        protect=frozenset() if cfg.crash_submitters else submitters,
+    )
     schedule_faults(world, sched)
     arng = world.rng("adverts")
     for p in world.peers:
