@@ -1,71 +1,166 @@
-"""The signed aggregation round (docs/design.md §6, seed §4 O = Σ O_i).
+"""The committee role: a thin driver of the aggregation round machine (docs/design.md §6,
+protocol/SPEC.md §11; issue 7 item 2).
 
-Per round r of a task with an aggregation rule:
-1. each participant (a shard holder per the latest award; one peer may hold two shards
-   after a re-award without a spare) commits its output O_i with a signed Result;
-2. the committee — the 3 participants with the smallest H(task ‖ r ‖ peer) — waits
-   until every shard's holder has committed, or is lost (no lease heartbeat for
-   ``lease_ttl_s``), or the round times out; each member fetches the committed
-   outputs (from the committer, or from a member whose vote names the same hash — the
-   hash is checked either way), checks them (a mismatch excludes the peer, reported in
-   the vote), computes O with the rule in canonical order and signs a Vote;
-3. a majority of the committee voting the same ballot is the certificate. Members whose
-   views differed (a commit raced the deadline, a re-award changed the participants,
-   an input could not be fetched from its committer) vote again — a new ``attempt``,
-   at most MAX_ATTEMPTS — whenever what they would vote on changes, so views converge;
-   a wrong aggregate is never certified because every vote must match byte for byte.
-Every daemon tallies votes, so participants start round r+1 from the certified O_r.
+Everything the round decides — which commit counts, when a member's view is ready, which
+inputs are fetched from whom and checked, the aggregate, the vote and its ``attempt``, the
+tally and the certificate — lives in :class:`protocol.machines.round.RoundMachine`. This
+module runs one machine per (task, round) this daemon follows (every daemon tallies
+votes, so it learns each certificate; a committee member also serves the duty) through
+:class:`peerd.drive.MachineDriver`, and does the I/O the machine asks for: fetching a
+committed output from one peer, storing the aggregate, publishing the vote, persisting
+votes and certificates, counting.
+
+Until the submitter and contractor are machines too, the facts they own reach the round
+machine from the :class:`~peerd.taskbook.TaskView` they keep: before every event the
+machine is brought up to date with the view's awards (already checked by the task bus,
+so ``checked=True``) and its holders' last heartbeats; a cancelled task stops its rounds.
+Each certificate goes back out through the view (``view.certificates``, what
+``start_model``, the submitter and the task book read) and the store.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import trio
 
+from peerd.drive import MachineDriver
+from peerd.inbox import wall_ms
 from peerd.node import Node
 from peerd.taskbook import TaskView
-from protocol.aggregation import aggregate
-from protocol.certificate import COMMITTEE_SIZE, Certificate, input_key
+from protocol.certificate import COMMITTEE_SIZE, Certificate, vote_is_well_formed
 from protocol.committee import committee
-from protocol.envelope import Signed
-from protocol.errors import ProtocolError
-from protocol.messages import Result, Vote
-from protocol.tensors import decode_arrays, encode_arrays
+from protocol.envelope import Signed, open_envelope
+from protocol.errors import ProtocolError, RemoteProtocolError
+from protocol.machines import actions as act
+from protocol.machines import events as ev
+from protocol.machines.common import MarketTimes
+from protocol.machines.round import TERMINAL, RoundMachine, RoundState
+from protocol.messages import Award, Message, Result, Vote
 
 log = logging.getLogger(__name__)
 
-#: Default per-round wait once the first commit of the round is seen.
-DEFAULT_ROUND_TIMEOUT_S = 600.0
-MAX_ATTEMPTS = 3
+#: How often a task's open rounds look at its view when nothing pulses it (a safety net:
+#: awards and cancels pulse the view, SPEC §11 step 2 re-checks on every change).
+VIEW_POLL_S = 1.0
+
+
+class NodeSealer:
+    """The machines' :class:`~protocol.machines.common.Sealer` over ``Node.seal`` (which
+    persists sequence numbers and stamps the wall clock itself)."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    @property
+    def peer_id(self) -> str:
+        return self._node.peer_id
+
+    def seal(self, cls: type[Message], *, now_ms: int, ttl_ms: int, **fields: Any) -> Signed:
+        _, signed = self._node.seal(cls, ttl_ms=ttl_ms, **fields)
+        return signed
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViewChanged(ev.Event):
+    """Driver-local: the task's view changed (an award, a heartbeat); bring the machine up
+    to date. Never reaches the machine itself."""
+
+
+class _Followed:
+    """A RoundMachine as the driver sees it: before each event, what is new in the task's
+    view — awards, heartbeats, this round's commits and votes, as the task bus and the
+    contractor recorded them — is handed over (those roles are not machines yet)."""
+
+    def __init__(self, machine: RoundMachine, view: TaskView, me: str) -> None:
+        self.machine = machine
+        self.view = view
+        self.me = me
+        self._fed: set[str] = set()  # digests of the commits and votes handed over
+
+    def handle(self, event: ev.Event) -> list[act.Action]:
+        out = self._sync(event.now_ms)
+        if isinstance(event, ViewChanged):
+            return out
+        return out + self.machine.handle(event)
+
+    def _sync(self, now_ms: int) -> list[act.Action]:
+        m = self.machine
+        out: list[act.Action] = []
+        for epoch in sorted(self.view.awards):
+            if epoch not in m.awards:
+                # Checked once by the task bus (Contractor.verify_award), or sealed by us.
+                msg = ev.MessageVerified(now_ms=now_ms, signed=self.view.awards[epoch], checked=True)
+                out += m.handle(msg)
+        # Heartbeats are kept by the task bus and contractor in trio time (our own holder's
+        # too); a holder silent for a lease TTL is lost (SPEC §7.6).
+        t = trio.current_time()
+        for peer, at in self.view.heartbeats.items():
+            m.heartbeats[peer] = now_ms - int((t - at) * 1000)
+        news = [sv for _, sv in sorted(self.view.results.get(m.round, {}).items())]
+        news += [sv for _, sv in sorted(self.view.votes.get(m.round, {}).items())]
+        for sv in news:
+            if sv.digest in self._fed:
+                continue
+            self._fed.add(sv.digest)
+            if isinstance(sv.message, Vote) and m.votes.get((sv.signer, sv.message.attempt)) is sv:
+                continue  # our own vote: the machine recorded it when it signed it
+            via = ev.VIA_LOCAL if sv.signer == self.me else ev.VIA_GOSSIP
+            out += m.handle(ev.MessageVerified(now_ms=now_ms, signed=sv, via=via))
+            if m.state is RoundState.CANCELLED:
+                break
+        return out
 
 
 class Rounds:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, *, clock: Callable[[], int] = wall_ms) -> None:
         self.node = node
-        self._duties: set[tuple[str, int]] = set()
-        #: (task, round) → inputs (peer, shard, sha256) whose blob we could not fetch
-        self._fetch_failed: dict[tuple[str, int], set[tuple[str, int, str]]] = {}
+        self._clock = clock
+        #: the rounds this daemon follows now, (task, round) → driver
+        self._drivers: dict[tuple[str, int], MachineDriver] = {}
+        #: rounds whose machine stopped on a bug: never restarted (a fresh machine would vote
+        #: again from attempt 0)
+        self._broken: set[tuple[str, int]] = set()
 
-    # -- inputs from the task bus -----------------------------------------------------
+    # -- inputs from the task bus and the contractor ----------------------------------------
     def on_result(self, view: TaskView, signed: Signed) -> None:
+        """A holder's commit the view has just kept (from gossip, or our own)."""
         msg = signed.message
         assert isinstance(msg, Result)
-        if view.announce.aggregation == "none" or view.cancelled:
-            return
-        members = self.committee_for(view, msg.round)
-        key = (view.task_id, msg.round)
-        if self.node.peer_id in members and key not in self._duties:
-            self._duties.add(key)
-            self.node.nursery.start_soon(self._serve_round, view, msg.round)
+        self._follow(view, msg.round)
+
+    def on_vote(self, view: TaskView, signed: Signed) -> bool:
+        """A vote from the task topic; False when dropped (counted ``dropped.<reason>``).
+        Only votes that can count are recorded and forwarded (SPEC §8.1): from a member of
+        the committee drawn from the participants of one of the task's signed awards, for
+        the task's rule (the round's machine checks it again and tallies it)."""
+        m = signed.message
+        assert isinstance(m, Vote)
+        awards = [a.message for a in view.awards.values() if isinstance(a.message, Award)]
+        try:
+            vote_is_well_formed(signed, awards=awards, rule=view.announce.aggregation)
+        except RemoteProtocolError as exc:
+            self.node.counters.inc(f"dropped.{exc.reason}")
+            log.info("dropped vote from %s for %s round %d: %s", signed.signer, m.task_id, m.round, exc)
+            return False
+        if view.submitter == self.node.peer_id:
+            self.node.store.add_vote(m.task_id, m.round, signed.signer, m.attempt, signed.raw)
+        view.votes.setdefault(m.round, {})[(signed.signer, m.attempt)] = signed
+        view.pulse()
+        self._follow(view, m.round)
+        return True
 
     def on_certificate(self, view: TaskView, cert: Certificate) -> None:
-        output = {**cert.output, "signers": list(cert.signers)}
-        self.node.store.add_certificate(view.task_id, cert.round, output, list(cert.votes))
-        self.node.counters.inc("rounds.certified")
+        """Forward a round's certificate to the roles that read the view (the contractor's
+        next round, the submitter, the task book); the machine persisted and counted it."""
+        if cert.round in view.certificates:
+            return
+        view.certificates[cert.round] = cert
+        view.pulse()
         log.info("task %s round %d certified by %s", view.task_id, cert.round, ", ".join(cert.signers))
 
     def committee_for(self, view: TaskView, round_no: int) -> tuple[str, ...]:
@@ -88,203 +183,148 @@ class Rounds:
         except ProtocolError as exc:
             raise RuntimeError(f"could not fetch {digest[:12]} from any voter: {exc}") from None
 
-    # -- committee duty -----------------------------------------------------------------
-    def _holders(self, view: TaskView) -> dict[int, str]:
-        """shard → holder, per the latest award: the round's participants (SPEC §11.1)."""
-        return {int(a["shard"]): str(a["peer_id"]) for a in view.assignments()}
+    # -- the machines -------------------------------------------------------------------
+    def machine(self, task_id: str, round_no: int) -> RoundMachine | None:
+        """The round's machine while this daemon follows it (tests and diagnostics)."""
+        d = self._drivers.get((task_id, round_no))
+        if d is None:
+            return None
+        assert isinstance(d.machine, _Followed)
+        return d.machine.machine
 
-    def _commit(self, view: TaskView, round_no: int, shard: int, holder: str) -> Signed | None:
-        """The holder's commit for ``shard`` in ``round_no``, if we have it."""
-        sv = view.results.get(round_no, {}).get(shard)
-        return sv if sv is not None and sv.signer == holder else None
+    def _over(self, view: TaskView, round_no: int) -> bool:
+        """Nothing left to follow: cancelled, past the deadline, or certified."""
+        ann = view.announce
+        return (
+            view.cancelled or self._clock() > ann.issued_at + ann.deadline_ms or round_no in view.certificates
+        )
 
-    def _missing(self, view: TaskView, round_no: int) -> list[str]:
-        """Holders with a shard not yet committed this round (per shard: a peer may hold two)."""
-        holders = self._holders(view).items()
-        return sorted({p for s, p in holders if self._commit(view, round_no, s, p) is None})
-
-    def _lost(self, view: TaskView, peer: str) -> bool:
-        last = view.heartbeats.get(peer)
-        ttl = self.node.config.market.lease_ttl_s
-        return last is None or trio.current_time() - last > ttl
-
-    def _round_timeout(self, view: TaskView) -> float:
-        return float(view.announce.params.get("round_timeout_s", DEFAULT_ROUND_TIMEOUT_S))
-
-    async def _wait_for_commits(self, view: TaskView, round_no: int, started: float) -> None:
-        deadline = view.first_result_at.get(round_no, started) + self._round_timeout(view)
-        # A participant that stopped heartbeating is left out (docs/design.md §6); give each one
-        # at least a lease TTL from when this duty started.
-        grace_until = started + self.node.config.market.lease_ttl_s
-        while trio.current_time() < deadline and round_no not in view.certificates and not view.cancelled:
-            missing = self._missing(view, round_no)
-            if not missing:
-                return
-            if trio.current_time() > grace_until and all(self._lost(view, p) for p in missing):
-                return
-            await view.wait_changed(0.5)
-
-    def _view_key(self, view: TaskView, round_no: int) -> tuple[Any, ...]:
-        """What our vote depends on. We vote again (a new ``attempt``) only when it changed:
-        a re-award changed the participants, a commit arrived late, or another member's
-        vote names an input whose blob we could not fetch (we can fetch it from them)."""
-        commits = []
-        for shard, holder in sorted(self._holders(view).items()):
-            sv = self._commit(view, round_no, shard, holder)
-            if sv is not None:
-                commits.append((shard, holder, sv.message.seq))
-        failed = self._fetch_failed.get((view.task_id, round_no), set())
-        refetchable = frozenset(failed & self._named_in_votes(view, round_no))
-        return (tuple(sorted(self._holders(view).items())), tuple(commits), refetchable)
-
-    def _named_in_votes(self, view: TaskView, round_no: int) -> set[tuple[str, int, str]]:
-        named: set[tuple[str, int, str]] = set()
-        for (signer, _), sv in view.votes.get(round_no, {}).items():
-            if signer == self.node.peer_id:
-                continue
-            assert isinstance(sv.message, Vote)
-            named |= {(i["peer_id"], int(i["shard"]), i["sha256"]) for i in sv.message.inputs}
-        return named
+    def _follow(self, view: TaskView, round_no: int) -> None:
+        """Hand the view's news to the round's machine, or start following the round."""
+        key = (view.task_id, round_no)
+        driver = self._drivers.get(key)
+        if driver is not None:
+            driver.feed(ViewChanged(now_ms=self._clock()))
+            return
+        ann = view.announce
+        if ann.aggregation == "none" or not 1 <= round_no <= ann.rounds or key in self._broken:
+            return
+        if self._over(view, round_no):
+            return
+        self.node.nursery.start_soon(self._serve_round, view, round_no)
 
     async def _serve_round(self, view: TaskView, round_no: int) -> None:
+        """Follow round ``round_no`` of the task: its machine tallies every vote and, on a
+        member, serves the committee duty. Owns the machine's scope (timers, fetches,
+        publishes): they end with the round — certified, cancelled or past the deadline."""
+        key = (view.task_id, round_no)
+        if key in self._drivers or self._over(view, round_no):
+            return
+        cfg = self.node.config.market
+        ttl_ms = int(cfg.lease_ttl_s * 1000)
+        # The RoundMachine reads only the lease TTL (SPEC §7.6); MarketTimes wants a heartbeat
+        # period below it.
+        times = MarketTimes(lease_ttl_ms=ttl_ms, heartbeat_ms=max(1, ttl_ms // 2))
+        # The view's envelope was verified when admitted; opening it again is pure (no replay
+        # state) and gives the machine the signed form it needs.
+        announce = open_envelope(view.announce_raw, kinds=frozenset({"announce"}))
+        machine = RoundMachine(announce, round_no, sealer=NodeSealer(self.node), times=times)
+        followed = _Followed(machine, view, self.node.peer_id)
         try:
-            started = trio.current_time()
-            # Bounded: past the round timeout and a few lease TTLs nothing new can arrive.
-            give_up = started + self._round_timeout(view) + 4 * self.node.config.market.lease_ttl_s + 60.0
-            last_key: tuple[Any, ...] | None = None
-            attempt = 0
-            while attempt < MAX_ATTEMPTS and trio.current_time() < give_up:
-                if round_no in view.certificates or view.cancelled:
-                    return
-                await self._wait_for_commits(view, round_no, started)
-                if round_no in view.certificates or view.cancelled:
-                    return
-                key = self._view_key(view, round_no)
-                # A re-award can take us off the committee (or put us back on).
-                if key != last_key and self.node.peer_id in self.committee_for(view, round_no):
-                    last_key = key
-                    if await self._vote(view, round_no, attempt):
-                        attempt += 1
-                await view.wait_changed(0.5)
-            if round_no not in view.certificates and not view.cancelled:
-                log.warning(
-                    "task %s round %d: no certificate after %d vote(s) of ours",
-                    view.task_id,
-                    round_no,
-                    attempt,
+            async with trio.open_nursery() as nursery:
+                driver = MachineDriver(
+                    key,
+                    followed,
+                    _Performer(self, view),
+                    nursery,
+                    clock=self._clock,
+                    on_error=self.node.counters.inc,
                 )
-                self.node.counters.inc("rounds.uncertified")
-        except Exception:
-            log.exception("committee duty for %s round %d failed", view.task_id, round_no)
-            self.node.counters.inc("rounds.duty_failed")
+                self._drivers[key] = driver
+                driver.feed(ViewChanged(now_ms=self._clock()))
+                while not driver.closed and machine.state not in TERMINAL and not self._over(view, round_no):
+                    await view.wait_changed(VIEW_POLL_S)
+                    driver.feed(ViewChanged(now_ms=self._clock()))
+                if driver.closed:
+                    self._broken.add(key)
+                driver.close()
+                nursery.cancel_scope.cancel()
         finally:
-            self._fetch_failed.pop((view.task_id, round_no), None)
+            self._drivers.pop(key, None)
 
-    async def _fetch_input(self, view: TaskView, round_no: int, committer: str, ref: dict[str, Any]) -> Path:
-        """The committed blob, from its committer or else from a member whose vote names
-        it (the hash is checked either way, so who serves it does not matter): a
-        committer that dies after its commit must not split the committee's views."""
-        voters = set()
-        for (signer, _), sv in view.votes.get(round_no, {}).items():
-            assert isinstance(sv.message, Vote)
-            if signer not in (committer, self.node.peer_id) and any(
-                i["sha256"] == ref["sha256"] for i in sv.message.inputs
-            ):
-                voters.add(signer)
-        return await self.node.fetch_from_any(
-            ref["sha256"],
-            [committer, *sorted(voters)],
-            max_bytes=ref["size"],
-            # The committer revealed other bytes than it committed to: its input is excluded.
-            give_up=lambda peer, exc: peer == committer and exc.reason == "hash_mismatch",
-        )
 
-    async def _vote(self, view: TaskView, round_no: int, attempt: int) -> bool:
-        """Compute the aggregate over what we have and gossip a signed vote; False if
-        there is nothing usable to vote on."""
-        ann = view.announce
-        members = self.committee_for(view, round_no)
-        holders = self._holders(view)
-        inputs: list[tuple[str, int, str, float, list[np.ndarray]]] = []
-        excluded: dict[str, str] = {}
-        failed = self._fetch_failed.setdefault((view.task_id, round_no), set())
-        for shard, holder in sorted(holders.items()):
-            sv = self._commit(view, round_no, shard, holder)
-            if sv is None:
-                continue  # listed below if the holder has no input at all
-            msg = sv.message
-            assert isinstance(msg, Result)
-            if not msg.ok or "weights" not in msg.outputs:
-                excluded[holder] = f"failed: {msg.error or 'no weights'}"[:128]
-                continue
-            ref = msg.outputs["weights"]
-            try:
-                path = await self._fetch_input(view, round_no, holder, ref)
-                arrays = await trio.to_thread.run_sync(lambda p=path: decode_arrays(p.read_bytes()))
-            except ProtocolError as exc:
-                # The revealed output does not match its commit, or cannot be fetched or decoded.
-                excluded[holder] = f"{exc.reason}: {exc}"[:128]
-                failed.add((holder, shard, ref["sha256"]))
-                self.node.counters.inc(f"rounds.excluded.{exc.reason}")
-                continue
-            failed.discard((holder, shard, ref["sha256"]))
-            inputs.append((holder, shard, ref["sha256"], msg.weight, arrays))
-        with_input = {i[0] for i in inputs}
-        for p in sorted(set(holders.values())):
-            if p not in with_input and p not in excluded:
-                excluded[p] = "missing at the round deadline"
-        inputs = self._drop_shape_outliers(inputs, excluded)
-        if not inputs:
-            log.warning("task %s round %d: no usable inputs", view.task_id, round_no)
+class _Performer:
+    """The committee's answer to a RoundMachine's actions (peerd/drive.py ``Performer``)."""
+
+    def __init__(self, rounds: Rounds, view: TaskView) -> None:
+        self.rounds = rounds
+        self.node = rounds.node
+        self.view = view
+
+    def perform_now(self, driver: MachineDriver, action: act.Action) -> bool:
+        node = self.node
+        if isinstance(action, act.Count):
+            node.counters.inc(action.name)
+        elif isinstance(action, act.Drop):
+            node.counters.inc(f"dropped.{action.reason}")
+        elif isinstance(action, act.StoreBlob):
+            # At once, before the vote naming it is published: the other members fetch it.
+            node.blobs.put_bytes(action.data)
+        elif isinstance(action, act.Persist):
+            rec = action.record
+            if isinstance(rec, act.VoteRecord):
+                node.store.add_vote(rec.task_id, rec.round, rec.peer, rec.attempt, rec.raw)
+            elif isinstance(rec, act.CertificateRecord):
+                node.store.add_certificate(rec.task_id, rec.round, dict(rec.output), list(rec.votes))
+            else:
+                return False
+        elif isinstance(action, act.Certified):
+            self.rounds.on_certificate(self.view, action.certificate)
+        else:
             return False
-        agg_in = [
-            (input_key(peer, shard), weight if weight > 0 else 1.0, arrays)
-            for peer, shard, _, weight, arrays in inputs
-        ]
-        out = await trio.to_thread.run_sync(lambda: encode_arrays(aggregate(ann.aggregation, agg_in)))
-        digest = await trio.to_thread.run_sync(self.node.blobs.put_bytes, out)
-        raw, signed = self.node.seal(
-            Vote,
-            ttl_ms=Vote.MAX_TTL_MS,
-            task_id=view.task_id,
-            round=round_no,
-            rule=ann.aggregation,
-            committee=list(members),
-            inputs=[
-                {"peer_id": peer, "shard": shard, "sha256": sha, "weight": float(weight)}
-                for peer, shard, sha, weight, _ in sorted(inputs, key=lambda i: input_key(i[0], i[1]))
-            ],
-            excluded=[{"peer_id": p, "reason": r} for p, r in sorted(excluded.items())],
-            output={"sha256": digest, "size": len(out)},
-            attempt=attempt,
-        )
-        self.node.store.add_vote(view.task_id, round_no, self.node.peer_id, attempt, raw)
-        cert = view.add_vote(signed)
-        if cert is not None:
-            self.on_certificate(view, cert)
-        await self.node.gossip(raw)
-        self.node.counters.inc("rounds.voted")
         return True
 
-    @staticmethod
-    def _drop_shape_outliers(
-        inputs: list[tuple[str, int, str, float, list[np.ndarray]]], excluded: dict[str, str]
-    ) -> list[tuple[str, int, str, float, list[np.ndarray]]]:
-        """Keep the inputs whose array shapes/dtypes match the most common signature."""
+    def perform_later(
+        self, driver: MachineDriver, action: act.Action
+    ) -> Callable[[], Awaitable[ev.Event | None]] | None:
+        if isinstance(action, act.Publish):
+            signed = action.signed
+            m = signed.message
+            if isinstance(m, Vote):
+                self.view.votes.setdefault(m.round, {})[(signed.signer, m.attempt)] = signed
+                self.view.pulse()
 
-        def sig(arrays: list[np.ndarray]) -> tuple[Any, ...]:
-            return tuple((a.shape, a.dtype.str) for a in arrays)
+            async def publish() -> None:
+                await self.node.gossip(signed.raw)
 
-        counts: dict[tuple[Any, ...], int] = {}
-        for i in inputs:
-            counts[sig(i[4])] = counts.get(sig(i[4]), 0) + 1
-        if not counts:
-            return inputs
-        best = max(sorted(counts, key=repr), key=lambda k: counts[k])
-        kept = []
-        for i in inputs:
-            if sig(i[4]) == best and all(np.isfinite(a).all() for a in i[4] if a.dtype.kind == "f"):
-                kept.append(i)
-            else:
-                excluded[i[0]] = "output shapes or values unusable"
-        return kept
+            return publish
+        if isinstance(action, act.FetchBlob):
+            fetch = action
+
+            async def fetch_blob() -> ev.Event:
+                return await self._fetch(driver, fetch)
+
+            return fetch_blob
+        return None
+
+    async def _fetch(self, driver: MachineDriver, a: act.FetchBlob) -> ev.Event:
+        node = self.node
+
+        def failed(reason: str, error: str) -> ev.Event:
+            return ev.BlobFetched(
+                now_ms=driver.now_ms(), tag=a.tag, digest=a.digest, source=a.source, ok=False,
+                reason=reason, error=error,
+            )  # fmt: skip
+
+        limit = None if a.size == act.ANY_SIZE else a.size
+        try:
+            path = await node.fetch_blob(a.source, a.digest, max_bytes=limit)
+            data = await trio.to_thread.run_sync(path.read_bytes)
+        except ProtocolError as exc:
+            return failed(exc.reason, str(exc))
+        except OSError as exc:
+            return failed("transport", str(exc))
+        return ev.BlobFetched(
+            now_ms=driver.now_ms(), tag=a.tag, digest=a.digest, source=a.source, ok=True,
+            data=data if a.want_bytes else None,
+        )  # fmt: skip

@@ -18,9 +18,7 @@ from peerd.p2p import GossipMessage
 from peerd.rounds import Rounds
 from peerd.submitter import Submitter
 from peerd.taskbook import TaskBook, TaskView
-from protocol.certificate import vote_is_well_formed
 from protocol.envelope import Signed
-from protocol.errors import RemoteProtocolError
 from protocol.messages import Award, Cancel, Lease, Result, TaskAnnounce, Vote
 
 log = logging.getLogger(__name__)
@@ -101,23 +99,10 @@ class TaskBus:
                 self.rounds.on_result(view, signed)
             return True
         if isinstance(m, Vote):
-            # Only votes that can count are recorded and forwarded (SPEC §8.1): from a
-            # member of the committee drawn from the participants of one of the task's
-            # signed awards, for the task's rule. A vote naming a participant set of its
-            # own making (e.g. itself alone: a committee of one) is dropped here.
-            awards = [a.message for a in view.awards.values() if isinstance(a.message, Award)]
-            try:
-                vote_is_well_formed(signed, awards=awards, rule=view.announce.aggregation)
-            except RemoteProtocolError as exc:
-                self.node.counters.inc(f"dropped.{exc.reason}")
-                log.info("dropped vote from %s for %s round %d: %s", signed.signer, m.task_id, m.round, exc)
-                return False
-            if view.submitter == self.node.peer_id:
-                self.node.store.add_vote(m.task_id, m.round, signed.signer, m.attempt, signed.raw)
-            cert = view.add_vote(signed)
-            if cert is not None:
-                self.rounds.on_certificate(view, cert)
-            return True
+            # Only votes that can count are recorded and forwarded (SPEC §8.1): the round's
+            # machine checks each (a member of a committee drawn from one of the task's signed
+            # awards, the task's rule) and tallies it (peerd/rounds.py).
+            return self.rounds.on_vote(view, signed)
         if isinstance(m, Cancel):
             self.contractor.on_cancel(view, signed)
             return True

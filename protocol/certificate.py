@@ -88,6 +88,10 @@ def vote_is_well_formed(
     vote = signed.message
     if not isinstance(vote, Vote):
         raise RemoteProtocolError("not a vote", reason="unexpected_kind")
+    if not participants_of(vote):
+        # No participant to draw a committee from (the draw itself would refuse: our error,
+        # not the sender's); a vote of nobody's inputs can never count.
+        raise RemoteProtocolError("vote names no participants", reason="bad_committee")
     if tuple(sorted(vote.committee)) != expected_committee(vote):
         raise RemoteProtocolError("vote names the wrong committee", reason="bad_committee")
     if signed.signer not in vote.committee:

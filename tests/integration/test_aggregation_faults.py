@@ -391,7 +391,7 @@ async def test_a_member_re_votes_when_a_late_commit_reaches_it(
 EVIL_LAUNCHER = '''
 import sys
 import peerd.daemon as daemon
-import peerd.rounds as rounds
+import protocol.machines.round as rounds  # the committee's aggregation runs in its machine
 from protocol.aggregation import aggregate as honest
 
 def evil(rule, inputs, **kw):

@@ -107,6 +107,17 @@ def test_a_vote_naming_a_wrong_committee_is_not_counted(task: SyntheticTask) -> 
     assert tally(opened(task.votes[1][a.peer_id], bad)) is None
 
 
+def test_a_vote_naming_no_participant_is_refused_as_the_senders_fault(task: SyntheticTask) -> None:
+    """No inputs and no exclusions leave no committee to draw: the vote is dropped as bad
+    (RemoteProtocolError), never an error of ours escaping the check or the tally."""
+    a = task.members(1)[0]
+    empty = open_envelope(task.vote(a, 1, inputs=[], excluded=[]))
+    with pytest.raises(RemoteProtocolError) as e:
+        vote_is_well_formed(empty, awards=award_of(task))
+    assert e.value.reason == "bad_committee"
+    assert tally([empty, *opened(task.votes[1][task.members(1)[1].peer_id])]) is None
+
+
 def test_a_self_declared_committee_of_one_certifies_nothing_given_the_awards(task: SyntheticTask) -> None:
     """The attack the award check closes: an outsider names itself as the only participant,
     so the committee drawn from the vote's own participants is itself, with quorum 1."""
