@@ -11,11 +11,14 @@ committed output from one peer, storing the aggregate, publishing the vote, pers
 votes and certificates, counting.
 
 Until the submitter and contractor are machines too, the facts they own reach the round
-machine from the :class:`~peerd.taskbook.TaskView` they keep: before every event the
-machine is brought up to date with the view's awards (already checked by the task bus,
-so ``checked=True``) and its holders' last heartbeats; a cancelled task stops its rounds.
-Each certificate goes back out through the view (``view.certificates``, what
-``start_model``, the submitter and the task book read) and the store.
+machine from the :class:`~peerd.taskbook.TaskView` they and the task bus keep: before every
+event the machine is handed what is new in the view — awards (already checked by the task
+bus, so ``checked=True``), holders' last heartbeats, this round's commits and the votes that
+passed the SPEC §8.1 check — and a cancelled task or a passed deadline ends its rounds. Each
+round is followed by one trio task that owns the machine's scope (``_serve_round``: its
+timers, fetches and publishes end with it) and wakes on every change of the view. Each
+certificate goes back out through the view (``view.certificates``: what ``start_model``,
+the submitter and the task book read) and the store.
 """
 
 from __future__ import annotations
@@ -247,8 +250,11 @@ class Rounds:
                     driver.feed(ViewChanged(now_ms=self._clock()))
                 if driver.closed:
                     self._broken.add(key)
-                driver.close()
-                nursery.cancel_scope.cancel()
+                elif machine.state is not RoundState.CERTIFIED:
+                    driver.close()  # cancelled, past the deadline: timers and I/O end now
+                # Certified: the machine cancelled its timers; what is still in flight ends on
+                # its own — above all the publish of the vote that completed the quorum here,
+                # which the other daemons still need to learn the certificate.
         finally:
             self._drivers.pop(key, None)
 

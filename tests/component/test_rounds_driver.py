@@ -21,7 +21,7 @@ from peerd.node import Node
 from peerd.rounds import Rounds
 from peerd.store import Store
 from peerd.taskbook import TaskView
-from protocol.certificate import check_certificate
+from protocol.certificate import check_certificate, input_key
 from protocol.committee import committee
 from protocol.envelope import Signed, Signer, open_envelope
 from protocol.errors import ProtocolError, RemoteProtocolError
@@ -267,6 +267,50 @@ def test_member_votes_once_every_holder_committed_and_two_members_certify(tmp_pa
     run_world(tmp_path, MEMBER, body)
 
 
+def test_the_vote_that_completes_the_quorum_is_still_published(tmp_path: Path) -> None:
+    """Another member's vote is here first; ours completes the certificate the moment we sign
+    it. It must still go out: the other daemons need it to learn the certificate."""
+
+    async def body(w: World) -> None:
+        node = w.node
+        values = {0: 1.0, 1: 2.0, 2: 4.0, 3: 8.0}
+        w.heartbeat(*w.holders.values())
+        for shard in (0, 1, 2):
+            w.commit(shard, values[shard])
+        other = next(m for m in w.members() if m != node.peer_id)
+        total = encode_arrays([np.full((2, 2), 15.0), np.arange(3, dtype="<i4") * 4])
+        ballot = Vote(
+            seq=1,
+            issued_at=clock(),
+            expires_at=clock() + 60_000,
+            task_id=TASK,
+            round=1,
+            rule="sum",
+            committee=tuple(w.members()),
+            inputs=tuple(
+                {
+                    "peer_id": p,
+                    "shard": s,
+                    "sha256": hashlib.sha256(tensors(values[s])).hexdigest(),
+                    "weight": 1.0,
+                }
+                for s, p in sorted(w.holders.items(), key=lambda sp: input_key(sp[1], sp[0]))
+            ),
+            excluded=(),
+            output={"sha256": hashlib.sha256(total).hexdigest(), "size": len(total)},
+            attempt=0,
+        )
+        assert w.vote_as(other, ballot)
+        assert not node.votes() and 1 not in w.view.certificates
+        w.commit(3, values[3])
+        await until(lambda: 1 in w.view.certificates)
+        assert set(w.view.certificates[1].signers) == {node.peer_id, other}
+        await until(lambda: bool(node.votes()))  # published after the certificate formed here
+        assert node.votes()[0].output == ballot.output
+
+    run_world(tmp_path, MEMBER, body)
+
+
 def test_a_silent_holder_is_left_out_after_a_lease_ttl(tmp_path: Path) -> None:
     async def body(w: World) -> None:
         node = w.node
@@ -407,7 +451,7 @@ def test_a_follower_off_the_committee_tallies_and_never_votes(tmp_path: Path) ->
         assert 1 not in w.view.certificates
         assert w.vote_as(b, like.message)  # type: ignore[arg-type]
         assert set(w.view.certificates[1].signers) == {a, b}
-        assert (TASK, 1) in {(TASK, rd) for rd in w.view.votes}
+        assert {s for s, _ in w.view.votes[1]} == {a, b}  # recorded for the submitter and blob GC
 
     run_world(tmp_path, OUTSIDER, body)
 
