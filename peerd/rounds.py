@@ -128,6 +128,8 @@ class Rounds:
         #: rounds whose machine stopped on a bug: never restarted (a fresh machine would vote
         #: again from attempt 0)
         self._broken: set[tuple[str, int]] = set()
+        #: rounds whose ``_serve_round`` is scheduled but has not run yet (one machine per round)
+        self._starting: set[tuple[str, int]] = set()
 
     # -- inputs from the task bus and the contractor ----------------------------------------
     def on_result(self, view: TaskView, signed: Signed) -> None:
@@ -212,8 +214,9 @@ class Rounds:
         ann = view.announce
         if ann.aggregation == "none" or not 1 <= round_no <= ann.rounds or key in self._broken:
             return
-        if self._over(view, round_no):
-            return
+        if self._over(view, round_no) or key in self._starting:
+            return  # a round starting takes everything in the view on its first feed
+        self._starting.add(key)
         self.node.nursery.start_soon(self._serve_round, view, round_no)
 
     async def _serve_round(self, view: TaskView, round_no: int) -> None:
@@ -222,6 +225,7 @@ class Rounds:
         publishes): they end with the round — certified, cancelled or past the deadline."""
         key = (view.task_id, round_no)
         if key in self._drivers or self._over(view, round_no):
+            self._starting.discard(key)
             return
         cfg = self.node.config.market
         ttl_ms = int(cfg.lease_ttl_s * 1000)
@@ -244,6 +248,7 @@ class Rounds:
                     on_error=self.node.counters.inc,
                 )
                 self._drivers[key] = driver
+                self._starting.discard(key)
                 driver.feed(ViewChanged(now_ms=self._clock()))
                 while not driver.closed and machine.state not in TERMINAL and not self._over(view, round_no):
                     await view.wait_changed(VIEW_POLL_S)
@@ -256,6 +261,7 @@ class Rounds:
                 # its own — above all the publish of the vote that completed the quorum here,
                 # which the other daemons still need to learn the certificate.
         finally:
+            self._starting.discard(key)
             self._drivers.pop(key, None)
 
 
