@@ -323,6 +323,7 @@ class Peer:
             w.counters[f"dropped.{a.reason}"] += 1
         elif isinstance(a, act.AdjustLoad):
             self.active_shards += a.delta
+            w.max_active_shards = max(w.max_active_shards, self.active_shards)
             self.poke_advert()
         elif isinstance(a, act.AdoptShard):
             w.adopt(self, a)
@@ -574,6 +575,8 @@ class World:
         )
         self.times = MarketTimes(lease_ttl_ms=cfg.lease_ttl_ms, heartbeat_ms=cfg.heartbeat_ms)
         self.counters: Counter[str] = Counter()
+        self.published: Counter[str] = Counter()  # task messages published, by kind
+        self.max_active_shards = 0
         self.blob_data: dict[str, bytes] = {}
         self.blob_owner: dict[int, set[str]] = {}  # blobs a peer persisted (its blob store on disk)
         self.announces: dict[str, Signed] = {}
@@ -646,6 +649,7 @@ class World:
             self.invariants.announced(signed)
             self.announces.setdefault(signed.message.task_id, signed)  # type: ignore[attr-defined]
         self.invariants.published(signed)
+        self.published[signed.kind] += 1
         to, accounted = self.receivers(src, signed)
         self.net.publish(
             src.index,
