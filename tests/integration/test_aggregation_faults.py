@@ -70,27 +70,6 @@ def sha(data: bytes) -> str:
 # =====================================================================================
 
 
-@pytest.fixture(autouse=True)
-def _inline_threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under trio's autojump clock, run ``trio.to_thread.run_sync`` work inline.
-
-    The autojump clock advances virtual time whenever every task is blocked, and a task
-    waiting for a worker thread counts as blocked. On a loaded machine a thread that decodes
-    or hashes tensors for a few hundred real milliseconds let virtual time leap past lease
-    TTLs and round timeouts, so the committee saw holders "lost" that were not: these tests
-    failed under load and passed alone (issue 11, CI that never flakes). Inline, the
-    virtual clock only moves when the committee is really idle.
-    """
-    if "autojump_clock" not in request.fixturenames:
-        return
-
-    async def run_sync(fn: Callable[..., Any], *args: Any, **_kw: Any) -> Any:
-        await trio.lowlevel.checkpoint()
-        return fn(*args)
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
-
-
 @dataclass
 class FakeNode:
     """Just what ``Rounds`` uses of a Node. ``fetch_blob`` checks hashes like the blob
