@@ -248,7 +248,7 @@ def test_explain_shows_every_bid_with_cost_and_reason() -> None:
             ],
         },
     )
-    assert "2,900.338" in out and "1,200.128" in out and "ΔC_max ∞" in out
+    assert "2900.338" in out and "1200.128" in out and "ΔC_max ∞" in out
     assert out.index("peer-one") < out.index("peer-two")  # chosen bids first
     assert "a cheaper set covers R without it" in out
 
