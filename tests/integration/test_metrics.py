@@ -125,3 +125,32 @@ def test_a_taken_metrics_port_is_refused_naming_the_key(devnet: Any) -> None:
     assert rc == 1
     assert f"peerd: metrics.listen: cannot listen on 127.0.0.1:{port}" in n.log(0)
     assert "Traceback" not in n.log(0)
+
+
+def test_peerctl_top_shows_this_node_over_the_socket(net: TestNet) -> None:
+    peer = net.peer_id(0)
+    task = net.rpc(0, "task.list")["tasks"][0]
+    out = peerctl(net, 0, "top", "--iterations", "2", "--interval", "0.2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("messages/s") == 2  # two refreshes, printed one after the other
+    assert "(next refresh)" in out.stdout  # the first has no rates yet
+    assert "in (all) " in out.stdout  # the second has
+    assert peer in out.stdout and "(self)" in out.stdout
+    assert task["task_id"] in out.stdout and "done" in out.stdout
+    assert "worker slots 0/1 busy" in out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def test_peerctl_top_without_a_daemon_exits_3(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", "peerd.ctl.main", "--socket", str(tmp_path / "none.sock"), "top", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+    assert out.returncode == 3
+    assert "--socket" in out.stderr
