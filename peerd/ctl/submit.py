@@ -8,17 +8,26 @@ file's directory; they must be readable by the daemon's user (docs/rpc.md, task.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
+from rich.text import Text
 
-from peerd.ctl import CtlState, call, json_option, pass_state
+from peerd.ctl import CtlState, call, json_option, pass_state, rpc_errors
 from peerd.ctl import render as r
-from peerd.ctl.watch import follow
+from peerd.ctl import result as result_command
+from peerd.ctl.watch import follow_task
+
+#: ``submit --wait`` prints a done task's outputs when there are at most this many files, each
+#: at most this many bytes of UTF-8 text (an echo, a word count); else it says where they are.
+SMALL_FILES = 4
+SMALL_BYTES = 4096
 
 
 def _jsonable(value: Any) -> Any:
@@ -77,5 +86,38 @@ def command(state: CtlState, path: Path, wait: bool, as_json: bool) -> None:
         return
     if not as_json:
         r.stdout().print(f"submitted {result.get('task_id')}", highlight=False)
-    code = follow(state, str(result["task_id"]), as_json)
+    code, task = follow_task(state, str(result["task_id"]), as_json)
+    if not as_json and task.get("state") == "done" and (task.get("result") or {}).get("outputs"):
+        print_small_outputs(state, str(result["task_id"]), r.stdout())
     raise SystemExit(int(code))
+
+
+def small_outputs(files: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The bundle's output files when they are few and small enough to print, else None."""
+    outs = [f for f in files if str(f.get("name", "")).startswith("outputs/")]
+    if not outs or len(outs) > SMALL_FILES:
+        return None
+    if any(not isinstance(f.get("size"), int) or f["size"] > SMALL_BYTES for f in outs):
+        return None
+    return outs
+
+
+def print_small_outputs(state: CtlState, task_id: str, console: Console) -> None:
+    """After ``--wait``: a small text output is printed; otherwise the hint above says where."""
+    with rpc_errors(), state.client() as rpc:
+        outs = small_outputs(rpc.call(*result_command.request(task_id)).get("files") or [])
+        if outs is None:
+            return
+        texts = []
+        for f in outs:
+            chunk = rpc.call(*result_command.chunk_request(str(f["sha256"]), 0, SMALL_BYTES))
+            data = base64.b64decode(chunk.get("data_b64", ""))
+            if hashlib.sha256(data).hexdigest() != f["sha256"]:
+                return  # not all of it, or not it: leave it to `peerctl result`
+            try:
+                texts.append((str(f["name"]), data.decode("utf-8")))
+            except UnicodeDecodeError:
+                return  # binary: `peerctl result` writes it
+    for name, text in texts:
+        console.print(Text(f"{name}:", style="bold"))
+        console.print(Text(text.rstrip("\n")))

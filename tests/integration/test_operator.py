@@ -1,4 +1,5 @@
-"""Prometheus metrics and ``peerctl top`` against a real daemon on 127.0.0.1 (issue 12 item 3).
+"""What an operator sees, against a real daemon on 127.0.0.1 (issue 12): Prometheus metrics,
+``peerctl top``, ``peerctl submit --wait``, quiet shutdown.
 
 One daemon with ``[metrics] listen = "127.0.0.1:0"`` (the kernel picks the port; the daemon logs
 where it listens) runs one echo task; the scrape must then show its counters, gauges and the
@@ -154,3 +155,14 @@ def test_peerctl_top_without_a_daemon_exits_3(tmp_path: Path) -> None:
     )
     assert out.returncode == 3
     assert "--socket" in out.stderr
+
+
+def test_submit_wait_prints_a_small_text_output(net: TestNet) -> None:
+    out = peerctl(net, 0, "submit", str(ROOT / "examples/echo.toml"), "--wait")
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("submitted ")
+    assert "outputs/shard-0/stdout:" in lines
+    assert lines[lines.index("outputs/shard-0/stdout:") + 1] == "hello from peerd"
+    assert "writes them to DIR/outputs/shard-<i>/<name>" in out.stdout
+    assert "━" not in out.stdout, "no progress bar frames in a pipe"
