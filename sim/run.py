@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,10 @@ def run(cfg: SimConfig, *, keep_world: bool = False, setup: Any = None) -> Outco
             world.invariants.at_end(cfg.grace, lambda peer_id: world.by_id[peer_id].up)
         except Violation as exc:
             violation = str(exc)
+            eng.note(f"VIOLATION {violation}")
+        except Exception as exc:  # the simulator's own bug: still report seed and trace
+            traceback.print_exc()
+            violation = f"simulator error: {type(exc).__name__}: {exc}"
             eng.note(f"VIOLATION {violation}")
         verified = memo.misses
     wall = time.perf_counter() - t0

@@ -254,11 +254,12 @@ class Peer:
             return []
         try:
             actions = slot.machine.handle(event)
-        except ProtocolError as exc:
+        except Exception as exc:
             # Not one of the three invariants, but no run with a crashed machine is "ok".
+            why = f"{exc.reason}: {exc}" if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
             raise Violation(
                 f"machine error: {type(slot.machine).__name__} on peer {self.index} raised on "
-                f"{type(event).__name__}: {exc.reason}: {exc}"
+                f"{type(event).__name__}: {why}"
             ) from exc
         if slot.kind == "shard" and slot.machine.state is not ShardState.BID_SENT:
             self.world.follow(slot.task_id, self.index, active=True)
