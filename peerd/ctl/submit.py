@@ -19,10 +19,15 @@ import click
 from rich.console import Console
 from rich.text import Text
 
-from peerd.ctl import CtlState, call, json_option, pass_state, rpc_errors
+from peerd.ctl import CtlState, ExitCode, fail, json_option, pass_state, rpc_errors
 from peerd.ctl import render as r
 from peerd.ctl import result as result_command
 from peerd.ctl.watch import follow_task
+from peerd.rpc.client import RpcCallError
+from peerd.rpc.jsonrpc import ErrorCode
+
+#: How a spec error starts, from peerctl and from the daemon alike (peerd/api.py, task.submit).
+SPEC_ERROR = "invalid task spec: "
 
 #: ``submit --wait`` prints a done task's outputs when there are at most this many files, each
 #: at most this many bytes of UTF-8 text (an echo, a word count); else it says where they are.
@@ -51,12 +56,12 @@ def spec_from_toml(text: str, base_dir: Path) -> dict[str, Any]:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise click.BadParameter(f"invalid TOML: {exc}", param_hint="FILE") from None
+        raise click.BadParameter(f"{SPEC_ERROR}invalid TOML: {exc}", param_hint="FILE") from None
     try:
         # TOML dates and times become ISO strings first: the wire carries JSON-like values only.
         spec = parse_spec(_jsonable(raw), base_dir=base_dir.resolve())
     except SpecError as exc:
-        raise click.BadParameter(str(exc), param_hint="FILE") from None
+        raise click.BadParameter(f"{SPEC_ERROR}{exc}", param_hint="FILE") from None
     result: dict[str, Any] = _jsonable(spec.to_json())
     return result
 
@@ -80,7 +85,19 @@ def render(result: dict[str, Any], console: Console) -> None:
 @pass_state
 def command(state: CtlState, path: Path, wait: bool, as_json: bool) -> None:
     """Submit the TOML task spec FILE; prints the task ID."""
-    result = call(state, *request(path))
+    # One format and one exit code for a spec error, whoever finds it (docs/tasks.md): peerctl
+    # (the spec's fields and params) or the daemon (e.g. an input file it cannot read).
+    try:
+        method, params = request(path)
+    except click.BadParameter as exc:
+        fail(exc.message, ExitCode.USAGE)
+    with rpc_errors(), state.client() as rpc:
+        try:
+            result = rpc.call(method, params)
+        except RpcCallError as exc:
+            if exc.code == ErrorCode.INVALID_PARAMS and exc.message.startswith(SPEC_ERROR):
+                fail(exc.message, ExitCode.USAGE)
+            raise
     if not wait:
         r.emit(result, as_json, render)
         return

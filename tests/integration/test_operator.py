@@ -166,3 +166,12 @@ def test_submit_wait_prints_a_small_text_output(net: TestNet) -> None:
     assert lines[lines.index("outputs/shard-0/stdout:") + 1] == "hello from peerd"
     assert "writes them to DIR/outputs/shard-<i>/<name>" in out.stdout
     assert "━" not in out.stdout, "no progress bar frames in a pipe"
+
+
+def test_a_spec_error_the_daemon_finds_is_the_same_line_and_exit_2(net: TestNet, tmp_path: Path) -> None:
+    spec = tmp_path / "task.toml"
+    spec.write_text('kind = "python"\n[inputs]\nscript = "missing.py"\n')
+    out = peerctl(net, 0, "submit", str(spec))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.startswith("peerctl: invalid task spec: inputs.script: cannot read "), out.stderr
+    assert "error -32602" not in out.stderr and "Usage:" not in out.stderr

@@ -314,3 +314,23 @@ def test_peerctl_imports_no_heavy_or_async_modules() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "", f"peerctl imports {out.stdout.strip()}"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            'kind = "echo"\nmax_shards = 0\n',
+            "peerctl: invalid task spec: max_shards: must be an integer from 1 to 64, got 0",
+        ),
+        ('kind = "echo"\n[params]\ndta = "x"\n', "peerctl: invalid task spec: params.dta"),
+        ('kind = "echo"\nbroken =\n', "peerctl: invalid task spec: invalid TOML"),
+    ],
+)
+def test_local_spec_errors_are_one_line_and_exit_2(tmp_path: Path, text: str, expected: str) -> None:
+    spec = tmp_path / "task.toml"
+    spec.write_text(text)
+    res = CliRunner().invoke(peerctl, ["--socket", str(tmp_path / "s"), "submit", str(spec)])
+    assert res.exit_code == 2
+    assert res.output.startswith(expected), res.output
+    assert "Usage:" not in res.output and len(res.output.strip().splitlines()) == 1
