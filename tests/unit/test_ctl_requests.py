@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -334,3 +335,15 @@ def test_local_spec_errors_are_one_line_and_exit_2(tmp_path: Path, text: str, ex
     assert res.exit_code == 2
     assert res.output.startswith(expected), res.output
     assert "Usage:" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_help_lists_every_exit_code_and_points_to_the_docs() -> None:
+    from peerd.ctl import ExitCode
+
+    res = CliRunner().invoke(peerctl, ["--help"])
+    assert res.exit_code == 0
+    for code in ExitCode:
+        assert re.search(rf"^\s+{int(code)}  \S", res.output, flags=re.M), (code, res.output)
+    for doc in ("docs/tasks.md", "docs/rpc.md", "docs/config.md", "docs/metrics.md"):
+        assert doc in res.output
+        assert (Path(__file__).resolve().parents[2] / doc).is_file()
