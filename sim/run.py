@@ -211,7 +211,7 @@ def render(out: Outcome) -> str:
         f"{s['tasks_unfinished']} unfinished",
     ]
     if s["failure_reasons"]:
-        lines.append("  failed: " + ", ".join(f"{k} ×{v}" for k, v in s["failure_reasons"].items()))
+        lines.append("  not done: " + ", ".join(f"{k} ×{v}" for k, v in s["failure_reasons"].items()))
     al = s["award_latency_s"]
     lines.append(
         f"award latency (virtual): p50 {_f(al['p50'], ' s')}, p99 {_f(al['p99'], ' s')} over {al['n']} awards"

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from protocol import codec, tensors
+from protocol.allocation import shard_sizes
 from protocol.awards import check_signed_award
 from protocol.certificate import check_certificate
 from protocol.envelope import Signed, Signer, message_digest
@@ -90,6 +91,11 @@ class SimConfig:
     heartbeat_ms: int = 2_000
     keep_trace: bool = False
     grace: float = 120.0  # after the last deadline, how long the run may go on
+    #: Fraction of tasks their submitter cancels, at a uniform time before the deadline.
+    cancel: float = 0.0
+    #: Size of a keras-train task's data, split across its shards (MB, uniform in the range;
+    #: (0, 0): no data input).
+    data_mb: tuple[float, float] = (0.0, 0.0)
     #: Submitters crash too (their TaskMachines resume from their records on restart).
     crash_submitters: bool = True
     #: Test-only: passed to every RoundMachine (``RoundMachine.PLANTED_BUGS``); never the default.
@@ -307,8 +313,8 @@ class Peer:
             w.blob_data.setdefault(a.digest, a.data)
             self.keep_blob(a.digest)
         elif isinstance(a, act.SplitInputs):
-            shares = len(a.shares)
-            eng.after(0.0, f"split {slot}", self._split_done, slot, shares, self.incarnation)
+            parts = w.split(self, a)
+            eng.after(0.0, f"split {slot}", self._split_done, slot, parts, self.incarnation)
         elif isinstance(a, act.Notify):
             if a.final:
                 w.task_ended(self, a.task_id, a.state, a.message)
@@ -344,9 +350,9 @@ class Peer:
         self.timers.pop((slot.mid, name), None)
         self.feed(slot, ev.TimerFired(now_ms=self.now_ms(), name=name))
 
-    def _split_done(self, slot: Slot, shares: int, incarnation: int) -> None:
+    def _split_done(self, slot: Slot, parts: tuple[dict[str, Any], ...], incarnation: int) -> None:
         if incarnation == self.incarnation:
-            self.feed(slot, ev.InputsSplit(now_ms=self.now_ms(), inputs=tuple({} for _ in range(shares))))
+            self.feed(slot, ev.InputsSplit(now_ms=self.now_ms(), inputs=parts))
 
     # -- the executor -------------------------------------------------------------------------
     def start_job(self, slot: Slot, a: act.StartJob) -> None:
@@ -579,6 +585,9 @@ class World:
         self.published: Counter[str] = Counter()  # task messages published, by kind
         self.max_active_shards = 0
         self.blob_data: dict[str, bytes] = {}
+        self.sizes: dict[str, int] = {}  # blobs known by size only (split data)
+        self.data_bytes: dict[str, int] = {}
+        self.split_input: dict[str, str] = {}
         self.blob_owner: dict[int, set[str]] = {}  # blobs a peer persisted (its blob store on disk)
         self.announces: dict[str, Signed] = {}
         self.submitter_of: dict[str, int] = {}
@@ -917,7 +926,7 @@ class World:
                 fail_args=(slot, a, False, "transport", inc),
             )
             return
-        size = len(self.blob_data[a.digest])
+        size = self.blob_size(a.digest)
         self.net.send(
             src.index,
             peer.index,
@@ -928,6 +937,34 @@ class World:
             on_fail=self._fetched,
             fail_args=(slot, a, False, "transport", inc),
         )
+
+    def blob_size(self, digest: str) -> int:
+        data = self.blob_data.get(digest)
+        return len(data) if data is not None else self.sizes[digest]
+
+    def split(self, peer: Peer, a: act.SplitInputs) -> tuple[dict[str, Any], ...]:
+        """The submitter splits its data input across the shards ∝ share (the real
+        ``allocation.shard_sizes``). Only sizes are kept: nobody reads the bytes, but their
+        transfer from the submitter to each holder goes through the bandwidth model."""
+        total = self.data_bytes.get(a.task_id, 0)
+        parts = []
+        for i, size in enumerate(shard_sizes(total, list(a.shares))):
+            digest = hashlib.sha256(f"split\x00{a.task_id}\x00{a.name}\x00{i}".encode()).hexdigest()
+            self.sizes[digest] = size
+            peer.keep_blob(digest)
+            parts.append({a.name: {"sha256": digest, "size": size}})
+        return tuple(parts)
+
+    def cancel_task(self, peer: Peer, task_id: str) -> None:
+        slot = peer.task_slots.get(task_id)
+        if peer.up and slot is not None and slot.machine.state not in TASK_TERMINAL:
+            self.counters["tasks.cancel_requested"] += 1
+            peer.feed(
+                slot,
+                ev.CancelRequested(
+                    now_ms=peer.now_ms(), reason="cancelled by the submitter (simulated user)"
+                ),
+            )
 
     def _fetched(self, slot: Slot, a: act.FetchBlob, ok: bool, reason: str, inc: int) -> None:
         peer = slot.peer
@@ -1028,7 +1065,14 @@ class World:
             public_state=states[-1].state if states else "bidding",
         )
         peer.announces[task_id] = ann
-        m = TaskMachine(ann, sealer=peer.sealer, times=self.times, restored=restored, wait_for_network=True)
+        m = TaskMachine(
+            ann,
+            sealer=peer.sealer,
+            times=self.times,
+            split_input=self.split_input.get(task_id),
+            restored=restored,
+            wait_for_network=True,
+        )
         slot = peer.add_machine("task", task_id, m)
         now = peer.now_ms()
         peer.feed(slot, ev.Start(now_ms=now))
@@ -1039,6 +1083,9 @@ class World:
     def submit(self, peer: Peer, spec: dict[str, Any]) -> None:
         if not peer.up:
             return
+        spec = dict(spec)
+        data_bytes = spec.pop("_data_bytes", 0)
+        cancel_after = spec.pop("_cancel_after", None)
         now = peer.now_ms()
         signed = peer.sealer.seal(TaskAnnounce, now_ms=now, ttl_ms=spec["deadline_ms"] + 60_000, **spec)
         task_id = spec["task_id"]
@@ -1048,9 +1095,17 @@ class World:
         self.invariants.announced(signed)
         peer.announces[task_id] = signed
         peer.own_tasks[task_id] = signed
-        m = TaskMachine(signed, sealer=peer.sealer, times=self.times)
+        if data_bytes:
+            # keras kinds split their data across the shards (docs/tasks.md "data").
+            self.data_bytes[task_id] = data_bytes
+            self.split_input[task_id] = "data"
+        m = TaskMachine(
+            signed, sealer=peer.sealer, times=self.times, split_input=self.split_input.get(task_id)
+        )
         slot = peer.add_machine("task", task_id, m)
         peer.feed(slot, ev.Start(now_ms=now))
+        if cancel_after is not None:
+            self.engine.after(cancel_after, f"cancel {task_id[:8]}", self.cancel_task, peer, task_id)
         # The deadline sweep forgets the task's idle bidders (a daemon's task book does).
         self.engine.at(
             to_s(signed.message.issued_at + spec["deadline_ms"]) + 5.0,
@@ -1092,8 +1147,13 @@ def _noop(*_args: Any) -> None:
     return None
 
 
-def make_tasks(cfg: SimConfig, rng: random.Random) -> list[tuple[float, int, dict[str, Any]]]:
-    """The workload: (submit time, submitter, announce fields) of every task."""
+def make_tasks(
+    cfg: SimConfig, rng: random.Random, extra: random.Random | None = None
+) -> list[tuple[float, int, dict[str, Any]]]:
+    """The workload: (submit time, submitter, announce fields) of every task. ``extra``
+    draws the data sizes and cancels (its own stream: turning them on leaves the rest of the
+    workload as it was)."""
+    extra = extra or random.Random(0)
     out = []
     t = 1.0
     for j in range(cfg.tasks):
@@ -1117,6 +1177,10 @@ def make_tasks(cfg: SimConfig, rng: random.Random) -> list[tuple[float, int, dic
             "bid_window_ms": 2000,
             "net": {"k": 0.2, "dc_min": 0.0, "dc_max": None},
         }
+        if aggregated and cfg.data_mb[1] > 0:
+            spec["_data_bytes"] = int(extra.uniform(*cfg.data_mb) * 1e6)
+        if cfg.cancel > 0 and extra.random() < cfg.cancel:
+            spec["_cancel_after"] = extra.uniform(0.0, deadline_s)
         out.append((t, submitter, spec))
     return out
 
@@ -1149,7 +1213,7 @@ def horizon_of(tasks: Sequence[tuple[float, int, dict[str, Any]]]) -> float:
 
 def build(cfg: SimConfig) -> tuple[World, list[tuple[float, int, dict[str, Any]]], Schedule]:
     world = World(cfg)
-    tasks = make_tasks(cfg, world.rng("workload"))
+    tasks = make_tasks(cfg, world.rng("workload"), world.rng("workload-extra"))
     horizon = horizon_of(tasks)
     submitters = frozenset(s for _, s, _ in tasks)
     sched = draw(
