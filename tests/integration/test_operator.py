@@ -175,3 +175,43 @@ def test_a_spec_error_the_daemon_finds_is_the_same_line_and_exit_2(net: TestNet,
     assert out.returncode == 2, out.stdout + out.stderr
     assert out.stderr.startswith("peerctl: invalid task spec: inputs.script: cannot read "), out.stderr
     assert "error -32602" not in out.stderr and "Usage:" not in out.stderr
+
+
+def test_a_peer_that_hangs_up_mid_handshake_logs_no_error(net: TestNet) -> None:
+    # What a daemon sees when its peers shut down: a dial whose other end closes during the
+    # security handshake. libp2p logs that at ERROR; for us it is ordinary churn, reported as a
+    # TransportError (the connect fails) and logged at DEBUG.
+    import threading
+
+    from protocol.envelope import Signer
+
+    other = Signer(os.urandom(32)).peer_id
+    stop = threading.Event()
+    hung_up = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(0.2)
+        port = server.getsockname()[1]
+
+        def hang_up() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                conn.close()
+                hung_up.append(1)
+
+        t = threading.Thread(target=hang_up, daemon=True)
+        t.start()
+        try:
+            out = peerctl(net, 0, "connect", f"/ip4/127.0.0.1/tcp/{port}/p2p/{other}", timeout=60)
+        finally:
+            stop.set()
+            t.join(timeout=10)
+    assert hung_up, "the daemon never dialled"
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "cannot connect" in out.stderr
+    errors = [ln for ln in net.log(0).splitlines() if " ERROR " in ln]
+    assert not any("failed to upgrade security" in ln for ln in errors), errors
