@@ -215,3 +215,26 @@ def test_a_peer_that_hangs_up_mid_handshake_logs_no_error(net: TestNet) -> None:
     assert "cannot connect" in out.stderr
     errors = [ln for ln in net.log(0).splitlines() if " ERROR " in ln]
     assert not any("failed to upgrade security" in ln for ln in errors), errors
+
+
+def test_the_grafana_dashboard_uses_only_metrics_the_daemon_exports(net: TestNet) -> None:
+    import json
+
+    exported = {name for name, _ in scrape(metrics_url(net, 0))}
+    # tasks.<state> is counted as each task ends (peerd/submitter.py); this net's task ended done.
+    exported |= {f"peerd_tasks_{state}_total" for state in TERMINAL}
+    # A family such as peerd_dropped_*_total appears once something is dropped: it must at least
+    # match counters the daemon's code increments.
+    counted = {
+        "peerd_" + re.sub(r"\{[^}]*\}", "x", name).replace(".", "_") + "_total"
+        for f in (*ROOT.glob("peerd/**/*.py"), *ROOT.glob("protocol/**/*.py"))
+        for name in re.findall(r'counters\.inc\(f?"([a-z_.{}]+)"', f.read_text())
+    }
+    dashboard = json.loads((ROOT / "contrib/grafana/peerd.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert exprs
+    for expr in exprs:
+        for pattern in re.findall(r'__name__=~"([^"]+)"', expr):
+            assert any(re.fullmatch(pattern, n) for n in exported | counted), (pattern, expr)
+        for name in re.findall(r"\b(peerd_[a-z0-9_]+)\b", re.sub(r'"[^"]*"', '""', expr)):
+            assert name in exported, (name, expr)
