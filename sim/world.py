@@ -362,6 +362,10 @@ class Peer:
         ann = w.announces[a.task_id].message
         assert isinstance(ann, TaskAnnounce)
         share = 1.0
+        if a.purpose != "shard":
+            # The submitter scores a certified model on its held-out input: a short local job.
+            share = 0.01
+            w.counters[f"jobs.{a.purpose}"] += 1
         if a.purpose == "shard":
             aw = w.invariants.tasks[a.task_id].awards.get(a.epoch)
             if aw is not None:
@@ -588,6 +592,7 @@ class World:
         self.sizes: dict[str, int] = {}  # blobs known by size only (split data)
         self.data_bytes: dict[str, int] = {}
         self.split_input: dict[str, str] = {}
+        self.held_out: dict[str, dict[str, dict[str, Any]]] = {}
         self.blob_owner: dict[int, set[str]] = {}  # blobs a peer persisted (its blob store on disk)
         self.announces: dict[str, Signed] = {}
         self.submitter_of: dict[str, int] = {}
@@ -1070,6 +1075,7 @@ class World:
             sealer=peer.sealer,
             times=self.times,
             split_input=self.split_input.get(task_id),
+            held_out=self.held_out.get(task_id),
             restored=restored,
             wait_for_network=True,
         )
@@ -1096,11 +1102,23 @@ class World:
         peer.announces[task_id] = signed
         peer.own_tasks[task_id] = signed
         if data_bytes:
-            # keras kinds split their data across the shards (docs/tasks.md "data").
+            # keras kinds split their data across the shards (docs/tasks.md "data"), and the
+            # submitter keeps a validation and a test input of its own to score the model on.
             self.data_bytes[task_id] = data_bytes
             self.split_input[task_id] = "data"
+            held = {}
+            for name in ("validation", "test"):
+                digest = hashlib.sha256(f"held\x00{task_id}\x00{name}".encode()).hexdigest()
+                self.sizes[digest] = max(1, data_bytes // 10)
+                peer.keep_blob(digest)
+                held[name] = {"sha256": digest, "size": self.sizes[digest]}
+            self.held_out[task_id] = held
         m = TaskMachine(
-            signed, sealer=peer.sealer, times=self.times, split_input=self.split_input.get(task_id)
+            signed,
+            sealer=peer.sealer,
+            times=self.times,
+            split_input=self.split_input.get(task_id),
+            held_out=self.held_out.get(task_id),
         )
         slot = peer.add_machine("task", task_id, m)
         peer.feed(slot, ev.Start(now_ms=now))

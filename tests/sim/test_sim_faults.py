@@ -80,9 +80,11 @@ def test_cancelled_tasks_end_cancelled_with_their_reason() -> None:
     assert "cancelled by the submitter (simulated user)" in out.stats["failure_reasons"]
 
 
-def test_split_data_moves_through_the_bandwidth_model() -> None:
+def test_split_data_moves_through_the_bandwidth_model_and_models_are_scored() -> None:
     small = _run("", data_mb=(1.0, 1.0))
     big = _run("", data_mb=(40.0, 40.0))
     assert 0 < small.stats["per_peer_per_s"]["blob_bytes"] < big.stats["per_peer_per_s"]["blob_bytes"]
     # Holders wait for their slice before they run: at 100 Mbit/s, 40 MB are seconds.
     assert big.stats["task_latency_s"]["p50"] > small.stats["task_latency_s"]["p50"]
+    # The submitter scores certified models on its held-out inputs (TaskMachine's evaluation).
+    assert big.stats["counters"].get("jobs.evaluate", 0) >= 1
