@@ -65,7 +65,9 @@ def peerctl(net: TestNet, i: int, *args: str, timeout: float = 120.0) -> subproc
 
 @pytest.fixture(scope="module")
 def net(devnet_module: Any) -> Iterator[TestNet]:
-    n: TestNet = devnet_module(1, {"metrics": {"listen": "127.0.0.1:0"}, "offer": {"accept_kinds": ["echo"]}})
+    n: TestNet = devnet_module(
+        1, {"metrics": {"listen": "127.0.0.1:0"}, "offer": {"accept_kinds": ["echo", "sleep"]}}
+    )
     task_id = n.rpc(0, "task.submit", {"spec": {"kind": "echo", "params": {"data": "metrics"}}})["task_id"]
     wait_for(
         lambda: n.rpc(0, "task.get", {"task_id": task_id})["state"] in TERMINAL,
@@ -238,3 +240,20 @@ def test_the_grafana_dashboard_uses_only_metrics_the_daemon_exports(net: TestNet
             assert any(re.fullmatch(pattern, n) for n in exported | counted), (pattern, expr)
         for name in re.findall(r"\b(peerd_[a-z0-9_]+)\b", re.sub(r'"[^"]*"', '""', expr)):
             assert name in exported, (name, expr)
+
+
+def test_a_cancelled_tasks_shards_are_not_left_awarded(net: TestNet) -> None:
+    spec = {"kind": "sleep", "params": {"seconds": 60}, "deadline_s": 120}
+    task_id = net.rpc(0, "task.submit", {"spec": spec})["task_id"]
+    wait_for(
+        lambda: net.rpc(0, "task.get", {"task_id": task_id})["shards"],
+        "the sleep task to be awarded",
+        timeout=60,
+    )
+    assert net.rpc(0, "task.cancel", {"task_id": task_id})["state"] == "cancelled"
+    task = wait_for(
+        lambda: (t := net.rpc(0, "task.get", {"task_id": task_id}))["state"] == "cancelled" and t,
+        "the task to end cancelled",
+        timeout=30,
+    )
+    assert [s["state"] for s in task["shards"]] == ["cancelled"], task["shards"]
