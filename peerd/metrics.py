@@ -9,9 +9,9 @@ shared with a server thread, which is why this is not ``prometheus_client.start_
   libp2p layer's counters as ``peerd_p2p_<name>_total``;
 * gauges: peers connected and known, tasks by role and state, worker slots and jobs, the load
   ``L``, the age of this node's advert and of the oldest advert in the peer table;
-* histograms computed from the task store's events: award latency (submit to first award) and
-  round time (award or previous certificate to a round's certificate), for tasks this node
-  submitted.
+* histograms computed from the task store: award latency (submit to first award) and round
+  time (award or previous certificate to a round's certificate) from its events, shard run time
+  from the results' ``shard-<i>.wall_seconds``, for tasks this node submitted.
 
 The HTTP side is deliberately small: one request per connection, the request head bounded in
 size and time, at most :data:`MAX_CLIENTS` at once; anything else is answered 4xx and closed.
@@ -21,6 +21,7 @@ reaches more than this parser.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sqlite3
@@ -83,6 +84,28 @@ def histogram(
     return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=float(sum(vals)))
 
 
+_SHARD_WALL = re.compile(r"^shard-\d+\.wall_seconds$")
+
+
+def shard_run_times(db: sqlite3.Connection) -> list[float]:
+    """Each shard's job wall time, from the results of plain tasks submitted here (the
+    ``shard-<i>.wall_seconds`` metric each contractor reports in its signed result)."""
+    out: list[float] = []
+    for (text,) in db.execute(
+        "SELECT result FROM tasks WHERE role = 'submitter' AND state = 'done' AND result IS NOT NULL"
+    ):
+        try:
+            metrics = json.loads(text).get("metrics") or {}
+        except (ValueError, AttributeError):
+            continue
+        out += [
+            float(v)
+            for k, v in metrics.items()
+            if _SHARD_WALL.match(k) and isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+        ]
+    return out
+
+
 def task_timings(db: sqlite3.Connection) -> tuple[list[float], list[float]]:
     """(award latencies, round times) in seconds, from the events of tasks submitted here."""
     rows = db.execute(
@@ -136,6 +159,12 @@ class NodeCollector:
             "Time from submit to the first award, tasks submitted here.",
             awards,
             AWARD_BUCKETS,
+        )
+        yield histogram(
+            "peerd_shard_run_seconds",
+            "Wall time of each shard's job, as its contractor reported it, plain tasks submitted here.",
+            shard_run_times(node.store.db),
+            ROUND_BUCKETS,
         )
         yield histogram(
             "peerd_round_seconds",
@@ -274,4 +303,12 @@ class MetricsService:
         await stream.send_all(reply)
 
 
-__all__ = ["MetricsError", "MetricsService", "NodeCollector", "metric_name", "registry_for", "task_timings"]
+__all__ = [
+    "MetricsError",
+    "MetricsService",
+    "NodeCollector",
+    "metric_name",
+    "registry_for",
+    "shard_run_times",
+    "task_timings",
+]

@@ -95,6 +95,7 @@ def test_a_scrape_shows_counters_gauges_and_award_latency(net: TestNet) -> None:
     assert samples[("peerd_award_latency_seconds_count", ())] == 1
     assert samples[("peerd_award_latency_seconds_bucket", (("le", "+Inf"),))] == 1
     assert samples[("peerd_round_seconds_count", ())] == 0  # echo has no rounds
+    assert samples[("peerd_shard_run_seconds_count", ())] == 1  # one shard
     assert ("peerd_p2p_peers_connected", ()) in samples
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from peerd.metrics import histogram, metric_name, task_timings
+from peerd.metrics import histogram, metric_name, shard_run_times, task_timings
 from peerd.store import Store
 
 
@@ -68,3 +68,36 @@ def test_histogram_buckets_are_cumulative_and_parse() -> None:
     assert got[("x_seconds_bucket", "+Inf")] == 3
     assert got[("x_seconds_count", None)] == 3
     assert got[("x_seconds_sum", None)] == 703.2
+
+
+def test_shard_run_times_come_from_the_results_of_done_tasks_submitted_here(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite")
+    for task_id, role, state in (
+        ("a", "submitter", "done"),
+        ("b", "worker", "done"),
+        ("c", "submitter", "failed"),
+    ):
+        store.add_task(
+            task_id=task_id,
+            role=role,
+            submitter="p",
+            kind="echo",
+            state=state,
+            spec={},
+            announce=None,
+            deadline_at=0.0,
+            message="x",
+        )
+        store.set_result(
+            task_id,
+            {
+                "metrics": {
+                    "shard-0.wall_seconds": 2.5,
+                    "shard-1.wall_seconds": 0.5,
+                    "shard-0.cpu_seconds": 9.0,
+                    "shard-2.wall_seconds": -1,
+                }
+            },
+        )
+    assert sorted(shard_run_times(store.db)) == [0.5, 2.5]
+    store.close()
