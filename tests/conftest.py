@@ -31,6 +31,21 @@ settings.register_profile(
 settings.load_profile(LOAD_PROOF)
 
 
+def _run_threads_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def run_sync(fn: Callable[..., Any], *args: Any, **_kw: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
+
+
+@pytest.fixture
+def inline_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``trio.to_thread.run_sync`` work inline: for tests that run their own
+    ``trio.run(..., clock=MockClock(autojump_threshold=0))`` (see below for why)."""
+    _run_threads_inline(monkeypatch)
+
+
 @pytest.fixture(autouse=True)
 def _inline_threads_under_autojump(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under trio's autojump clock, run ``trio.to_thread.run_sync`` work inline.
@@ -43,11 +58,5 @@ def _inline_threads_under_autojump(request: pytest.FixtureRequest, monkeypatch: 
     and passed alone (issue 11, CI that never flakes). Inline, virtual time moves only when
     the code under test is really idle.
     """
-    if "autojump_clock" not in request.fixturenames:
-        return
-
-    async def run_sync(fn: Callable[..., Any], *args: Any, **_kw: Any) -> Any:
-        await trio.lowlevel.checkpoint()
-        return fn(*args)
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
+    if "autojump_clock" in request.fixturenames:
+        _run_threads_inline(monkeypatch)
