@@ -442,6 +442,9 @@ class Contractor:
     async def _fetch(self, driver: MachineDriver, action: act.FetchBlob) -> ev.Event:
         size = None if action.size == act.ANY_SIZE else action.size
         try:
+            if action.source == self.me and not self.node.blobs.has(action.digest):
+                # Our own copy or nothing: no stream to ourselves.
+                raise ProtocolError("not in our blob store", reason="not_found")
             path = await self.node.fetch_blob(action.source, action.digest, max_bytes=size)
             data = await trio.to_thread.run_sync(path.read_bytes) if action.want_bytes else None
         except ProtocolError as exc:
