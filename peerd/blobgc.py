@@ -105,6 +105,10 @@ class BlobCollector:
         self.check_s = check_s
         self.grace_s = grace_s
         self._now = now
+        #: Bytes held after the last collection: over budget, the next one runs only once the
+        #: store has grown past this (live tasks alone over it would otherwise mean a full
+        #: collection every check_s, for nothing).
+        self._usage_after = 0
 
     def _references(self) -> tuple[set[str], list[tuple[str, set[str]]]]:
         """(digests live tasks name, [(task, digests)] of our finished tasks, oldest first)."""
@@ -161,7 +165,8 @@ class BlobCollector:
         if removed:
             self.counters.inc("blobs.collected", removed)
             await trio.to_thread.run_sync(self.blobs.prune_empty_dirs)
-        if await trio.to_thread.run_sync(self.blobs.usage_bytes) > self.budget_bytes:
+        self._usage_after = await trio.to_thread.run_sync(self.blobs.usage_bytes)
+        if self._usage_after > self.budget_bytes:
             # Live tasks and fresh blobs alone exceed it: nothing more may go.
             self.counters.inc("blobs.over_budget")
         return removed
@@ -171,7 +176,8 @@ class BlobCollector:
         last = trio.current_time()
         while True:
             await trio.sleep(self.check_s)
-            over = await trio.to_thread.run_sync(self.blobs.usage_bytes) > self.budget_bytes
+            usage = await trio.to_thread.run_sync(self.blobs.usage_bytes)
+            over = usage > self.budget_bytes and usage > self._usage_after
             if over or trio.current_time() - last >= self.interval_s:
                 try:
                     await self.collect()

@@ -376,6 +376,23 @@ class _TokenBucket:
         return self.tokens + (now - self.stamp) * self.rate >= self.burst
 
 
+def _take(
+    buckets: dict[tuple[str, bytes], _TokenBucket],
+    key: tuple[str, bytes],
+    rate: float,
+    now: float,
+) -> bool:
+    """One token from ``key``'s bucket (rate/s, burst 2x), bounded to _BUCKETS_MAX buckets."""
+    bucket = buckets.get(key)
+    if bucket is None:
+        if len(buckets) >= _BUCKETS_MAX:
+            # A full bucket is indistinguishable from a fresh one: forget those.
+            for k in [k for k, b in buckets.items() if b.is_full(now)]:
+                del buckets[k]
+        bucket = buckets[key] = _TokenBucket(rate, 2 * rate, now)
+    return bucket.take(now)
+
+
 class _Verdict:
     """The outcome of validating one (topic, message id); waiters share one validator call."""
 
@@ -1227,27 +1244,11 @@ class P2PNode:
             del self._verdicts[oldest_key]
 
     def _take_token(self, topic: str, origin: bytes, now: float) -> bool:
-        rate = self._config.max_msgs_per_origin_per_s
-        key = (topic, origin)
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) >= _BUCKETS_MAX:
-                # A full bucket is indistinguishable from a fresh one: forget those.
-                for k in [k for k, b in self._buckets.items() if b.is_full(now)]:
-                    del self._buckets[k]
-            bucket = self._buckets[key] = _TokenBucket(rate, 2 * rate, now)
-        return bucket.take(now)
+        return _take(self._buckets, (topic, origin), self._config.max_msgs_per_origin_per_s, now)
 
     def _take_relay_token(self, topic: str, forwarder: bytes, now: float) -> bool:
         rate = self._config.max_relayed_per_neighbour_per_s
-        key = (topic, forwarder)
-        bucket = self._relay_buckets.get(key)
-        if bucket is None:
-            if len(self._relay_buckets) >= _BUCKETS_MAX:
-                for k in [k for k, b in self._relay_buckets.items() if b.is_full(now)]:
-                    del self._relay_buckets[k]
-            bucket = self._relay_buckets[key] = _TokenBucket(rate, 2 * rate, now)
-        return bucket.take(now)
+        return _take(self._relay_buckets, (topic, forwarder), rate, now)
 
     def _guarded_pubsub_handler(self, pubsub: Pubsub) -> Callable[[INetStream], Awaitable[None]]:
         async def handler(stream: INetStream) -> None:

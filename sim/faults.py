@@ -120,9 +120,8 @@ class Schedule:
 def draw(
     spec: FaultSpec, n_peers: int, horizon: float, rng: random.Random, *, protect: frozenset[int]
 ) -> Schedule:
-    """The run's fault schedule. Peers in ``protect`` (the submitters) never crash or lie:
-    a task whose submitter is gone has nobody to finish it, and the invariants are about
-    what the market does with faulty contractors."""
+    """The run's fault schedule. Peers in ``protect`` never crash or lie (the simulator
+    protects the submitters only when ``SimConfig.crash_submitters`` is off)."""
     candidates = [i for i in range(n_peers) if i not in protect]
     crashes = []
     for i in candidates:

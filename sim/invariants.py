@@ -224,10 +224,11 @@ class Invariants:
         aw = rec.awards[max(epochs)]
         return next((str(a["peer_id"]) for a in aw.assignments if a["shard"] == shard), None)
 
-    def at_end(self, grace: float) -> None:
-        """Every task has ended (its deadline passed ``grace`` seconds ago at the latest)."""
+    def at_end(self, grace: float, submitter_up: Callable[[str], bool] = lambda _: True) -> None:
+        """Every task has ended (its deadline passed ``grace`` seconds ago at the latest),
+        unless its submitter is down for good: nobody is left to end it."""
         for rec in self.tasks.values():
-            if rec.ended is None:
+            if rec.ended is None and submitter_up(rec.submitter):
                 ann = rec.announce.message
                 deadline = rec.submitted_at + ann.deadline_ms / 1000  # type: ignore[attr-defined]
                 self.fail(

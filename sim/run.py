@@ -62,7 +62,7 @@ def run(cfg: SimConfig, *, keep_world: bool = False, setup: Any = None) -> Outco
                     break
                 if eng.now > last_submit and world.ended_tasks >= len(tasks) and world.all_ended():
                     break
-            world.invariants.at_end(cfg.grace)
+            world.invariants.at_end(cfg.grace, lambda peer_id: world.by_id[peer_id].up)
         except Violation as exc:
             violation = str(exc)
             eng.note(f"VIOLATION {violation}")
@@ -170,6 +170,11 @@ def summarise(
             "blob_bytes": per_peer(BLOBS)[1],
         },
         "delivered_by_kind": dict(sorted(tr.delivered.items())),
+        # Task messages published, and what each peer would receive per second if every one
+        # went to every peer (today's gossip; the solicited variant does not send them so).
+        "task_publishes": dict(sorted(world.published.items())),
+        "task_msgs_per_peer_s_if_gossiped_to_all": sum(world.published.values()) * (n - 1) / n / T,
+        "max_shards_on_one_peer": world.max_active_shards,
         "lost_by_kind": dict(sorted(tr.lost.items())),
         "committee": {
             "seats": sum(seat_counts),

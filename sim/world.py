@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,18 +30,19 @@ from typing import Any
 
 import numpy as np
 
-from protocol import tensors
+from protocol import codec, tensors
 from protocol.awards import check_signed_award
-from protocol.envelope import Signed, Signer
+from protocol.certificate import check_certificate
+from protocol.envelope import Signed, Signer, message_digest
 from protocol.errors import ProtocolError
 from protocol.machines import actions as act
 from protocol.machines import events as ev
-from protocol.machines.common import MarketTimes, SignerSealer
+from protocol.machines.common import MarketTimes
 from protocol.machines.round import RoundMachine
 from protocol.machines.shard import ShardMachine, ShardState
 from protocol.machines.task import TERMINAL as TASK_TERMINAL
-from protocol.machines.task import TaskMachine
-from protocol.messages import Advert, Award, Result, TaskAnnounce
+from protocol.machines.task import Restored, TaskMachine
+from protocol.messages import Advert, Award, Lease, Message, Result, TaskAnnounce
 from protocol.replay import ReplayGuard
 from sim.crypto import open_memo
 from sim.engine import Engine, Handle, Violation
@@ -88,6 +90,8 @@ class SimConfig:
     heartbeat_ms: int = 2_000
     keep_trace: bool = False
     grace: float = 120.0  # after the last deadline, how long the run may go on
+    #: Submitters crash too (their TaskMachines resume from their records on restart).
+    crash_submitters: bool = True
     #: Test-only: passed to every RoundMachine (``RoundMachine.PLANTED_BUGS``); never the default.
     planted_bug: str | None = None
 
@@ -118,6 +122,34 @@ def plain_output(task_id: str, shard: int, run: tuple[int, int], liar: bool) -> 
 
 
 # -- one peer -----------------------------------------------------------------------------------
+
+
+class PeerSealer:
+    """The peer's ``protocol.machines.common.Sealer``: its Ed25519 signer and the sequence
+    counter it persists (SPEC §6: strictly increasing; a restart resumes above the last
+    reserved block, as the daemon's sequence store does)."""
+
+    def __init__(self, signer: Signer, first_seq: int = 1) -> None:
+        self.signer = signer
+        self.next_seq = first_seq
+
+    @property
+    def peer_id(self) -> str:
+        return self.signer.peer_id
+
+    def seal(self, cls: type[Message], *, now_ms: int, ttl_ms: int, **fields: Any) -> Signed:
+        seq = self.next_seq
+        self.next_seq += 1
+        msg = cls(seq=seq, issued_at=now_ms, expires_at=now_ms + min(ttl_ms, cls.MAX_TTL_MS), **fields)
+        raw = self.signer.seal(msg)
+        return Signed(msg, self.signer.peer_id, self.signer.public_key, raw, message_digest(raw))
+
+    def skip(self) -> int:
+        """Use up one sequence number without sealing (an advert only counted, see
+        ``Peer.advertise``)."""
+        seq = self.next_seq
+        self.next_seq += 1
+        return seq
 
 
 class Slot:
@@ -152,7 +184,8 @@ class Peer:
         self.signer = Signer(seed_bytes)
         self.peer_id = self.signer.peer_id
         self.high_seq = 0  # the persisted sequence high-water mark
-        self.sealer = SignerSealer(self.signer)
+        self.sealer = PeerSealer(self.signer)
+        self._advert: tuple[tuple[float, int], int, int] | None = None  # (content, size, seq)
         # Capacity classes: laptops, servers, GPU boxes (GFLOP/s).
         u = rng.random()
         if u < 0.6:
@@ -168,6 +201,7 @@ class Peer:
         self.incarnation = 0
         self.runs = 0  # job counter: outputs of a re-run differ
         self.disk: list[act.Record] = []
+        self.own_tasks: dict[str, Signed] = {}  # announces of the tasks it submitted (on disk)
         self._reset_volatile()
 
     def _reset_volatile(self) -> None:
@@ -238,6 +272,10 @@ class Peer:
         w = self.world
         eng = w.engine
         if isinstance(a, act.Publish):
+            msg = a.signed.message
+            if isinstance(msg, Lease) and msg.state in ("failed", "released"):
+                # Why shards end early (the summary's counters): hashes stripped, so alike count alike.
+                w.counters[f"leases.{msg.state}: {re.sub('[0-9a-f]{8,}', '…', msg.detail)[:60]}"] += 1
             w.publish(self, a.signed)
             if self.liar and a.signed.kind == "result":
                 w.equivocate_later(self, a.signed)
@@ -275,6 +313,8 @@ class Peer:
                 w.task_ended(self, a.task_id, a.state, a.message)
         elif isinstance(a, act.Persist):
             self.disk.append(a.record)
+            if isinstance(a.record, act.TaskEvent) and "restarted" in a.record.message:
+                w.counters["tasks.resumed"] += 1
             if isinstance(a.record, act.TaskState):
                 w.last_state[a.record.task_id] = a.record
         elif isinstance(a, act.Count):
@@ -283,6 +323,7 @@ class Peer:
             w.counters[f"dropped.{a.reason}"] += 1
         elif isinstance(a, act.AdjustLoad):
             self.active_shards += a.delta
+            w.max_active_shards = max(w.max_active_shards, self.active_shards)
             self.poke_advert()
         elif isinstance(a, act.AdoptShard):
             w.adopt(self, a)
@@ -392,7 +433,25 @@ class Peer:
         self.advert_due = None
         w = self.world
         now = self.now_ms()
-        signed = self.sealer.seal(
+        content = (self.load, min(self.active_shards, self.slots))
+        if self._advert is not None and self._advert[0] == content:
+            # Nobody simulated reads adverts (they are counted, docs/simulation.md): an advert
+            # whose content did not change is not sealed again. It uses a sequence number and
+            # has the size of the last sealed one, corrected for the longer encoding of seq.
+            _, size, seq0 = self._advert
+            seq = self.sealer.skip()
+            w.advert(self, size + len(codec.pack(seq)) - len(codec.pack(seq0)))
+        else:
+            signed = self._seal_advert(now)
+            assert isinstance(signed.message, Advert)
+            self._advert = (content, len(signed.raw), signed.message.seq)
+            w.advert(self, len(signed.raw))
+        self.advert_due = w.engine.after(
+            w.cfg.advert_interval, f"advert {self.index}", self.advertise, self.incarnation
+        )
+
+    def _seal_advert(self, now: int) -> Signed:
+        return self.sealer.seal(
             Advert,
             now_ms=now,
             ttl_ms=10_000,
@@ -413,10 +472,6 @@ class Peer:
             params={"k": 0.2, "dc_min": 0.0, "dc_max": None},
             addrs=[f"/ip4/10.{self.index >> 16 & 255}.{self.index >> 8 & 255}.{self.index & 255}/tcp/4001"],
             version="0.1.0",
-        )
-        w.advert(self, signed)
-        self.advert_due = w.engine.after(
-            w.cfg.advert_interval, f"advert {self.index}", self.advertise, self.incarnation
         )
 
     def poke_advert(self) -> None:
@@ -474,7 +529,7 @@ class Peer:
             self.advert_due.cancel()
         for task_id in self.machines:
             self.world.unfollow(task_id, self.index)
-        self.high_seq = self.sealer._next  # what its sequence store had reserved at most
+        self.high_seq = self.sealer.next_seq  # what its sequence store had reserved at most
         self._reset_volatile()
 
     def restart(self) -> None:
@@ -486,7 +541,8 @@ class Peer:
         w.net.up[self.index] = True
         # The sequence store reserves blocks: a restart skips to the next block, never reuses.
         nxt = (self.high_seq // SEQ_BLOCK + 1) * SEQ_BLOCK + 1
-        self.sealer = SignerSealer(self.signer, first_seq=nxt)
+        self.sealer = PeerSealer(self.signer, first_seq=nxt)
+        self._advert = None
         self.blobs = {d for d in w.blob_owner.get(self.index, set())}
         w.restart_peer(self)
         self.advert_due = w.engine.after(
@@ -519,6 +575,8 @@ class World:
         )
         self.times = MarketTimes(lease_ttl_ms=cfg.lease_ttl_ms, heartbeat_ms=cfg.heartbeat_ms)
         self.counters: Counter[str] = Counter()
+        self.published: Counter[str] = Counter()  # task messages published, by kind
+        self.max_active_shards = 0
         self.blob_data: dict[str, bytes] = {}
         self.blob_owner: dict[int, set[str]] = {}  # blobs a peer persisted (its blob store on disk)
         self.announces: dict[str, Signed] = {}
@@ -553,17 +611,26 @@ class World:
         self._active.get(task_id, set()).discard(peer)
 
     def receivers(self, src: Peer, signed: Signed) -> tuple[list[int], int]:
-        """Who gets a task message as an event, and how many more receive it uncounted as
-        events (docs/simulation.md "What is simulated, what is counted"): an announce goes
-        to every peer; an award or cancel to every peer with a machine for the task (a bid
-        out); leases, results and votes to the peers whose machines act on them (the
-        submitter, holders, round participants). Every other peer would only store the
-        message: its reception is counted, not simulated."""
+        """Who gets a task message as an event, and how many more receptions are counted
+        without one (docs/simulation.md "What is simulated, what is counted").
+
+        Today's protocol (``bidders=0``) gossips every task message to every peer: an
+        announce is delivered to all; an award or cancel to every peer with a machine for the
+        task (a bid out); leases, results and votes to the peers whose machines act on them
+        (the submitter, holders, round participants, and for aggregated tasks every bidder).
+        Every other peer would only store the message: its reception is counted.
+
+        With ``bidders=D`` (the solicitation variant) the submitter sends its announce to D
+        sampled peers and the task's messages reach only the peers that follow it: nothing
+        more is counted."""
         kind = signed.kind
         n = self.cfg.peers
-        if kind == "announce":
-            return [i for i in range(n) if i != src.index], 0
         task_id = signed.message.task_id  # type: ignore[attr-defined]
+        solicit = 0 < self.cfg.bidders < n
+        if kind == "announce":
+            if solicit:
+                return sorted(self.sample(task_id) - {src.index}), 0
+            return [i for i in range(n) if i != src.index], 0
         if kind in ("award", "cancel"):
             group = self._followers.get(task_id, set())
         else:
@@ -574,7 +641,7 @@ class World:
             targets.add(sub)
         targets.discard(src.index)
         out = sorted(targets)
-        return out, max(0, n - 1 - len(out))
+        return out, 0 if solicit else max(0, n - 1 - len(out))
 
     # -- the network ----------------------------------------------------------------------------
     def publish(self, src: Peer, signed: Signed) -> None:
@@ -582,6 +649,7 @@ class World:
             self.invariants.announced(signed)
             self.announces.setdefault(signed.message.task_id, signed)  # type: ignore[attr-defined]
         self.invariants.published(signed)
+        self.published[signed.kind] += 1
         to, accounted = self.receivers(src, signed)
         self.net.publish(
             src.index,
@@ -597,12 +665,12 @@ class World:
             0.0, f"local {signed.kind} {src.index}", self._local_in, src, signed, src.incarnation
         )
 
-    def advert(self, src: Peer, signed: Signed) -> None:
+    def advert(self, src: Peer, size: int) -> None:
         if self.cfg.adverts == "sampled":
             n_recv = min(self.cfg.advert_sample, self.cfg.peers - 1)
         else:
             n_recv = self.cfg.peers - 1
-        self.net.publish(src.index, "advert", len(signed.raw), _noop, (), to=(), accounted=n_recv)
+        self.net.publish(src.index, "advert", size, _noop, (), to=(), accounted=n_recv)
 
     def _gossip_in(self, dst: int, raw: bytes, origin: str) -> None:
         peer = self.peers[dst]
@@ -883,16 +951,17 @@ class World:
         )
 
     # -- contractors -------------------------------------------------------------------------------
+    def sample(self, task_id: str) -> frozenset[int]:
+        """The D peers solicited for a task: the D smallest H(task ‖ peer) (deterministic)."""
+        got = self._samples.get(task_id)
+        if got is None:
+            order = sorted(range(self.cfg.peers), key=lambda i: _digest("bidders", task_id, i))
+            got = self._samples[task_id] = frozenset(order[: self.cfg.bidders])
+        return got
+
     def solicited(self, task_id: str, peer: Peer) -> bool:
         d = self.cfg.bidders
-        if d <= 0 or d >= self.cfg.peers:
-            return True
-        # A deterministic sample of d peers per task: the d smallest H(task ‖ peer).
-        ranks = self._samples.get(task_id)
-        if ranks is None:
-            order = sorted(range(self.cfg.peers), key=lambda i: _digest("bidders", task_id, i))
-            ranks = self._samples[task_id] = frozenset(order[:d])
-        return peer.index in ranks
+        return d <= 0 or d >= self.cfg.peers or peer.index in self.sample(task_id)
 
     def maybe_bid(self, peer: Peer, announce: Signed) -> None:
         ann = announce.message
@@ -921,7 +990,11 @@ class World:
                 peer.feed(other, ev.RoundCertified(now_ms=peer.now_ms(), certificate=cert))
 
     def restart_peer(self, peer: Peer) -> None:
-        """Rebuild what a restarted daemon resumes (contractor: re-deliver stored results)."""
+        """Rebuild what a restarted daemon resumes from its store: the submitter's unfinished
+        tasks (``Submitter.resume``: a TaskMachine from its persisted records) and the
+        contractor's stored results (``Contractor.redeliver_pending``)."""
+        for task_id, own in peer.own_tasks.items():
+            self.resume_task(peer, task_id, own)
         for rec in peer.disk:
             if isinstance(rec, act.WorkRecord):
                 ann = self.announces.get(rec.task_id)
@@ -932,6 +1005,34 @@ class World:
                 peer.announces[rec.task_id] = ann
                 slot = peer.add_machine("shard", rec.task_id, m)
                 peer.feed(slot, ev.Start(now_ms=peer.now_ms()))
+
+    def resume_task(self, peer: Peer, task_id: str, ann: Signed) -> None:
+        recs = [r for r in peer.disk if r.task_id == task_id]
+        states = [r for r in recs if isinstance(r, act.TaskState)]
+        if states and states[-1].state in ("done", "failed", "cancelled"):
+            return
+        certificates = {}
+        for r in recs:
+            if isinstance(r, act.CertificateRecord):
+                # As peerd/submitter.py reloads them: checked again with the protocol's code.
+                certificates[r.round] = check_certificate(list(r.votes), task_id=task_id, round_no=r.round)
+        restored = Restored(
+            bids=[open_memo(r.raw, frozenset({"bid"})) for r in recs if isinstance(r, act.BidRecord)],
+            awards=[open_memo(r.raw, frozenset({"award"})) for r in recs if isinstance(r, act.AwardRecord)],
+            results=[
+                open_memo(r.raw, frozenset({"result"})) for r in recs if isinstance(r, act.ResultRecord)
+            ],
+            certificates=certificates,
+            reported_rounds=[r.round for r in recs if isinstance(r, act.RoundRecord)],
+            public_state=states[-1].state if states else "bidding",
+        )
+        peer.announces[task_id] = ann
+        m = TaskMachine(ann, sealer=peer.sealer, times=self.times, restored=restored, wait_for_network=True)
+        slot = peer.add_machine("task", task_id, m)
+        now = peer.now_ms()
+        peer.feed(slot, ev.Start(now_ms=now))
+        # The simulated network is reachable again at once (partitions aside).
+        peer.feed(slot, ev.PeersKnown(now_ms=now, alive=sum(self.net.up), connected=1))
 
     # -- tasks ---------------------------------------------------------------------------------------
     def submit(self, peer: Peer, spec: dict[str, Any]) -> None:
@@ -945,6 +1046,7 @@ class World:
         self.announces[task_id] = signed
         self.invariants.announced(signed)
         peer.announces[task_id] = signed
+        peer.own_tasks[task_id] = signed
         m = TaskMachine(signed, sealer=peer.sealer, times=self.times)
         slot = peer.add_machine("task", task_id, m)
         peer.feed(slot, ev.Start(now_ms=now))
@@ -1049,7 +1151,13 @@ def build(cfg: SimConfig) -> tuple[World, list[tuple[float, int, dict[str, Any]]
     tasks = make_tasks(cfg, world.rng("workload"))
     horizon = horizon_of(tasks)
     submitters = frozenset(s for _, s, _ in tasks)
-    sched = draw(cfg.faults, cfg.peers, horizon, world.rng("faults"), protect=submitters)
+    sched = draw(
+        cfg.faults,
+        cfg.peers,
+        horizon,
+        world.rng("faults"),
+        protect=frozenset() if cfg.crash_submitters else submitters,
+    )
     schedule_faults(world, sched)
     arng = world.rng("adverts")
     for p in world.peers:

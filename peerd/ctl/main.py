@@ -15,7 +15,20 @@ from pathlib import Path
 import click
 
 from peerd import __version__
-from peerd.ctl import CtlState, cancel, connect, explain, result, show, status, submit, tasks, verify, watch
+from peerd.ctl import (
+    CtlState,
+    cancel,
+    connect,
+    explain,
+    result,
+    show,
+    status,
+    submit,
+    tasks,
+    top,
+    verify,
+    watch,
+)
 from peerd.ctl import id as id_command
 from peerd.ctl import peers as peers_command
 
@@ -56,6 +69,7 @@ for _module in (
     cancel,
     explain,
     verify,
+    top,
 ):
     main.add_command(_module.command)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from scripts.benchmarks.common import ROOT, AreaResult, log, machine_info
 
-AREAS = ("adverts", "tasks", "blobs", "worker", "training", "flower")
+AREAS = ("adverts", "tasks", "blobs", "worker", "training", "flower", "sim")
 DOC = ROOT / "docs" / "benchmarks.md"
 LATEST = "<!-- bench:latest -->"
 HISTORY = "<!-- bench:history -->"

@@ -171,3 +171,33 @@ def test_the_service_collects_at_once_when_over_budget(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_over_budget_with_only_live_blobs_it_waits_for_growth(tmp_path: Path) -> None:
+    p = Parts(tmp_path, budget=10)
+    p.gc.interval_s = 1e9
+    live = p.blob(b"the input of a running task, over the tiny budget")
+    p.task("a" * 32, live)
+    runs: list[int] = []
+    collect = p.gc.collect
+
+    async def counted() -> int:
+        runs.append(1)
+        return await collect()
+
+    p.gc.collect = counted  # type: ignore[method-assign]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(p.gc.run)
+            with trio.move_on_after(100):
+                while not runs:
+                    await trio.sleep(1)
+            await trio.sleep(100)  # many checks: nothing new arrived, so no new collection
+            assert len(runs) == 1 and p.blobs.has(live)
+            orphan = p.blob(b"new garbage")
+            assert await gone(p, orphan, within=100)
+            assert len(runs) == 2
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

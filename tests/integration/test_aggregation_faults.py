@@ -27,7 +27,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 import trio
 
+from peerd import blobxfer
 from peerd.blobs import BlobStore
 from peerd.counters import Counters
 from peerd.ctl.result import export_bundle
@@ -51,7 +52,7 @@ from protocol.aggregation import aggregate
 from protocol.certificate import input_key, tally
 from protocol.committee import committee, quorum
 from protocol.envelope import Signed, Signer, open_envelope
-from protocol.errors import RemoteProtocolError, TransportError
+from protocol.errors import ProtocolError, RemoteProtocolError, TransportError
 from protocol.messages import Award, Message, Result, Vote
 from protocol.tensors import decode_arrays, encode_arrays
 from tests.helpers_training import Forge, SyntheticTask, poll, train_spec, work_needing, write_digits
@@ -97,6 +98,25 @@ class FakeNode:
 
     async def gossip(self, raw: bytes) -> None:
         self.gossiped.append(raw)
+
+    async def fetch_from_any(
+        self,
+        digest: str,
+        peers: Sequence[str],
+        *,
+        max_bytes: int | None = None,
+        passes: int = 1,
+        pause_s: float = 1.0,
+        give_up: Callable[[str, ProtocolError], bool] | None = None,
+    ) -> Path:
+        """The real "from any peer" rule (peerd/blobxfer.py) over this fake's fetch_blob. Unlike
+        Node it may ask itself: here a node's own commit is served from ``reveals``."""
+
+        async def one(peer: str) -> Path:
+            return await self.fetch_blob(peer, digest, max_bytes=max_bytes)
+
+        order = list(dict.fromkeys(peers))
+        return await blobxfer.fetch_from_any(one, order, passes=passes, pause_s=pause_s, give_up=give_up)
 
     async def fetch_blob(self, peer: str, digest: str, *, max_bytes: int | None = None) -> Path:
         await trio.sleep(0)

@@ -22,6 +22,14 @@ def test_crashes_lose_leases_and_the_shards_are_re_awarded() -> None:
     assert out.stats["checked"]["awards"] > out.stats["tasks"]  # re-awards were checked too
 
 
+def test_crashed_submitters_resume_their_tasks_from_their_records() -> None:
+    resumed = 0
+    for seed in range(1, 6):
+        out = _run("crash=0.5,restart=5s-10s", seed=seed)
+        resumed += out.stats["counters"].get("tasks.resumed", 0)
+    assert resumed >= 1
+
+
 def test_crashed_peers_that_never_restart() -> None:
     out = _run("crash=0.5,restart=never")
     assert out.stats["fault_schedule"]["crashes"] >= 5
