@@ -39,7 +39,7 @@ from protocol.errors import ProtocolError
 from protocol.machines import actions as act
 from protocol.machines import events as ev
 from protocol.machines.common import M, MarketTimes
-from protocol.machines.shard import MAX_DELIVERY_TRIES, TERMINAL, ShardMachine, ShardState
+from protocol.machines.shard import ACTIVE, MAX_DELIVERY_TRIES, TERMINAL, ShardMachine, ShardState
 from protocol.messages import Award, Cancel, Lease, Result, TaskAnnounce
 
 log = logging.getLogger(__name__)
@@ -320,6 +320,12 @@ class Contractor:
             past = wall_ms() > _deadline_ms(machine.announce)
             for d in list(drivers):
                 state = self._state(d)
+                if d.closed and state in ACTIVE:
+                    # Stopped by its own bug (peerd/drive.py) while it held a shard: its
+                    # heartbeats have stopped, so the submitter re-awards the shard after one
+                    # lease TTL; give back the slot its award took.
+                    self.node.active_shards -= 1
+                    self.node.poke_advert()
                 if d.closed or (past and (state in TERMINAL or state is ShardState.BID_SENT)):
                     d.close()
                     self._forget(task_id, d)

@@ -521,18 +521,22 @@ async def test_a_restart_redelivers_a_stored_unacknowledged_result(tmp: Path) ->
         nursery.cancel_scope.cancel()
 
 
-def test_machine_errors_are_counted_not_raised(tmp: Path) -> None:
-    """An event the machine cannot take stops that machine only (peerd/drive.py)."""
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            rig = Rig(tmp, nursery)
-            ann, view = announce(rig)
-            await rig.contractor.on_announce(view, ann)
-            await wait_until(lambda: rig.count("bids.sent") == 1, "the bid")
-            [d] = rig.contractor._tasks[TASK]
-            d.feed(ev.JobFinished(now_ms=wall_ms(), job_id="nope", ok=True))
-            assert d.closed and rig.count("drive.machine_errors") == 1
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
+async def test_a_machine_error_stops_that_machine_only_and_frees_its_slot(tmp: Path) -> None:
+    """An event the machine cannot take stops that machine (peerd/drive.py): its job is
+    killed, its heartbeats stop, and the slot its award took is given back."""
+    async with trio.open_nursery() as nursery:
+        rig = Rig(tmp, nursery)
+        rig.pool.block = True
+        await bid_and_award(rig)
+        await wait_until(lambda: len(rig.pool.jobs) == 1, "the job running")
+        assert rig.node.active_shards == 1
+        [d] = rig.contractor._tasks[TASK]
+        d.feed(ev.InputsSplit(now_ms=wall_ms(), inputs=()))
+        assert d.closed and rig.count("drive.machine_errors") == 1
+        await wait_until(lambda: rig.pool.cancelled == 1, "the job killed")
+        await wait_until(lambda: rig.node.active_shards == 0, "the slot given back")
+        assert TASK not in rig.contractor._tasks
+        leases = len(rig.p2p.leases())
+        await trio.sleep(0.5)
+        assert len(rig.p2p.leases()) == leases  # no more heartbeats
+        nursery.cancel_scope.cancel()
