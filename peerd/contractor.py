@@ -34,6 +34,7 @@ from peerd.node import BID_PROTOCOL, RESULT_PROTOCOL, Node
 from peerd.taskbook import TaskBook, TaskView
 from protocol import codec
 from protocol.awards import check_award
+from protocol.certificate import Certificate
 from protocol.envelope import Signed, open_envelope
 from protocol.errors import ProtocolError
 from protocol.machines import actions as act
@@ -293,18 +294,23 @@ class Contractor:
             drivers.remove(driver)
         self._fed.pop(driver, None)
 
-    def _feed_certificates(self, task_id: str) -> None:
-        """Hand each certified round of the task to each of its machines, once (SPEC §11:
-        a keras-train round > 1 starts from the previous round's certified model)."""
-        view = self.book.get(task_id)
-        if view is None or not view.certificates:
-            return
-        for d in list(self._tasks.get(task_id, ())):
+    def on_certificate(self, cert: Certificate) -> None:
+        """Round ``cert.round`` of its task is certified: each machine of the task learns it
+        once (SPEC §11: a keras-train round > 1 starts from the previous round's certified
+        model). The task's follower calls this for what the view records; a committee driver
+        that forwards its ``Certified`` action may call it directly."""
+        for d in list(self._tasks.get(cert.task_id, ())):
             fed = self._fed.setdefault(d, set())
-            for r in sorted(view.certificates):
-                if r not in fed and not d.closed:
-                    fed.add(r)
-                    d.feed(ev.RoundCertified(now_ms=d.now_ms(), certificate=view.certificates[r]))
+            if cert.round not in fed and not d.closed:
+                fed.add(cert.round)
+                d.feed(ev.RoundCertified(now_ms=d.now_ms(), certificate=cert))
+
+    def _feed_certificates(self, task_id: str) -> None:
+        view = self.book.get(task_id)
+        if view is None:
+            return
+        for r in sorted(view.certificates):
+            self.on_certificate(view.certificates[r])
 
     async def _follow(self, task_id: str) -> None:
         """While machines follow the task: forward certificates; once the deadline has
