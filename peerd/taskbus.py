@@ -61,7 +61,7 @@ class TaskBus:
             view = self.book.add(signed)
             if view is None:
                 return False  # the book is full of tasks we have a part in (counted there)
-            self.node.nursery.start_soon(self.contractor.on_announce, view)
+            self.node.nursery.start_soon(self.contractor.on_announce, view, signed)
             return True
         found = self.book.get(m.task_id)  # type: ignore[attr-defined]
         if found is None:
