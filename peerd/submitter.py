@@ -225,12 +225,24 @@ class Submitter:
             restored=restored,
             wait_for_network=True,
         )
-        driver = MachineDriver(ann.task_id, machine, self, self.node.nursery, on_error=self.node.counters.inc)
+        task_id = ann.task_id
+        driver = MachineDriver(
+            task_id, machine, self, self.node.nursery, on_error=lambda name: self._driver_error(task_id, name)
+        )
         self.drivers[ann.task_id] = driver
         if not self._peers_loop:
             self._peers_loop = True
             self.node.nursery.start_soon(self._report_peers)
         driver.feed(ev.Start(now_ms=driver.now_ms()))
+
+    def _driver_error(self, task_id: str, name: str) -> None:
+        self.node.counters.inc(name)
+        if name == "drive.machine_errors":
+            # The machine refused an event (our bug) and is no longer driven: the task cannot
+            # go on, so it fails as the supervisor's internal errors did.
+            self._fail_outside(
+                task_id, "failed", "internal error: the task's state machine stopped", "internal"
+            )
 
     def _live(self, task_id: str) -> MachineDriver | None:
         driver = self.drivers.get(task_id)
@@ -282,6 +294,11 @@ class Submitter:
             return {"ok": False, "reason": "invalid bid"}
         task_id = signed.message.task_id  # type: ignore[attr-defined]
         driver = self._live(task_id)
+        if driver is None:
+            row = self.node.store.task(task_id)
+            if row is not None and row["role"] == "submitter" and row["state"] not in TERMINAL:
+                # Restarted, and the bid came in before resume() rebuilt the machine.
+                driver = self._resume_task(row)
         if driver is None:
             self.node.counters.inc("bids.unknown_task")
             return {"ok": False, "reason": "unknown task"}

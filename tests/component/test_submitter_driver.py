@@ -362,3 +362,24 @@ def test_the_announce_published_is_the_one_stored(tmp_path: Path) -> None:
         assert isinstance(first.message, TaskAnnounce) and first.raw == bytes(row["announce"])
 
     run(tmp_path, body)
+
+
+def test_a_bid_before_resume_is_taken_and_the_task_awarded(tmp_path: Path) -> None:
+    async def before(nursery: trio.Nursery) -> None:
+        p = Parts(tmp_path, nursery)
+        task_id = await submit(p, tmp_path)
+        (tmp_path / "task_id").write_text(task_id)
+
+    run(tmp_path, before)
+    task_id = (tmp_path / "task_id").read_text()
+
+    async def after(nursery: trio.Nursery) -> None:
+        p = Parts(tmp_path, nursery)
+        bid = seal(PEER, Bid, 1, task_id=task_id, c0=50.0, load=0.0)
+        assert p.submitter.accept_bid(bid, PEER.peer_id) == {"ok": True, "reason": ""}
+        assert [r["peer_id"] for r in p.store.bids(task_id)] == [PEER.peer_id]
+        # Resumed while bidding: the stored announce goes out again, then the window closes.
+        await until(lambda: p.state(task_id) == "running", "awarded after the restart")
+        assert p.p2p.kinds()[:2] == ["announce", "award"]
+
+    run(tmp_path, after)
