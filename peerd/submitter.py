@@ -93,6 +93,7 @@ class Submitter:
         self.drivers: dict[str, MachineDriver] = {}
         self._jobs: dict[str, trio.CancelScope] = {}
         self._peers_loop = False
+        node.on_gossip.append(self._own_gossip)
 
     # -- submission ---------------------------------------------------------------------
     async def submit(self, spec_obj: Any) -> str:
@@ -269,6 +270,17 @@ class Submitter:
         if driver is None:
             return []
         return driver.feed(ev.MessageVerified(now_ms=driver.now_ms(), signed=signed, via=via, sender=sender))
+
+    def _own_gossip(self, raw: bytes) -> None:
+        """Our own contractor's leases for our own tasks (they never pass the task bus): the
+        machine counts a holder's silence, ours included."""
+        try:
+            signed = open_envelope(raw, kinds=frozenset({"lease"}))
+        except ProtocolError:
+            return  # not a lease (our announce, award, cancel, result, vote)
+        driver = self._live(signed.message.task_id)  # type: ignore[attr-defined]
+        if driver is not None:
+            driver.feed(ev.MessageVerified(now_ms=driver.now_ms(), signed=signed, via=ev.VIA_LOCAL))
 
     def on_certificate(self, view: TaskView, cert: Certificate) -> None:
         """A round of one of our tasks is certified (the committee role's hook)."""

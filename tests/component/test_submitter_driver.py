@@ -383,3 +383,28 @@ def test_a_bid_before_resume_is_taken_and_the_task_awarded(tmp_path: Path) -> No
         assert p.p2p.kinds()[:2] == ["announce", "award"]
 
     run(tmp_path, after)
+
+
+def test_our_own_contractors_leases_keep_our_own_shard(tmp_path: Path) -> None:
+    """Our own leases never pass the task bus (our messages skip our validators): the node
+    hands what it gossips back to the submitter, or our own shard was "lost" after one TTL."""
+
+    async def body(nursery: trio.Nursery) -> None:
+        p = Parts(tmp_path, nursery)
+        task_id = await submit(p, tmp_path)
+        await until(lambda: "announce" in p.p2p.kinds(), "the announce is published")
+        _, own_bid = p.node.seal(Bid, ttl_ms=60_000, task_id=task_id, c0=50.0, load=0.0)
+        assert p.submitter.accept_bid(own_bid.raw, ME.peer_id, verified=own_bid)["ok"] is True
+        await until(lambda: "award" in p.p2p.kinds(), "the award is published")
+        assert p.book.get(task_id).holder(0) == ME.peer_id  # type: ignore[union-attr]
+        for _ in range(5):  # 5 heartbeats 1 s apart: past lease_ttl_s (3 s)
+            raw, _ = p.node.seal(
+                Lease, ttl_ms=3_000, task_id=task_id, epoch=0, shard=0, round=0, state="running", detail=""
+            )
+            await p.node.gossip(raw)
+            await trio.sleep(1.0)
+        assert len(p.store.awards(task_id)) == 1
+        assert not any(m.startswith("lost 1 peer(s)") for m in p.messages(task_id)), p.messages(task_id)
+        assert p.state(task_id) == "running"
+
+    run(tmp_path, body)
