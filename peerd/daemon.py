@@ -131,6 +131,7 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
             submitter = Submitter(node, book)
             contractor = Contractor(node, book, rounds, submitter)
             submitter.contractor = contractor
+            rounds.on_certified.append(submitter.on_certificate)
             TaskBus(node, book, contractor, submitter, rounds)
             adverts = AdvertService(
                 p2p=p2p,

@@ -20,6 +20,7 @@ Every daemon tallies votes, so participants start round r+1 from the certified O
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ class Rounds:
         self._duties: set[tuple[str, int]] = set()
         #: (task, round) → inputs (peer, shard, sha256) whose blob we could not fetch
         self._fetch_failed: dict[tuple[str, int], set[tuple[str, int, str]]] = {}
+        #: Told of every certificate (the submitter's TaskMachine takes it as RoundCertified).
+        self.on_certified: list[Callable[[TaskView, Certificate], None]] = []
 
     # -- inputs from the task bus -----------------------------------------------------
     def on_result(self, view: TaskView, signed: Signed) -> None:
@@ -67,6 +70,8 @@ class Rounds:
         self.node.store.add_certificate(view.task_id, cert.round, output, list(cert.votes))
         self.node.counters.inc("rounds.certified")
         log.info("task %s round %d certified by %s", view.task_id, cert.round, ", ".join(cert.signers))
+        for listener in self.on_certified:
+            listener(view, cert)
 
     def committee_for(self, view: TaskView, round_no: int) -> tuple[str, ...]:
         return tuple(sorted(committee(view.task_id, round_no, view.participants(), COMMITTEE_SIZE)))
