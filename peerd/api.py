@@ -26,6 +26,11 @@ from protocol.allocation import demand
 from protocol.awards import allocate, net_params, usable_bids
 from protocol.errors import ProtocolError
 
+#: Shard states that are final, and what a shard still open shows once its task has ended
+#: ("stopped": the task failed, this shard did not finish, and is not the one to blame).
+SHARD_FINAL = frozenset({"done", "failed", "cancelled", "stopped"})
+SHARD_END = {"done": "done", "cancelled": "cancelled", "failed": "stopped"}
+
 #: Largest chunk ``blob.read`` returns (JSON + base64 keeps replies under the 1 MiB line cap).
 MAX_READ = 512 * 1024
 
@@ -138,11 +143,16 @@ class Api:
         shards = []
         for s in self.node.store.shards(task_id):
             lease = view.lease_states.get((s["peer_id"], s["shard"])) if view else None
+            shard_state = s["state"] if s["state"] == "done" else (lease or s["state"])
+            if row["state"] in TERMINAL and shard_state not in SHARD_FINAL:
+                # A task that ended ended its shards with it (docs/rpc.md, task.get): no
+                # "awarded" or "running" left behind on a cancelled or finished task.
+                shard_state = SHARD_END[row["state"]]
             shards.append(
                 {
                     "index": s["shard"],
                     "peer_id": s["peer_id"],
-                    "state": s["state"] if s["state"] == "done" else (lease or s["state"]),
+                    "state": shard_state,
                     "share": s["share"],
                     "attempts": s["attempts"],
                     "epoch": s["epoch"],

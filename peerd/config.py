@@ -41,6 +41,7 @@ __all__ = [
     "ConfigError",
     "LimitsConfig",
     "MarketConfig",
+    "MetricsConfig",
     "NetworkConfig",
     "NodeConfig",
     "OfferConfig",
@@ -136,6 +137,12 @@ class RpcConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    #: "host:port" of the Prometheus endpoint (``GET /metrics``, peerd/metrics.py); None: off.
+    listen: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig
     network: NetworkConfig
@@ -145,6 +152,7 @@ class Config:
     policy: PolicyConfig
     limits: LimitsConfig
     rpc: RpcConfig
+    metrics: MetricsConfig = MetricsConfig()
     #: The file it came from, or None when every value is a default.
     source: Path | None = None
 
@@ -498,11 +506,14 @@ def _build(raw: dict[str, Any], *, source: Path | None, env: Mapping[str, str], 
     s = sections["rpc"]
     rpc = RpcConfig(allowed_uids=s.get("allowed_uids", list_of(non_negative_int), ()))
 
+    s = sections["metrics"]
+    metrics = MetricsConfig(listen=s.get("listen", host_port, None))
+
     for section in sections.values():
         section.finish()
     if problems:
         raise ConfigError(problems, source=source)
-    return Config(node, network, adverts, offer, market, policy, limits, rpc, source=source)
+    return Config(node, network, adverts, offer, market, policy, limits, rpc, metrics, source=source)
 
 
 def prepare_socket_dir(cfg: Config) -> None:
@@ -545,4 +556,21 @@ def _dc_max(value: Any) -> float:
     return float(value)
 
 
-_SECTION_NAMES = ("node", "network", "adverts", "offer", "market", "policy", "limits", "rpc")
+def host_port(value: Any) -> str:
+    """``"127.0.0.1:9464"`` or ``"[::1]:9464"``; port 0 lets the kernel pick one (tests)."""
+    if isinstance(value, str):
+        host, sep, port = value.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if sep and host and port.isdigit() and 0 <= int(port) <= 65535:
+            return value
+    raise _expect('"host:port", such as "127.0.0.1:9464"', value)
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """The parts of a :func:`host_port` value (brackets of an IPv6 host removed)."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+_SECTION_NAMES = ("node", "network", "adverts", "offer", "market", "policy", "limits", "rpc", "metrics")

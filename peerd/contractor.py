@@ -1,41 +1,79 @@
 """The contractor role: bid for tasks this node can take, run the shards it is awarded,
 heartbeat their leases and deliver signed results (seed §3.2 steps 2, 3 and 5).
 
-Eligibility is the contributor's policy (config ``[offer]``/``[policy]``): the kind is
-offered, the node is not draining, the GPU/memory demand fits, and — fail closed — a
-task runs only inside a working sandbox unless its submitter is trusted; ``python``
-tasks only ever from trusted submitters.
+The role is a thin driver of :class:`protocol.machines.shard.ShardMachine` (issue 7 item 2):
+one :class:`~peerd.drive.MachineDriver` per task this node bids for (the bidder, bound to
+the lowest shard an award gives us), per further shard an award gives us (``AdoptShard``)
+and per stored result a restart re-delivers. The machine holds the shard's state (bid,
+award, fetch, rounds, heartbeats, delivery back-off, cancel, lost award); this file does
+the I/O and keeps what is the contributor's own to decide:
+
+* **Eligibility** is the contributor's policy (config ``[offer]``/``[policy]``): the kind is
+  offered, the node is not draining, the GPU/memory demand fits, and — fail closed — a
+  task runs only inside a working sandbox unless its submitter is trusted; ``python``
+  tasks only ever from trusted submitters (docs/tasks.md "Eligibility").
+* **Per-kind job details**: the limits from ``[limits]``, the wall limit from the deadline,
+  trust, the per-round seed and defaults of the kind registry (:mod:`peerd.kinds`).
+* **Verification** of awards (SPEC §10.3, once per daemon: the machines get ``checked=True``).
 """
 
 from __future__ import annotations
 
 import logging
-import math
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from peerd import kinds
+from peerd.drive import MachineDriver
 from peerd.executor import Job, JobResult, Limits
 from peerd.inbox import wall_ms
 from peerd.node import BID_PROTOCOL, RESULT_PROTOCOL, Node
 from peerd.taskbook import TaskBook, TaskView
 from protocol import codec
 from protocol.awards import check_award
-from protocol.envelope import Signed
-from protocol.errors import ProtocolError, TransportError
-from protocol.messages import Award, Bid, Cancel, Lease, Result, TaskAnnounce
+from protocol.certificate import Certificate
+from protocol.envelope import Signed, open_envelope
+from protocol.errors import ProtocolError
+from protocol.machines import actions as act
+from protocol.machines import events as ev
+from protocol.machines.common import M, MarketTimes
+from protocol.machines.shard import ACTIVE, MAX_DELIVERY_TRIES, TERMINAL, ShardMachine, ShardState
+from protocol.messages import Award, Cancel, Lease, Result, TaskAnnounce
 
 log = logging.getLogger(__name__)
 
-#: Tries to hand a result to its submitter (back-off capped below the lease TTL: with the
-#: devnet's 6 s TTL that is ~10 minutes, with the default 10 s TTL ~16 minutes).
-MAX_DELIVERY_TRIES = 200
+__all__ = ["MAX_DELIVERY_TRIES", "Contractor"]
+
+#: How often a followed task's machines are looked at when nothing changes in its view
+#: (a machine that ended is forgotten, a bidder that never won is dropped after the deadline).
+FOLLOW_POLL_S = 1.0
+#: Stream reply timeouts: a bid (SPEC §8.2), a result (SPEC §8.3) — as the submitter's handlers.
+BID_REPLY_S = 10.0
+RESULT_REPLY_S = 15.0
+_TERMINAL_TASK = frozenset({"done", "failed", "cancelled"})
 
 
-def _deadline_ms(view: TaskView) -> int:
-    return view.announce.issued_at + view.announce.deadline_ms
+class NodeSealer:
+    """The machines' :class:`~protocol.machines.common.Sealer` over :meth:`Node.seal`
+    (its sequence store persists the high-water mark; the clock is the same wall clock)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    @property
+    def peer_id(self) -> str:
+        return self.node.peer_id
+
+    def seal(self, cls: type[M], *, now_ms: int, ttl_ms: int, **fields: Any) -> Signed:
+        _, signed = self.node.seal(cls, ttl_ms=ttl_ms, **fields)
+        return signed
+
+
+def _deadline_ms(announce: TaskAnnounce) -> int:
+    return announce.issued_at + announce.deadline_ms
 
 
 class Contractor:
@@ -44,7 +82,20 @@ class Contractor:
         self.book = book
         self.rounds = rounds
         self.local_submitter = local_submitter
-        self._running: dict[tuple[str, int], trio.CancelScope] = {}
+        self.sealer = NodeSealer(node)
+        #: task → the drivers of its shard machines (bidder, adopted shards, re-deliveries)
+        self._tasks: dict[str, list[MachineDriver]] = {}
+        #: driver → the certified rounds already handed to its machine
+        self._fed: dict[MachineDriver, set[int]] = {}
+        #: job id → the cancel scope of its executor call (``CancelJob``)
+        self._jobs: dict[str, trio.CancelScope] = {}
+        #: task → its announce as first seen (what the machines are built from)
+        self._announces: dict[str, Signed] = {}
+
+    @property
+    def times(self) -> MarketTimes:
+        m = self.node.config.market
+        return MarketTimes(lease_ttl_ms=int(m.lease_ttl_s * 1000), heartbeat_ms=int(m.heartbeat_s * 1000))
 
     # -- eligibility and bidding --------------------------------------------------------
     def ineligible_reason(self, ann: TaskAnnounce, submitter: str) -> str | None:
@@ -66,38 +117,41 @@ class Contractor:
             return "deadline passed"
         return None
 
-    async def on_announce(self, view: TaskView) -> None:
+    async def on_announce(self, view: TaskView, signed: Signed | None = None) -> None:
+        """An announce of ``view``'s task: bid if eligible. ``signed`` is the announce as it
+        arrived (a re-announce has a fresh sequence); None for the view's own announce (our
+        own submitter calls us after publishing)."""
         reason = self.ineligible_reason(view.announce, view.submitter)
         if reason is not None:
             self.node.counters.inc("bids.not_eligible")
             log.debug("not bidding for %s: %s", view.task_id, reason)
             return
-        # Also after an award: a re-announce asks for spare bidders for lost shards.
-        await self.send_bid(view)
-
-    async def send_bid(self, view: TaskView) -> None:
-        load = self.node.load()
-        c0 = self.node.c0
-        raw, signed = self.node.seal(
-            Bid, ttl_ms=60_000, task_id=view.task_id, c0=max(c0, 1e-6), load=min(load, 1000.0)
-        )
-        if view.submitter == self.node.peer_id:
-            self.local_submitter.accept_bid(raw, self.node.peer_id, verified=signed)
+        if view.cancelled:
             return
-        try:
-            stream = await self.node.p2p.open_stream(view.submitter, BID_PROTOCOL)
-            try:
-                await stream.send(raw)
-                with trio.fail_after(10):
-                    reply = codec.unpack(await stream.receive())
-            finally:
-                await stream.aclose()
-            self.node.counters.inc(
-                "bids.sent" if isinstance(reply, dict) and reply.get("ok") else "bids.refused"
+        bidder = next((d for d in self._tasks.get(view.task_id, ()) if self._is_bidder(d)), None)
+        if bidder is not None and signed is None and self._state(bidder) is ShardState.BID_SENT:
+            # Our own submitter re-announced (it hands us no new message): a fresh bidder
+            # bids afresh, as any re-announce asks (SPEC §8.2; the old bid may have expired).
+            bidder.close()
+            self._forget(view.task_id, bidder)
+            bidder = None
+        if bidder is None:
+            announce = self._announce_of(view)
+            if announce is None:
+                return
+            machine = ShardMachine.bidder(
+                announce, sealer=self.sealer, times=self.times, c0=self.node.c0, load=self.node.load()
             )
-        except (ProtocolError, trio.TooSlowError) as exc:
-            self.node.counters.inc("bids.failed")
-            log.info("bid for %s to %s failed: %s", view.task_id, view.submitter, exc)
+            self._start(machine)
+            return
+        if signed is None or bidder.closed:
+            return
+        # Also after an award: a re-announce asks for spare bidders for lost shards. The bid
+        # carries our load now, not when we first bid.
+        current = bidder.machine
+        assert isinstance(current, ShardMachine)
+        current.load = self.node.load()
+        bidder.feed(ev.MessageVerified(now_ms=bidder.now_ms(), signed=signed, sender=signed.signer))
 
     # -- awards ---------------------------------------------------------------------------
     def verify_award(self, view: TaskView, signed: Signed) -> bool:
@@ -120,18 +174,21 @@ class Contractor:
         return True
 
     def on_award(self, view: TaskView) -> None:
-        award = view.latest_award()
-        if award is None or view.cancelled:
+        """The view's latest award (verified, or our own) goes to the task's machines."""
+        if not view.awards or view.cancelled:
             return
-        mine = {a["shard"]: a for a in award.assignments if a["peer_id"] == self.node.peer_id}
-        for (task_id, shard), scope in list(self._running.items()):
-            if task_id == view.task_id and shard not in mine:
-                scope.cancel()  # our shard went to someone else (we were presumed lost)
-        for shard, a in mine.items():
-            if (view.task_id, shard) not in self._running:
-                scope = trio.CancelScope()
-                self._running[(view.task_id, shard)] = scope
-                self.node.nursery.start_soon(self._run_shard, view, dict(a), award.epoch, scope)
+        signed = view.awards[max(view.awards)]
+        award = signed.message
+        assert isinstance(award, Award)
+        drivers = [d for d in self._tasks.get(view.task_id, ()) if not d.closed]
+        if not drivers:
+            # No machine follows the task (we bid before a restart, or in a lost bidder):
+            # each shard the award gives us gets a machine of its own.
+            for shard in sorted({int(a["shard"]) for a in award.assignments if a["peer_id"] == self.me}):
+                self._adopt(view.task_id, shard, signed)
+            return
+        for d in drivers:
+            d.feed(ev.MessageVerified(now_ms=d.now_ms(), signed=signed, sender=signed.signer, checked=True))
 
     def on_cancel(self, view: TaskView, signed: Signed) -> None:
         msg = signed.message
@@ -141,236 +198,359 @@ class Contractor:
             return
         view.cancelled = True
         view.pulse()
-        for (task_id, _), scope in list(self._running.items()):
-            if task_id == view.task_id:
-                scope.cancel()
+        for d in list(self._tasks.get(view.task_id, ())):
+            d.feed(ev.MessageVerified(now_ms=d.now_ms(), signed=signed, sender=signed.signer))
 
-    # -- running a shard ------------------------------------------------------------------
-    async def _heartbeat(self, view: TaskView, shard: int, epoch: int, state: dict[str, Any]) -> None:
-        ttl = int(self.node.config.market.lease_ttl_s * 1000)
-        while True:
-            raw, _ = self.node.seal(
-                Lease,
-                ttl_ms=ttl,
-                task_id=view.task_id,
-                epoch=epoch,
-                shard=shard,
-                round=state["round"],
-                state=state["state"],
-                detail=state["detail"][:512],
-            )
-            view.heartbeats[self.node.peer_id] = trio.current_time()
-            await self.node.gossip(raw)
-            await trio.sleep(self.node.config.market.heartbeat_s)
+    def redeliver_pending(self) -> None:
+        """After a restart: re-send every stored result (the submitter dedupes)."""
+        for row in self.node.store.db.execute("SELECT task_id, result FROM work WHERE result IS NOT NULL"):
+            task = self.node.store.task(row["task_id"])
+            if task is None or task["state"] in _TERMINAL_TASK or task["announce"] is None:
+                continue
+            try:
+                announce = open_envelope(bytes(task["announce"]), kinds=frozenset({"announce"}))
+                result = open_envelope(bytes(row["result"]), kinds=frozenset({"result"}))
+            except ProtocolError as exc:
+                log.warning("cannot re-deliver the stored result of %s: %s", row["task_id"], exc)
+                continue
+            self._announces.setdefault(row["task_id"], announce)
+            self._start(ShardMachine.redeliver(announce, result, sealer=self.sealer, times=self.times))
 
-    async def _run_shard(
-        self, view: TaskView, assignment: dict[str, Any], epoch: int, scope: trio.CancelScope
-    ) -> None:
-        shard = assignment["shard"]
-        ann = view.announce
-        state: dict[str, Any] = {"round": 0, "state": "accepted", "detail": ""}
-        self.node.store.add_task(
-            task_id=ann.task_id,
-            role="worker",
-            submitter=view.submitter,
-            kind=ann.kind,
-            state="running",
-            spec={"announce": "see signed announce"},
-            announce=view.announce_raw,
-            deadline_at=(ann.issued_at + ann.deadline_ms) / 1000,
-            message=f"awarded shard {shard} (epoch {epoch})",
-        )
-        self.node.active_shards += 1
-        self.node.poke_advert()
+    # -- the machines ---------------------------------------------------------------------
+    @property
+    def me(self) -> str:
+        return self.node.peer_id
+
+    @staticmethod
+    def _is_bidder(driver: MachineDriver) -> bool:
+        m = driver.machine
+        return isinstance(m, ShardMachine) and m.is_bidder
+
+    @staticmethod
+    def _state(driver: MachineDriver) -> ShardState:
+        m = driver.machine
+        assert isinstance(m, ShardMachine)
+        return m.state
+
+    def machines(self, task_id: str) -> list[ShardMachine]:
+        """The shard machines following ``task_id`` (tests and ``peerctl``-side debugging)."""
+        out = []
+        for d in self._tasks.get(task_id, ()):
+            assert isinstance(d.machine, ShardMachine)
+            out.append(d.machine)
+        return out
+
+    def _announce_of(self, view: TaskView) -> Signed | None:
+        known = self._announces.get(view.task_id)
+        if known is not None:
+            return known
         try:
-            with scope:
-                async with trio.open_nursery() as hb:
-                    hb.start_soon(self._heartbeat, view, shard, epoch, state)
-                    state["state"] = "running"
-                    await self._shard_rounds(view, assignment, epoch, state)
-                    hb.cancel_scope.cancel()
-            if scope.cancelled_caught:
-                state["state"] = "released"
-                self.node.counters.inc("shards.cancelled")
-        except Exception as exc:  # a bug or an I/O failure in one shard must not kill the daemon
-            log.exception("shard %s/%s failed", ann.task_id, shard)
-            state["state"], state["detail"] = "failed", f"{type(exc).__name__}: {exc}"
-        finally:
-            self.node.active_shards -= 1
-            self._running.pop((view.task_id, shard), None)
-            self.node.poke_advert()
-        # Final lease state: tells the submitter and committees we are done with it.
-        raw, _ = self.node.seal(
-            Lease,
-            ttl_ms=int(self.node.config.market.lease_ttl_s * 1000),
-            task_id=view.task_id,
-            epoch=epoch,
-            shard=shard,
-            round=state["round"],
-            state=state["state"] if state["state"] in ("failed", "released") else "done",
-            detail=state["detail"][:512],
-        )
-        await self.node.gossip(raw)
+            signed = open_envelope(view.announce_raw, kinds=frozenset({"announce"}))
+        except ProtocolError as exc:  # the view was built from this verified message
+            log.error("the stored announce of %s does not open: %s", view.task_id, exc)
+            return None
+        self._announces[view.task_id] = signed
+        return signed
 
-    async def _shard_rounds(
-        self, view: TaskView, assignment: dict[str, Any], epoch: int, state: dict[str, Any]
-    ) -> None:
-        ann = view.announce
-        shard = assignment["shard"]
-        inputs: dict[str, Path] = {}
-        refs = {**ann.inputs, **assignment["inputs"]}
-        for name, ref in sorted(refs.items()):
-            state["detail"] = f"fetching {name}"
-            inputs[name] = await self.node.fetch_from_any(
-                ref["sha256"], [view.submitter], max_bytes=ref["size"]
-            )
-        first_round = view.certified_rounds() + 1 if ann.aggregation != "none" else 1
-        for round_no in range(first_round, ann.rounds + 1):
-            state["round"] = round_no
-            job_inputs = dict(inputs)
-            chained = kinds.get(ann.kind).chained_input
-            if chained is not None and round_no > 1:
-                state["detail"] = f"waiting for the certificate of round {round_no - 1}"
-                job_inputs[chained] = await self.rounds.start_model(view, round_no - 1)
-            state["detail"] = f"running round {round_no}"
-            result = await self._execute(view, shard, round_no, job_inputs)
-            await self._publish_result(view, shard, epoch, round_no, result)
-            if not result.ok:
-                state["state"], state["detail"] = "failed", f"{result.error}: {result.detail}"[:512]
+    def _start(self, machine: ShardMachine) -> MachineDriver:
+        task_id = machine.task_id
+        key = (task_id, "bid" if machine.shard is None else machine.shard)
+        driver = MachineDriver(key, machine, self, self.node.nursery, on_error=self.node.counters.inc)
+        first = task_id not in self._tasks
+        self._tasks.setdefault(task_id, []).append(driver)
+        # A machine built with certificates has them: handing one over again would restart
+        # a model fetch already under way.
+        self._fed[driver] = set(machine.certificates)
+        if first:
+            self.node.nursery.start_soon(self._follow, task_id)
+        driver.feed(ev.Start(now_ms=driver.now_ms()))
+        self._feed_certificates(task_id)
+        return driver
+
+    def _adopt(self, task_id: str, shard: int, award: Signed) -> None:
+        """Start a machine for ``shard`` unless one runs (or ran) for (task, shard)."""
+        for d in self._tasks.get(task_id, ()):
+            if isinstance(d.machine, ShardMachine) and d.machine.shard == shard and not d.closed:
                 return
-        state["state"], state["detail"] = "done", ""
+        view = self.book.get(task_id)
+        announce = self._announces.get(task_id) or (self._announce_of(view) if view is not None else None)
+        if announce is None:
+            return
+        awards = [view.awards[e] for e in sorted(view.awards)] if view is not None else []
+        machine = ShardMachine.adopt(
+            announce,
+            award,
+            shard,
+            sealer=self.sealer,
+            times=self.times,
+            awards=awards,
+            certificates=dict(view.certificates) if view is not None else None,
+        )
+        self._start(machine)
 
-    def _job(self, view: TaskView, shard: int, round_no: int, inputs: dict[str, Path]) -> Job:
-        ann = view.announce
+    def _forget(self, task_id: str, driver: MachineDriver) -> None:
+        drivers = self._tasks.get(task_id)
+        if drivers is not None and driver in drivers:
+            drivers.remove(driver)
+        self._fed.pop(driver, None)
+
+    def on_certificate(self, cert: Certificate) -> None:
+        """Round ``cert.round`` of its task is certified: each machine of the task learns it
+        once (SPEC §11: a keras-train round > 1 starts from the previous round's certified
+        model). The task's follower calls this for what the view records; a committee driver
+        that forwards its ``Certified`` action may call it directly."""
+        for d in list(self._tasks.get(cert.task_id, ())):
+            fed = self._fed.setdefault(d, set())
+            if cert.round not in fed and not d.closed:
+                fed.add(cert.round)
+                d.feed(ev.RoundCertified(now_ms=d.now_ms(), certificate=cert))
+
+    def _feed_certificates(self, task_id: str) -> None:
+        view = self.book.get(task_id)
+        if view is None:
+            return
+        for r in sorted(view.certificates):
+            self.on_certificate(view.certificates[r])
+
+    async def _follow(self, task_id: str) -> None:
+        """While machines follow the task: forward certificates; once the deadline has
+        passed, drop a bidder that never won; forget the task when every machine ended."""
+        while True:
+            drivers = self._tasks.get(task_id)
+            if not drivers:
+                self._tasks.pop(task_id, None)
+                return
+            self._feed_certificates(task_id)
+            machine = drivers[0].machine
+            assert isinstance(machine, ShardMachine)
+            past = wall_ms() > _deadline_ms(machine.announce)
+            for d in list(drivers):
+                state = self._state(d)
+                if d.closed and state in ACTIVE:
+                    # Stopped by its own bug (peerd/drive.py) while it held a shard: its
+                    # heartbeats have stopped, so the submitter re-awards the shard after one
+                    # lease TTL; give back the slot its award took.
+                    self.node.active_shards -= 1
+                    self.node.poke_advert()
+                if d.closed or (past and (state in TERMINAL or state is ShardState.BID_SENT)):
+                    d.close()
+                    self._forget(task_id, d)
+            if not self._tasks.get(task_id):
+                self._tasks.pop(task_id, None)
+                self._announces.pop(task_id, None)
+                return
+            view = self.book.get(task_id)
+            if view is not None:
+                await view.wait_changed(FOLLOW_POLL_S)
+            else:
+                await trio.sleep(FOLLOW_POLL_S)
+
+    # -- the Performer: what the machines ask for -------------------------------------------
+    def perform_now(self, driver: MachineDriver, action: act.Action) -> bool:
+        if isinstance(action, act.Persist):
+            self._persist(action.record)
+        elif isinstance(action, act.Count):
+            self.node.counters.inc(action.name)
+        elif isinstance(action, act.Drop):
+            self.node.counters.inc(f"dropped.{action.reason}")
+            log.info("dropped a message for %s: %s %s", driver.key, action.reason, action.detail)
+        elif isinstance(action, act.AdjustLoad):
+            self.node.active_shards += action.delta
+            self.node.poke_advert()
+        elif isinstance(action, act.AdoptShard):
+            self._adopt(action.task_id, action.shard, action.award)
+        elif isinstance(action, act.CancelJob):
+            scope = self._jobs.pop(action.job_id, None)
+            if scope is not None:
+                scope.cancel()
+        else:
+            return False
+        return True
+
+    def perform_later(
+        self, driver: MachineDriver, action: act.Action
+    ) -> Callable[[], Awaitable[ev.Event | None]] | None:
+        if isinstance(action, act.Publish):
+            return self._publish(action.signed)
+        if isinstance(action, act.Send):
+            return lambda: self._send(driver, action)
+        if isinstance(action, act.FetchBlob):
+            return lambda: self._fetch(driver, action)
+        if isinstance(action, act.StartJob):
+            machine = driver.machine
+            assert isinstance(machine, ShardMachine)
+            return self._start_job(driver, machine, action)
+        return None
+
+    def _persist(self, record: act.Record) -> None:
+        if isinstance(record, act.WorkerTaskRecord):
+            self.node.store.add_task(
+                task_id=record.task_id,
+                role="worker",
+                submitter=record.submitter,
+                kind=record.kind,
+                state="running",
+                spec={"announce": "see signed announce"},
+                announce=record.announce_raw,
+                deadline_at=record.deadline_ms / 1000,
+                message=record.message,
+            )
+        elif isinstance(record, act.WorkRecord):
+            # Durable before anyone is told: a restart re-delivers it (issue 3 item 8).
+            self.node.store.set_work(
+                record.task_id, record.shard, record.round, record.epoch, record.state, record.raw
+            )
+        else:
+            raise TypeError(f"the contractor does not persist {type(record).__name__}")
+
+    def _publish(self, signed: Signed) -> Callable[[], Awaitable[None]]:
+        # Our own messages skip our validators (peerd/p2p.py): what the task bus records
+        # for a peer's lease or result we record for ours here, before anyone is told.
+        m = signed.message
+        view = self.book.get(getattr(m, "task_id", ""))
+        if view is not None and isinstance(m, Lease):
+            view.heartbeats[self.me] = trio.current_time()
+        if view is not None and isinstance(m, Result):
+            view.add_result(signed)
+            self.rounds.on_result(view, signed)
+
+        async def publish() -> None:
+            await self.node.gossip(signed.raw)
+
+        return publish
+
+    async def _send(self, driver: MachineDriver, action: act.Send) -> ev.Event:
+        bid = action.protocol == act.PROTO_BID
+        reply: Any
+        if action.peer == self.me:
+            # Our own task: hand it to our own submitter, which answers as on a stream.
+            if bid:
+                reply = self.local_submitter.accept_bid(action.signed.raw, self.me, verified=action.signed)
+            else:
+                reply = self.local_submitter.accept_result(action.signed.raw, self.me)
+        else:
+            try:
+                stream = await self.node.p2p.open_stream(
+                    action.peer, BID_PROTOCOL if bid else RESULT_PROTOCOL
+                )
+                try:
+                    await stream.send(action.signed.raw)
+                    with trio.fail_after(BID_REPLY_S if bid else RESULT_REPLY_S):
+                        reply = codec.unpack(await stream.receive())
+                finally:
+                    await stream.aclose()
+            except (ProtocolError, trio.TooSlowError) as exc:
+                log.info("%s for %s to %s failed: %s", action.tag, driver.key, action.peer, exc)
+                return ev.SendCompleted(now_ms=driver.now_ms(), tag=action.tag, ok=False, reason="transport")
+        if not isinstance(reply, dict):
+            return ev.SendCompleted(now_ms=driver.now_ms(), tag=action.tag, ok=False, reason="bad reply")
+        return ev.SendCompleted(
+            now_ms=driver.now_ms(),
+            tag=action.tag,
+            ok=bool(reply.get("ok")),
+            reason=str(reply.get("reason", ""))[:200],
+        )
+
+    async def _fetch(self, driver: MachineDriver, action: act.FetchBlob) -> ev.Event:
+        size = None if action.size == act.ANY_SIZE else action.size
+        try:
+            if action.source == self.me and not self.node.blobs.has(action.digest):
+                # Our own copy or nothing: no stream to ourselves.
+                raise ProtocolError("not in our blob store", reason="not_found")
+            path = await self.node.fetch_blob(action.source, action.digest, max_bytes=size)
+            data = await trio.to_thread.run_sync(path.read_bytes) if action.want_bytes else None
+        except ProtocolError as exc:
+            return ev.BlobFetched(
+                now_ms=driver.now_ms(),
+                tag=action.tag,
+                digest=action.digest,
+                source=action.source,
+                ok=False,
+                reason=exc.reason,
+                error=str(exc),
+            )
+        return ev.BlobFetched(
+            now_ms=driver.now_ms(),
+            tag=action.tag,
+            digest=action.digest,
+            source=action.source,
+            ok=True,
+            data=data,
+        )
+
+    def _start_job(
+        self, driver: MachineDriver, machine: ShardMachine, action: act.StartJob
+    ) -> Callable[[], Awaitable[ev.Event | None]]:
+        scope = trio.CancelScope()
+        self._jobs[action.job_id] = scope  # before the job starts: a CancelJob may follow at once
+
+        async def run() -> ev.Event | None:
+            try:
+                with scope:
+                    try:
+                        result = await self._execute(machine.announce, action)
+                        outputs: dict[str, dict[str, Any]] = {}
+                        for name, data in sorted(result.outputs.items()):
+                            digest = await trio.to_thread.run_sync(self.node.blobs.put_bytes, data)
+                            outputs[name] = {"sha256": digest, "size": len(data)}
+                    except Exception as exc:
+                        # A bug or an I/O failure in one shard must not kill the daemon, nor
+                        # leave its machine waiting: the shard fails, and says why.
+                        log.exception("shard %s failed", driver.key)
+                        result = JobResult.failure("crashed", f"internal error: {type(exc).__name__}: {exc}")
+                        outputs = {}
+            finally:
+                if self._jobs.get(action.job_id) is scope:
+                    del self._jobs[action.job_id]
+            if scope.cancelled_caught:
+                return None  # CancelJob: the machine expects no JobFinished
+            return ev.JobFinished(
+                now_ms=driver.now_ms(),
+                job_id=action.job_id,
+                ok=result.ok,
+                outputs=outputs,
+                metrics=dict(result.metrics),
+                error=result.error,
+                detail=result.detail,
+            )
+
+        return run
+
+    async def _execute(self, ann: TaskAnnounce, action: act.StartJob) -> JobResult:
+        inputs = {name: self.node.blobs.path(ref["sha256"]) for name, ref in action.inputs.items()}
+        job = self._job(ann, action, inputs)
+        result = await self.node.pool.execute(job)
+        return result
+
+    def _job(self, ann: TaskAnnounce, action: act.StartJob, inputs: dict[str, Path]) -> Job:
         kind = kinds.get(ann.kind)
         lim = self.node.config.limits
-        params: dict[str, Any] = dict(ann.params)
+        params: dict[str, Any] = dict(action.params)
         params = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
         if kind.seed_per_round:
             # One seed per task and round, the same on every shard: round 1 builds its model
             # under this seed, so every participant starts from the same initial weights
             # (as FedAvg assumes; per-shard seeds cost 0.57-0.66 vs 0.78-0.82 accuracy after
             # round 1 on digits). The shards' data differ, so their batches still differ.
-            params["seed"] = int(params.get("seed", 0)) * 1000 + round_no
+            params["seed"] = int(params.get("seed", 0)) * 1000 + action.round
         for key, value in kind.job_defaults.items():
             params.setdefault(key, value)
+        if kind.chained_input is not None and "weights" in inputs and kind.chained_input != "weights":
+            inputs[kind.chained_input] = inputs.pop("weights")
         job_inputs = {k: v for k, v in inputs.items() if k not in kind.local_only_inputs}
         return Job(
-            job_id=f"{ann.task_id}-{shard}-{round_no}",
-            submitter=view.submitter,
+            job_id=action.job_id,
+            submitter=action.submitter,
             kind=ann.kind,
             params=params,
             inputs=job_inputs,
             limits=Limits(
                 memory_bytes=lim.memory_mb << 20,
                 cpu_seconds=lim.cpu_seconds,
-                wall_seconds=min(
-                    lim.wall_seconds, max(1.0, (ann.issued_at + ann.deadline_ms - wall_ms()) / 1000)
-                ),
+                wall_seconds=min(lim.wall_seconds, max(1.0, (_deadline_ms(ann) - wall_ms()) / 1000)),
                 max_processes=lim.max_processes,
                 max_output_bytes=lim.max_output_mb << 20,
             ),
-            trusted=view.submitter in self.node.config.policy.trusted_submitters
-            or view.submitter == self.node.peer_id,
+            trusted=action.submitter in self.node.config.policy.trusted_submitters
+            or action.submitter == self.me,
         )
-
-    async def _execute(self, view: TaskView, shard: int, round_no: int, inputs: dict[str, Path]) -> JobResult:
-        job = self._job(view, shard, round_no, inputs)
-        self.node.counters.inc("jobs.started")
-        result = await self.node.pool.execute(job)
-        self.node.counters.inc("jobs.ok" if result.ok else f"jobs.failed.{result.error}")
-        return result
-
-    async def _publish_result(
-        self, view: TaskView, shard: int, epoch: int, round_no: int, res: JobResult
-    ) -> None:
-        outputs = {}
-        for name, data in sorted(res.outputs.items()):
-            digest = await trio.to_thread.run_sync(self.node.blobs.put_bytes, data)
-            outputs[name[:64]] = {"sha256": digest, "size": len(data)}
-        metrics = {k[:64]: float(v) for k, v in res.metrics.items() if math.isfinite(float(v))}
-        weight = float(res.metrics.get("num_samples", 1.0)) if res.ok else 0.0
-        raw, signed = self.node.seal(
-            Result,
-            ttl_ms=Result.MAX_TTL_MS,
-            task_id=view.task_id,
-            epoch=epoch,
-            shard=shard,
-            round=round_no,
-            ok=res.ok,
-            error=None if res.ok else f"{res.error}: {res.detail}"[:512],
-            outputs=outputs,
-            weight=weight,
-            metrics=metrics,
-        )
-        # Durable before anyone is told: a restart re-delivers it (issue 3 item 8).
-        self.node.store.set_work(view.task_id, shard, round_no, epoch, "done" if res.ok else "failed", raw)
-        view.add_result(signed)
-        self.rounds.on_result(view, signed)
-        await self.node.gossip(raw)
-        self.node.nursery.start_soon(self.deliver_result, view.submitter, raw, view.task_id)
-
-    async def deliver_result(self, submitter: str, raw: bytes, task_id: str) -> None:
-        """Hand the signed result to the submitter until it acknowledges (bounded retries)."""
-        if submitter == self.node.peer_id:
-            self.local_submitter.accept_result(raw, self.node.peer_id)  # already durable in our store
-            return
-        # The back-off stays below the lease TTL, and between tries we re-publish our final
-        # lease: a submitter that restarted meanwhile knows nothing of our last heartbeats, and
-        # without either it presumed the finished holder lost after one TTL and re-awarded the
-        # shard (the work was done twice) while our next try was still up to 10 s away.
-        ceiling = max(0.5, min(10.0, self.node.config.market.lease_ttl_s / 2))
-        delay = 0.2
-        for _attempt in range(MAX_DELIVERY_TRIES):
-            try:
-                stream = await self.node.p2p.open_stream(submitter, RESULT_PROTOCOL)
-                try:
-                    await stream.send(raw)
-                    with trio.fail_after(15):
-                        reply = codec.unpack(await stream.receive())
-                finally:
-                    await stream.aclose()
-                if isinstance(reply, dict) and reply.get("ok"):
-                    self.node.counters.inc("results.delivered")
-                    return
-                if isinstance(reply, dict) and reply.get("reason") == "unknown task":
-                    return
-            except (TransportError, ProtocolError, trio.TooSlowError) as exc:
-                log.debug("result delivery for %s failed: %s", task_id, exc)
-            view = self.book.get(task_id)
-            if view is not None and (view.cancelled or _deadline_ms(view) < wall_ms()):
-                break  # the submitter has given the task up by now
-            await trio.sleep(delay)
-            delay = min(delay * 2, ceiling)
-            await self._still_holding(raw)
-        self.node.counters.inc("results.undelivered")
-
-    async def _still_holding(self, result_raw: bytes) -> None:
-        """Re-publish the final lease of a finished shard whose result is not acknowledged yet."""
-        signed = self.node.inbox.verify_embedded(result_raw, kinds=frozenset({"result"}))
-        if signed is None or not isinstance(signed.message, Result):
-            return
-        res = signed.message
-        if (res.task_id, res.shard) in self._running:
-            return  # still running (a later round): its own heartbeat speaks for it
-        raw, _ = self.node.seal(
-            Lease,
-            ttl_ms=int(self.node.config.market.lease_ttl_s * 1000),
-            task_id=res.task_id,
-            epoch=res.epoch,
-            shard=res.shard,
-            round=res.round,
-            state="done" if res.ok else "failed",
-            detail="result not acknowledged yet",
-        )
-        await self.node.gossip(raw)
-
-    def redeliver_pending(self) -> None:
-        """After a restart: re-send every stored result (the submitter dedupes)."""
-        for row in self.node.store.db.execute("SELECT task_id, result FROM work WHERE result IS NOT NULL"):
-            task = self.node.store.task(row["task_id"])
-            if task is None or task["state"] in ("done", "failed", "cancelled"):
-                continue
-            self.node.nursery.start_soon(
-                self.deliver_result, task["submitter"], bytes(row["result"]), row["task_id"]
-            )

@@ -131,6 +131,7 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
             submitter = Submitter(node, book)
             contractor = Contractor(node, book, rounds, submitter)
             submitter.contractor = contractor
+            rounds.on_certified.append(submitter.on_certificate)
             TaskBus(node, book, contractor, submitter, rounds)
             adverts = AdvertService(
                 p2p=p2p,
@@ -171,6 +172,10 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
                 allowed_uids=cfg.rpc.allowed_uids,
             )
             await nursery.start(rpc.run)
+            if cfg.metrics.listen is not None:
+                from peerd.metrics import MetricsService
+
+                await nursery.start(MetricsService(cfg.metrics.listen, node).run)
             submitter.resume()
             contractor.redeliver_pending()
             # After resume: the views of our unfinished tasks are back in the book.
@@ -226,6 +231,7 @@ def main(config_path: Path | None, log_level: str | None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from peerd.metrics import MetricsError
     from peerd.rpc.server import RpcServerError
 
     try:
@@ -233,14 +239,14 @@ def main(config_path: Path | None, log_level: str | None) -> None:
     except BaseExceptionGroup as group:
         # Nurseries wrap errors in groups (trio's strict_exception_groups): unwrap the ones
         # that are an operator's to fix and say them in one line.
-        fatal = group.subgroup(lambda e: isinstance(e, IdentityError | RpcServerError))
+        fatal = group.subgroup(lambda e: isinstance(e, IdentityError | RpcServerError | MetricsError))
         if fatal is None:
             raise
         while isinstance(fatal, BaseExceptionGroup):
             fatal = fatal.exceptions[0]
         click.echo(f"peerd: {fatal}", err=True)
         sys.exit(1)
-    except (IdentityError, RpcServerError) as exc:
+    except (IdentityError, RpcServerError, MetricsError) as exc:
         click.echo(f"peerd: {exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:

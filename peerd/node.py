@@ -78,6 +78,10 @@ class Node:
     poke_advert: Callable[[], None] = lambda: None
     #: Per-task watchers (RPC task.watch) notified on every state change.
     watchers: dict[str, set[trio.MemorySendChannel[dict[str, Any]]]] = field(default_factory=dict)
+    #: Told of every message this node publishes on the task topic: our own messages skip
+    #: our validators (the task bus), so our own machines learn of them here (our submitter
+    #: of our contractor's leases).
+    on_gossip: list[Callable[[bytes], None]] = field(default_factory=list)
 
     @property
     def peer_id(self) -> str:
@@ -105,6 +109,8 @@ class Node:
                 "not publishing a %d-byte message: above the %d-byte gossip cap", len(raw), MAX_GOSSIP_BYTES
             )
             return
+        for hook in self.on_gossip:
+            hook(raw)
         try:
             await self.p2p.publish(TASKS_TOPIC, raw)
         except Exception as exc:  # publishing is best effort; callers have their own retries

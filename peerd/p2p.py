@@ -629,6 +629,8 @@ def _configure_libp2p_process() -> None:
     logging.getLogger("libp2p.protocol_muxer.multiselect_client").addFilter(_Demote())
     logging.getLogger("libp2p.host.basic_host").addFilter(_Demote("Failed to open stream"))
     logging.getLogger("libp2p.stream_muxer.yamux.yamux").addFilter(_Demote("Error in handle_incoming"))
+    # A dialled peer that hangs up mid-handshake (every peer's shutdown): a TransportError to us.
+    logging.getLogger("libp2p.network.swarm").addFilter(_Demote("failed to upgrade security"))
     # Logs its state at INFO on every cycle; warnings and errors still pass.
     logging.getLogger("libp2p.network.auto_connector").setLevel(logging.WARNING)
 

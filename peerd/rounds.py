@@ -130,6 +130,8 @@ class Rounds:
         self._broken: set[tuple[str, int]] = set()
         #: rounds whose ``_serve_round`` is scheduled but has not run yet (one machine per round)
         self._starting: set[tuple[str, int]] = set()
+        #: Told of every certificate (the submitter's TaskMachine takes it as RoundCertified).
+        self.on_certified: list[Callable[[TaskView, Certificate], None]] = []
 
     # -- inputs from the task bus and the contractor ----------------------------------------
     def on_result(self, view: TaskView, signed: Signed) -> None:
@@ -167,6 +169,8 @@ class Rounds:
         view.certificates[cert.round] = cert
         view.pulse()
         log.info("task %s round %d certified by %s", view.task_id, cert.round, ", ".join(cert.signers))
+        for listener in self.on_certified:
+            listener(view, cert)
 
     def committee_for(self, view: TaskView, round_no: int) -> tuple[str, ...]:
         return tuple(sorted(committee(view.task_id, round_no, view.participants(), COMMITTEE_SIZE)))

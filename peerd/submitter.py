@@ -5,6 +5,15 @@ results, follow the aggregation rounds, and keep the record (seed §3.2 steps 2�
 There is no central scheduler: the submitter only coordinates its *own* task, and every
 decision it makes is a signed message that any peer can re-check (``check_award``,
 certificates). A restarted submitter resumes every unfinished task from the store.
+
+The rules live in :class:`protocol.machines.task.TaskMachine` (issue 7 item 2): this role
+is its thin driver. Per task this node submitted it runs one
+:class:`peerd.drive.MachineDriver` and performs what the machine asks (the store, the
+task topic, blob fetches, the data split, the evaluation job, RPC watchers) and feeds it
+what arrives: bids and results on their streams, leases and results from the task topic,
+certificates from the committee role (``Rounds.on_certificate``), the peer table, the
+user's cancel. The machine's state is the task's only state; the role keeps the
+:class:`~peerd.taskbook.TaskView` the other roles read up to date with our own awards.
 """
 
 from __future__ import annotations
@@ -14,13 +23,15 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import trio
 
 from peerd import kinds
+from peerd.drive import MachineDriver
 from peerd.executor import Job, Limits
 from peerd.inbox import wall_ms
 from peerd.node import ANNOUNCE_SLACK, MAX_GOSSIP_BYTES, Node, gossip_too_large
@@ -29,15 +40,42 @@ from peerd.taskbook import TaskBook, TaskView
 from peerd.taskspec import parse_spec
 from protocol import codec
 from protocol.allocation import shard_sizes
-from protocol.awards import allocate, assignments_of, net_params, reassign, usable_bids
+from protocol.awards import net_params
 from protocol.certificate import Certificate, check_certificate
 from protocol.envelope import Signed, open_envelope
 from protocol.errors import ProtocolError
-from protocol.messages import MAX_T_MAX, Award, Cancel, Result, TaskAnnounce
+from protocol.machines import MarketTimes
+from protocol.machines import actions as act
+from protocol.machines import events as ev
+from protocol.machines.task import Restored, TaskMachine
+from protocol.messages import MAX_T_MAX, Award, Cancel, Message, Result, TaskAnnounce
 
 log = logging.getLogger(__name__)
 
+M = TypeVar("M", bound=Message)
+
 TERMINAL = ("done", "failed", "cancelled")
+#: How often the peer table's counts reach the machines (``PeersKnown``): the pending
+#: message names the peers known, and a restarted submitter counts holders' silence only
+#: once some peer is connected (as the supervisor's one-second poll did).
+PEERS_EVERY_S = 1.0
+
+
+class _NodeSealer:
+    """The machines' :class:`~protocol.machines.common.Sealer` over ``Node.seal``, whose
+    sequence store persists the high-water mark (the machine's ``now_ms`` is the same wall
+    clock ``Node.seal`` reads)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    @property
+    def peer_id(self) -> str:
+        return self.node.peer_id
+
+    def seal(self, cls: type[M], *, now_ms: int, ttl_ms: int, **fields: Any) -> Signed:
+        _, signed = self.node.seal(cls, ttl_ms=ttl_ms, **fields)
+        return signed
 
 
 class SubmitError(Exception):
@@ -49,7 +87,13 @@ class Submitter:
         self.node = node
         self.book = book
         self.contractor: Any = None  # set by the daemon (local bids and local announces)
-        self._cancel_scopes: dict[str, trio.CancelScope] = {}
+        self.sealer = _NodeSealer(node)
+        #: task_id → the driver of its TaskMachine (kept after the end: late bids and
+        #: results are answered by the machine, as the view answered them before).
+        self.drivers: dict[str, MachineDriver] = {}
+        self._jobs: dict[str, trio.CancelScope] = {}
+        self._peers_loop = False
+        node.on_gossip.append(self._own_gossip)
 
     # -- submission ---------------------------------------------------------------------
     async def submit(self, spec_obj: Any) -> str:
@@ -81,9 +125,7 @@ class Submitter:
         task_id = secrets.token_hex(16)
         cfg = self.node.config.market
         shared = {
-            n: r
-            for n, r in refs.items()
-            if n not in kind.local_only_inputs and n not in kind.split_inputs
+            n: r for n, r in refs.items() if n not in kind.local_only_inputs and n not in kind.split_inputs
         }
         params = json.loads(json.dumps(spec.params))  # plain JSON types only
         dc_max = None if cfg.dc_max == float("inf") else cfg.dc_max
@@ -144,7 +186,7 @@ class Submitter:
         )
         self.book.add(signed)  # our own: always admitted
         self.node.counters.inc("tasks.submitted")
-        self.node.nursery.start_soon(self._drive, task_id)
+        self._start_machine(signed, record, restored=None)
         return task_id
 
     @staticmethod
@@ -161,6 +203,101 @@ class Submitter:
         except (ValueError, OSError) as exc:
             raise SubmitError(f"inputs.{name}: not a readable .npz ({exc})") from None
 
+    # -- machines -------------------------------------------------------------------------
+    def _start_machine(self, announce: Signed, spec: dict[str, Any], *, restored: Restored | None) -> None:
+        ann = announce.message
+        assert isinstance(ann, TaskAnnounce)
+        refs: dict[str, Any] = spec.get("input_refs", {})
+        kind = kinds.get(ann.kind)
+        split = next((n for n in kind.split_inputs if n in refs), None)
+        # The submitter's held-out inputs (docs/tasks.md: validation, test) never leave it.
+        held_out: dict[str, Any] = {
+            n: refs[n] for n in ("validation", "test") if n in refs and kind.evaluate_with
+        }
+        market = self.node.config.market
+        machine = TaskMachine(
+            announce,
+            sealer=self.sealer,
+            times=MarketTimes(
+                lease_ttl_ms=int(market.lease_ttl_s * 1000), heartbeat_ms=int(market.heartbeat_s * 1000)
+            ),
+            split_input=split,
+            held_out=held_out,
+            restored=restored,
+            wait_for_network=True,
+        )
+        task_id = ann.task_id
+        driver = MachineDriver(
+            task_id, machine, self, self.node.nursery, on_error=lambda name: self._driver_error(task_id, name)
+        )
+        self.drivers[ann.task_id] = driver
+        if not self._peers_loop:
+            self._peers_loop = True
+            self.node.nursery.start_soon(self._report_peers)
+        driver.feed(ev.Start(now_ms=driver.now_ms()))
+
+    def _driver_error(self, task_id: str, name: str) -> None:
+        self.node.counters.inc(name)
+        if name == "drive.machine_errors":
+            # The machine refused an event (our bug) and is no longer driven: the task cannot
+            # go on, so it fails as the supervisor's internal errors did.
+            self._fail_outside(
+                task_id, "failed", "internal error: the task's state machine stopped", "internal"
+            )
+
+    def _live(self, task_id: str) -> MachineDriver | None:
+        driver = self.drivers.get(task_id)
+        return driver if driver is not None and not driver.closed else None
+
+    async def _report_peers(self) -> None:
+        while True:
+            now = wall_ms()
+            live = [
+                d for d in self.drivers.values() if not d.closed and _machine(d).public_state not in TERMINAL
+            ]
+            if live:
+                known = len(self.node.table.alive(now))
+                connected = len(self.node.p2p.connected_peers())
+                for d in live:
+                    d.feed(ev.PeersKnown(now_ms=now, alive=known, connected=connected))
+            await trio.sleep(PEERS_EVERY_S)
+
+    def on_message(
+        self, signed: Signed, *, via: str = ev.VIA_GOSSIP, sender: str | None = None
+    ) -> list[act.Action]:
+        """Hand a verified lease or result of one of our tasks to its machine (the task bus)."""
+        driver = self._live(signed.message.task_id)  # type: ignore[attr-defined]
+        if driver is None:
+            return []
+        return driver.feed(ev.MessageVerified(now_ms=driver.now_ms(), signed=signed, via=via, sender=sender))
+
+    def _own_gossip(self, raw: bytes) -> None:
+        """Our own contractor's leases for our own tasks (they never pass the task bus): the
+        machine counts a holder's silence, ours included."""
+        try:
+            signed = open_envelope(raw, kinds=frozenset({"lease"}))
+        except ProtocolError:
+            return  # not a lease (our announce, award, cancel, result, vote)
+        driver = self._live(signed.message.task_id)  # type: ignore[attr-defined]
+        if driver is not None:
+            driver.feed(ev.MessageVerified(now_ms=driver.now_ms(), signed=signed, via=ev.VIA_LOCAL))
+
+    def on_certificate(self, view: TaskView, cert: Certificate) -> None:
+        """A round of one of our tasks is certified (the committee role's hook)."""
+        driver = self._live(cert.task_id)
+        if driver is None or view.announce.aggregation == "none":
+            return
+        if not 1 <= cert.round <= view.announce.rounds:
+            return
+        driver.feed(ev.RoundCertified(now_ms=driver.now_ms(), certificate=cert))
+
+    @staticmethod
+    def _reply(actions: list[act.Action], default: str) -> dict[str, Any]:
+        for a in actions:
+            if isinstance(a, act.Reply):
+                return {"ok": a.ok, "reason": a.reason}
+        return {"ok": False, "reason": default}
+
     # -- bids ---------------------------------------------------------------------------
     def accept_bid(self, raw: bytes, sender: str, *, verified: Signed | None = None) -> dict[str, Any]:
         """Store a bid for one of our tasks. ``verified``: our own bid, already admitted."""
@@ -168,16 +305,21 @@ class Submitter:
         if signed is None:
             return {"ok": False, "reason": "invalid bid"}
         task_id = signed.message.task_id  # type: ignore[attr-defined]
-        row = self.node.store.task(task_id)
-        if row is None or row["role"] != "submitter" or row["state"] in TERMINAL:
+        driver = self._live(task_id)
+        if driver is None:
+            row = self.node.store.task(task_id)
+            if row is not None and row["role"] == "submitter" and row["state"] not in TERMINAL:
+                # Restarted, and the bid came in before resume() rebuilt the machine.
+                driver = self._resume_task(row)
+        if driver is None:
             self.node.counters.inc("bids.unknown_task")
             return {"ok": False, "reason": "unknown task"}
-        if self.node.store.add_bid(task_id, signed.signer, raw):
-            self.node.counters.inc("bids.received")
+        # Local or not, the reply is the machine's (a bid for a finished task: unknown task).
+        actions = driver.feed(ev.MessageVerified(now_ms=driver.now_ms(), signed=signed, via=ev.VIA_STREAM))
         view = self.book.get(task_id)
         if view is not None:
             view.pulse()
-        return {"ok": True, "reason": ""}
+        return self._reply(actions, "unknown task")
 
     async def handle_bid_stream(self, stream: FrameStream) -> None:
         with trio.move_on_after(10):
@@ -199,31 +341,24 @@ class Submitter:
         if signed.signer != sender:
             self.node.counters.inc("dropped.signer_mismatch")
             return {"ok": False, "reason": "signer mismatch"}
-        row = self.node.store.task(msg.task_id)
-        if row is None or row["role"] != "submitter":
-            return {"ok": False, "reason": "unknown task"}
-        view = self.book.get(msg.task_id)
-        if view is None and row["state"] not in TERMINAL:
-            # Restarted, and the result came in before resume() rebuilt the view: answering
+        driver = self._live(msg.task_id)
+        if driver is None:
+            row = self.node.store.task(msg.task_id)
+            if row is None or row["role"] != "submitter" or row["state"] in TERMINAL:
+                return {"ok": False, "reason": "unknown task"}
+            # Restarted, and the result came in before resume() rebuilt the machine: answering
             # "unknown task" would make the contractor stop delivering it for good.
-            view = self._load_view(row)
-        if view is None:
-            return {"ok": False, "reason": "unknown task"}
-        if view.holder(msg.shard, msg.epoch) != signed.signer:
-            self.node.counters.inc("dropped.not_holder")
-            return {"ok": False, "reason": "not the shard's holder"}
-        self.node.store.add_result(
-            msg.task_id,
-            msg.round,
-            msg.shard,
-            signed.signer,
-            raw,
-            seq=msg.seq,
-            certified=msg.round in view.certificates,
+            driver = self._resume_task(row)
+            if driver is None:
+                return {"ok": False, "reason": "unknown task"}
+        actions = driver.feed(
+            ev.MessageVerified(now_ms=driver.now_ms(), signed=signed, via=ev.VIA_STREAM, sender=sender)
         )
-        if view.add_result(signed):
-            self.node.counters.inc("results.received")
-        return {"ok": True, "reason": ""}
+        reply = self._reply(actions, "unknown task")
+        view = self.book.get(msg.task_id)
+        if reply["ok"] and view is not None and view.holder(msg.shard, msg.epoch) == signed.signer:
+            view.add_result(signed)  # the committee role reads the commits from the view
+        return reply
 
     async def handle_result_stream(self, stream: FrameStream) -> None:
         with trio.move_on_after(15):
@@ -239,511 +374,290 @@ class Submitter:
             raise KeyError(task_id)
         if row["state"] in TERMINAL:
             return str(row["state"])
-        raw, signed = self.node.seal(
-            Cancel, ttl_ms=3_600_000, task_id=task_id, reason="cancelled by the submitter"
-        )
-        view = self.book.get(task_id)
-        if view is not None and self.contractor is not None:
-            self.contractor.on_cancel(view, signed)
-        await self.node.gossip(raw)
-        self._finish(task_id, "cancelled", "cancelled by the submitter")
-        scope = self._cancel_scopes.get(task_id)
-        if scope is not None:
-            scope.cancel()
+        driver = self._live(task_id)
+        if driver is None:
+            driver = self._resume_task(row)
+        if driver is None:
+            # Not drivable (its announce no longer verifies): record the user's cancel anyway.
+            self._fail_outside(task_id, "cancelled", "cancelled by the submitter", None)
+            return "cancelled"
+        driver.feed(ev.CancelRequested(now_ms=driver.now_ms()))
         return "cancelled"
 
-    # -- the task's life ------------------------------------------------------------------
-    def _finish(self, task_id: str, state: str, message: str, reason: str | None = None) -> None:
-        row = self.node.store.task(task_id)
-        if row is None or row["state"] in TERMINAL:
-            return
-        self.node.store.set_state(task_id, state, message, reason=reason)
-        self.node.counters.inc(f"tasks.{state}")
-        self.node.emit(
-            task_id,
-            {"task_id": task_id, "state": state, "message": message, "at": time.time(), "final": True},
-        )
-        view = self.book.get(task_id)
-        if view is not None:
-            view.pulse()
-
-    def _state(self, task_id: str, state: str, message: str, reason: str | None = None) -> None:
-        row = self.node.store.task(task_id)
-        if row is None or row["state"] in TERMINAL:
-            return
-        self.node.store.set_state(task_id, state, message, reason=reason)
-        self.node.emit(task_id, {"task_id": task_id, "state": state, "message": message, "at": time.time()})
-
+    # -- restart ----------------------------------------------------------------------------
     def resume(self) -> None:
-        """After a restart: rebuild views of our unfinished tasks and drive them again."""
+        """After a restart: rebuild the machines of our unfinished tasks from the store."""
         for row in self.node.store.tasks(role="submitter"):
-            if row["state"] in TERMINAL:
+            if row["state"] in TERMINAL or self._live(row["task_id"]) is not None:
                 continue
-            if self._load_view(row) is None:
-                continue
-            self.node.store.add_event(row["task_id"], row["state"], "submitter restarted; resuming")
-            self.node.nursery.start_soon(self._drive, row["task_id"])
+            self._resume_task(row)
 
-    def _load_view(self, row: Any) -> TaskView | None:
-        """The in-memory view of one of our tasks, rebuilt from the store (idempotent)."""
+    def _resume_task(self, row: Any) -> MachineDriver | None:
+        """One of our tasks, from its records: the view the other roles read, and its machine
+        (``Restored``: every stored message verified again)."""
+        task_id = row["task_id"]
         signed = self.node.inbox.verify_embedded(bytes(row["announce"]), kinds=frozenset({"announce"}))
         if signed is None:
             return None
         view = self.book.add(signed)
         if view is None:
             return None
-        for aw in self.node.store.awards(row["task_id"]):
-            s = self.node.inbox.verify_embedded(bytes(aw["raw"]), kinds=frozenset({"award"}))
-            if s is not None:
-                view.awards[s.message.epoch] = s  # type: ignore[attr-defined]
-        for r in self.node.store.results(row["task_id"]):
-            s = self.node.inbox.verify_embedded(bytes(r["raw"]), kinds=frozenset({"result"}))
-            if s is not None:
-                view.add_result(s)
-        for rnd in range(1, view.announce.rounds + 1):
-            if rnd in view.certificates:
-                continue
-            cert = self.node.store.certificate(row["task_id"], rnd)
+
+        def verified(raws: list[bytes], kind: str) -> list[Signed]:
+            out = []
+            for raw in raws:
+                s = self.node.inbox.verify_embedded(raw, kinds=frozenset({kind}))
+                if s is not None:
+                    out.append(s)
+            return out
+
+        bids = verified([bytes(r["raw"]) for r in self.node.store.bids(task_id)], "bid")
+        awards = verified([bytes(r["raw"]) for r in self.node.store.awards(task_id)], "award")
+        results = verified([bytes(r["raw"]) for r in self.node.store.results(task_id)], "result")
+        for a in awards:
+            view.awards[a.message.epoch] = a  # type: ignore[attr-defined]
+        for r in results:
+            view.add_result(r)
+        certificates: dict[int, Certificate] = {}
+        for rnd in range(1, signed.message.rounds + 1):  # type: ignore[attr-defined]
+            cert = view.certificates.get(rnd)
             if cert is None:
-                break
-            try:
-                view.certificates[rnd] = check_certificate(cert[1], task_id=row["task_id"], round_no=rnd)
-            except ProtocolError:
-                break
-        return view
-
-    async def _drive(self, task_id: str) -> None:
-        view = self.book.get(task_id)
-        row = self.node.store.task(task_id)
-        if view is None or row is None:
-            return
-        ann = view.announce
-        deadline = trio.current_time() + max(0.0, (ann.issued_at + ann.deadline_ms - wall_ms()) / 1000)
-        with trio.CancelScope(deadline=deadline) as scope:
-            self._cancel_scopes[task_id] = scope
-            try:
-                if view.latest_award() is None:
-                    await self._bidding(view)
-                await self._supervise(view)
-            except Exception as exc:
-                log.exception("task %s failed in the submitter", task_id)
-                self._finish(task_id, "failed", f"internal error: {exc}", reason="internal")
-        self._cancel_scopes.pop(task_id, None)
-        if scope.cancelled_caught:
-            row = self.node.store.task(task_id)
-            if row is not None and row["state"] not in TERMINAL:
-                reason = row["reason"] or "no result before the deadline"
-                self._finish(task_id, "failed", f"deadline passed: {reason}", reason="deadline")
-
-    async def _announce(self, view: TaskView, *, fresh: bool) -> None:
-        raw = view.announce_raw
-        if fresh:
-            # Gossip drops bytes it has seen in the last 120 s: a re-announce must be a
-            # new message (new sequence), with the same task fields.
-            a = view.announce
-            raw, _ = self.node.seal(
-                TaskAnnounce,
-                ttl_ms=a.expires_at - wall_ms(),
-                **{
-                    k: getattr(a, k)
-                    for k in (
-                        "task_id",
-                        "kind",
-                        "work",
-                        "deadline_ms",
-                        "max_shards",
-                        "resources",
-                        "aggregation",
-                        "rounds",
-                        "params",
-                        "inputs",
-                        "bid_window_ms",
-                        "net",
-                    )
-                },
-            )
-        await self.node.gossip(raw)
-        if self.contractor is not None:
-            await self.contractor.on_announce(view)
-
-    def _stored_bids(self, view: TaskView) -> list[Signed]:
-        bids = []
-        for r in self.node.store.bids(view.task_id):
-            s = self.node.inbox.verify_embedded(bytes(r["raw"]), kinds=frozenset({"bid"}))
-            if s is not None:
-                bids.append(s)
-        return usable_bids(view.announce, bids)
-
-    async def _collect_bids(self, view: TaskView, *, fresh: bool) -> list[Signed]:
-        await self._announce(view, fresh=fresh)
-        await trio.sleep(view.announce.bid_window_ms / 1000)
-        return self._stored_bids(view)
-
-    async def _bidding(self, view: TaskView) -> None:
-        attempt = 0
-        bids = await self._collect_bids(view, fresh=False)
-        while not bids:
-            attempt += 1
-            known = len(self.node.table.alive(wall_ms()))
-            self._state(
-                view.task_id,
-                "pending",
-                f"no eligible bids yet ({known} peers known); waiting, then re-announcing",
-                reason="no eligible peer has bid (kind, resources, policy or sandbox)",
-            )
-            # A bid that arrives just after a short window is taken at once (a bid's
-            # round trip is ~45 ms here): wait for one during the back-off rather than
-            # sleeping through it, and re-announce only if none came.
-            with trio.move_on_after(min(2.0 * attempt, 10.0)):
-                while not (bids := self._stored_bids(view)):
-                    await view.wait_changed(1.0)
-            if not bids:
-                bids = await self._collect_bids(view, fresh=True)
-        alloc = allocate(view.announce, bids)
-        assignments = assignments_of(alloc)
-        await self._split_inputs(view, assignments)
-        raw, signed = self.node.seal(
-            Award,
-            ttl_ms=Award.MAX_TTL_MS,
-            task_id=view.task_id,
-            epoch=0,
-            bids=[b.raw for b in bids],
-            assignments=assignments,
-            under_capacity=alloc.under_capacity,
-            excluded=[],
-        )
-        self.node.store.add_award(view.task_id, 0, raw, assignments)
-        view.awards[0] = signed
-        chosen = ", ".join(p[-8:] for p in alloc.chosen)
-        note = " (under capacity: no set of bids covers R)" if alloc.under_capacity else ""
-        self._state(view.task_id, "running", f"awarded {len(assignments)} shard(s) to {chosen}{note}")
-        await self.node.gossip(raw)
-        if self.contractor is not None:
-            self.contractor.on_award(view)
-
-    async def _split_inputs(self, view: TaskView, assignments: list[dict[str, Any]]) -> None:
-        """Split the data across shards in proportion to each node's C (docs/design.md §4)."""
-        row = self.node.store.task(view.task_id)
-        assert row is not None
-        refs = json.loads(row["spec"])["input_refs"]
-        for name in kinds.get(view.announce.kind).split_inputs:
-            if name not in refs:
-                continue
-            path = self.node.blobs.path(refs[name]["sha256"])
-            shares = [a["share"] for a in assignments]
-            seed = int(view.announce.params.get("seed", 0))
-            parts = await trio.to_thread.run_sync(_split_npz, path, shares, seed)
-            for a, data in zip(assignments, parts, strict=True):
-                digest = await trio.to_thread.run_sync(self.node.blobs.put_bytes, data)
-                a["inputs"][name] = {"sha256": digest, "size": len(data)}
-
-    async def _supervise(self, view: TaskView) -> None:
-        ann = view.announce
-        market = self.node.config.market
-        # Heartbeats seen before a restart are unknown: give every holder a full TTL.
-        start = trio.current_time()
-        heard_network = False
-        reported_rounds: set[int] = set()
-        while True:
-            if view.cancelled:
-                return
-            row = self.node.store.task(view.task_id)
-            if row is None or row["state"] in TERMINAL:
-                return
-            if ann.aggregation == "none":
-                if await self._check_plain_results(view):
-                    return
-            else:
-                for rnd in sorted(view.certificates):
-                    if rnd not in reported_rounds:
-                        reported_rounds.add(rnd)
-                        await self._on_round_certified(view, rnd)
-                if ann.rounds in view.certificates:
-                    await self._complete_rounds(view)
-                    return
-                failed = self._failed_shards(view)
-                if failed and len(failed) == len(view.assignments()):
-                    self._finish(
-                        view.task_id, "failed", f"every shard failed: {failed[0]}", reason="shards_failed"
-                    )
-                    return
-            now = trio.current_time()
-            if not heard_network:
-                if self.node.p2p.connected_peers():
-                    heard_network = True
-                else:
-                    # Just restarted and nobody has reconnected yet (the other peers redial us
-                    # with back-off): no lease could have reached us, so the TTL starts once
-                    # one can. Otherwise every holder was "lost" when the back-off outlasted it.
-                    start = now
-            lost = set()
-            for a in view.assignments():
-                peer = a["peer_id"]
-                if self._shard_finished(view, a["shard"]):
-                    continue
-                last = max(view.heartbeats.get(peer, start), start)
-                if now - last > market.lease_ttl_s:
-                    lost.add(peer)
-            if lost:
-                await self._reaward(view, lost)
-            await view.wait_changed(min(1.0, market.heartbeat_s))
-
-    def _shard_finished(self, view: TaskView, shard: int) -> bool:
-        if view.announce.aggregation == "none":
-            return any(shard in by for by in view.results.values())
-        return view.lease_states.get((view.holder(shard) or "", shard)) in ("done",)
-
-    def _failed_shards(self, view: TaskView) -> list[str]:
-        out = []
-        for by_shard in view.results.values():
-            for sv in by_shard.values():
-                msg = sv.message
-                assert isinstance(msg, Result)
-                if not msg.ok:
-                    out.append(f"shard {msg.shard} on {sv.signer[-8:]}: {msg.error}")
-        return out
-
-    async def _reaward(self, view: TaskView, lost: set[str]) -> None:
-        award = view.latest_award()
-        assert award is not None
-        bids = [
-            b
-            for r in self.node.store.bids(view.task_id)
-            if (b := self.node.inbox.verify_embedded(bytes(r["raw"]), kinds=frozenset({"bid"})))
-        ]
-        usable = usable_bids(view.announce, bids)
-        alloc = allocate(view.announce, usable)
-        costs = [(s.peer_id, s.cost) for s in alloc.scored]
-        excluded = sorted(set(award.excluded) | lost)
-        new = reassign(list(award.assignments), set(excluded), costs)
-        if not new:
-            self._state(view.task_id, "running", f"lost {len(lost)} peer(s); asking for fresh bids")
-            await self._collect_bids(view, fresh=True)
-            return
-        epoch = award.epoch + 1
-        raw, signed = self.node.seal(
-            Award,
-            ttl_ms=Award.MAX_TTL_MS,
-            task_id=view.task_id,
-            epoch=epoch,
-            bids=[b.raw for b in usable],
-            assignments=[{**a, "inputs": dict(a["inputs"])} for a in new],
-            under_capacity=award.under_capacity,
-            excluded=excluded,
-        )
-        self.node.store.add_award(view.task_id, epoch, raw, new)
-        view.awards[epoch] = signed
-        now = trio.current_time()
-        for p in lost:
-            view.heartbeats[p] = now  # do not re-detect before the new award lands
-        before = {x["shard"]: x["peer_id"] for x in award.assignments}
-        for a in new:
-            if a["peer_id"] != before.get(a["shard"]):
-                # A peer that just got a shard has not heartbeated it yet: a full lease TTL from
-                # now. Without this its "last heartbeat" was the supervisor's start, long past, so
-                # it could be declared lost at once and excluded for good.
-                view.heartbeats[a["peer_id"]] = now
-        moved = ", ".join(
-            f"shard {a['shard']} → {a['peer_id'][-8:]}"
-            for a in new
-            if a["peer_id"] != dict((x["shard"], x["peer_id"]) for x in award.assignments)[a["shard"]]
-        )
-        self.node.counters.inc("tasks.reawarded")
-        self._state(
-            view.task_id,
-            "running",
-            f"lease lost by {', '.join(p[-8:] for p in sorted(lost))}; re-awarded {moved}",
-        )
-        await self.node.gossip(raw)
-        if self.contractor is not None:
-            self.contractor.on_award(view)
-
-    async def _check_plain_results(self, view: TaskView) -> bool:
-        """aggregation = none: done when every shard has an OK result whose outputs we hold."""
-        shards = view.assignments()
-        results = {}
-        for by_shard in view.results.values():
-            results.update(by_shard)
-        for a in shards:
-            sv = results.get(a["shard"])
-            if sv is None:
-                return False
-            msg = sv.message
-            assert isinstance(msg, Result)
-            if not msg.ok:
-                self._finish(
-                    view.task_id,
-                    "failed",
-                    f"shard {msg.shard} failed on {sv.signer[-8:]}: {msg.error}",
-                    reason=(msg.error or "failed").split(":")[0],
-                )
-                return True
-            for ref in msg.outputs.values():
+                stored = self.node.store.certificate(task_id, rnd)
+                if stored is None:
+                    break
                 try:
-                    await self.node.fetch_from_any(ref["sha256"], [sv.signer], max_bytes=ref["size"])
-                except ProtocolError as exc:
-                    log.info("fetching output of %s failed: %s", view.task_id, exc)
-                    return False
-            self.node.store.set_shard_state(view.task_id, a["shard"], "done")
-        outputs = []
-        for a in shards:
-            msg = results[a["shard"]].message
-            assert isinstance(msg, Result)
-            for name, ref in sorted(msg.outputs.items()):
-                outputs.append(
-                    {"name": f"shard-{a['shard']}/{name}", "sha256": ref["sha256"], "size": ref["size"]}
-                )
-        metrics: dict[str, float] = {}
-        for a in shards:
-            for k, v in results[a["shard"]].message.metrics.items():  # type: ignore[attr-defined]
-                metrics[f"shard-{a['shard']}.{k}"] = v
-        self.node.store.set_result(
-            view.task_id, {"outputs": outputs, "metrics": metrics, "certificate": None}
+                    cert = check_certificate(stored[1], task_id=task_id, round_no=rnd)
+                except ProtocolError:
+                    break
+                view.certificates[rnd] = cert
+            certificates[rnd] = cert
+        restored = Restored(
+            bids=bids,
+            awards=awards,
+            results=results,
+            certificates=certificates,
+            reported_rounds=[int(r["round"]) for r in self.node.store.rounds(task_id)],
+            public_state=str(row["state"]),
         )
-        self._finish(view.task_id, "done", f"{len(shards)} shard result(s) received")
-        return True
+        self._start_machine(signed, json.loads(row["spec"]), restored=restored)
+        return self.drivers[task_id]
 
-    async def _on_round_certified(self, view: TaskView, rnd: int) -> None:
-        cert = view.certificates[rnd]
-        output = {**cert.output, "signers": list(cert.signers)}
-        self.node.store.add_certificate(view.task_id, rnd, output, list(cert.votes))
-        info: dict[str, Any] = {
-            "round": rnd,
-            # A peer holding two shards (a re-award without a spare) is listed once.
-            "participants": list(dict.fromkeys(i["peer_id"] for i in cert.inputs)),
-            "excluded": [dict(e) for e in cert.excluded],
-            "certified": True,
-            "certified_at": wall_ms() / 1000,
-            "output": cert.output["sha256"],
-            "signers": list(cert.signers),
-        }
-        # Training metrics: sample-weighted mean of the reports of the inputs the certificate
-        # aggregated — not of every result seen (an excluded peer's numbers are not the model's).
-        reports: list[tuple[dict[str, float], float]] = []
-        for i in cert.inputs:
-            sv = view.results.get(rnd, {}).get(int(i["shard"]))
-            msg = sv.message if sv is not None and sv.signer == i["peer_id"] else None
-            if isinstance(msg, Result) and msg.outputs.get("weights", {}).get("sha256") == i["sha256"]:
-                reports.append((dict(msg.metrics), float(msg.weight)))
-        for key in ("loss", "accuracy"):
-            vals = [(m[key], w) for m, w in reports if key in m]
-            total = sum(w for _, w in vals)
-            if vals and total > 0:
-                info[key] = sum(v * w for v, w in vals) / total
-        # Keep this round's committed inputs now, while their committers are surely up:
-        # the result bundle needs them for recomputation (peerctl verify).
-        await self._fetch_round_inputs(view, cert)
-        val = await self._evaluate(view, output, "validation")
-        if val:
-            info["val_loss"], info["val_accuracy"] = val.get("loss"), val.get("accuracy")
-        self.node.store.set_round(view.task_id, rnd, info)
-        note = f"; val accuracy {info['val_accuracy']:.4f}" if info.get("val_accuracy") is not None else ""
-        self._state(
-            view.task_id,
-            "running" if rnd < view.announce.rounds else "aggregating",
-            f"round {rnd}/{view.announce.rounds} certified by {len(cert.signers)} of "
-            f"{len(cert.committee)}{note}",
-        )
-        self.node.emit(
-            view.task_id,
-            {
-                "task_id": view.task_id,
-                "state": "running",
-                "round": rnd,
-                "metrics": info,
-                "message": f"round {rnd} certified",
-            },
-        )
+    # -- the Performer: what the machine asks -----------------------------------------------
+    def perform_now(self, driver: MachineDriver, action: act.Action) -> bool:
+        if isinstance(action, act.Persist):
+            self._persist(driver, action.record)
+            return True
+        if isinstance(action, act.Notify):
+            self._notify(action)
+            return True
+        if isinstance(action, act.Count):
+            self.node.counters.inc(action.name)
+            return True
+        if isinstance(action, act.Drop):
+            self.node.counters.inc(f"dropped.{action.reason}")
+            return True
+        if isinstance(action, act.Reply):
+            return True  # read from the actions by accept_bid / accept_result
+        if isinstance(action, act.CancelJob):
+            scope = self._jobs.pop(action.job_id, None)
+            if scope is not None:
+                scope.cancel()
+            return True
+        if isinstance(action, act.Publish):
+            # Our own award is in the view at once (the task bus does not see our gossip, and
+            # the contractor and committee read the view); the gossip itself is slow I/O.
+            self._own_message(driver, action.signed)
+        return False
 
-    async def _fetch_round_inputs(self, view: TaskView, cert: Certificate) -> None:
-        """Fetch a certified round's inputs: from each committer, else from the voters (who
-        fetched them to vote). Best effort: a missing input shows up in ``peerctl verify``."""
-        for i in cert.inputs:
-            try:
-                await self.node.fetch_from_any(i["sha256"], [i["peer_id"], *cert.signers])
-            except ProtocolError as exc:
-                log.info("round %d input %s… not fetched: %s", cert.round, i["sha256"][:12], exc)
+    def perform_later(
+        self, driver: MachineDriver, action: act.Action
+    ) -> Callable[[], Awaitable[ev.Event | None]] | None:
+        if isinstance(action, act.Publish):
+            return lambda: self._publish(driver, action.signed)
+        if isinstance(action, act.FetchBlob):
+            return lambda: self._guarded(driver, self._fetch(action))
+        if isinstance(action, act.SplitInputs):
+            return lambda: self._guarded(driver, self._split(driver, action))
+        if isinstance(action, act.StartJob):
+            return lambda: self._guarded(driver, self._evaluate(action))
+        return None
 
-    async def _evaluate(
-        self, view: TaskView, output: dict[str, Any], input_name: str
-    ) -> dict[str, float] | None:
-        """Score a certified model on the submitter's own held-out data (local worker)."""
-        row = self.node.store.task(view.task_id)
-        assert row is not None
-        refs = json.loads(row["spec"])["input_refs"]
-        evaluate_with = kinds.get(view.announce.kind).evaluate_with
-        if evaluate_with is None or input_name not in refs:
-            return None
-        try:
-            weights = await self._fetch_certified(view, output)
-            job = Job(
-                job_id=f"{view.task_id}-eval-{input_name}",
-                submitter=self.node.peer_id,
-                kind=evaluate_with,
-                params={
-                    "model_config": view.announce.params["model_config"],
-                    "loss": view.announce.params.get("loss", "sparse_categorical_crossentropy"),
-                },
-                inputs={"weights": weights, "data": self.node.blobs.path(refs[input_name]["sha256"])},
-                limits=Limits(memory_bytes=self.node.config.limits.memory_mb << 20),
-                trusted=True,
+    def _persist(self, driver: MachineDriver, rec: act.Record) -> None:
+        store = self.node.store
+        if isinstance(rec, act.TaskState):
+            store.set_state(rec.task_id, rec.state, rec.message, reason=rec.reason)
+        elif isinstance(rec, act.TaskEvent):
+            store.add_event(rec.task_id, rec.state, rec.message)
+        elif isinstance(rec, act.BidRecord):
+            store.add_bid(rec.task_id, rec.peer, rec.raw)
+        elif isinstance(rec, act.AwardRecord):
+            store.add_award(rec.task_id, rec.epoch, rec.raw, [dict(a) for a in rec.assignments])
+        elif isinstance(rec, act.ResultRecord):
+            msg = open_envelope(rec.raw, kinds=frozenset({"result"})).message
+            machine = _machine(driver)
+            store.add_result(
+                rec.task_id,
+                rec.round,
+                rec.shard,
+                rec.peer,
+                rec.raw,
+                seq=msg.seq,
+                certified=rec.round in machine.certificates,
             )
-            res = await self.node.pool.execute(job)
-        except Exception as exc:
-            log.warning("evaluation of %s on %s failed: %s", view.task_id, input_name, exc)
-            return None
-        if not res.ok:
-            log.warning("evaluation of %s failed: %s %s", view.task_id, res.error, res.detail[-300:])
-            return None
-        return {k: float(v) for k, v in res.metrics.items()}
+        elif isinstance(rec, act.RoundRecord):
+            store.set_round(rec.task_id, rec.round, dict(rec.info))
+        elif isinstance(rec, act.ShardStateRecord):
+            store.set_shard_state(rec.task_id, rec.shard, rec.state)
+        elif isinstance(rec, act.TaskResultRecord):
+            store.set_result(rec.task_id, dict(rec.result))
+        elif isinstance(rec, act.CertificateRecord):
+            store.add_certificate(rec.task_id, rec.round, dict(rec.output), list(rec.votes))
+        else:
+            log.error("task %s: no store method for %s", rec.task_id, type(rec).__name__)
+            self.node.counters.inc("drive.unknown_actions")
 
-    async def _fetch_certified(self, view: TaskView, output: dict[str, Any]) -> Path:
-        peers = output.get("signers", []) or [s for c in view.certificates.values() for s in c.signers]
+    def _notify(self, n: act.Notify) -> None:
+        event: dict[str, Any] = {"task_id": n.task_id, "state": n.state, "message": n.message}
+        if n.extra:
+            event.update(n.extra)  # a certified round: its number and metrics
+        else:
+            event["at"] = time.time()
+        if n.final:
+            event["final"] = True
+        self.node.emit(n.task_id, event)
+        view = self.book.get(n.task_id)
+        if view is not None and n.final:
+            view.pulse()
+
+    def _own_message(self, driver: MachineDriver, signed: Signed) -> None:
+        m = signed.message
+        view = self.book.get(driver.key)
+        if view is None or not isinstance(m, Award):
+            return
+        previous = view.latest_award()
+        view.awards[m.epoch] = signed
+        if previous is not None:
+            # A peer that just got a shard, or was just declared lost, is not "lost" to the
+            # committee before the new award lands: a full lease TTL from now.
+            now = trio.current_time()
+            before = {a["shard"]: a["peer_id"] for a in previous.assignments}
+            for a in m.assignments:
+                if a["peer_id"] != before.get(a["shard"]):
+                    view.heartbeats[a["peer_id"]] = now
+            for p in set(m.excluded) - set(previous.excluded):
+                view.heartbeats[p] = now
+        view.pulse()
+
+    async def _publish(self, driver: MachineDriver, signed: Signed) -> None:
+        await self.node.gossip(signed.raw)
+        # Hand our own message to our own roles (the task bus never sees our gossip).
+        view = self.book.get(driver.key)
+        if view is None or self.contractor is None:
+            return None
+        m = signed.message
+        if isinstance(m, TaskAnnounce):
+            await self.contractor.on_announce(view)
+        elif isinstance(m, Award):
+            self.contractor.on_award(view)
+        elif isinstance(m, Cancel):
+            self.contractor.on_cancel(view, signed)
+        return None
+
+    async def _guarded(self, driver: MachineDriver, work: Awaitable[ev.Event | None]) -> ev.Event | None:
+        """Run one slow action; a failure that is no protocol outcome is an internal error
+        of the task (the supervisor's ``except Exception`` before): the task fails."""
         try:
-            return await self.node.fetch_from_any(output["sha256"], peers, max_bytes=output["size"])
-        except ProtocolError as exc:
-            raise RuntimeError(f"cannot fetch the certified output: {exc}") from None
+            return await work
+        except Exception as exc:
+            log.exception("task %s failed in the submitter", driver.key)
+            self._fail_outside(str(driver.key), "failed", f"internal error: {exc}", "internal")
+            driver.close()
+            return None
 
-    async def _complete_rounds(self, view: TaskView) -> None:
-        # A certificate that arrived while an earlier round was being evaluated has not been
-        # reported yet (the supervisor checks for the last round right after reporting).
-        reported = {int(r["round"]) for r in self.node.store.rounds(view.task_id)}
-        for rnd in sorted(view.certificates):
-            if rnd not in reported:
-                await self._on_round_certified(view, rnd)
-        cert = view.certificates[view.announce.rounds]
-        output = {**cert.output, "signers": list(cert.signers)}
-        path = await self._fetch_certified(view, output)
-        # Keep every committed input of every round too: the bundle lets anyone re-check.
-        for _, c in sorted(view.certificates.items()):
-            await self._fetch_round_inputs(view, c)
-        metrics: dict[str, float] = {}
-        test = await self._evaluate(view, output, "test")
-        if test:
-            metrics = {f"test_{k}": v for k, v in test.items()}
-        rounds = self.node.store.rounds(view.task_id)
-        if rounds and rounds[-1].get("val_accuracy") is not None:
-            metrics["val_accuracy"] = rounds[-1]["val_accuracy"]
-        self.node.store.set_result(
-            view.task_id,
-            {
-                "outputs": [
-                    {"name": "weights", "sha256": cert.output["sha256"], "size": path.stat().st_size}
-                ],
-                "metrics": metrics,
-                "certificate": {
-                    "round": cert.round,
-                    "rule": cert.rule,
-                    "committee": list(cert.committee),
-                    "signers": list(cert.signers),
-                    "output": cert.output["sha256"],
-                },
-            },
+    def _fail_outside(self, task_id: str, state: str, message: str, reason: str | None) -> None:
+        """End a task the machine cannot end itself (the driver's own failure)."""
+        row = self.node.store.task(task_id)
+        if row is None or row["state"] in TERMINAL:
+            return
+        self.node.store.set_state(task_id, state, message, reason=reason)
+        self.node.counters.inc(f"tasks.{state}")
+        self._notify(act.Notify(task_id=task_id, state=state, message=message, final=True))
+
+    async def _fetch(self, a: act.FetchBlob) -> ev.Event:
+        try:
+            path = await self.node.fetch_blob(
+                a.source, a.digest, max_bytes=None if a.size == act.ANY_SIZE else a.size
+            )
+        except ProtocolError as exc:
+            log.info("fetching %s… from %s failed: %s", a.digest[:12], a.source[-8:], exc)
+            return ev.BlobFetched(
+                now_ms=wall_ms(),
+                tag=a.tag,
+                digest=a.digest,
+                source=a.source,
+                ok=False,
+                reason=exc.reason,
+                error=str(exc),
+            )
+        data = await trio.to_thread.run_sync(path.read_bytes) if a.want_bytes else None
+        return ev.BlobFetched(
+            now_ms=wall_ms(), tag=a.tag, digest=a.digest, source=a.source, ok=True, data=data
         )
-        msg = f"{view.announce.rounds} round(s) certified"
-        if "test_accuracy" in metrics:
-            msg += f"; test accuracy {metrics['test_accuracy']:.4f}"
-        self._finish(view.task_id, "done", msg)
+
+    async def _split(self, driver: MachineDriver, a: act.SplitInputs) -> ev.Event:
+        """Split the data across shards in proportion to each node's C (docs/design.md §4)."""
+        row = self.node.store.task(a.task_id)
+        assert row is not None
+        ref = json.loads(row["spec"])["input_refs"][a.name]
+        path = self.node.blobs.path(ref["sha256"])
+        parts = await trio.to_thread.run_sync(_split_npz, path, list(a.shares), a.seed)
+        out = []
+        for data in parts:
+            digest = await trio.to_thread.run_sync(self.node.blobs.put_bytes, data)
+            out.append({a.name: {"sha256": digest, "size": len(data)}})
+        return ev.InputsSplit(now_ms=wall_ms(), inputs=tuple(out))
+
+    async def _evaluate(self, a: act.StartJob) -> ev.Event | None:
+        """Score a certified model on the submitter's own held-out data (local worker).
+        Best effort: any failure is a job that did not succeed."""
+        job = Job(
+            job_id=a.job_id,
+            submitter=self.node.peer_id,
+            kind=a.kind,
+            params=dict(a.params),
+            inputs={name: self.node.blobs.path(ref["sha256"]) for name, ref in a.inputs.items()},
+            limits=Limits(memory_bytes=self.node.config.limits.memory_mb << 20),
+            trusted=True,
+        )
+        with trio.CancelScope() as scope:
+            self._jobs[a.job_id] = scope
+            try:
+                res = await self.node.pool.execute(job)
+            except Exception as exc:
+                log.warning("evaluation of %s failed: %s", a.task_id, exc)
+                return ev.JobFinished(
+                    now_ms=wall_ms(), job_id=a.job_id, ok=False, error="internal", detail=str(exc)
+                )
+            finally:
+                self._jobs.pop(a.job_id, None)
+        if scope.cancelled_caught:
+            return None  # CancelJob: no JobFinished follows
+        if not res.ok:
+            log.warning("evaluation of %s failed: %s %s", a.task_id, res.error, res.detail[-300:])
+        return ev.JobFinished(
+            now_ms=wall_ms(),
+            job_id=a.job_id,
+            ok=res.ok,
+            metrics=dict(res.metrics),
+            error=res.error,
+            detail=res.detail,
+        )
+
+
+def _machine(driver: MachineDriver) -> TaskMachine:
+    machine = driver.machine
+    assert isinstance(machine, TaskMachine)
+    return machine
 
 
 def _split_npz(path: Path, shares: list[float], seed: int) -> list[bytes]:

@@ -17,7 +17,7 @@ from peerd.node import TASKS_TOPIC, Node
 from peerd.p2p import GossipMessage
 from peerd.rounds import Rounds
 from peerd.submitter import Submitter
-from peerd.taskbook import TaskBook, TaskView
+from peerd.taskbook import TaskBook
 from protocol.envelope import Signed
 from protocol.messages import Award, Cancel, Lease, Result, TaskAnnounce, Vote
 
@@ -59,7 +59,7 @@ class TaskBus:
             view = self.book.add(signed)
             if view is None:
                 return False  # the book is full of tasks we have a part in (counted there)
-            self.node.nursery.start_soon(self.contractor.on_announce, view)
+            self.node.nursery.start_soon(self.contractor.on_announce, view, signed)
             return True
         found = self.book.get(m.task_id)  # type: ignore[attr-defined]
         if found is None:
@@ -80,22 +80,26 @@ class TaskBus:
             view.heartbeats[signed.signer] = trio.current_time()
             view.lease_states[(signed.signer, m.shard)] = m.state
             view.pulse()
+            if view.submitter == self.node.peer_id:
+                self.submitter.on_message(signed)  # our TaskMachine supervises the leases
             return True
         if isinstance(m, Result):
             if view.holder(m.shard, m.epoch) != signed.signer:
                 self.node.counters.inc("dropped.not_holder")
                 return False
+            if view.submitter == self.node.peer_id:
+                # Our TaskMachine keeps (and stores, for the result bundle) every holder's
+                # commit that counts.
+                self.submitter.on_message(signed)
             cur = view.results.get(m.round, {}).get(m.shard)
             if cur is not None and cur.signer != signed.signer:
                 # Two holders committed one shard in one round (it was re-awarded mid-round).
                 # Results are kept per shard and ordered by the signer's own sequence, which
                 # says nothing across two signers: the shard's current holder wins.
                 if view.holder(m.shard) != signed.signer:
-                    self._store_result(view, signed)
                     return True
                 del view.results[m.round][m.shard]
             if view.add_result(signed):
-                self._store_result(view, signed)
                 self.rounds.on_result(view, signed)
             return True
         if isinstance(m, Vote):
@@ -107,18 +111,3 @@ class TaskBus:
             self.contractor.on_cancel(view, signed)
             return True
         return False
-
-    def _store_result(self, view: TaskView, signed: Signed) -> None:
-        """The submitter keeps every holder's commit that counts, for the result bundle."""
-        m = signed.message
-        assert isinstance(m, Result)
-        if view.submitter == self.node.peer_id:
-            self.node.store.add_result(
-                m.task_id,
-                m.round,
-                m.shard,
-                signed.signer,
-                signed.raw,
-                seq=m.seq,
-                certified=m.round in view.certificates,
-            )

@@ -21,7 +21,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from protocol.allocation import Award as Allocation
-from protocol.allocation import Candidate, NetworkParams, choose, demand, validate_candidate
+from protocol.allocation import (
+    Candidate,
+    NetworkParams,
+    choose,
+    demand,
+    effective_capacity,
+    validate_candidate,
+)
 from protocol.envelope import Signed, open_envelope
 from protocol.errors import RemoteProtocolError
 from protocol.messages import Award, Bid, TaskAnnounce
@@ -42,6 +49,41 @@ def usable_bids(announce: TaskAnnounce, bids: Sequence[Signed]) -> list[Signed]:
         if cur is None or b.message.seq > cur.message.seq:
             best[b.signer] = b
     return [best[p] for p in sorted(best)]
+
+
+#: An award quotes at most this many bids (SPEC §7.5: ``bids`` holds at most 64).
+MAX_QUOTED_BIDS = 64
+
+
+def quotable_bids(announce: TaskAnnounce, bids: Sequence[Signed]) -> list[Signed]:
+    """The usable bids an award may quote (SPEC §10.2), in peer-ID order.
+
+    All of them while they fit in an award. Past 64 bidders the submitter keeps the 64 that
+    serve a unit of work cheapest by the award rule's own measure — lowest load L (a bid's
+    cost per unit of capacity, C·L / C), then larger effective C, then peer ID — and drops
+    bids that fail the plausibility bounds. Without this a task with more than 64 bidders
+    could never be awarded (the simulator found it at 1,000 peers). Which bids a submitter
+    quotes is its own choice and not checkable by others: they check the award against the
+    bids it quotes (§10.3).
+    """
+    usable = usable_bids(announce, bids)
+    if len(usable) <= MAX_QUOTED_BIDS:
+        return usable
+    params = net_params(announce.net)
+    ranked: list[tuple[tuple[float, float, str], Signed]] = []
+    for b in usable:
+        m = b.message
+        assert isinstance(m, Bid)
+        try:
+            validate_candidate(Candidate(b.signer, m.c0, m.load))
+            cap = effective_capacity(float(m.c0), float(m.load), params)
+        except (RemoteProtocolError, ArithmeticError, ValueError):
+            continue
+        if not math.isfinite(cap):
+            continue
+        ranked.append(((float(m.load), -cap, b.signer), b))
+    keep = {b.signer for _, b in sorted(ranked, key=lambda r: r[0])[:MAX_QUOTED_BIDS]}
+    return [b for b in usable if b.signer in keep]
 
 
 def t_max_of(net: Mapping[str, Any]) -> float:

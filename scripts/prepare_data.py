@@ -19,6 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+# Run by hand, TensorFlow would print its C++ start-up notices (CPU features, oneDNN) on stderr;
+# scripts/_env.sh quiets them for the demo, this does the same for everyone else. Set before
+# keras (and so TensorFlow) is first imported; an operator's own setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FILES = (
     "train-images-idx3-ubyte.gz",

@@ -51,6 +51,10 @@ def parse(argv: list[str] | None) -> tuple[SimConfig, Options]:
     ap.add_argument("--bidders", type=int, default=0, help="0: every peer bids; D: D random peers per task")
     ap.add_argument("--arrival-rate", type=float, default=2.0, help="tasks per virtual second")
     ap.add_argument("--aggregated", type=float, default=0.5, help="fraction of tasks with aggregation rounds")
+    ap.add_argument(
+        "--data-mb", default="0", help="keras-train data size, MB: 'X' or 'LO-HI' (split over shards)"
+    )
+    ap.add_argument("--cancel", type=float, default=0.0, help="fraction of tasks their submitter cancels")
     # Test-only (tests/sim/test_cli.py): build every RoundMachine with this planted bug.
     ap.add_argument("--plant-bug", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--trace", type=Path, help="write the whole event trace to this file")
@@ -70,6 +74,13 @@ def parse(argv: list[str] | None) -> tuple[SimConfig, Options]:
         ap.error("--loss in [0, 1), --latency-ms, --bandwidth-mbit and --arrival-rate > 0")
     if not math.isfinite(args.jitter) or args.jitter < 0:
         ap.error("--jitter must be >= 0")
+    try:
+        lo, _, hi = args.data_mb.partition("-")
+        data_mb = (float(lo), float(hi or lo))
+    except ValueError:
+        ap.error("--data-mb: a size in MB or LO-HI")
+    if not (0 <= data_mb[0] <= data_mb[1] < 1e5) or not (0 <= args.cancel <= 1):
+        ap.error("--data-mb needs 0 <= LO <= HI; --cancel is a fraction in [0, 1]")
     cfg = SimConfig(
         peers=args.peers,
         tasks=args.tasks,
@@ -89,6 +100,8 @@ def parse(argv: list[str] | None) -> tuple[SimConfig, Options]:
         aggregated=args.aggregated,
         keep_trace=args.trace is not None,
         planted_bug=args.plant_bug,
+        data_mb=data_mb,
+        cancel=args.cancel,
     )
     return cfg, Options(trace=args.trace, json=args.json, tail=args.trace_tail)
 

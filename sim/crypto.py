@@ -2,7 +2,7 @@
 
 **Real (default).** Every message is sealed with ``protocol.envelope.Signer`` (Ed25519) and
 opened with ``protocol.envelope.open_envelope``. A daemon verifies each unique envelope
-once (peerd/inbox.py dedupes by envelope hash, DESIGN §8); the simulator goes one step
+once (peerd/inbox.py dedupes by envelope hash, docs/design.md §8); the simulator goes one step
 further and verifies each unique envelope once *per process*: ``open_envelope`` is a pure
 function of (bytes, kinds, max_bytes), so 1,000 peers opening the same announce get the
 same answer from one real verification. :func:`verification_memo` installs that memo in

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,10 @@ def run(cfg: SimConfig, *, keep_world: bool = False, setup: Any = None) -> Outco
             world.invariants.at_end(cfg.grace, lambda peer_id: world.by_id[peer_id].up)
         except Violation as exc:
             violation = str(exc)
+            eng.note(f"VIOLATION {violation}")
+        except Exception as exc:  # the simulator's own bug: still report seed and trace
+            traceback.print_exc()
+            violation = f"simulator error: {type(exc).__name__}: {exc}"
             eng.note(f"VIOLATION {violation}")
         verified = memo.misses
     wall = time.perf_counter() - t0
@@ -170,6 +175,11 @@ def summarise(
             "blob_bytes": per_peer(BLOBS)[1],
         },
         "delivered_by_kind": dict(sorted(tr.delivered.items())),
+        # Task messages published, and what each peer would receive per second if every one
+        # went to every peer (today's gossip; the solicited variant does not send them so).
+        "task_publishes": dict(sorted(world.published.items())),
+        "task_msgs_per_peer_s_if_gossiped_to_all": sum(world.published.values()) * (n - 1) / n / T,
+        "max_shards_on_one_peer": world.max_active_shards,
         "lost_by_kind": dict(sorted(tr.lost.items())),
         "committee": {
             "seats": sum(seat_counts),
@@ -201,7 +211,7 @@ def render(out: Outcome) -> str:
         f"{s['tasks_unfinished']} unfinished",
     ]
     if s["failure_reasons"]:
-        lines.append("  failed: " + ", ".join(f"{k} ×{v}" for k, v in s["failure_reasons"].items()))
+        lines.append("  not done: " + ", ".join(f"{k} ×{v}" for k, v in s["failure_reasons"].items()))
     al = s["award_latency_s"]
     lines.append(
         f"award latency (virtual): p50 {_f(al['p50'], ' s')}, p99 {_f(al['p99'], ' s')} over {al['n']} awards"

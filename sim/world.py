@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from protocol import codec, tensors
+from protocol.allocation import shard_sizes
 from protocol.awards import check_signed_award
 from protocol.certificate import check_certificate
 from protocol.envelope import Signed, Signer, message_digest
@@ -90,6 +91,11 @@ class SimConfig:
     heartbeat_ms: int = 2_000
     keep_trace: bool = False
     grace: float = 120.0  # after the last deadline, how long the run may go on
+    #: Fraction of tasks their submitter cancels, at a uniform time before the deadline.
+    cancel: float = 0.0
+    #: Size of a keras-train task's data, split across its shards (MB, uniform in the range;
+    #: (0, 0): no data input).
+    data_mb: tuple[float, float] = (0.0, 0.0)
     #: Submitters crash too (their TaskMachines resume from their records on restart).
     crash_submitters: bool = True
     #: Test-only: passed to every RoundMachine (``RoundMachine.PLANTED_BUGS``); never the default.
@@ -254,11 +260,12 @@ class Peer:
             return []
         try:
             actions = slot.machine.handle(event)
-        except ProtocolError as exc:
+        except Exception as exc:
             # Not one of the three invariants, but no run with a crashed machine is "ok".
+            why = f"{exc.reason}: {exc}" if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
             raise Violation(
                 f"machine error: {type(slot.machine).__name__} on peer {self.index} raised on "
-                f"{type(event).__name__}: {exc.reason}: {exc}"
+                f"{type(event).__name__}: {why}"
             ) from exc
         if slot.kind == "shard" and slot.machine.state is not ShardState.BID_SENT:
             self.world.follow(slot.task_id, self.index, active=True)
@@ -306,8 +313,8 @@ class Peer:
             w.blob_data.setdefault(a.digest, a.data)
             self.keep_blob(a.digest)
         elif isinstance(a, act.SplitInputs):
-            shares = len(a.shares)
-            eng.after(0.0, f"split {slot}", self._split_done, slot, shares, self.incarnation)
+            parts = w.split(self, a)
+            eng.after(0.0, f"split {slot}", self._split_done, slot, parts, self.incarnation)
         elif isinstance(a, act.Notify):
             if a.final:
                 w.task_ended(self, a.task_id, a.state, a.message)
@@ -323,6 +330,7 @@ class Peer:
             w.counters[f"dropped.{a.reason}"] += 1
         elif isinstance(a, act.AdjustLoad):
             self.active_shards += a.delta
+            w.max_active_shards = max(w.max_active_shards, self.active_shards)
             self.poke_advert()
         elif isinstance(a, act.AdoptShard):
             w.adopt(self, a)
@@ -342,9 +350,9 @@ class Peer:
         self.timers.pop((slot.mid, name), None)
         self.feed(slot, ev.TimerFired(now_ms=self.now_ms(), name=name))
 
-    def _split_done(self, slot: Slot, shares: int, incarnation: int) -> None:
+    def _split_done(self, slot: Slot, parts: tuple[dict[str, Any], ...], incarnation: int) -> None:
         if incarnation == self.incarnation:
-            self.feed(slot, ev.InputsSplit(now_ms=self.now_ms(), inputs=tuple({} for _ in range(shares))))
+            self.feed(slot, ev.InputsSplit(now_ms=self.now_ms(), inputs=parts))
 
     # -- the executor -------------------------------------------------------------------------
     def start_job(self, slot: Slot, a: act.StartJob) -> None:
@@ -354,6 +362,10 @@ class Peer:
         ann = w.announces[a.task_id].message
         assert isinstance(ann, TaskAnnounce)
         share = 1.0
+        if a.purpose != "shard":
+            # The submitter scores a certified model on its held-out input: a short local job.
+            share = 0.01
+            w.counters[f"jobs.{a.purpose}"] += 1
         if a.purpose == "shard":
             aw = w.invariants.tasks[a.task_id].awards.get(a.epoch)
             if aw is not None:
@@ -574,7 +586,13 @@ class World:
         )
         self.times = MarketTimes(lease_ttl_ms=cfg.lease_ttl_ms, heartbeat_ms=cfg.heartbeat_ms)
         self.counters: Counter[str] = Counter()
+        self.published: Counter[str] = Counter()  # task messages published, by kind
+        self.max_active_shards = 0
         self.blob_data: dict[str, bytes] = {}
+        self.sizes: dict[str, int] = {}  # blobs known by size only (split data)
+        self.data_bytes: dict[str, int] = {}
+        self.split_input: dict[str, str] = {}
+        self.held_out: dict[str, dict[str, dict[str, Any]]] = {}
         self.blob_owner: dict[int, set[str]] = {}  # blobs a peer persisted (its blob store on disk)
         self.announces: dict[str, Signed] = {}
         self.submitter_of: dict[str, int] = {}
@@ -646,6 +664,7 @@ class World:
             self.invariants.announced(signed)
             self.announces.setdefault(signed.message.task_id, signed)  # type: ignore[attr-defined]
         self.invariants.published(signed)
+        self.published[signed.kind] += 1
         to, accounted = self.receivers(src, signed)
         self.net.publish(
             src.index,
@@ -912,7 +931,7 @@ class World:
                 fail_args=(slot, a, False, "transport", inc),
             )
             return
-        size = len(self.blob_data[a.digest])
+        size = self.blob_size(a.digest)
         self.net.send(
             src.index,
             peer.index,
@@ -923,6 +942,34 @@ class World:
             on_fail=self._fetched,
             fail_args=(slot, a, False, "transport", inc),
         )
+
+    def blob_size(self, digest: str) -> int:
+        data = self.blob_data.get(digest)
+        return len(data) if data is not None else self.sizes[digest]
+
+    def split(self, peer: Peer, a: act.SplitInputs) -> tuple[dict[str, Any], ...]:
+        """The submitter splits its data input across the shards ∝ share (the real
+        ``allocation.shard_sizes``). Only sizes are kept: nobody reads the bytes, but their
+        transfer from the submitter to each holder goes through the bandwidth model."""
+        total = self.data_bytes.get(a.task_id, 0)
+        parts = []
+        for i, size in enumerate(shard_sizes(total, list(a.shares))):
+            digest = hashlib.sha256(f"split\x00{a.task_id}\x00{a.name}\x00{i}".encode()).hexdigest()
+            self.sizes[digest] = size
+            peer.keep_blob(digest)
+            parts.append({a.name: {"sha256": digest, "size": size}})
+        return tuple(parts)
+
+    def cancel_task(self, peer: Peer, task_id: str) -> None:
+        slot = peer.task_slots.get(task_id)
+        if peer.up and slot is not None and slot.machine.state not in TASK_TERMINAL:
+            self.counters["tasks.cancel_requested"] += 1
+            peer.feed(
+                slot,
+                ev.CancelRequested(
+                    now_ms=peer.now_ms(), reason="cancelled by the submitter (simulated user)"
+                ),
+            )
 
     def _fetched(self, slot: Slot, a: act.FetchBlob, ok: bool, reason: str, inc: int) -> None:
         peer = slot.peer
@@ -1023,7 +1070,15 @@ class World:
             public_state=states[-1].state if states else "bidding",
         )
         peer.announces[task_id] = ann
-        m = TaskMachine(ann, sealer=peer.sealer, times=self.times, restored=restored, wait_for_network=True)
+        m = TaskMachine(
+            ann,
+            sealer=peer.sealer,
+            times=self.times,
+            split_input=self.split_input.get(task_id),
+            held_out=self.held_out.get(task_id),
+            restored=restored,
+            wait_for_network=True,
+        )
         slot = peer.add_machine("task", task_id, m)
         now = peer.now_ms()
         peer.feed(slot, ev.Start(now_ms=now))
@@ -1034,6 +1089,9 @@ class World:
     def submit(self, peer: Peer, spec: dict[str, Any]) -> None:
         if not peer.up:
             return
+        spec = dict(spec)
+        data_bytes = spec.pop("_data_bytes", 0)
+        cancel_after = spec.pop("_cancel_after", None)
         now = peer.now_ms()
         signed = peer.sealer.seal(TaskAnnounce, now_ms=now, ttl_ms=spec["deadline_ms"] + 60_000, **spec)
         task_id = spec["task_id"]
@@ -1043,9 +1101,29 @@ class World:
         self.invariants.announced(signed)
         peer.announces[task_id] = signed
         peer.own_tasks[task_id] = signed
-        m = TaskMachine(signed, sealer=peer.sealer, times=self.times)
+        if data_bytes:
+            # keras kinds split their data across the shards (docs/tasks.md "data"), and the
+            # submitter keeps a validation and a test input of its own to score the model on.
+            self.data_bytes[task_id] = data_bytes
+            self.split_input[task_id] = "data"
+            held = {}
+            for name in ("validation", "test"):
+                digest = hashlib.sha256(f"held\x00{task_id}\x00{name}".encode()).hexdigest()
+                self.sizes[digest] = max(1, data_bytes // 10)
+                peer.keep_blob(digest)
+                held[name] = {"sha256": digest, "size": self.sizes[digest]}
+            self.held_out[task_id] = held
+        m = TaskMachine(
+            signed,
+            sealer=peer.sealer,
+            times=self.times,
+            split_input=self.split_input.get(task_id),
+            held_out=self.held_out.get(task_id),
+        )
         slot = peer.add_machine("task", task_id, m)
         peer.feed(slot, ev.Start(now_ms=now))
+        if cancel_after is not None:
+            self.engine.after(cancel_after, f"cancel {task_id[:8]}", self.cancel_task, peer, task_id)
         # The deadline sweep forgets the task's idle bidders (a daemon's task book does).
         self.engine.at(
             to_s(signed.message.issued_at + spec["deadline_ms"]) + 5.0,
@@ -1087,8 +1165,13 @@ def _noop(*_args: Any) -> None:
     return None
 
 
-def make_tasks(cfg: SimConfig, rng: random.Random) -> list[tuple[float, int, dict[str, Any]]]:
-    """The workload: (submit time, submitter, announce fields) of every task."""
+def make_tasks(
+    cfg: SimConfig, rng: random.Random, extra: random.Random | None = None
+) -> list[tuple[float, int, dict[str, Any]]]:
+    """The workload: (submit time, submitter, announce fields) of every task. ``extra``
+    draws the data sizes and cancels (its own stream: turning them on leaves the rest of the
+    workload as it was)."""
+    extra = extra or random.Random(0)
     out = []
     t = 1.0
     for j in range(cfg.tasks):
@@ -1112,6 +1195,10 @@ def make_tasks(cfg: SimConfig, rng: random.Random) -> list[tuple[float, int, dic
             "bid_window_ms": 2000,
             "net": {"k": 0.2, "dc_min": 0.0, "dc_max": None},
         }
+        if aggregated and cfg.data_mb[1] > 0:
+            spec["_data_bytes"] = int(extra.uniform(*cfg.data_mb) * 1e6)
+        if cfg.cancel > 0 and extra.random() < cfg.cancel:
+            spec["_cancel_after"] = extra.uniform(0.0, deadline_s)
         out.append((t, submitter, spec))
     return out
 
@@ -1144,7 +1231,7 @@ def horizon_of(tasks: Sequence[tuple[float, int, dict[str, Any]]]) -> float:
 
 def build(cfg: SimConfig) -> tuple[World, list[tuple[float, int, dict[str, Any]]], Schedule]:
     world = World(cfg)
-    tasks = make_tasks(cfg, world.rng("workload"))
+    tasks = make_tasks(cfg, world.rng("workload"), world.rng("workload-extra"))
     horizon = horizon_of(tasks)
     submitters = frozenset(s for _, s, _ in tasks)
     sched = draw(

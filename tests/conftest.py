@@ -12,6 +12,11 @@ fields from the profile active when the decorator runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
 from hypothesis import HealthCheck, settings
 
 LOAD_PROOF = "load-proof"
@@ -24,3 +29,34 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile(LOAD_PROOF)
+
+
+def _run_threads_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def run_sync(fn: Callable[..., Any], *args: Any, **_kw: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
+
+
+@pytest.fixture
+def inline_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``trio.to_thread.run_sync`` work inline: for tests that run their own
+    ``trio.run(..., clock=MockClock(autojump_threshold=0))`` (see below for why)."""
+    _run_threads_inline(monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def _inline_threads_under_autojump(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under trio's autojump clock, run ``trio.to_thread.run_sync`` work inline.
+
+    The autojump clock advances virtual time whenever every task is blocked, and a task
+    waiting for a worker thread counts as blocked. On a loaded machine a thread that hashes
+    a blob or decodes tensors for a few hundred real milliseconds let virtual time leap to
+    the next deadline — an idle timeout, a lease TTL, a round timeout — that an idle-free
+    run never reaches: the committee tests in test_aggregation_faults.py failed under load
+    and passed alone (issue 11, CI that never flakes). Inline, virtual time moves only when
+    the code under test is really idle.
+    """
+    if "autojump_clock" in request.fixturenames:
+        _run_threads_inline(monkeypatch)

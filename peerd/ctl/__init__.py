@@ -6,9 +6,10 @@ for humans, and the click ``command``. This file holds what they share: where th
 is, how errors map to exit codes, and the call helper. peerctl talks to the daemon only
 through :mod:`peerd.rpc.client` and never imports trio, libp2p, numpy or TensorFlow.
 
-Exit codes: 0 ok; 1 the daemon answered with an error (or the task failed); 2 usage or
-input-file errors, or a socket directory another user could control; 3 the daemon is not
-running; 4 no permission to open its socket.
+Exit codes (``peerctl --help`` lists them too): 0 ok; 1 the daemon answered with an error (or
+the task failed); 2 usage or input-file errors, an invalid task spec (whoever found it), or a
+socket directory another user could control; 3 the daemon is not running; 4 no permission to
+open its socket.
 """
 
 from __future__ import annotations

@@ -15,12 +15,38 @@ from pathlib import Path
 import click
 
 from peerd import __version__
-from peerd.ctl import CtlState, cancel, connect, explain, result, show, status, submit, tasks, verify, watch
+from peerd.ctl import (
+    CtlState,
+    cancel,
+    connect,
+    explain,
+    result,
+    show,
+    status,
+    submit,
+    tasks,
+    top,
+    verify,
+    watch,
+)
 from peerd.ctl import id as id_command
 from peerd.ctl import peers as peers_command
 
+EPILOG = """\b
+Exit codes:
+  0  ok (watch, submit --wait: the task ended done)
+  1  the daemon answered with an error, or the task failed or was cancelled
+  2  usage error, invalid task spec, unreadable file, unsafe socket directory
+  3  the daemon is not running (no socket, or nothing listening on it)
+  4  no permission to open the daemon's socket
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+\b
+Docs: README.md; docs/tasks.md (task specs), docs/rpc.md (the socket API),
+docs/config.md (peerd.toml), docs/metrics.md (metrics and `peerctl top`).
+Run `peerctl COMMAND --help` for one command."""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.option(
     "--socket",
     "socket_path",
@@ -56,6 +82,7 @@ for _module in (
     cancel,
     explain,
     verify,
+    top,
 ):
     main.add_command(_module.command)
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
@@ -30,12 +31,27 @@ STATE_STYLES = {
 }
 
 
+#: Width of output that is not a terminal (a pipe, a file, a test): rich's default of 80 columns
+#: split peer IDs and cut reasons; a line is as long as its content, never padded to this.
+PIPE_WIDTH = 1000
+
+
+def _width(file: TextIO) -> int | None:
+    """None (rich decides: the terminal's width, or $COLUMNS) unless ``file`` is not a terminal."""
+    if os.environ.get("COLUMNS"):
+        return None
+    try:
+        return None if file.isatty() else PIPE_WIDTH
+    except (AttributeError, ValueError):
+        return PIPE_WIDTH
+
+
 def stdout() -> Console:
-    return Console(file=sys.stdout, highlight=False, markup=False)
+    return Console(file=sys.stdout, highlight=False, markup=False, width=_width(sys.stdout))
 
 
 def stderr() -> Console:
-    return Console(file=sys.stderr, highlight=False, markup=False)
+    return Console(file=sys.stderr, highlight=False, markup=False, width=_width(sys.stderr))
 
 
 def emit_json(obj: Any) -> None:
@@ -77,7 +93,13 @@ def num(value: Any, digits: int = 2) -> str:
         return "∞" if value > 0 else "-∞"
     if isinstance(value, int):
         return str(value)
-    return f"{value:,.{digits}f}"
+    if math.isnan(value):
+        return "-"
+    if value.is_integer() and abs(value) < 1e15:
+        # A whole number is shown whole (10000, not 10,000.0000): metrics such as a sample
+        # count arrive as JSON floats. No thousands separator: a number pastes as a number.
+        return str(int(value))
+    return f"{value:.{digits}f}"
 
 
 def megabytes(mb: Any) -> str:

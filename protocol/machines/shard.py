@@ -326,7 +326,7 @@ class ShardMachine:
             and cert.round == self.round - 1
             and not self._model_sources
         ):
-            self._model_sources = [p for p in cert.signers if p != self.me]
+            self._model_sources = self._voters(cert)
             self._model_pass = 1
             return self._fetch_model(event.now_ms)
         return []
@@ -400,20 +400,27 @@ class ShardMachine:
             cert = self.certificates.get(round_no - 1)
             if cert is None:
                 return []
-            self._model_sources = [p for p in cert.signers if p != self.me]
+            self._model_sources = self._voters(cert)
             self._model_pass = 1
             return self._fetch_model(now)
         return self._run(now, None)
 
+    def _voters(self, cert: Certificate) -> list[str]:
+        """Where to fetch a certified model: the other voters; our own store when we are the
+        only one (a one-shard task's committee is its holder, SPEC §11.1: the daemon's
+        ``Node.fetch_from_any`` returns the local copy), so its next round still starts."""
+        others = [p for p in cert.signers if p != self.me]
+        return others or [p for p in cert.signers if p == self.me]
+
     def _fetch_model(self, now: int) -> list[act.Action]:
         cert = self.certificates[self.round - 1]
         if not self._model_sources:
-            if self._model_pass >= MODEL_FETCH_PASSES or not [p for p in cert.signers if p != self.me]:
+            if self._model_pass >= MODEL_FETCH_PASSES or not self._voters(cert):
                 return self._end(
                     now, ShardState.FAILED, f"could not fetch {cert.output['sha256'][:12]} from any voter"
                 )
             self._model_pass += 1
-            self._model_sources = [p for p in cert.signers if p != self.me]
+            self._model_sources = self._voters(cert)
             return [self.timers.set(T_MODEL, now + MODEL_FETCH_PAUSE_MS)]
         src = self._model_sources.pop(0)
         out = cert.output

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.allocation import Award as Allocation
-from protocol.awards import allocate, assignments_of, reassign, usable_bids
+from protocol.awards import allocate, assignments_of, quotable_bids, reassign
 from protocol.certificate import Certificate
 from protocol.envelope import Signed
 from protocol.errors import LocalProtocolError
@@ -292,8 +292,9 @@ class TaskMachine:
         return [act.Publish(signed=signed)]
 
     def usable(self) -> list[Signed]:
-        """The bids that count now: one per peer, the highest sequence (``usable_bids``)."""
-        return usable_bids(self.announce, list(self.bids.values()))
+        """The bids that count now: one per peer, the highest sequence, at most the 64 an
+        award can quote (``quotable_bids``)."""
+        return quotable_bids(self.announce, list(self.bids.values()))
 
     def _window_closed(self, now: int) -> list[act.Action]:
         if self.usable():

@@ -12,6 +12,9 @@ machine is shared). Three configurations per size:
   time are measured here.
 * **sampled adverts** — as solicited, with adverts to 16 random peers instead of all.
 
+"task msg/peer/s if to all" is what each peer would receive if every task message published
+went to every peer, as today's gossip does (published × (N − 1) / N / virtual time).
+
 Budget (issue 7): ``./scripts/sim --peers 1000 --tasks 200 --seed 1`` ≤ 10 minutes wall on
 2 cores, reported for the exact command and for the solicited variant.
 """
@@ -70,6 +73,7 @@ def run(quick: bool = False) -> AreaResult:
             "advert msg/peer/s",
             "advert kB/peer/s",
             "task msg/peer/s",
+            "task msg/peer/s if to all",
             "award p50 s",
             "award p99 s",
             "done / failed",
@@ -103,6 +107,7 @@ def run(quick: bool = False) -> AreaResult:
                 pp["advert_messages"],
                 pp["advert_bytes"] / 1000,
                 pp["task_messages"],
+                doc["task_msgs_per_peer_s_if_gossiped_to_all"],
                 al["p50"],
                 al["p99"],
                 f"{doc['tasks_done']} / {doc['tasks_failed']}",

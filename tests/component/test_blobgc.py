@@ -9,6 +9,7 @@ import itertools
 import time
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -19,6 +20,10 @@ from peerd.store import Store
 from peerd.taskbook import TaskBook
 from protocol.envelope import Signer, open_envelope
 from protocol.messages import TaskAnnounce
+
+# The service hashes and deletes through worker threads; under a MockClock with autojump a
+# thread running on a loaded machine would let virtual time leap (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("inline_threads")
 
 ME = Signer(b"\x01" * 32)
 OTHER = Signer(b"\x02" * 32)

@@ -514,7 +514,7 @@ async def test_peerctl_status_peers_and_id(daemon: Path) -> None:
     peers = await run_peerctl(daemon, "peers", "--json")
     assert peers.exit_code == 0 and json.loads(peers.output)["peers"][0]["self"] is True
     table = await run_peerctl(daemon, "peers")
-    assert "1,000.1" in table.output and "(self)" in table.output
+    assert "1000.1" in table.output and "(self)" in table.output
     ident = await run_peerctl(daemon, "id")
     assert ident.output.strip() == PEER
 

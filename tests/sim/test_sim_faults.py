@@ -71,3 +71,20 @@ def test_stubbed_signatures_say_so() -> None:
     assert real.stats["signatures"] == "real (Ed25519)"
     # The stub changes the keys, hence peer IDs and the allocation's tie-breaks: not the trace.
     assert out.trace_hash != real.trace_hash
+
+
+def test_cancelled_tasks_end_cancelled_with_their_reason() -> None:
+    out = _run("crash=0.1", cancel=0.5)
+    assert out.stats["counters"].get("tasks.cancel_requested", 0) >= 1
+    assert out.stats["tasks_cancelled"] >= 1
+    assert "cancelled by the submitter (simulated user)" in out.stats["failure_reasons"]
+
+
+def test_split_data_moves_through_the_bandwidth_model_and_models_are_scored() -> None:
+    small = _run("", data_mb=(1.0, 1.0))
+    big = _run("", data_mb=(40.0, 40.0))
+    assert 0 < small.stats["per_peer_per_s"]["blob_bytes"] < big.stats["per_peer_per_s"]["blob_bytes"]
+    # Holders wait for their slice before they run: at 100 Mbit/s, 40 MB are seconds.
+    assert big.stats["task_latency_s"]["p50"] > small.stats["task_latency_s"]["p50"]
+    # The submitter scores certified models on its held-out inputs (TaskMachine's evaluation).
+    assert big.stats["counters"].get("jobs.evaluate", 0) >= 1

@@ -38,15 +38,18 @@ def test_the_liar_sweep_without_the_planted_bug_is_clean() -> None:
     assert _first_violation(LIARS, None) is None
 
 
-def test_lost_votes_and_a_re_award_certify_one_round_twice() -> None:
-    """A real defect the simulator found (see docs/simulation.md "Findings").
+def test_a_partition_and_a_re_award_certify_one_round_twice() -> None:
+    """A real defect the simulator found (see docs/simulation.md "Findings"), kept as a
+    reproduction until it is fixed.
 
-    A holder bound by a re-award starts from the rounds *it* has seen certified; a vote lost
-    on its way to it (2 % loss here) makes it redo a certified round, and its committee (drawn
+    A holder bound by a re-award starts from the rounds *it* has seen certified; votes cut
+    off by a partition (30 s here) make it redo a certified round, and its committee (drawn
     from the new award's holders, which check_certificate accepts) certifies another
-    aggregate for that round. When the machines make a re-awarded holder learn the
-    certificates so far, this test fails: then add loss and partitions to the CI sweep."""
-    found = _first_violation(FaultSpec.parse("loss=0.02"), None)
+    aggregate for that round. (2 % loss showed it too until a lone voter could start its next
+    round from its own copy; partitions still do, in 8 of these 50 seeds.) When the machines
+    make a re-awarded holder learn the certificates so far, this test fails: then add
+    partitions and loss to the CI sweep."""
+    found = _first_violation(FaultSpec.parse("partition=30s"), None)
     assert found is not None
     _seed, out = found
     assert out.violation is not None and DOUBLE in out.violation

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import peerd.config as config_module
-from peerd.config import Config, ConfigError, default_dirs, load_config
+from peerd.config import Config, ConfigError, default_dirs, load_config, split_host_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PEER = "12D3KooWEyoppNCUx8Yx66oV9fJnriXwCcXwDDUA2kj6vnc6iDEp"
@@ -186,11 +186,21 @@ def test_config_is_frozen() -> None:
             '[rpc]\nallowed_uids = ["root"]',
             'rpc.allowed_uids[0]: expected a non-negative integer, got "root"',
         ),
+        ("[metrics]\nlisten = 9464", 'metrics.listen: expected "host:port"'),
+        ('[metrics]\nlisten = "127.0.0.1"', 'metrics.listen: expected "host:port"'),
+        ('[metrics]\nlisten = "127.0.0.1:70000"', 'metrics.listen: expected "host:port"'),
     ],
 )
 def test_bad_values_name_their_key(tmp_path: Path, text: str, expected: str) -> None:
     found = problems(tmp_path, text)
     assert any(p.startswith(expected) for p in found), found
+
+
+def test_metrics_are_off_by_default_and_listen_is_read(tmp_path: Path) -> None:
+    assert load_config(None, env=ROOT_ENV, uid=0).metrics.listen is None
+    cfg = load_config(write(tmp_path, '[metrics]\nlisten = "[::1]:9464"\n'), env=ROOT_ENV, uid=0)
+    assert cfg.metrics.listen == "[::1]:9464"
+    assert split_host_port(cfg.metrics.listen) == ("::1", 9464)
 
 
 def test_bad_toml_names_the_line(tmp_path: Path) -> None:

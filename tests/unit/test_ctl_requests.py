@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -248,7 +249,7 @@ def test_explain_shows_every_bid_with_cost_and_reason() -> None:
             ],
         },
     )
-    assert "2,900.338" in out and "1,200.128" in out and "ΔC_max ∞" in out
+    assert "2900.338" in out and "1200.128" in out and "ΔC_max ∞" in out
     assert out.index("peer-one") < out.index("peer-two")  # chosen bids first
     assert "a cheaper set covers R without it" in out
 
@@ -314,3 +315,35 @@ def test_peerctl_imports_no_heavy_or_async_modules() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "", f"peerctl imports {out.stdout.strip()}"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            'kind = "echo"\nmax_shards = 0\n',
+            "peerctl: invalid task spec: max_shards: must be an integer from 1 to 64, got 0",
+        ),
+        ('kind = "echo"\n[params]\ndta = "x"\n', "peerctl: invalid task spec: params.dta"),
+        ('kind = "echo"\nbroken =\n', "peerctl: invalid task spec: invalid TOML"),
+    ],
+)
+def test_local_spec_errors_are_one_line_and_exit_2(tmp_path: Path, text: str, expected: str) -> None:
+    spec = tmp_path / "task.toml"
+    spec.write_text(text)
+    res = CliRunner().invoke(peerctl, ["--socket", str(tmp_path / "s"), "submit", str(spec)])
+    assert res.exit_code == 2
+    assert res.output.startswith(expected), res.output
+    assert "Usage:" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_help_lists_every_exit_code_and_points_to_the_docs() -> None:
+    from peerd.ctl import ExitCode
+
+    res = CliRunner().invoke(peerctl, ["--help"])
+    assert res.exit_code == 0
+    for code in ExitCode:
+        assert re.search(rf"^\s+{int(code)}  \S", res.output, flags=re.M), (code, res.output)
+    for doc in ("docs/tasks.md", "docs/rpc.md", "docs/config.md", "docs/metrics.md"):
+        assert doc in res.output
+        assert (Path(__file__).resolve().parents[2] / doc).is_file()

@@ -386,12 +386,47 @@ def test_keras_round_two_waits_for_the_certificate_then_fetches_the_model() -> N
     cert = tally([vote])
     assert cert is not None
     out = m.handle(ev.RoundCertified(now_ms=NOW + 2_000, certificate=cert))
-    # We are the only voter: no one else to fetch from, so the shard fails; round 1's result
-    # is still being delivered.
+    # We are the only voter: the model is fetched from our own store (as the daemon's
+    # fetch_from_any returns the local copy), three passes a second apart; without it the shard fails;
+    # round 1's result is still being delivered.
+    at = NOW + 2_000
+    for attempt in range(3):
+        f = one(out, act.FetchBlob)
+        assert (f.source, f.digest, f.tag) == (m.me, "cc" * 32, "model:1")
+        at += 100
+        out = m.handle(ev.BlobFetched(now_ms=at, tag=f.tag, digest=f.digest, source=f.source, ok=False,
+                                      reason="not_found"))  # fmt: skip
+        if attempt < 2:
+            t = one(out, act.SetTimer)
+            assert t.name == "model_retry" and t.at_ms == at + 1_000
+            at = t.at_ms
+            out = m.handle(ev.TimerFired(now_ms=at, name=t.name))
     assert (
         m.state is ShardState.DELIVERING and m.outcome is ShardState.FAILED and "from any voter" in m.detail
     )
     assert one(out, act.Publish).signed.message.state == "failed"
-    m.handle(ev.SendCompleted(now_ms=NOW + 2_100, tag="result:1", ok=True))
+    m.handle(ev.SendCompleted(now_ms=NOW + 9_100, tag="result:1", ok=True))
     assert m.state is ShardState.FAILED
+    del mk
+
+
+def test_the_only_voter_starts_the_next_round_from_its_own_copy() -> None:
+    ann = announce(kind="keras-train", aggregation="weighted_mean", rounds=2, inputs={})
+    mk, m, out = bound(ann)
+    job = one(out, act.StartJob)
+    m.handle(ev.JobFinished(now_ms=NOW + 1_000, job_id=job.job_id, ok=True, outputs={"weights": IN}))
+    w = next(s for s in W if s.peer_id == m.me)
+    vote = w.seal(
+        Vote, now_ms=NOW, ttl_ms=Vote.MAX_TTL_MS, task_id=TASK, round=1, rule="weighted_mean",
+        committee=[m.me], inputs=[{"peer_id": m.me, "shard": 0, "sha256": IN["sha256"], "weight": 1.0}],
+        excluded=[], output={"sha256": "cc" * 32, "size": 4}, attempt=0,
+    )  # fmt: skip
+    cert = tally([vote])
+    assert cert is not None
+    f = one(m.handle(ev.RoundCertified(now_ms=NOW + 2_000, certificate=cert)), act.FetchBlob)
+    assert f.source == m.me
+    out = m.handle(ev.BlobFetched(now_ms=NOW + 2_100, tag=f.tag, digest=f.digest, source=f.source, ok=True))
+    job2 = one(out, act.StartJob)
+    assert m.state is ShardState.RUNNING and job2.round == 2
+    assert job2.inputs["weights"] == {"sha256": "cc" * 32, "size": 4}
     del mk

@@ -575,3 +575,28 @@ def test_resume_supervises_stored_awards_and_logs_the_restart() -> None:
     ev_rec = [p.record for p in of(out, act.Persist) if isinstance(p.record, act.TaskEvent)]
     assert ev_rec and ev_rec[0].message == "submitter restarted; resuming"
     assert act.SetTimer(name="leases", at_ms=NOW + 51_000) in out
+
+
+def test_more_bidders_than_an_award_can_quote_still_get_an_award() -> None:
+    # The simulator's finding 1: past 64 bidders the award could not be sealed at all
+    # (an award quotes at most 64 bids, SPEC §7.5), so every task failed at its first award.
+    crowd = tuple(sealer(n) for n in range(10, 80))  # 70 bidders
+    loads = {w.peer_id: (i % 7) / 10 for i, w in enumerate(crowd)}
+    m, _ = started(announce(max_shards=4))
+    for w in crowd:
+        deliver(
+            m,
+            w.seal(Bid, now_ms=NOW + 10, ttl_ms=60_000, task_id=TASK, c0=10.0, load=loads[w.peer_id]),
+            NOW + 10,
+        )
+    out = m.handle(ev.TimerFired(now_ms=NOW + 300, name="bid_window"))
+    assert m.state is TaskState.RUNNING, out
+    award = assert_award_checks(m, 0)
+    quoted = open_quoted_bids(award)
+    assert len(quoted) == 64
+    # The six left out are among the most loaded: nobody less loaded than a quoted bid is dropped.
+    kept = {b.signer for b in quoted}
+    dropped = [p for p in loads if p not in kept]
+    assert len(dropped) == 6
+    assert min(loads[p] for p in dropped) >= max(loads[p] for p in kept)
+    assert [b.signer for b in quoted] == sorted(kept)

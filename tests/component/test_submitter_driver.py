@@ -1,0 +1,410 @@
+"""The submitter role driven against its TaskMachine (issue 7 item 2), with fakes for the
+node's I/O only: the task topic (a recording p2p node), the peer table and the worker pool.
+Everything else is real: config, signer, sequence store, inbox, store, blob store, task
+book, the machine and the shared driver core (peerd/drive.py), on trio's real clock.
+
+Each wait is bounded (a safety bound, never a timing claim).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, cast
+
+import trio
+
+from peerd.blobs import BlobStore
+from peerd.config import load_config
+from peerd.counters import Counters
+from peerd.inbox import Inbox, wall_ms
+from peerd.node import Node
+from peerd.rounds import Rounds
+from peerd.seqstore import SequenceStore
+from peerd.store import Store
+from peerd.submitter import Submitter
+from peerd.taskbook import TaskBook
+from peerd.taskbus import TaskBus
+from protocol.envelope import Signed, Signer, open_envelope
+from protocol.messages import Award, Bid, Cancel, Lease, Message, Result, TaskAnnounce
+
+ME = Signer(b"\x07" * 32)
+PEER = Signer(b"\x21" * 32)
+OTHER = Signer(b"\x22" * 32)
+
+
+class FakeP2P:
+    """Records what is published; nobody is reachable (every blob we need is local)."""
+
+    def __init__(self, connected: list[str]) -> None:
+        self.published: list[Signed] = []
+        self.connected = connected
+        self.validators: dict[str, Any] = {}
+
+    async def publish(self, topic: str, raw: bytes) -> None:
+        self.published.append(open_envelope(raw))
+
+    def connected_peers(self) -> list[str]:
+        return list(self.connected)
+
+    def add_validator(self, topic: str, fn: Any) -> None:
+        self.validators[topic] = fn
+
+    async def open_stream(self, peer: str, proto: str) -> Any:
+        raise OSError(f"no route to {peer} in this test")
+
+    def kinds(self) -> list[str]:
+        return [s.kind for s in self.published]
+
+
+class FakeTable:
+    def alive(self, now_ms: int) -> list[str]:
+        return [PEER.peer_id]
+
+
+class Parts:
+    """One daemon's parts on ``tmp``; a second ``Parts`` on the same directory is the same
+    daemon after a restart (same store, sequence and blobs; fresh memory)."""
+
+    def __init__(self, tmp: Path, nursery: trio.Nursery, *, connected: list[str] | None = None) -> None:
+        path = tmp / "peerd.toml"
+        path.write_text(
+            f'[node]\nstate_dir = "{tmp / "state"}"\nruntime_dir = "{tmp / "run"}"\n'
+            "[offer]\ncores = 1\nmemory_mb = 1024\n"
+            "[market]\nbid_window_ms = 300\nlease_ttl_s = 3.0\nheartbeat_s = 1.0\n"
+        )
+        cfg = load_config(path, env={})
+        self.counters = Counters()
+        self.p2p = FakeP2P([PEER.peer_id] if connected is None else connected)
+        self.store = Store(tmp / "db.sqlite")
+        self.node = Node(
+            config=cfg,
+            signer=ME,
+            seq=SequenceStore(tmp / "sequence"),
+            counters=self.counters,
+            inbox=Inbox(self.counters),
+            store=self.store,
+            blobs=BlobStore(tmp / "blobs", max_blob_bytes=1 << 20),
+            p2p=cast(Any, self.p2p),
+            pool=cast(Any, None),
+            table=cast(Any, FakeTable()),
+            nursery=nursery,
+        )
+        self.book = TaskBook(ME.peer_id, self.counters)
+        self.submitter = Submitter(self.node, self.book)
+        self.rounds = Rounds(self.node)
+        self.rounds.on_certified.append(self.submitter.on_certificate)
+        self.bus = TaskBus(self.node, self.book, cast(Any, None), self.submitter, self.rounds)
+        self.events: list[dict[str, Any]] = []
+        self._watch: trio.MemoryReceiveChannel[dict[str, Any]] | None = None
+
+    def watch(self, task_id: str) -> None:
+        send, recv = trio.open_memory_channel[dict[str, Any]](100)
+        self.node.watchers.setdefault(task_id, set()).add(send)
+        self._watch = recv
+
+    def drain(self) -> list[dict[str, Any]]:
+        assert self._watch is not None
+        while True:
+            try:
+                self.events.append(self._watch.receive_nowait())
+            except trio.WouldBlock:
+                return self.events
+
+    def state(self, task_id: str) -> str:
+        row = self.store.task(task_id)
+        assert row is not None
+        return str(row["state"])
+
+    def messages(self, task_id: str) -> list[str]:
+        return [str(e["message"]) for e in self.store.events(task_id)]
+
+
+def seal(signer: Signer, cls: type[Message], seq: int, **fields: Any) -> bytes:
+    now = wall_ms()
+    return signer.seal(cls(seq=seq, issued_at=now, expires_at=now + 60_000, **fields))
+
+
+async def until(check: Callable[[], bool], what: str, bound_s: float = 20.0) -> None:
+    with trio.move_on_after(bound_s):
+        while not check():
+            await trio.sleep(0.02)
+    assert check(), f"not reached within the safety bound: {what}"
+
+
+async def submit(p: Parts, tmp: Path) -> str:
+    data = tmp / "input.txt"
+    data.write_text("hello")
+    spec = {"kind": "echo", "work": 1.0, "deadline_s": 120, "params": {"data": "x"}}
+    task_id = await p.submitter.submit(spec)
+    p.watch(task_id)
+    return task_id
+
+
+async def award_to_peer(p: Parts, task_id: str) -> Award:
+    await until(lambda: "announce" in p.p2p.kinds(), "the announce is published")
+    reply = p.submitter.accept_bid(seal(PEER, Bid, 1, task_id=task_id, c0=50.0, load=0.0), PEER.peer_id)
+    assert reply == {"ok": True, "reason": ""}
+    await until(lambda: "award" in p.p2p.kinds(), "the award is published")
+    award = next(s.message for s in p.p2p.published if isinstance(s.message, Award))
+    assert [a["peer_id"] for a in award.assignments] == [PEER.peer_id]
+    return award
+
+
+def result_raw(p: Parts, task_id: str, signer: Signer, seq: int, *, ok: bool = True) -> bytes:
+    digest = p.node.blobs.put_bytes(b"the echo output")  # local: the fetch needs no network
+    return seal(
+        signer,
+        Result,
+        seq,
+        task_id=task_id,
+        epoch=0,
+        shard=0,
+        round=0,
+        ok=ok,
+        error=None if ok else "memory_limit: killed",
+        outputs={"out": {"sha256": digest, "size": 15}} if ok else {},
+        weight=1.0,
+        metrics={"n": 1.0},
+    )
+
+
+def run(tmp: Path, body: Callable[[trio.Nursery], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await body(nursery)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_task_from_announce_to_done_through_its_machine(tmp_path: Path) -> None:
+    async def body(nursery: trio.Nursery) -> None:
+        p = Parts(tmp_path, nursery)
+        task_id = await submit(p, tmp_path)
+        assert p.state(task_id) == "bidding"
+        await award_to_peer(p, task_id)
+        assert p.state(task_id) == "running"
+        assert [r["epoch"] for r in p.store.awards(task_id)] == [0]
+        assert p.book.get(task_id) is not None and p.book.get(task_id).awards  # type: ignore[union-attr]
+        # A result signed by someone else than the stream's peer, and one from a non-holder.
+        assert p.submitter.accept_result(result_raw(p, task_id, PEER, 2), OTHER.peer_id) == {
+            "ok": False,
+            "reason": "signer mismatch",
+        }
+        assert p.submitter.accept_result(result_raw(p, task_id, OTHER, 1), OTHER.peer_id) == {
+            "ok": False,
+            "reason": "not the shard's holder",
+        }
+        assert p.counters.snapshot().get("dropped.not_holder") == 1
+        assert p.submitter.accept_result(result_raw(p, task_id, PEER, 3), PEER.peer_id) == {
+            "ok": True,
+            "reason": "",
+        }
+        await until(lambda: p.state(task_id) == "done", "the task is done")
+        row = p.store.task(task_id)
+        assert row is not None and '"shard-0/out"' in row["result"]
+        assert [r["peer_id"] for r in p.store.results(task_id)] == [PEER.peer_id]
+        final = [e for e in p.drain() if e.get("final")]
+        assert [(e["state"], e["message"]) for e in final] == [("done", "1 shard result(s) received")]
+        # A bid after the end is for an unknown task (as before).
+        late = seal(OTHER, Bid, 2, task_id=task_id, c0=50.0, load=0.0)
+        assert p.submitter.accept_bid(late, OTHER.peer_id) == {"ok": False, "reason": "unknown task"}
+
+    run(tmp_path, body)
+
+
+def test_no_bid_makes_the_task_pending_with_the_peer_count(tmp_path: Path) -> None:
+    async def body(nursery: trio.Nursery) -> None:
+        p = Parts(tmp_path, nursery)
+        task_id = await submit(p, tmp_path)
+        await until(lambda: p.state(task_id) == "pending", "pending after an empty bid window")
+        assert "no eligible bids yet (1 peers known); waiting, then re-announcing" in p.messages(task_id)
+        row = p.store.task(task_id)
+        assert row is not None and row["reason"].startswith("no eligible peer has bid")
+        # A bid during the back-off is awarded at once.
+        p.submitter.accept_bid(seal(PEER, Bid, 1, task_id=task_id, c0=50.0, load=0.0), PEER.peer_id)
+        await until(lambda: p.state(task_id) == "running", "awarded from the back-off")
+
+    run(tmp_path, body)
+
+
+def test_a_failed_result_fails_the_task_and_cancel_after_the_end_changes_nothing(tmp_path: Path) -> None:
+    async def body(nursery: trio.Nursery) -> None:
+        p = Parts(tmp_path, nursery)
+        task_id = await submit(p, tmp_path)
+        await award_to_peer(p, task_id)
+        raw = result_raw(p, task_id, PEER, 2, ok=False)
+        # By gossip this time: the task bus hands it to our machine.
+        assert await p.bus.route(open_envelope(raw)) is True
+        await until(lambda: p.state(task_id) == "failed", "the task failed")
+        row = p.store.task(task_id)
+        assert row is not None and row["reason"] == "memory_limit"
+        assert p.messages(task_id)[-1] == f"shard 0 failed on {PEER.peer_id[-8:]}: memory_limit: killed"
+        assert await p.submitter.cancel(task_id) == "failed"
+
+    run(tmp_path, body)
+
+
+def test_cancel_publishes_a_signed_cancel_and_ends_the_task(tmp_path: Path) -> None:
+    async def body(nursery: trio.Nursery) -> None:
+        p = Parts(tmp_path, nursery)
+        task_id = await submit(p, tmp_path)
+        await award_to_peer(p, task_id)
+        assert await p.submitter.cancel(task_id) == "cancelled"
+        assert p.state(task_id) == "cancelled"
+        await until(lambda: "cancel" in p.p2p.kinds(), "the cancel is published")
+        cancel = next(s for s in p.p2p.published if isinstance(s.message, Cancel))
+        assert cancel.signer == ME.peer_id and cancel.message.task_id == task_id  # type: ignore[attr-defined]
+        # The machine's timers are gone: nothing fires after the end.
+        assert p.submitter.drivers[task_id].armed() == set()
+
+    run(tmp_path, body)
+
+
+def test_a_silent_holder_is_replaced_by_a_re_award(tmp_path: Path) -> None:
+    async def body(nursery: trio.Nursery) -> None:
+        p = Parts(tmp_path, nursery)
+        task_id = await submit(p, tmp_path)
+        await until(lambda: "announce" in p.p2p.kinds(), "the announce is published")
+        p.submitter.accept_bid(seal(PEER, Bid, 1, task_id=task_id, c0=50.0, load=0.0), PEER.peer_id)
+        p.submitter.accept_bid(seal(OTHER, Bid, 1, task_id=task_id, c0=10.0, load=0.0), OTHER.peer_id)
+        await until(lambda: "award" in p.p2p.kinds(), "the award is published")
+        award = next(s.message for s in p.p2p.published if isinstance(s.message, Award))
+        holder = award.assignments[0]["peer_id"]
+        spare = OTHER if holder == PEER.peer_id else PEER
+        # The holder's lease (by gossip) keeps it; then it goes silent past lease_ttl_s.
+        lease = seal(
+            PEER if holder == PEER.peer_id else OTHER,
+            Lease,
+            5,
+            task_id=task_id,
+            epoch=0,
+            shard=0,
+            round=0,
+            state="running",
+            detail="",
+        )
+        assert await p.bus.route(open_envelope(lease)) is True
+        await until(lambda: len(p.store.awards(task_id)) == 2, "re-awarded", bound_s=30)
+        second = open_envelope(bytes(p.store.awards(task_id)[1]["raw"])).message
+        assert isinstance(second, Award) and second.epoch == 1
+        assert second.assignments[0]["peer_id"] == spare.peer_id and list(second.excluded) == [holder]
+        view = p.book.get(task_id)
+        assert view is not None and view.holder(0) == spare.peer_id  # the other roles see it
+        assert any(m.startswith(f"lease lost by {holder[-8:]}; re-awarded") for m in p.messages(task_id))
+
+    run(tmp_path, body)
+
+
+def test_resume_after_a_restart_rebuilds_the_machine_from_the_store(tmp_path: Path) -> None:
+    async def before(nursery: trio.Nursery) -> None:
+        p = Parts(tmp_path, nursery)
+        task_id = await submit(p, tmp_path)
+        await award_to_peer(p, task_id)
+        (tmp_path / "task_id").write_text(task_id)
+
+    run(tmp_path, before)
+    task_id = (tmp_path / "task_id").read_text()
+
+    async def after(nursery: trio.Nursery) -> None:
+        # Nobody connected yet: the holder's silence does not count (no lease could reach us).
+        p = Parts(tmp_path, nursery, connected=[])
+        assert p.book.get(task_id) is None
+        p.submitter.resume()
+        assert p.messages(task_id)[-1] == "submitter restarted; resuming"
+        assert p.state(task_id) == "running"
+        view = p.book.get(task_id)
+        assert view is not None and view.holder(0) == PEER.peer_id
+        await trio.sleep(4.0)  # past lease_ttl_s (3 s) with no peer connected
+        assert len(p.store.awards(task_id)) == 1, "re-awarded while nobody could reach us"
+        # Resumed with its award: no re-announce, no new award.
+        assert p.p2p.kinds() == []
+        p.watch(task_id)
+        assert p.submitter.accept_result(result_raw(p, task_id, PEER, 7), PEER.peer_id)["ok"] is True
+        await until(lambda: p.state(task_id) == "done", "done after the restart")
+        # A second resume (e.g. the daemon's start after a racing result) changes nothing.
+        p.submitter.resume()
+        assert p.state(task_id) == "done"
+
+    run(tmp_path, after)
+
+
+def test_a_result_before_resume_rebuilds_the_machine_instead_of_unknown_task(tmp_path: Path) -> None:
+    async def before(nursery: trio.Nursery) -> None:
+        p = Parts(tmp_path, nursery)
+        task_id = await submit(p, tmp_path)
+        await award_to_peer(p, task_id)
+        (tmp_path / "task_id").write_text(task_id)
+
+    run(tmp_path, before)
+    task_id = (tmp_path / "task_id").read_text()
+
+    async def after(nursery: trio.Nursery) -> None:
+        p = Parts(tmp_path, nursery)
+        reply = p.submitter.accept_result(result_raw(p, task_id, PEER, 7), PEER.peer_id)
+        assert reply == {"ok": True, "reason": ""}
+        await until(lambda: p.state(task_id) == "done", "done")
+        p.submitter.resume()  # the daemon's resume comes later: no second machine
+        assert p.messages(task_id).count("submitter restarted; resuming") == 1
+
+    run(tmp_path, after)
+
+
+def test_the_announce_published_is_the_one_stored(tmp_path: Path) -> None:
+    async def body(nursery: trio.Nursery) -> None:
+        p = Parts(tmp_path, nursery)
+        task_id = await submit(p, tmp_path)
+        await until(lambda: "announce" in p.p2p.kinds(), "the announce is published")
+        row = p.store.task(task_id)
+        assert row is not None
+        first = p.p2p.published[0]
+        assert isinstance(first.message, TaskAnnounce) and first.raw == bytes(row["announce"])
+
+    run(tmp_path, body)
+
+
+def test_a_bid_before_resume_is_taken_and_the_task_awarded(tmp_path: Path) -> None:
+    async def before(nursery: trio.Nursery) -> None:
+        p = Parts(tmp_path, nursery)
+        task_id = await submit(p, tmp_path)
+        (tmp_path / "task_id").write_text(task_id)
+
+    run(tmp_path, before)
+    task_id = (tmp_path / "task_id").read_text()
+
+    async def after(nursery: trio.Nursery) -> None:
+        p = Parts(tmp_path, nursery)
+        bid = seal(PEER, Bid, 1, task_id=task_id, c0=50.0, load=0.0)
+        assert p.submitter.accept_bid(bid, PEER.peer_id) == {"ok": True, "reason": ""}
+        assert [r["peer_id"] for r in p.store.bids(task_id)] == [PEER.peer_id]
+        # Resumed while bidding: the stored announce goes out again, then the window closes.
+        await until(lambda: p.state(task_id) == "running", "awarded after the restart")
+        assert p.p2p.kinds()[:2] == ["announce", "award"]
+
+    run(tmp_path, after)
+
+
+def test_our_own_contractors_leases_keep_our_own_shard(tmp_path: Path) -> None:
+    """Our own leases never pass the task bus (our messages skip our validators): the node
+    hands what it gossips back to the submitter, or our own shard was "lost" after one TTL."""
+
+    async def body(nursery: trio.Nursery) -> None:
+        p = Parts(tmp_path, nursery)
+        task_id = await submit(p, tmp_path)
+        await until(lambda: "announce" in p.p2p.kinds(), "the announce is published")
+        _, own_bid = p.node.seal(Bid, ttl_ms=60_000, task_id=task_id, c0=50.0, load=0.0)
+        assert p.submitter.accept_bid(own_bid.raw, ME.peer_id, verified=own_bid)["ok"] is True
+        await until(lambda: "award" in p.p2p.kinds(), "the award is published")
+        assert p.book.get(task_id).holder(0) == ME.peer_id  # type: ignore[union-attr]
+        for _ in range(5):  # 5 heartbeats 1 s apart: past lease_ttl_s (3 s)
+            raw, _ = p.node.seal(
+                Lease, ttl_ms=3_000, task_id=task_id, epoch=0, shard=0, round=0, state="running", detail=""
+            )
+            await p.node.gossip(raw)
+            await trio.sleep(1.0)
+        assert len(p.store.awards(task_id)) == 1
+        assert not any(m.startswith("lost 1 peer(s)") for m in p.messages(task_id)), p.messages(task_id)
+        assert p.state(task_id) == "running"
+
+    run(tmp_path, body)
