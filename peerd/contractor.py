@@ -27,7 +27,7 @@ from typing import Any
 import trio
 
 from peerd import kinds
-from peerd.drive import MachineDriver
+from peerd.drive import MachineDriver, NodeSealer
 from peerd.executor import Job, JobResult, Limits
 from peerd.inbox import wall_ms
 from peerd.node import BID_PROTOCOL, RESULT_PROTOCOL, Node
@@ -39,7 +39,7 @@ from protocol.envelope import Signed, open_envelope
 from protocol.errors import ProtocolError
 from protocol.machines import actions as act
 from protocol.machines import events as ev
-from protocol.machines.common import M, MarketTimes
+from protocol.machines.common import MarketTimes
 from protocol.machines.shard import ACTIVE, MAX_DELIVERY_TRIES, TERMINAL, ShardMachine, ShardState
 from protocol.messages import Award, Cancel, Lease, Result, TaskAnnounce
 
@@ -54,22 +54,6 @@ FOLLOW_POLL_S = 1.0
 BID_REPLY_S = 10.0
 RESULT_REPLY_S = 15.0
 _TERMINAL_TASK = frozenset({"done", "failed", "cancelled"})
-
-
-class NodeSealer:
-    """The machines' :class:`~protocol.machines.common.Sealer` over :meth:`Node.seal`
-    (its sequence store persists the high-water mark; the clock is the same wall clock)."""
-
-    def __init__(self, node: Node) -> None:
-        self.node = node
-
-    @property
-    def peer_id(self) -> str:
-        return self.node.peer_id
-
-    def seal(self, cls: type[M], *, now_ms: int, ttl_ms: int, **fields: Any) -> Signed:
-        _, signed = self.node.seal(cls, ttl_ms=ttl_ms, **fields)
-        return signed
 
 
 def _deadline_ms(announce: TaskAnnounce) -> int:

@@ -24,16 +24,40 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
 from peerd.inbox import wall_ms
+from protocol.envelope import Signed
 from protocol.errors import ProtocolError
 from protocol.machines import actions as act
 from protocol.machines import events as ev
+from protocol.messages import Message
+
+if TYPE_CHECKING:
+    from peerd.node import Node
+
+M = TypeVar("M", bound=Message)
 
 log = logging.getLogger(__name__)
+
+
+class NodeSealer:
+    """The machines' :class:`~protocol.machines.common.Sealer` over :meth:`Node.seal`, for
+    every role: ``Node.seal`` persists the sequence's high-water mark and stamps the wall
+    clock, the same clock as the machines' ``now_ms``."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    @property
+    def peer_id(self) -> str:
+        return self.node.peer_id
+
+    def seal(self, cls: type[M], *, now_ms: int, ttl_ms: int, **fields: Any) -> Signed:
+        _, signed = self.node.seal(cls, ttl_ms=ttl_ms, **fields)
+        return signed
 
 
 class Machine(Protocol):

@@ -27,11 +27,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import trio
 
-from peerd.drive import MachineDriver
+from peerd.drive import MachineDriver, NodeSealer
 from peerd.inbox import wall_ms
 from peerd.node import Node
 from peerd.taskbook import TaskView
@@ -43,29 +42,13 @@ from protocol.machines import actions as act
 from protocol.machines import events as ev
 from protocol.machines.common import MarketTimes
 from protocol.machines.round import TERMINAL, RoundMachine, RoundState
-from protocol.messages import Award, Message, Result, Vote
+from protocol.messages import Award, Result, Vote
 
 log = logging.getLogger(__name__)
 
 #: How often a task's open rounds look at its view when nothing pulses it (a safety net:
 #: awards and cancels pulse the view, SPEC §11 step 2 re-checks on every change).
 VIEW_POLL_S = 1.0
-
-
-class NodeSealer:
-    """The machines' :class:`~protocol.machines.common.Sealer` over ``Node.seal`` (which
-    persists sequence numbers and stamps the wall clock itself)."""
-
-    def __init__(self, node: Node) -> None:
-        self._node = node
-
-    @property
-    def peer_id(self) -> str:
-        return self._node.peer_id
-
-    def seal(self, cls: type[Message], *, now_ms: int, ttl_ms: int, **fields: Any) -> Signed:
-        _, signed = self._node.seal(cls, ttl_ms=ttl_ms, **fields)
-        return signed
 
 
 @dataclass(frozen=True, kw_only=True)

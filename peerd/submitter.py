@@ -31,7 +31,7 @@ import numpy as np
 import trio
 
 from peerd import kinds
-from peerd.drive import MachineDriver
+from peerd.drive import MachineDriver, NodeSealer
 from peerd.executor import Job, Limits
 from peerd.inbox import wall_ms
 from peerd.node import ANNOUNCE_SLACK, MAX_GOSSIP_BYTES, Node, gossip_too_large
@@ -61,23 +61,6 @@ TERMINAL = ("done", "failed", "cancelled")
 PEERS_EVERY_S = 1.0
 
 
-class _NodeSealer:
-    """The machines' :class:`~protocol.machines.common.Sealer` over ``Node.seal``, whose
-    sequence store persists the high-water mark (the machine's ``now_ms`` is the same wall
-    clock ``Node.seal`` reads)."""
-
-    def __init__(self, node: Node) -> None:
-        self.node = node
-
-    @property
-    def peer_id(self) -> str:
-        return self.node.peer_id
-
-    def seal(self, cls: type[M], *, now_ms: int, ttl_ms: int, **fields: Any) -> Signed:
-        _, signed = self.node.seal(cls, ttl_ms=ttl_ms, **fields)
-        return signed
-
-
 class SubmitError(Exception):
     """The task cannot be submitted (bad spec, unreadable input); message for the user."""
 
@@ -87,7 +70,7 @@ class Submitter:
         self.node = node
         self.book = book
         self.contractor: Any = None  # set by the daemon (local bids and local announces)
-        self.sealer = _NodeSealer(node)
+        self.sealer = NodeSealer(node)
         #: task_id → the driver of its TaskMachine (kept after the end: late bids and
         #: results are answered by the machine, as the view answered them before).
         self.drivers: dict[str, MachineDriver] = {}

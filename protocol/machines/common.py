@@ -7,10 +7,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from protocol.awards import check_award, open_quoted_bids
 from protocol.envelope import Signed, Signer, message_digest
-from protocol.errors import LocalProtocolError
+from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.machines import actions as act
-from protocol.messages import Message
+from protocol.machines import events as ev
+from protocol.messages import Award, Message, TaskAnnounce
 
 M = TypeVar("M", bound=Message)
 
@@ -99,6 +101,24 @@ class Timers:
 
     def __contains__(self, name: object) -> bool:
         return name in self.armed
+
+
+def award_drop(
+    announce: TaskAnnounce, submitter: str, awards: dict[int, Signed], event: ev.MessageVerified, award: Award
+) -> act.Drop | None:
+    """SPEC §10.3 for an award a follower receives: None when it may be taken, else the
+    ``Drop`` that refuses it. Skipped when the driver already checked it (``checked``); its
+    quoted bids come opened from the driver (``quoted``) or are opened here."""
+    if event.checked:
+        return None
+    prev = awards.get(award.epoch - 1)
+    previous = prev.message if prev is not None and isinstance(prev.message, Award) else None
+    try:
+        bids = list(event.quoted) if event.quoted is not None else open_quoted_bids(award)
+        check_award(announce, award, submitter, event.signed.signer, bids, previous)
+    except RemoteProtocolError as exc:
+        return act.Drop(reason=exc.reason, detail=str(exc))
+    return None
 
 
 def illegal(machine: str, state: Any, event: Any) -> LocalProtocolError:

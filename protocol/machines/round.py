@@ -39,14 +39,13 @@ from typing import Any
 import numpy as np
 
 from protocol.aggregation import aggregate
-from protocol.awards import check_award, open_quoted_bids
 from protocol.certificate import COMMITTEE_SIZE, Certificate, input_key, tally, vote_is_well_formed
 from protocol.committee import committee
 from protocol.envelope import Signed
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.machines import actions as act
 from protocol.machines import events as ev
-from protocol.machines.common import MarketTimes, Sealer, Timers, illegal
+from protocol.machines.common import MarketTimes, Sealer, Timers, award_drop, illegal
 from protocol.messages import Award, Cancel, Lease, Message, Result, TaskAnnounce, Vote
 from protocol.tensors import decode_arrays, encode_arrays
 
@@ -234,14 +233,9 @@ class RoundMachine:
     def _on_award(self, event: ev.MessageVerified, award: Award) -> list[act.Action]:
         if award.epoch in self.awards:
             return []
-        if not event.checked:
-            prev = self.awards.get(award.epoch - 1)
-            previous = prev.message if prev is not None and isinstance(prev.message, Award) else None
-            try:
-                bids = list(event.quoted) if event.quoted is not None else open_quoted_bids(award)
-                check_award(self.announce, award, self.submitter, event.signed.signer, bids, previous)
-            except RemoteProtocolError as exc:
-                return [act.Drop(reason=exc.reason, detail=str(exc))]
+        drop = award_drop(self.announce, self.submitter, self.awards, event, award)
+        if drop is not None:
+            return [drop]
         self.awards[award.epoch] = event.signed
         return self._advance(event.now_ms)  # a re-award can change the committee and the inputs
 

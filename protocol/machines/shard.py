@@ -36,13 +36,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from protocol.awards import check_award, open_quoted_bids
 from protocol.certificate import Certificate
 from protocol.envelope import Signed
-from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.errors import LocalProtocolError
 from protocol.machines import actions as act
 from protocol.machines import events as ev
-from protocol.machines.common import MarketTimes, Sealer, Timers, illegal
+from protocol.machines.common import MarketTimes, Sealer, Timers, award_drop, illegal
 from protocol.messages import Award, Bid, Cancel, Lease, Message, Result, TaskAnnounce
 
 #: Tries to hand a result to its submitter (``contractor.MAX_DELIVERY_TRIES``).
@@ -291,14 +290,9 @@ class ShardMachine:
     def _on_award(self, event: ev.MessageVerified, award: Award) -> list[act.Action]:
         if award.epoch in self.awards:
             return []
-        if not event.checked:
-            prev = self.awards.get(award.epoch - 1)
-            previous = prev.message if prev is not None and isinstance(prev.message, Award) else None
-            try:
-                bids = list(event.quoted) if event.quoted is not None else open_quoted_bids(award)
-                check_award(self.announce, award, self.submitter, event.signed.signer, bids, previous)
-            except RemoteProtocolError as exc:
-                return [act.Drop(reason=exc.reason, detail=str(exc))]
+        drop = award_drop(self.announce, self.submitter, self.awards, event, award)
+        if drop is not None:
+            return [drop]
         self.awards[award.epoch] = event.signed
         if self.cancelled:
             return []
