@@ -49,6 +49,12 @@ MAX_CLIENTS = 8
 MAX_HEAD = 8192
 #: Time a client has to send its request head.
 HEAD_TIMEOUT_S = 10.0
+#: After the reply, how long and how much unread request we drain before closing. Closing a
+#: socket with unread input sends an RST, which can destroy the reply before the client reads
+#: it (a 431 to an oversized head was lost this way in CI); a bounded "lingering close", as
+#: HTTP servers do (RFC 9112 §9.6), lets the reply arrive first.
+LINGER_S = 2.0
+LINGER_BYTES = 256 * 1024
 
 AWARD_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 ROUND_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -301,6 +307,14 @@ class MetricsService:
         if parts[0] == b"HEAD":
             reply = reply.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
         await stream.send_all(reply)
+        await stream.send_eof()
+        drained = 0
+        with trio.move_on_after(LINGER_S):
+            while drained < LINGER_BYTES:
+                chunk = await stream.receive_some(16384)
+                if not chunk:
+                    break
+                drained += len(chunk)
 
 
 __all__ = [
