@@ -771,10 +771,13 @@ class WorkerPool:
             return
         w.dead = True
         self._workers.discard(w)
+        # With a cgroup its member list is the tree (forks inherit it); without one, a /proc walk.
+        tree = self._tree(w) if w.cgroup is None else []
         self._kill(w)
         with trio.move_on_after(10):
             await w.proc.wait()
         await w.proc.aclose()
+        await self._await_tree_gone(w, tree)
         # Small: the job's files live in the sandbox's tmpfs; here are only input hard links.
         shutil.rmtree(w.host_dir, ignore_errors=True)
         if w.cgroup is not None and not w.cgroup.remove():
@@ -782,6 +785,43 @@ class WorkerPool:
                 self._nursery.start_soon(self._remove_cgroup, w)
             else:
                 await self._remove_cgroup(w)
+
+    @staticmethod
+    def _tree(w: _Worker) -> list[psutil.Process]:
+        """The worker's processes now: bwrap and every descendant (the sandbox's PID namespace)."""
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(w.proc.pid)
+            return [root, *root.children(recursive=True)]
+        return []
+
+    async def _await_tree_gone(self, w: _Worker, tree: list[psutil.Process]) -> None:
+        """Wait until no process of the worker is left running, killing again as we go.
+
+        bwrap's death does not end the sandbox at once: the namespace's init gets its SIGKILL
+        through --die-with-parent, and only its exit kills the rest, asynchronously; a fork bomb
+        also forks between a cgroup's pid list being read and the kills. A reclaimed worker must
+        leave nothing behind (the fork-bomb test caught a straggler under load), so we keep
+        killing the cgroup's members and the survivors' descendants until none is running.
+        Bounded: a process that outlives ~10 s of SIGKILLs is logged, not waited on forever.
+        """
+        for _ in range(1000):
+            left: list[psutil.Process] = []
+            for p in tree:
+                with contextlib.suppress(psutil.Error):
+                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                        left.append(p)
+                        left.extend(p.children(recursive=True))
+            cgroup_pids = w.cgroup.pids() if w.cgroup is not None else []
+            if not left and not cgroup_pids:
+                return
+            for p in left:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            if w.cgroup is not None:
+                w.cgroup.kill_all()
+            tree = left
+            await trio.sleep(0.01)
+        log.warning("worker %s: processes still running after reclaim", w.wid)
 
     async def _remove_cgroup(self, w: _Worker) -> None:
         assert w.cgroup is not None
