@@ -388,11 +388,18 @@ async def test_a_member_re_votes_when_a_late_commit_reaches_it(
 #: A daemon with corrupted aggregation (PEERD_TEST_EVIL=vote): every vote it signs names
 #: another output hash than the honest aggregate. Test code only, run as the daemon's
 #: entry point; imported after peerd.daemon so its BLAS settings apply first.
+#: A Byzantine committee member: it votes for a perturbed aggregate, and it withholds the
+#: other members' votes of a round from its own machine until it has voted itself. Without
+#: the withholding, two honest members that finish first certify a round and this member,
+#: seeing the certificate, never votes in it (a legal outcome that left the test without its
+#: wrong vote under load); with it, its wrong vote is part of every round.
 EVIL_LAUNCHER = '''
 import sys
 import peerd.daemon as daemon
+import peerd.rounds as committee
 import protocol.machines.round as rounds  # the committee's aggregation runs in its machine
 from protocol.aggregation import aggregate as honest
+from protocol.messages import Vote
 
 def evil(rule, inputs, **kw):
     out = honest(rule, inputs, **kw)
@@ -400,6 +407,36 @@ def evil(rule, inputs, **kw):
     return out
 
 rounds.aggregate = evil
+
+held = {}  # (task, round) -> [(rounds, view, signed)] of others' votes not yet handed on
+voted = set()  # (task, round) this member has voted in
+on_vote = committee.Rounds.on_vote
+perform_later = committee._Performer.perform_later
+
+def withholding_on_vote(self, view, signed):
+    key = (signed.message.task_id, signed.message.round)
+    if signed.signer != self.node.peer_id and key not in voted:
+        held.setdefault(key, []).append((self, view, signed))
+        return True
+    return on_vote(self, view, signed)
+
+def releasing_perform_later(self, driver, action):
+    job = perform_later(self, driver, action)
+    m = getattr(getattr(action, "signed", None), "message", None)
+    if job is None or not isinstance(m, Vote) or action.signed.signer != self.node.peer_id:
+        return job
+
+    async def publish_then_release():
+        # After our vote is out, and outside the driver's action loop (no re-entry).
+        await job()
+        voted.add((m.task_id, m.round))
+        for r, view, signed in held.pop((m.task_id, m.round), []):
+            on_vote(r, view, signed)
+
+    return publish_then_release
+
+committee.Rounds.on_vote = withholding_on_vote
+committee._Performer.perform_later = releasing_perform_later
 sys.argv[0] = "peerd"
 daemon.main()
 '''
@@ -603,6 +640,15 @@ async def test_forged_votes_and_a_byzantine_member_never_certify_a_wrong_result(
         task = await trio.to_thread.run_sync(finished)
         counters = [(await trio.to_thread.run_sync(info, net, i))["counters"] for i in range(3)]
 
+        def evil_votes() -> list[Vote]:
+            return [v for s in rec.of(Vote) if s.signer == evil_peer
+                    and isinstance(v := s.message, Vote) and v.task_id == task_id]
+
+        # The last round can be certified by the honest two before the Byzantine member's vote
+        # reaches us; it votes in every round (it withholds the others' votes until it has).
+        await rec.until(lambda: {v.round for v in evil_votes()} >= set(range(1, rounds + 1)),
+                        "the Byzantine member's vote in every round", 180)
+
     assert task["state"] == "done", (task["reason"], [e["message"] for e in task["events"][-6:]])
     # Every daemon dropped every kind of forgery at its door, and counted it.
     for i, c in enumerate(counters):
@@ -610,11 +656,9 @@ async def test_forged_votes_and_a_byzantine_member_never_certify_a_wrong_result(
             drops = {k: v for k, v in c.items() if "dropped" in k}
             assert c.get(f"dropped.{reason}", 0) >= 1, (i, reason, drops)
     # The Byzantine member voted every round, for another output than the certified one …
-    evil_votes = [v for s in rec.of(Vote) if s.signer == evil_peer
-                  and isinstance(v := s.message, Vote) and v.task_id == task_id]
     certified = {r["round"]: r["output"] for r in task["rounds"]}
-    assert {v.round for v in evil_votes} == set(range(1, rounds + 1))
-    assert all(v.output["sha256"] != certified[v.round] for v in evil_votes)
+    assert {v.round for v in evil_votes()} == set(range(1, rounds + 1))
+    assert all(v.output["sha256"] != certified[v.round] for v in evil_votes())
     # … and the honest two certified the honest aggregate without it, every round.
     for r in task["rounds"]:
         assert sorted(r["signers"]) == sorted(p for p in participants if p != evil_peer), r
