@@ -110,6 +110,12 @@ class MarketConfig:
     lease_ttl_s: float = 10.0
     heartbeat_s: float = 2.0
     t_max: float = math.inf
+    #: How many times a shard may move to another peer after failing (``ok = false``, a lost
+    #: lease, an overdue holder, a refused result) before the task fails (docs/tasks.md).
+    retries: int = 2
+    #: A shard held past this multiple of its expected time gets a backup holder (0: never;
+    #: protocol/SPEC.md §7.6, docs/tasks.md).
+    backup_after: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -475,9 +481,15 @@ def _build(raw: dict[str, Any], *, source: Path | None, env: Mapping[str, str], 
         lease_ttl_s=s.get("lease_ttl_s", positive_float, MarketConfig.lease_ttl_s),
         heartbeat_s=s.get("heartbeat_s", positive_float, MarketConfig.heartbeat_s),
         t_max=s.get("t_max", positive_float_or_inf, math.inf),
+        retries=s.get("retries", non_negative_int, MarketConfig.retries),
+        backup_after=s.get("backup_after", non_negative_float, MarketConfig.backup_after),
     )
     if market.bid_window_ms > 60_000:
         s.problem("bid_window_ms", "must be at most 60000 (one minute)")
+    if market.retries > 64:
+        s.problem("retries", "must be at most 64 (a shard can move to at most 64 bidders)")
+    if 0 < market.backup_after < 1:
+        s.problem("backup_after", "must be 0 (off) or at least 1 (a multiple of the expected time)")
     if market.dc_max < market.dc_min:
         s.problem("dc_max", f"must be >= market.dc_min ({market.dc_min:g})")
     if market.heartbeat_s >= market.lease_ttl_s:

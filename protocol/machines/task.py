@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.allocation import Award as Allocation
-from protocol.awards import allocate, assignments_of, quotable_bids, reassign
+from protocol.allocation import effective_capacity
+from protocol.awards import allocate, assignments_of, net_params, quotable_bids, reassign
 from protocol.certificate import Certificate
 from protocol.envelope import Signed
 from protocol.errors import LocalProtocolError
@@ -76,6 +77,44 @@ T_BACKOFF = "backoff"
 T_DEADLINE = "deadline"
 T_LEASES = "leases"
 T_REFETCH = "refetch"
+
+#: How many times a shard may move to another peer after failing there (``[market] retries``).
+DEFAULT_RETRIES = 2
+#: A shard held this many times its expected time gets a backup holder (``[market] backup_after``).
+DEFAULT_BACKUP_AFTER = 3.0
+
+
+def expected_shard_ms(share: float, work: float, capacity: float) -> float:
+    """How long a shard should take (SPEC §7.6): its share of the task's work W at the
+    capacity C the award used for its holder, in ms. The one place the estimate is made, so
+    that a measured (effective) capacity can replace the advertised one."""
+    if not capacity > 0:
+        return float("inf")
+    return 1000.0 * share * work / capacity
+
+
+@dataclass(frozen=True)
+class DeclaredOutputs:
+    """What a result of the task may carry (docs/tasks.md "Outputs"): the output names
+    (None: any name, e.g. a script's files), at most ``max_count`` of them and ``max_bytes``
+    in all. A result with anything else is refused before any fetch (SPEC §7.7)."""
+
+    names: frozenset[str] | None
+    max_count: int
+    max_bytes: int
+
+    def problem(self, outputs: Mapping[str, Mapping[str, Any]]) -> str | None:
+        """Why ``outputs`` are not what the kind declares, or None."""
+        if self.names is not None:
+            extra = sorted(set(outputs) - self.names)
+            if extra:
+                return f"undeclared output(s) {', '.join(extra[:4])}"
+        if len(outputs) > self.max_count:
+            return f"{len(outputs)} outputs, at most {self.max_count} declared"
+        total = sum(int(r["size"]) for r in outputs.values())
+        if total > self.max_bytes:
+            return f"outputs of {total} bytes, at most {self.max_bytes} declared"
+        return None
 
 
 class TaskState(enum.Enum):
@@ -143,6 +182,9 @@ class TaskMachine:
         held_out: Mapping[str, Mapping[str, Any]] | None = None,
         restored: Restored | None = None,
         wait_for_network: bool = False,
+        retries: int = DEFAULT_RETRIES,
+        backup_after: float = DEFAULT_BACKUP_AFTER,
+        outputs: DeclaredOutputs | None = None,
     ) -> None:
         if not isinstance(announce.message, TaskAnnounce):
             raise LocalProtocolError("TaskMachine needs a signed announce", reason="illegal_event")
@@ -182,6 +224,15 @@ class TaskMachine:
         self._report: _Report | None = None
         self._final: _Report | None = None
         self._resumed = restored is not None
+        #: Issue 8: moves of failed shards, backup holders, declared outputs.
+        self.retries = retries
+        self.backup_after = backup_after
+        self.declared = outputs
+        #: shard → {peer: why it failed there}: the errors a failing task reports.
+        self.failures: dict[int, dict[str, str]] = {}
+        #: shard → when its current holder got it (its overdue clock, SPEC §7.6).
+        self.held_since: dict[int, int] = {}
+        self._why_lost: dict[str, str] = {}
         if restored is not None:
             self._restore(restored)
 
@@ -358,6 +409,7 @@ class TaskMachine:
         self.awards[0] = signed
         self.state = TaskState.RUNNING
         self.lease_start = now
+        self.held_since = {int(a["shard"]): now for a in assignments}
         note = " (under capacity: no set of bids covers R)" if alloc.under_capacity else ""
         out: list[act.Action] = [
             act.Persist(
@@ -453,6 +505,21 @@ class TaskMachine:
         if self.holder(m.shard, m.epoch) != signed.signer:
             out: list[act.Action] = [act.Drop(reason="not_holder")]
             return out + ([act.Reply(ok=False, reason="not the shard's holder")] if stream else [])
+        why = self.declared.problem(m.outputs) if self.declared is not None else None
+        if why is not None:
+            # Refused before anything is stored or fetched (SPEC §7.7): the peer is at fault,
+            # so its shard moves as a failure does. Reputation hook: an ``Observe`` outcome
+            # for this peer belongs here once the machines have one (issue 8 item 2).
+            out = [
+                act.Drop(
+                    reason="undeclared_output", detail=f"shard {m.shard} from {short(signed.signer)}: {why}"
+                )
+            ]
+            if stream:
+                out.append(act.Reply(ok=False, reason="undeclared output"))
+            if self.state is TaskState.RUNNING and self.holder(m.shard) == signed.signer:
+                out += self._move(event.now_ms, m.shard, signed.signer, f"result refused: {why}")
+            return out
         out = [
             act.Persist(
                 record=act.ResultRecord(
@@ -474,6 +541,8 @@ class TaskMachine:
         by_shard = self.results.setdefault(m.round, {})
         cur = by_shard.get(m.shard)
         if cur is not None and cur.signer != signed.signer:
+            if self.announce.aggregation == "none" and cur.message.ok:  # type: ignore[attr-defined]
+                return False  # a backup's result: the first valid one wins (SPEC §7.6)
             if self.holder(m.shard) != signed.signer:
                 return False
         elif cur is not None and cur.message.seq >= m.seq:
@@ -498,15 +567,20 @@ class TaskMachine:
 
     def _shard_finished(self, shard: int) -> bool:
         if self.announce.aggregation == "none":
-            return any(shard in by for by in self.results.values())
+            # An OK result from any holder, or the current holder's failure (which moves the
+            # shard); an earlier holder's failure does not finish it.
+            holder = self.holder(shard)
+            for by in self.results.values():
+                sv = by.get(shard)
+                if sv is not None and (sv.message.ok or sv.signer == holder):  # type: ignore[attr-defined]
+                    return True
+            return False
         return self.lease_states.get((self.holder(shard) or "", shard)) == "done"
 
     def _lost_holders(self, now: int) -> set[str]:
-        """Holders of unfinished shards whose lease lapsed (SPEC §7.6).
-
-        Issue 8 (item 4, speculative re-award) changes this rule, here and only here: a
-        heartbeat alone must not hold a shard past a multiple of its expected time. Today it
-        does, until the deadline."""
+        """Holders of unfinished shards whose lease lapsed (SPEC §7.6), and holders of a
+        plain task's shard past its hold limit (``backup_after`` × its expected time): a
+        lease heartbeat alone never holds a shard past that point (issue 8 item 4)."""
         lost = set()
         for a in self.assignments():
             peer = a["peer_id"]
@@ -515,7 +589,50 @@ class TaskMachine:
             last = max(self.heartbeats.get(peer, self.lease_start), self.lease_start)
             if peer in self._lost_now or now - last > self.times.lease_ttl_ms:
                 lost.add(peer)
+                self.failures.setdefault(int(a["shard"]), {})[peer] = "lease lost"
+                self._why_lost.setdefault(peer, "lease lost")
+                continue
+            due = self._overdue_at(a)
+            if due is not None and now >= due:
+                lost.add(peer)
+                why = f"overdue (no result after {self.backup_after:g}× its expected time)"
+                self.failures.setdefault(int(a["shard"]), {})[peer] = why
+                self._why_lost.setdefault(peer, "overdue")
         return lost
+
+    def capacity_of(self, peer: str) -> float:
+        """The capacity C the award used for ``peer``: C⁰ + ΔC of its quoted bid. Issue 8
+        item 1 (an effective, measured capacity) replaces this, and only this."""
+        for b in self.usable():
+            if b.signer == peer:
+                m = b.message
+                assert isinstance(m, Bid)
+                try:
+                    return effective_capacity(float(m.c0), float(m.load), net_params(self.announce.net))
+                except (ArithmeticError, ValueError, LocalProtocolError):
+                    return 0.0
+        return 0.0
+
+    def expected_ms(self, assignment: Mapping[str, Any]) -> float:
+        """The shard's expected time on its holder (:func:`expected_shard_ms`)."""
+        return expected_shard_ms(
+            float(assignment["share"]),
+            float(self.announce.work),
+            self.capacity_of(str(assignment["peer_id"])),
+        )
+
+    def _overdue_at(self, a: Mapping[str, Any]) -> int | None:
+        """When the holder of a plain task's shard is overdue: ``backup_after`` × its
+        expected time after it got the shard, but never before one lease TTL (fetching the
+        inputs and starting a sandbox are not in the estimate). None: no limit (aggregated
+        tasks wait for their rounds; ``backup_after = 0``)."""
+        if self.announce.aggregation != "none" or self.backup_after <= 0:
+            return None
+        limit = self.backup_after * self.expected_ms(a)
+        if limit == float("inf"):
+            return None
+        since = max(self.held_since.get(int(a["shard"]), self.lease_start), self.lease_start)
+        return since + max(int(limit), self.times.lease_ttl_ms + 1)
 
     def _check_leases(self, now: int) -> list[act.Action]:
         if not self.network_up:
@@ -539,6 +656,9 @@ class TaskMachine:
                 continue
             last = max(self.heartbeats.get(a["peer_id"], self.lease_start), self.lease_start)
             due.append(last + self.times.lease_ttl_ms + 1)
+            overdue = self._overdue_at(a)
+            if overdue is not None:
+                due.append(overdue)
         if not due:
             return self.timers.cancel(T_LEASES)
         at = max(now + 1, min(due))
@@ -546,9 +666,36 @@ class TaskMachine:
             return []
         return [self.timers.set(T_LEASES, at)]
 
+    def _move(self, now: int, shard: int, peer: str, why: str) -> list[act.Action]:
+        """Shard ``shard`` failed on its holder ``peer`` (``ok = false``, a refused result):
+        it moves to another bidder like a lost holder's (issue 8 item 3)."""
+        self.failures.setdefault(shard, {})[peer] = why
+        self._why_lost[peer] = why
+        return self._reaward(now, {peer})
+
+    def _budget_spent(self, now: int, lost: set[str]) -> list[act.Action] | None:
+        """The task fails once a shard of ``lost`` has failed on ``retries`` + 1 peers: a
+        shard may move ``retries`` times (docs/tasks.md "Failures")."""
+        for a in self.assignments():
+            shard = int(a["shard"])
+            seen = self.failures.get(shard, {})
+            if a["peer_id"] in lost and len(seen) > self.retries:
+                errors = "; ".join(f"{short(p)}: {w}" for p, w in seen.items())
+                return self._finish(
+                    now,
+                    TaskState.FAILED,
+                    f"shard {shard} failed on {len(seen)} peer(s), retry budget ({self.retries}) "
+                    f"spent: {errors}",
+                    reason="retries_exhausted",
+                )
+        return None
+
     def _reaward(self, now: int, lost: set[str]) -> list[act.Action]:
         award = self.latest_award()
         assert award is not None
+        spent = self._budget_spent(now, lost)
+        if spent is not None:
+            return spent
         usable = self.usable()
         alloc = allocate(self.announce, usable)
         costs = [(s.peer_id, s.cost) for s in alloc.scored]
@@ -582,6 +729,7 @@ class TaskMachine:
             if a["peer_id"] != before.get(a["shard"]):
                 # A peer that just got a shard has not heartbeated it yet: a full TTL from now.
                 self.heartbeats[a["peer_id"]] = now
+                self.held_since[int(a["shard"])] = now
         moved = ", ".join(
             f"shard {a['shard']} → {short(a['peer_id'])}" for a in new if a["peer_id"] != before[a["shard"]]
         )
@@ -593,7 +741,12 @@ class TaskMachine:
             ),
             act.Count(name="tasks.reawarded"),
         ]
-        out += self._set_state("running", f"lease lost by {join_short(sorted(lost))}; re-awarded {moved}")
+        whys = sorted({self._why_lost.pop(p, "lease lost") for p in lost})
+        if whys == ["lease lost"]:
+            what = f"lease lost by {join_short(sorted(lost))}"
+        else:
+            what = f"shard failed on {join_short(sorted(lost))} ({'; '.join(sorted(whys))})"
+        out += self._set_state("running", f"{what}; re-awarded {moved}")
         out.append(act.Publish(signed=signed))
         return out
 
@@ -612,6 +765,8 @@ class TaskMachine:
             msg = sv.message
             assert isinstance(msg, Result)
             if not msg.ok:
+                if sv.signer != a["peer_id"]:
+                    return out  # an earlier holder's failure: the shard moved, wait for its new holder
                 return out + self._shard_failed(now, sv, msg)
             for ref in msg.outputs.values():
                 if ref["sha256"] not in self.fetched:
@@ -651,16 +806,10 @@ class TaskMachine:
         return out + self._finish(now, TaskState.DONE, f"{len(shards)} shard result(s) received")
 
     def _shard_failed(self, now: int, sv: Signed, msg: Result) -> list[act.Action]:
-        """A plain task's shard returned ``ok = false``.
-
-        Today the whole task fails. Issue 8 (item 3) moves the shard to another bidder up
-        to a retry budget: that rule goes here, and only here."""
-        return self._finish(
-            now,
-            TaskState.FAILED,
-            f"shard {msg.shard} failed on {short(sv.signer)}: {msg.error}",
-            reason=(msg.error or "failed").split(":")[0],
-        )
+        """A plain task's shard returned ``ok = false`` from its current holder: it moves to
+        another bidder (issue 8 item 3) until it has failed on ``retries`` + 1 peers; then
+        the task fails, naming the shard and every error seen."""
+        return self._move(now, msg.shard, sv.signer, f"ok = false: {msg.error}")
 
     def _check_all_failed(self, now: int) -> list[act.Action]:
         failed = []
@@ -981,6 +1130,18 @@ class TaskMachine:
         self.certificates.update(r.certificates)
         self.reported.update(r.reported_rounds)
         self.public_state = r.public_state
+        # The retry budget survives a restart: every earlier holder a later award excluded
+        # counts as one failure of its shard (its reason is gone with the old process).
+        latest = self.latest_award()
+        excluded = set(latest.excluded) if latest is not None else set()
+        for epoch in sorted(self.awards):
+            msg = self.awards[epoch].message
+            assert isinstance(msg, Award)
+            for a in msg.assignments:
+                if a["peer_id"] in excluded:
+                    self.failures.setdefault(int(a["shard"]), {}).setdefault(
+                        str(a["peer_id"]), "failed or lost before a restart"
+                    )
 
 
 def deadline_ms(announce: TaskAnnounce) -> int:

@@ -17,7 +17,7 @@ from protocol.errors import LocalProtocolError
 from protocol.machines import actions as act
 from protocol.machines import events as ev
 from protocol.machines.common import MarketTimes, SignerSealer
-from protocol.machines.task import Restored, TaskMachine, TaskState
+from protocol.machines.task import DeclaredOutputs, Restored, TaskMachine, TaskState, expected_shard_ms
 from protocol.messages import Award, Bid, Cancel, Lease, Result, TaskAnnounce, Vote
 
 NOW = 1_700_000_000_000
@@ -325,12 +325,14 @@ def test_result_checks_signer_and_holder() -> None:
     assert m.state is TaskState.RUNNING and not m.results
 
 
-def test_a_failed_shard_fails_a_plain_task_today() -> None:
-    m, _ = awarded()
+def test_a_failed_shard_with_no_retries_left_fails_the_task_naming_it() -> None:
+    m, _ = awarded(retries=0)
     out = deliver(m, result(W[0], 0, NOW + 400, ok=False), NOW + 400)
     assert m.state is TaskState.FAILED
     rec = [p.record for p in of(out, act.Persist) if isinstance(p.record, act.TaskState)][-1]
-    assert rec.reason == "memory_limit" and rec.message.startswith("shard 0 failed on ")
+    assert rec.reason == "retries_exhausted"
+    assert rec.message.startswith("shard 0 failed on 1 peer(s), retry budget (0) spent")
+    assert "ok = false: memory_limit: worker used 3 GiB" in rec.message
 
 
 def test_highest_sequence_result_counts() -> None:
@@ -347,7 +349,7 @@ def test_highest_sequence_result_counts() -> None:
 
 
 def test_lease_from_a_non_holder_is_dropped_and_heartbeats_move_the_check() -> None:
-    m, _ = awarded()
+    m, _ = awarded(backup_after=0)  # no hold limit: only the lease rule (see the backup tests)
     assert deliver(m, lease(W[1], 0, NOW + 500), NOW + 500, via=ev.VIA_GOSSIP) == [
         act.Drop(reason="not_holder", detail=f"lease for shard 0 from {W[1].peer_id[-8:]}")
     ]
@@ -600,3 +602,170 @@ def test_more_bidders_than_an_award_can_quote_still_get_an_award() -> None:
     assert len(dropped) == 6
     assert min(loads[p] for p in dropped) >= max(loads[p] for p in kept)
     assert [b.signer for b in quoted] == sorted(kept)
+
+
+# -- issue 8: failures move, backup holders, declared outputs -------------------------------------------
+
+
+def holder_and_spares(m: TaskMachine) -> tuple[SignerSealer, list[SignerSealer]]:
+    holder = BY_ID[m.assignments()[0]["peer_id"]]
+    return holder, [w for w in W if w is not holder]
+
+
+def test_a_failed_shard_moves_to_another_bidder_and_the_task_completes_there() -> None:
+    m, _ = awarded(bidders=(W[0], W[1]))
+    holder, _ = holder_and_spares(m)
+    out = deliver(m, result(holder, 0, NOW + 400, ok=False), NOW + 400)
+    assert m.state is TaskState.RUNNING
+    award = assert_award_checks(m, 1)
+    assert award.excluded == (holder.peer_id,)
+    spare = BY_ID[award.assignments[0]["peer_id"]]
+    assert spare is not holder
+    assert act.Count(name="tasks.reawarded") in out and one(out, act.Publish).signed is m.awards[1]
+    assert "ok = false: memory_limit" in record(out, act.TaskState).message
+    # The old holder's failure, seen again (a newer copy on gossip), neither fails nor
+    # finishes the shard, nor moves it again.
+    out = deliver(m, result(holder, 0, NOW + 450, ok=False), NOW + 450, via=ev.VIA_GOSSIP)
+    assert not of(out, act.Publish) and 2 not in m.awards
+    assert m.state is TaskState.RUNNING and not m._shard_finished(0)
+    out = deliver(m, result(spare, 0, NOW + 900, epoch=1), NOW + 900)
+    fetch = one(out, act.FetchBlob)
+    assert fetch.source == spare.peer_id
+    out = m.handle(ev.BlobFetched(now_ms=NOW + 950, tag=fetch.tag, digest=SHA, source=spare.peer_id, ok=True))
+    assert m.state is TaskState.DONE
+
+
+def test_the_retry_budget_fails_the_task_with_every_error_seen() -> None:
+    m, _ = awarded(bidders=(W[0], W[1], W[2]), retries=1)
+    first, _ = holder_and_spares(m)
+    deliver(m, result(first, 0, NOW + 400, ok=False), NOW + 400)
+    second = BY_ID[m.assignments()[0]["peer_id"]]
+    assert second is not first and m.state is TaskState.RUNNING
+    out = deliver(m, result(second, 0, NOW + 600, ok=False, epoch=1, error="crashed: segfault"), NOW + 600)
+    assert m.state is TaskState.FAILED and 2 not in m.awards
+    rec = [p.record for p in of(out, act.Persist) if isinstance(p.record, act.TaskState)][-1]
+    assert rec.reason == "retries_exhausted"
+    assert rec.message.startswith("shard 0 failed on 2 peer(s), retry budget (1) spent")
+    assert f"{first.peer_id[-8:]}: ok = false: memory_limit" in rec.message
+    assert f"{second.peer_id[-8:]}: ok = false: crashed: segfault" in rec.message
+
+
+def test_a_lost_lease_counts_against_the_retry_budget() -> None:
+    m, _ = awarded(bidders=(W[0], W[1]), retries=0)
+    m.handle(ev.TimerFired(now_ms=NOW + 10_301, name="leases"))
+    assert m.state is TaskState.FAILED and 1 not in m.awards
+    assert m.reason == "retries_exhausted"
+
+
+def test_the_retry_budget_survives_a_restart() -> None:
+    m, _ = awarded(bidders=(W[0], W[1], W[2]), retries=1)
+    first, _ = holder_and_spares(m)
+    deliver(m, result(first, 0, NOW + 400, ok=False), NOW + 400)
+    again = TaskMachine(
+        m.announce_signed,
+        sealer=SUB,
+        times=TIMES,
+        retries=1,
+        restored=Restored(bids=list(m.bids.values()), awards=list(m.awards.values()), public_state="running"),
+    )
+    again.handle(ev.Start(now_ms=NOW + 1_000))
+    assert again.failures == {0: {first.peer_id: "failed or lost before a restart"}}
+    second = BY_ID[again.assignments()[0]["peer_id"]]
+    deliver(again, result(second, 0, NOW + 1_200, ok=False, epoch=1), NOW + 1_200)
+    assert again.state is TaskState.FAILED and again.reason == "retries_exhausted"
+
+
+def test_expected_time_is_share_times_work_over_capacity() -> None:
+    assert expected_shard_ms(0.5, 100.0, 10.0) == 5_000.0
+    assert expected_shard_ms(1.0, 1.0, 0.0) == float("inf")
+
+
+def test_a_heartbeating_holder_past_its_hold_limit_gets_a_backup_and_the_first_result_wins() -> None:
+    # W = 3000 at C ≈ 10 · share 1: about 300 s expected, so the hold limit (3×) is far past
+    # one lease TTL and only the overdue rule can move the shard.
+    m, _ = awarded(announce(work=3000.0, deadline_ms=3_600_000), bidders=(W[0], W[1]))
+    holder, _ = holder_and_spares(m)
+    a = m.assignments()[0]
+    expected = m.expected_ms(a)
+    assert expected == pytest.approx(1000 * 3000 / (10 + 0.2 * 0.5))
+    due = m._overdue_at(a)
+    assert due == NOW + 300 + int(3.0 * expected)
+    at = NOW + 300
+    while at + 2_000 < due:  # the holder heartbeats faithfully, but never delivers
+        at += 2_000
+        armed = m.timers.armed["leases"]
+        if armed <= at:
+            m.handle(ev.TimerFired(now_ms=armed, name="leases"))  # the lease check: alive
+            assert 1 not in m.awards and m.timers.armed["leases"] > armed
+        deliver(m, lease(holder, 0, at), at, via=ev.VIA_GOSSIP)
+    assert 1 not in m.awards  # heartbeats held it until the limit …
+    armed = m.timers.armed["leases"]
+    m.handle(ev.TimerFired(now_ms=armed, name="leases"))
+    assert 1 not in m.awards and m.timers.armed["leases"] == due  # the next check is the limit
+    deliver(m, lease(holder, 0, due - 1), due - 1, via=ev.VIA_GOSSIP)
+    out = m.handle(ev.TimerFired(now_ms=due, name="leases"))
+    award = assert_award_checks(m, 1)  # … and not past it: the shard has a backup holder
+    assert award.excluded == (holder.peer_id,)
+    backup = BY_ID[award.assignments[0]["peer_id"]]
+    assert "overdue" in record(out, act.TaskState).message
+    assert m.failures[0][holder.peer_id].startswith("overdue")
+    # The overdue holder's result still counts if it comes first (epoch 0) …
+    late = result(holder, 0, due + 10, outputs={"out": {"sha256": "22" * 32, "size": 5}})
+    out = deliver(m, late, due + 10)
+    assert one(out, act.FetchBlob).source == holder.peer_id
+    # … and the backup's, arriving after it, does not replace it.
+    deliver(m, result(backup, 0, due + 20, epoch=1), due + 20)
+    assert m.results[1][0] is late
+    out = m.handle(
+        ev.BlobFetched(
+            now_ms=due + 30, tag=f"output:{'22' * 32}", digest="22" * 32, source=holder.peer_id, ok=True
+        )
+    )
+    assert m.state is TaskState.DONE
+    res = record(out, act.TaskResultRecord).result
+    assert res["outputs"][0]["sha256"] == "22" * 32
+
+
+def test_no_hold_limit_when_backup_after_is_zero() -> None:
+    m, _ = awarded(announce(work=3000.0, deadline_ms=3_600_000), backup_after=0)
+    assert m._overdue_at(m.assignments()[0]) is None
+
+
+def test_the_hold_limit_is_never_below_one_lease_ttl() -> None:
+    m, _ = awarded()  # W = 10 at C ≈ 10: about 1 s expected, 3 s limit
+    assert m._overdue_at(m.assignments()[0]) == NOW + 300 + TIMES.lease_ttl_ms + 1
+
+
+DECLARED = DeclaredOutputs(names=frozenset({"stdout"}), max_count=1, max_bytes=5)
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        {"stdout": {"sha256": SHA, "size": 5}, "pad": {"sha256": "22" * 32, "size": 64 << 20}},
+        {"stdout": {"sha256": SHA, "size": 6}},
+        {"other": {"sha256": SHA, "size": 1}},
+    ],
+    ids=["padded", "oversized", "renamed"],
+)
+def test_a_result_with_undeclared_or_oversized_outputs_is_refused_and_the_shard_moves(
+    outputs: dict[str, Any],
+) -> None:
+    m, _ = awarded(bidders=(W[0], W[1]), outputs=DECLARED)
+    holder, _ = holder_and_spares(m)
+    out = deliver(m, result(holder, 0, NOW + 400, outputs=outputs), NOW + 400)
+    assert one(out, act.Drop).reason == "undeclared_output"
+    assert one(out, act.Reply) == act.Reply(ok=False, reason="undeclared output")
+    assert not of(out, act.FetchBlob) and not [
+        p for p in of(out, act.Persist) if isinstance(p.record, act.ResultRecord)
+    ]
+    assert m.results == {}
+    award = assert_award_checks(m, 1)
+    assert award.excluded == (holder.peer_id,)
+    assert "result refused" in m.failures[0][holder.peer_id]
+
+
+def test_a_result_within_its_declared_outputs_is_kept() -> None:
+    m, _ = awarded(outputs=DECLARED)
+    out = deliver(m, result(W[0], 0, NOW + 400, outputs={"stdout": {"sha256": SHA, "size": 5}}), NOW + 400)
+    assert not of(out, act.Drop) and one(out, act.FetchBlob).digest == SHA
