@@ -34,6 +34,13 @@ KERAS_METRICS = (
 #: The announce (params included) must fit one gossip message (60 KiB, peerd/node.py): a model
 #: config larger than this would only fail at submit, later and less clearly.
 MAX_MODEL_CONFIG = 40_000
+#: A result's outputs in all, unless the spec sets ``max_output_mb`` (docs/tasks.md "Outputs"):
+#: the executor's default ``[limits] max_output_mb``, so an honest default contractor fits.
+DEFAULT_OUTPUT_MB = 64
+#: Outputs per result on the wire (``Result.outputs``, SPEC §7.7).
+MAX_RESULT_OUTPUTS = 64
+#: A script's captured stdout and stderr, each (``peerd.executor.kinds.python.STREAM_CAP``).
+STREAM_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -177,6 +184,9 @@ class Kind:
     #: Params every job of this kind gets unless the announce sets them.
     job_defaults: Mapping[str, Any] = field(default_factory=dict)
     doc: str = ""
+    #: The outputs a result may carry (issue 8 item 3; docs/tasks.md "Outputs"). None: any
+    #: name (a script's own files, next to its ``stdout`` and ``stderr``).
+    outputs: tuple[str, ...] | None = ()
 
 
 _KERAS_MODEL = {
@@ -198,6 +208,7 @@ KINDS: dict[str, Kind] = {
             reusable_worker=True,
             params={"data": Param("str", doc="returned as the output `stdout`")},
             doc="returns `params.data` (tests, benchmarks)",
+            outputs=("stdout",),
         ),
         Kind(
             "sleep",
@@ -235,6 +246,7 @@ KINDS: dict[str, Kind] = {
             seed_per_round=True,
             evaluate_with="keras-predict",
             doc="trains one shard of one round; rounds are aggregated and certified",
+            outputs=("weights",),
         ),
         Kind(
             "keras-predict",
@@ -250,6 +262,7 @@ KINDS: dict[str, Kind] = {
             split_inputs=("data",),
             multi_round=True,
             doc="runs a model over `data`",
+            outputs=("predictions",),
         ),
         Kind(
             "python",
@@ -263,6 +276,7 @@ KINDS: dict[str, Kind] = {
             required_inputs={"script": "its script as an input file"},
             job_defaults={"script": "script"},  # the worker's script param names the input
             doc="runs the submitter's script (trusted submitters only)",
+            outputs=None,
         ),
     )
 }
@@ -277,6 +291,21 @@ def get(name: str) -> Kind:
 
 def worker_classes() -> frozenset[str]:
     return frozenset(k.worker_class for k in KINDS.values())
+
+
+def declared_outputs(
+    kind: Kind, params: Mapping[str, Any], max_output_mb: int | None = None
+) -> tuple[frozenset[str] | None, int, int]:
+    """What a result of a ``kind`` task with ``params`` may carry: (output names or None for
+    any, how many at most, how many bytes in all). ``max_output_mb``: the spec's bound
+    (default :data:`DEFAULT_OUTPUT_MB`). ``echo`` returns its ``data``: exactly that many bytes."""
+    cap = (DEFAULT_OUTPUT_MB if max_output_mb is None else max_output_mb) << 20
+    if kind.outputs is None:
+        return None, MAX_RESULT_OUTPUTS, cap + 2 * STREAM_BYTES
+    if kind.name == "echo":
+        data = params.get("data", "")
+        cap = len(data.encode()) if isinstance(data, str) else cap
+    return frozenset(kind.outputs), len(kind.outputs), cap
 
 
 def params_problem(kind: Kind, params: Mapping[str, Any]) -> str | None:
@@ -298,4 +327,4 @@ def params_problem(kind: Kind, params: Mapping[str, Any]) -> str | None:
     return None
 
 
-__all__ = ["KINDS", "Kind", "Param", "get", "params_problem", "worker_classes"]
+__all__ = ["KINDS", "Kind", "Param", "declared_outputs", "get", "params_problem", "worker_classes"]

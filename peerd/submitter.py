@@ -47,7 +47,7 @@ from protocol.errors import ProtocolError
 from protocol.machines import MarketTimes
 from protocol.machines import actions as act
 from protocol.machines import events as ev
-from protocol.machines.task import Restored, TaskMachine
+from protocol.machines.task import DeclaredOutputs, Restored, TaskMachine
 from protocol.messages import MAX_T_MAX, Award, Cancel, Message, Result, TaskAnnounce
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,9 @@ class Submitter:
             held_out=held_out,
             restored=restored,
             wait_for_network=True,
+            retries=market.retries,
+            backup_after=market.backup_after,
+            outputs=DeclaredOutputs(*kinds.declared_outputs(kind, ann.params, spec.get("max_output_mb"))),
         )
         task_id = ann.task_id
         driver = MachineDriver(

@@ -57,6 +57,7 @@ TOP_KEYS = {
     "inputs",
     "params",
     "name",
+    "max_output_mb",
 }
 
 
@@ -78,9 +79,11 @@ class TaskSpec:
     inputs: dict[str, str]
     params: dict[str, Any] = field(default_factory=dict)
     name: str = ""
+    #: What a result may carry in all, MiB (docs/tasks.md "Outputs"); None: the kind's default.
+    max_output_mb: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind,
             "work": self.work,
@@ -93,6 +96,9 @@ class TaskSpec:
             "inputs": dict(self.inputs),
             "params": self.params,
         }
+        if self.max_output_mb is not None:
+            out["max_output_mb"] = self.max_output_mb
+        return out
 
 
 def _num(
@@ -204,6 +210,10 @@ def parse_spec(obj: Any, *, base_dir: Path | None = None) -> TaskSpec:
     name = obj.get("name", "")
     if not isinstance(name, str) or len(name) > 128:
         raise SpecError("name: must be a string of at most 128 characters")
+    max_output_mb = obj.get("max_output_mb")
+    if max_output_mb is not None:
+        # A result carries at most 64 outputs of 512 MiB each (SPEC §7.7, the blob cap).
+        max_output_mb = _int(obj, "max_output_mb", 0, 64 * 512)
     spec = TaskSpec(
         kind=kind,
         work=work,
@@ -217,6 +227,7 @@ def parse_spec(obj: Any, *, base_dir: Path | None = None) -> TaskSpec:
         inputs=inputs,
         params=dict(params),
         name=name,
+        max_output_mb=max_output_mb,
     )
     _check_kind(spec, base_dir)
     return spec

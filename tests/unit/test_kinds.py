@@ -173,3 +173,25 @@ def test_docs_tasks_md_lists_every_kinds_params() -> None:
         for name, p in kind.params.items():
             row = f"| `{kind.name}` | `{name}` | {p.describe()} | {'yes' if p.required else ''} |"
             assert row in text, row
+
+
+def test_each_kind_declares_the_outputs_its_executor_returns() -> None:
+    # echo returns exactly its data; sleep nothing; the keras kinds one named array file;
+    # a script any files (plus its stdout and stderr).
+    assert kinds.declared_outputs(kinds.get("echo"), {"data": "héllo"}) == (frozenset({"stdout"}), 1, 6)
+    assert kinds.declared_outputs(kinds.get("echo"), {}) == (frozenset({"stdout"}), 1, 0)
+    assert kinds.declared_outputs(kinds.get("sleep"), {"seconds": 1}) == (frozenset(), 0, 64 << 20)
+    assert kinds.declared_outputs(kinds.get("keras-train"), {}, 8) == (frozenset({"weights"}), 1, 8 << 20)
+    assert kinds.declared_outputs(kinds.get("keras-predict"), {}) == (frozenset({"predictions"}), 1, 64 << 20)
+    assert kinds.declared_outputs(kinds.get("python"), {}, 4) == (None, 64, (4 << 20) + (2 << 20))
+
+
+def test_the_echo_output_is_what_the_executor_makes_of_its_data(tmp_path: Any) -> None:
+    from peerd.executor.kinds import echo
+    from peerd.executor.kinds._base import TaskContext
+
+    data = "ünïcode ✓"
+    names, count, size = kinds.declared_outputs(kinds.get("echo"), {"data": data})
+    out = echo.run(TaskContext(job_id="j", params={"data": data}, inputs={}, workdir=tmp_path, limits={}))
+    assert set(out.outputs) == names and len(out.outputs) == count
+    assert sum(len(v) for v in out.outputs.values()) == size

@@ -175,3 +175,12 @@ def test_every_accepted_spec_fits_an_announce(params: dict[str, Any], inputs: di
         rounds=spec.rounds, params=json.loads(json.dumps(spec.params)), inputs={n: ref for n in spec.inputs},
         bid_window_ms=300, net={"k": 0.2, "dc_min": 0.0, "dc_max": None},
     )
+
+
+def test_max_output_mb_is_optional_bounded_and_round_trips() -> None:
+    base = {"kind": "echo", "params": {"data": "x"}}
+    assert parse_spec(base).max_output_mb is None and "max_output_mb" not in parse_spec(base).to_json()
+    spec = parse_spec({**base, "max_output_mb": 8})
+    assert spec.max_output_mb == 8 and parse_spec(json.loads(json.dumps(spec.to_json()))) == spec
+    with pytest.raises(SpecError, match=r"^max_output_mb: must be an integer from 0 to 32768"):
+        parse_spec({**base, "max_output_mb": 1 << 20})
