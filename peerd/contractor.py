@@ -28,6 +28,7 @@ import trio
 
 from peerd import kinds
 from peerd.drive import MachineDriver, NodeSealer
+from peerd.executed import ExecutedAwards
 from peerd.executor import Job, JobResult, Limits
 from peerd.inbox import wall_ms
 from peerd.node import BID_PROTOCOL, RESULT_PROTOCOL, Node
@@ -75,6 +76,8 @@ class Contractor:
         self._jobs: dict[str, trio.CancelScope] = {}
         #: task → its announce as first seen (what the machines are built from)
         self._announces: dict[str, Signed] = {}
+        #: Exactly once per node (issue 8 item 6): awards executed and replay marks, durable.
+        self.executed = ExecutedAwards(node.store.db)
 
     @property
     def times(self) -> MarketTimes:
@@ -105,6 +108,12 @@ class Contractor:
         """An announce of ``view``'s task: bid if eligible. ``signed`` is the announce as it
         arrived (a re-announce has a fresh sequence); None for the view's own announce (our
         own submitter calls us after publishing)."""
+        if signed is not None:
+            if self.executed.replayed(signed):
+                # One we bid on before a restart (or older): the in-memory guard forgot it.
+                self.node.counters.inc("dropped.replayed_announce")
+                return
+            self.executed.remember(signed)
         reason = self.ineligible_reason(view.announce, view.submitter)
         if reason is not None:
             self.node.counters.inc("bids.not_eligible")
@@ -164,6 +173,10 @@ class Contractor:
         signed = view.awards[max(view.awards)]
         award = signed.message
         assert isinstance(award, Award)
+        if self._replayed_award(signed, award):
+            self.node.counters.inc("dropped.replayed_award")
+            log.info("dropped a replayed award for %s (epoch %d)", view.task_id, award.epoch)
+            return
         drivers = [d for d in self._tasks.get(view.task_id, ()) if not d.closed]
         if not drivers:
             # No machine follows the task (we bid before a restart, or in a lost bidder):
@@ -173,6 +186,20 @@ class Contractor:
             return
         for d in drivers:
             d.feed(ev.MessageVerified(now_ms=d.now_ms(), signed=signed, sender=signed.signer, checked=True))
+
+    def _replayed_award(self, signed: Signed, award: Award) -> bool:
+        """An award we acted on before a restart (its mark), or one whose every shard for us
+        this node already executed at that epoch (issue 8 item 6)."""
+        if self.executed.replayed(signed):
+            return True
+        fresh = not self.executed.seen_this_run(signed)
+        self.executed.remember(signed)
+        mine = {int(a["shard"]) for a in award.assignments if a["peer_id"] == self.me}
+        return (
+            fresh
+            and bool(mine)
+            and all(self.executed.executed(award.task_id, award.epoch, shard) for shard in mine)
+        )
 
     def on_cancel(self, view: TaskView, signed: Signed) -> None:
         msg = signed.message
@@ -467,8 +494,23 @@ class Contractor:
     ) -> Callable[[], Awaitable[ev.Event | None]]:
         scope = trio.CancelScope()
         self._jobs[action.job_id] = scope  # before the job starts: a CancelJob may follow at once
+        # Durable before the job starts: this (task, epoch, shard, round) never runs here again,
+        # whatever is replayed after a restart (issue 8 item 6).
+        first = self.executed.claim(action.task_id, action.epoch, action.shard, action.round)
 
         async def run() -> ev.Event | None:
+            if not first:
+                self._jobs.pop(action.job_id, None)
+                self.node.counters.inc("jobs.refused_replay")
+                return ev.JobFinished(
+                    now_ms=driver.now_ms(),
+                    job_id=action.job_id,
+                    ok=False,
+                    outputs={},
+                    metrics={},
+                    error="replayed",
+                    detail="this award's job already ran on this node",
+                )
             try:
                 with scope:
                     try:
