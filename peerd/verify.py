@@ -428,6 +428,27 @@ def _check_awards(rep: VerifyReport, b: BundleDir, ann: TaskAnnounce, submitter:
     return awards
 
 
+def _carried(b: BundleDir, shard: int, m: Result) -> bool:
+    """Whether the bundle's output files of ``shard`` are exactly ``m``'s outputs (by hash)."""
+    files = {p.output: name for name, p in b.names("shard_output") if p.shard == shard}
+    if not files or set(files) != set(m.outputs):
+        return False
+    try:
+        return all(b.sha256(files[n]) == ref["sha256"] for n, ref in m.outputs.items())
+    except BundleFileError:
+        return False
+
+
+def _backup_taken(b: BundleDir, shard: int, others: list[Signed]) -> Signed | None:
+    """An earlier holder's OK commit of ``shard`` whose outputs the bundle carries (the first
+    valid result, taken over a backup holder's), or None."""
+    for s in sorted(others, key=lambda s: (s.signer, s.message.seq)):
+        m = s.message
+        if isinstance(m, Result) and m.ok and _carried(b, shard, m):
+            return s
+    return None
+
+
 def _place_results(
     rep: VerifyReport, b: BundleDir, ann: TaskAnnounce, holder: Callable[[int, int], str | None]
 ) -> dict[int, _Round]:
@@ -489,13 +510,23 @@ def _verify_plain(
                 "cannot place: a plain task (aggregation none) has no aggregation round",
             )
     final = awards[max(awards)]
-    # Each shard's result: the latest (highest seq) commit of its holder under the last award.
+    # Each shard's result: the latest (highest seq) commit of its holder under the last award —
+    # or, with a backup holder (SPEC §7.6: the first valid result wins), an OK commit of an
+    # earlier holder of the shard (placed at an epoch where it held it) whose outputs are the
+    # ones the bundle carries.
     results: dict[int, Result] = {}
     for a in sorted(final.assignments, key=lambda a: a["shard"]):
         shard, peer = int(a["shard"]), str(a["peer_id"])
         found = [s for rd in rounds.values() for (p, sh), s in rd.placed.items() if (p, sh) == (peer, shard)]
         latest = max(found, key=lambda s: s.message.seq, default=None)
         m = latest.message if latest is not None else None
+        taken = _backup_taken(
+            b,
+            shard,
+            [s for rd in rounds.values() for (p, sh), s in rd.placed.items() if sh == shard and p != peer],
+        )
+        if taken is not None and not (isinstance(m, Result) and m.ok and _carried(b, shard, m)):
+            peer, m = taken.signer, taken.message
         ok = isinstance(m, Result) and m.ok
         rep.check(
             f"result shard {shard}",
