@@ -116,6 +116,9 @@ class MarketConfig:
     #: A shard held past this multiple of its expected time gets a backup holder (0: never;
     #: protocol/SPEC.md §7.6, docs/tasks.md).
     backup_after: float = 3.0
+    #: ... but a holder always gets min(backup_min_s, deadline / (1 + backup_after)) (W is only
+    #: the submitter's estimate).
+    backup_min_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -483,6 +486,7 @@ def _build(raw: dict[str, Any], *, source: Path | None, env: Mapping[str, str], 
         t_max=s.get("t_max", positive_float_or_inf, math.inf),
         retries=s.get("retries", non_negative_int, MarketConfig.retries),
         backup_after=s.get("backup_after", non_negative_float, MarketConfig.backup_after),
+        backup_min_s=s.get("backup_min_s", non_negative_float, MarketConfig.backup_min_s),
     )
     if market.bid_window_ms > 60_000:
         s.problem("bid_window_ms", "must be at most 60000 (one minute)")

@@ -210,6 +210,7 @@ class Submitter:
             wait_for_network=True,
             retries=market.retries,
             backup_after=market.backup_after,
+            backup_min_ms=int(market.backup_min_s * 1000),
             outputs=DeclaredOutputs(*kinds.declared_outputs(kind, ann.params, spec.get("max_output_mb"))),
         )
         task_id = ann.task_id

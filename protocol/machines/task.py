@@ -82,6 +82,8 @@ T_REFETCH = "refetch"
 DEFAULT_RETRIES = 2
 #: A shard held this many times its expected time gets a backup holder (``[market] backup_after``).
 DEFAULT_BACKUP_AFTER = 3.0
+#: ... but never before this long (``[market] backup_min_s``): W is the submitter's estimate.
+DEFAULT_BACKUP_MIN_MS = 60_000
 
 
 def expected_shard_ms(share: float, work: float, capacity: float) -> float:
@@ -185,6 +187,7 @@ class TaskMachine:
         retries: int = DEFAULT_RETRIES,
         backup_after: float = DEFAULT_BACKUP_AFTER,
         outputs: DeclaredOutputs | None = None,
+        backup_min_ms: int = DEFAULT_BACKUP_MIN_MS,
     ) -> None:
         if not isinstance(announce.message, TaskAnnounce):
             raise LocalProtocolError("TaskMachine needs a signed announce", reason="illegal_event")
@@ -227,7 +230,13 @@ class TaskMachine:
         #: Issue 8: moves of failed shards, backup holders, declared outputs.
         self.retries = retries
         self.backup_after = backup_after
+        self.backup_min_ms = backup_min_ms
         self.declared = outputs
+        #: shard → the reason code of its last failure (the task's reason if it gives up).
+        self.fail_codes: dict[int, str] = {}
+        #: Peers whose shard failed for sure (a result said so): with no other bidder left, the
+        #: task fails now rather than waiting for fresh bids until its deadline.
+        self._definitive: set[str] = set()
         #: shard → {peer: why it failed there}: the errors a failing task reports.
         self.failures: dict[int, dict[str, str]] = {}
         #: shard → when its current holder got it (its overdue clock, SPEC §7.6).
@@ -518,7 +527,9 @@ class TaskMachine:
             if stream:
                 out.append(act.Reply(ok=False, reason="undeclared output"))
             if self.state is TaskState.RUNNING and self.holder(m.shard) == signed.signer:
-                out += self._move(event.now_ms, m.shard, signed.signer, f"result refused: {why}")
+                out += self._move(
+                    event.now_ms, m.shard, signed.signer, f"result refused: {why}", "undeclared_output"
+                )
             return out
         out = [
             act.Persist(
@@ -590,6 +601,7 @@ class TaskMachine:
             if peer in self._lost_now or now - last > self.times.lease_ttl_ms:
                 lost.add(peer)
                 self.failures.setdefault(int(a["shard"]), {})[peer] = "lease lost"
+                self.fail_codes[int(a["shard"])] = "lease_lost"
                 self._why_lost.setdefault(peer, "lease lost")
                 continue
             due = self._overdue_at(a)
@@ -597,6 +609,7 @@ class TaskMachine:
                 lost.add(peer)
                 why = f"overdue (no result after {self.backup_after:g}× its expected time)"
                 self.failures.setdefault(int(a["shard"]), {})[peer] = why
+                self.fail_codes[int(a["shard"])] = "overdue"
                 self._why_lost.setdefault(peer, "overdue")
         return lost
 
@@ -621,18 +634,27 @@ class TaskMachine:
             self.capacity_of(str(assignment["peer_id"])),
         )
 
+    def hold_limit_ms(self, a: Mapping[str, Any]) -> float:
+        """How long the holder of a plain task's shard may hold it without a result (SPEC
+        §7.6): ``backup_after`` × its expected time, but never less than the floor
+        ``min(backup_min, D / (1 + backup_after))`` nor one lease TTL. W is the submitter's
+        estimate (a ``sleep`` task's says nothing of its length): the floor keeps a task that
+        understates it from having every holder declared overdue, and the deadline term
+        leaves a backup ``backup_after`` / (1 + ``backup_after``) of the deadline to finish."""
+        floor = min(self.backup_min_ms, self.announce.deadline_ms / (1 + self.backup_after))
+        return max(self.backup_after * self.expected_ms(a), floor, self.times.lease_ttl_ms + 1)
+
     def _overdue_at(self, a: Mapping[str, Any]) -> int | None:
-        """When the holder of a plain task's shard is overdue: ``backup_after`` × its
-        expected time after it got the shard, but never before one lease TTL (fetching the
-        inputs and starting a sandbox are not in the estimate). None: no limit (aggregated
-        tasks wait for their rounds; ``backup_after = 0``)."""
+        """When the holder of a plain task's shard is overdue: its :meth:`hold_limit_ms` after
+        it got the shard. None: no limit (aggregated tasks wait for their rounds;
+        ``backup_after = 0``)."""
         if self.announce.aggregation != "none" or self.backup_after <= 0:
             return None
-        limit = self.backup_after * self.expected_ms(a)
+        limit = self.hold_limit_ms(a)
         if limit == float("inf"):
             return None
         since = max(self.held_since.get(int(a["shard"]), self.lease_start), self.lease_start)
-        return since + max(int(limit), self.times.lease_ttl_ms + 1)
+        return since + int(limit)
 
     def _check_leases(self, now: int) -> list[act.Action]:
         if not self.network_up:
@@ -666,34 +688,45 @@ class TaskMachine:
             return []
         return [self.timers.set(T_LEASES, at)]
 
-    def _move(self, now: int, shard: int, peer: str, why: str) -> list[act.Action]:
+    def _move(self, now: int, shard: int, peer: str, why: str, code: str) -> list[act.Action]:
         """Shard ``shard`` failed on its holder ``peer`` (``ok = false``, a refused result):
-        it moves to another bidder like a lost holder's (issue 8 item 3)."""
+        it moves to another bidder like a lost holder's (issue 8 item 3). ``code``: the
+        reason the task gives if the shard cannot move (the shard's error class)."""
         self.failures.setdefault(shard, {})[peer] = why
+        self.fail_codes[shard] = code
         self._why_lost[peer] = why
+        self._definitive.add(peer)
         return self._reaward(now, {peer})
 
-    def _budget_spent(self, now: int, lost: set[str]) -> list[act.Action] | None:
-        """The task fails once a shard of ``lost`` has failed on ``retries`` + 1 peers: a
-        shard may move ``retries`` times (docs/tasks.md "Failures")."""
+    def _give_up(self, now: int, lost: set[str], *, no_bidder: bool) -> list[act.Action] | None:
+        """The task fails once a shard of ``lost`` has failed on ``retries`` + 1 peers (a
+        shard may move ``retries`` times), or, with ``no_bidder``, when a shard that failed
+        for sure has nobody left to move to (docs/tasks.md "Failures and backups"). The
+        message names the shard and every error seen; the reason is the last one's class."""
         for a in self.assignments():
             shard = int(a["shard"])
             seen = self.failures.get(shard, {})
-            if a["peer_id"] in lost and len(seen) > self.retries:
-                errors = "; ".join(f"{short(p)}: {w}" for p, w in seen.items())
-                return self._finish(
-                    now,
-                    TaskState.FAILED,
-                    f"shard {shard} failed on {len(seen)} peer(s), retry budget ({self.retries}) "
-                    f"spent: {errors}",
-                    reason="retries_exhausted",
-                )
+            if a["peer_id"] not in lost or not seen:
+                continue
+            if len(seen) > self.retries:
+                why = f"retry budget ({self.retries}) spent"
+            elif no_bidder and a["peer_id"] in self._definitive:
+                why = "no other bidder"
+            else:
+                continue
+            errors = "; ".join(f"{short(p)}: {w}" for p, w in seen.items())
+            return self._finish(
+                now,
+                TaskState.FAILED,
+                f"shard {shard} failed on {len(seen)} peer(s), {why}: {errors}",
+                reason=self.fail_codes.get(shard, "failed"),
+            )
         return None
 
     def _reaward(self, now: int, lost: set[str]) -> list[act.Action]:
         award = self.latest_award()
         assert award is not None
-        spent = self._budget_spent(now, lost)
+        spent = self._give_up(now, lost, no_bidder=False)
         if spent is not None:
             return spent
         usable = self.usable()
@@ -703,6 +736,9 @@ class TaskMachine:
         new = reassign(list(award.assignments), set(excluded), costs)
         self._lost_now -= lost
         if not new:
+            ended = self._give_up(now, lost, no_bidder=True)
+            if ended is not None:
+                return ended
             self.state = TaskState.REBIDDING
             out = self._set_state("running", f"lost {len(lost)} peer(s); asking for fresh bids")
             out += self.timers.cancel(T_LEASES)
@@ -809,7 +845,9 @@ class TaskMachine:
         """A plain task's shard returned ``ok = false`` from its current holder: it moves to
         another bidder (issue 8 item 3) until it has failed on ``retries`` + 1 peers; then
         the task fails, naming the shard and every error seen."""
-        return self._move(now, msg.shard, sv.signer, f"ok = false: {msg.error}")
+        return self._move(
+            now, msg.shard, sv.signer, f"ok = false: {msg.error}", (msg.error or "failed").split(":")[0]
+        )
 
     def _check_all_failed(self, now: int) -> list[act.Action]:
         failed = []
@@ -1137,10 +1175,10 @@ class TaskMachine:
         for epoch in sorted(self.awards):
             msg = self.awards[epoch].message
             assert isinstance(msg, Award)
-            for a in msg.assignments:
-                if a["peer_id"] in excluded:
-                    self.failures.setdefault(int(a["shard"]), {}).setdefault(
-                        str(a["peer_id"]), "failed or lost before a restart"
+            for held in msg.assignments:
+                if held["peer_id"] in excluded:
+                    self.failures.setdefault(int(held["shard"]), {}).setdefault(
+                        str(held["peer_id"]), "failed or lost before a restart"
                     )
 
 

@@ -145,7 +145,9 @@ def moves(devnet_module: Callable[..., TestNet], tmp_path_factory: pytest.TempPa
     (scripts_dir / "evil.py").write_text(EVIL_CONTRACTOR)
     (scripts_dir / "replayer.py").write_text(REPLAYING_SUBMITTER)
     net = devnet_module(3, BASE, start=False)
-    patch_config(net, SUBMITTER, {"offer": {"accept_kinds": ["sleep"]}})
+    # A short floor for the hold limit: the silent liar's shard moves after backup_after × its
+    # expected time, not after the default minute.
+    patch_config(net, SUBMITTER, {"offer": {"accept_kinds": ["sleep"]}, "market": {"backup_min_s": 5.0}})
     for i in (EVIL, HONEST):
         patch_config(net, i, {"offer": {"accept_kinds": ["echo"]}})
     n = Net(net, {SUBMITTER: scripts_dir / "replayer.py", EVIL: scripts_dir / "evil.py"})
@@ -202,8 +204,8 @@ def test_a_peer_that_heartbeats_but_never_delivers_gets_a_backup_and_the_task_is
     net = moves.net
     before = counters(net, SUBMITTER)
     data = f"silent: {os.urandom(4).hex()}"
-    task_id = submit(net, SUBMITTER, echo_spec(net, data))
-    task = wait_done(net, SUBMITTER, task_id, timeout=150)
+    task_id = submit(net, SUBMITTER, echo_spec(net, data, deadline_s=60.0))
+    task = wait_done(net, SUBMITTER, task_id, timeout=90)
     first_holder_was_the_liar(net, task_id)
     assert_moved_to_the_honest_peer(net, task, data)
     messages = [e["message"] for e in task["events"]]

@@ -326,13 +326,25 @@ def test_result_checks_signer_and_holder() -> None:
 
 
 def test_a_failed_shard_with_no_retries_left_fails_the_task_naming_it() -> None:
-    m, _ = awarded(retries=0)
-    out = deliver(m, result(W[0], 0, NOW + 400, ok=False), NOW + 400)
-    assert m.state is TaskState.FAILED
+    m, _ = awarded(bidders=(W[0], W[1]), retries=0)
+    holder, _ = holder_and_spares(m)
+    out = deliver(m, result(holder, 0, NOW + 400, ok=False), NOW + 400)
+    assert m.state is TaskState.FAILED and 1 not in m.awards
     rec = [p.record for p in of(out, act.Persist) if isinstance(p.record, act.TaskState)][-1]
-    assert rec.reason == "retries_exhausted"
+    assert rec.reason == "memory_limit"  # the shard's error class, as before moves existed
     assert rec.message.startswith("shard 0 failed on 1 peer(s), retry budget (0) spent")
     assert "ok = false: memory_limit: worker used 3 GiB" in rec.message
+
+
+def test_a_failed_shard_with_no_other_bidder_fails_the_task_at_once() -> None:
+    # The only bidder failed for sure: waiting for fresh bids until the deadline would turn a
+    # clear error into a late "deadline".
+    m, _ = awarded()
+    out = deliver(m, result(W[0], 0, NOW + 400, ok=False), NOW + 400)
+    assert m.state is TaskState.FAILED and not of(out, act.Publish)
+    rec = [p.record for p in of(out, act.Persist) if isinstance(p.record, act.TaskState)][-1]
+    assert rec.reason == "memory_limit"
+    assert rec.message.startswith("shard 0 failed on 1 peer(s), no other bidder: ")
 
 
 def test_highest_sequence_result_counts() -> None:
@@ -349,7 +361,7 @@ def test_highest_sequence_result_counts() -> None:
 
 
 def test_lease_from_a_non_holder_is_dropped_and_heartbeats_move_the_check() -> None:
-    m, _ = awarded(backup_after=0)  # no hold limit: only the lease rule (see the backup tests)
+    m, _ = awarded()
     assert deliver(m, lease(W[1], 0, NOW + 500), NOW + 500, via=ev.VIA_GOSSIP) == [
         act.Drop(reason="not_holder", detail=f"lease for shard 0 from {W[1].peer_id[-8:]}")
     ]
@@ -644,7 +656,7 @@ def test_the_retry_budget_fails_the_task_with_every_error_seen() -> None:
     out = deliver(m, result(second, 0, NOW + 600, ok=False, epoch=1, error="crashed: segfault"), NOW + 600)
     assert m.state is TaskState.FAILED and 2 not in m.awards
     rec = [p.record for p in of(out, act.Persist) if isinstance(p.record, act.TaskState)][-1]
-    assert rec.reason == "retries_exhausted"
+    assert rec.reason == "crashed"  # the last error's class
     assert rec.message.startswith("shard 0 failed on 2 peer(s), retry budget (1) spent")
     assert f"{first.peer_id[-8:]}: ok = false: memory_limit" in rec.message
     assert f"{second.peer_id[-8:]}: ok = false: crashed: segfault" in rec.message
@@ -654,7 +666,7 @@ def test_a_lost_lease_counts_against_the_retry_budget() -> None:
     m, _ = awarded(bidders=(W[0], W[1]), retries=0)
     m.handle(ev.TimerFired(now_ms=NOW + 10_301, name="leases"))
     assert m.state is TaskState.FAILED and 1 not in m.awards
-    assert m.reason == "retries_exhausted"
+    assert m.reason == "lease_lost"
 
 
 def test_the_retry_budget_survives_a_restart() -> None:
@@ -671,8 +683,10 @@ def test_the_retry_budget_survives_a_restart() -> None:
     again.handle(ev.Start(now_ms=NOW + 1_000))
     assert again.failures == {0: {first.peer_id: "failed or lost before a restart"}}
     second = BY_ID[again.assignments()[0]["peer_id"]]
-    deliver(again, result(second, 0, NOW + 1_200, ok=False, epoch=1), NOW + 1_200)
-    assert again.state is TaskState.FAILED and again.reason == "retries_exhausted"
+    out = deliver(again, result(second, 0, NOW + 1_200, ok=False, epoch=1), NOW + 1_200)
+    assert again.state is TaskState.FAILED and again.reason == "memory_limit"
+    rec = [p.record for p in of(out, act.Persist) if isinstance(p.record, act.TaskState)][-1]
+    assert rec.message.startswith("shard 0 failed on 2 peer(s), retry budget (1) spent")
 
 
 def test_expected_time_is_share_times_work_over_capacity() -> None:
@@ -731,8 +745,13 @@ def test_no_hold_limit_when_backup_after_is_zero() -> None:
     assert m._overdue_at(m.assignments()[0]) is None
 
 
-def test_the_hold_limit_is_never_below_one_lease_ttl() -> None:
-    m, _ = awarded()  # W = 10 at C ≈ 10: about 1 s expected, 3 s limit
+def test_the_hold_limit_is_never_below_its_floor() -> None:
+    # W = 10 at C ≈ 10: about 1 s expected, 3 s by the multiple alone.
+    m, _ = awarded()  # D = 120 s: the floor is min(60 s, D / 4) = 30 s
+    assert m._overdue_at(m.assignments()[0]) == NOW + 300 + 30_000
+    m, _ = awarded(announce(deadline_ms=3_600_000))  # a long deadline: backup_min (60 s)
+    assert m._overdue_at(m.assignments()[0]) == NOW + 300 + 60_000
+    m, _ = awarded(backup_min_ms=1_000)  # never below one lease TTL
     assert m._overdue_at(m.assignments()[0]) == NOW + 300 + TIMES.lease_ttl_ms + 1
 
 
