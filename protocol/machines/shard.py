@@ -25,7 +25,9 @@ The rules are those of ``peerd/contractor.py`` today:
   shard to another peer, kills the job and releases the lease.
 
 An ``ok = false`` result is published and delivered like any other (issue 8 item 3: the
-submitter, not the contractor, decides what a failure costs; see TaskMachine).
+submitter, not the contractor, decides what a failure costs; see TaskMachine: the shard moves
+to another bidder). A backup holder (SPEC §7.6) is an ordinary holder of a later epoch; the
+overdue holder it replaces is told by that award like any holder that lost its shard.
 """
 
 from __future__ import annotations

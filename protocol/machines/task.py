@@ -23,15 +23,19 @@ become a thin driver:
   latest award has a result whose outputs were fetched; aggregated tasks when the last
   round is certified and its output fetched (rounds are reported in order, each with the
   optional evaluation on the submitter's held-out ``validation`` input).
-* **Failure.** A result with ``ok = false`` fails a plain task; an aggregated task fails
-  when as many results failed as there are shards ("every shard failed"); the deadline
+* **Failure.** A plain task's shard that fails on its holder — a result with
+  ``ok = false``, a result with undeclared outputs (refused before any fetch), a lost lease,
+  or no result past its hold limit (``backup_after`` × its expected time, however the holder
+  heartbeats) — moves to another bidder by the same re-award, up to ``retries`` moves per
+  shard (SPEC §7.6); the first valid result of a shard wins. An aggregated task fails when
+  as many results failed as there are shards ("every shard failed"); the deadline
   (``issued_at + deadline_ms``) fails any unfinished task, with the last reason given.
 * **Cancel.** The local user's cancel publishes a signed ``cancel`` (SPEC §7.9).
 
-Issue 8 (known defects kept as today's behaviour, each with one place to change):
-``_shard_failed`` is where "a shard that fails moves to another bidder" goes, and
-``_lost_holders`` is where "a lease heartbeat alone never holds a shard past a multiple
-of its expected time" goes.
+Issue 8: ``_shard_failed`` and ``_move`` move a failed shard, ``_lost_holders`` and
+``hold_limit_ms`` bound how long a heartbeat alone holds one, ``expected_shard_ms`` and
+``capacity_of`` are the one place the expected time is estimated (a measured capacity plugs
+in there).
 """
 
 from __future__ import annotations
