@@ -327,7 +327,9 @@ def test_a_reaward_that_moves_our_shard_releases_it() -> None:
 
 
 def test_a_second_shard_for_us_is_adopted() -> None:
-    ann = announce(max_shards=2, work=30.0, deadline_ms=1000)
+    # R = 30 GFLOP/s as W = 30 over 1 s, with a deadline long enough that the heartbeating
+    # holder is within its hold limit (SPEC §7.6) when the silent one is lost.
+    ann = announce(max_shards=2, work=3000.0, deadline_ms=100_000)
     mk = Market(ann, W[:2])
     award = mk.award.message
     assert isinstance(award, Award) and len(award.assignments) == 2
