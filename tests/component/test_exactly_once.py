@@ -10,12 +10,12 @@ import sqlite3
 from pathlib import Path
 
 import trio
-from test_contractor_driver import SUB, TASK, Rig, announce, bid_and_award, wait_until
 
 from peerd.executed import ExecutedAwards
 from peerd.node import BID_PROTOCOL
 from peerd.store import Store
 from protocol.envelope import Signed
+from tests.component.test_contractor_driver import SUB, TASK, Rig, announce, bid_and_award, wait_until
 
 
 def test_a_claim_holds_once_and_marks_keep_the_highest_sequence(tmp_path: Path) -> None:
