@@ -135,7 +135,8 @@ async def until(check: Callable[[], bool], what: str, bound_s: float = 60.0) -> 
 async def submit(p: Parts, tmp: Path) -> str:
     data = tmp / "input.txt"
     data.write_text("hello")
-    spec = {"kind": "echo", "work": 1.0, "deadline_s": 120, "params": {"data": "x"}}
+    # The result below echoes this data: its one output is what echo declares (docs/tasks.md).
+    spec = {"kind": "echo", "work": 1.0, "deadline_s": 120, "params": {"data": "the echo output"}}
     task_id = await p.submitter.submit(spec)
     p.watch(task_id)
     return task_id
@@ -163,7 +164,7 @@ def result_raw(p: Parts, task_id: str, signer: Signer, seq: int, *, ok: bool = T
         round=0,
         ok=ok,
         error=None if ok else "memory_limit: killed",
-        outputs={"out": {"sha256": digest, "size": 15}} if ok else {},
+        outputs={"stdout": {"sha256": digest, "size": 15}} if ok else {},
         weight=1.0,
         metrics={"n": 1.0},
     )
@@ -203,7 +204,7 @@ def test_a_task_from_announce_to_done_through_its_machine(tmp_path: Path) -> Non
         }
         await until(lambda: p.state(task_id) == "done", "the task is done")
         row = p.store.task(task_id)
-        assert row is not None and '"shard-0/out"' in row["result"]
+        assert row is not None and '"shard-0/stdout"' in row["result"]
         assert [r["peer_id"] for r in p.store.results(task_id)] == [PEER.peer_id]
         final = [e for e in p.drain() if e.get("final")]
         assert [(e["state"], e["message"]) for e in final] == [("done", "1 shard result(s) received")]
@@ -240,7 +241,11 @@ def test_a_failed_result_fails_the_task_and_cancel_after_the_end_changes_nothing
         await until(lambda: p.state(task_id) == "failed", "the task failed")
         row = p.store.task(task_id)
         assert row is not None and row["reason"] == "memory_limit"
-        assert p.messages(task_id)[-1] == f"shard 0 failed on {PEER.peer_id[-8:]}: memory_limit: killed"
+        # The only bidder failed for sure: no other peer to move the shard to (SPEC §7.6).
+        assert p.messages(task_id)[-1] == (
+            f"shard 0 failed on 1 peer(s), no other bidder: {PEER.peer_id[-8:]}: "
+            "ok = false: memory_limit: killed"
+        )
         assert await p.submitter.cancel(task_id) == "failed"
 
     run(tmp_path, body)
