@@ -23,7 +23,9 @@ from peerd.p2p import GossipMessage, P2PNode
 from peerd.peertable import PeerTable
 from peerd.seqstore import SequenceStore
 from protocol.envelope import Signer
+from protocol.errors import ProtocolError
 from protocol.messages import Advert
+from protocol.plausibility import check_advert
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +162,11 @@ class AdvertService:
     async def _on_gossip(self, msg: GossipMessage) -> bool:
         signed = self._inbox.admit(msg.data, sender=msg.origin, kinds=_KINDS)
         if signed is None:
+            return False
+        try:
+            check_advert(signed.message)  # type: ignore[arg-type]  # C⁰ within its hardware (SPEC §7.2)
+        except ProtocolError as exc:
+            self._counters.inc(f"dropped.{exc.reason}")
             return False
         self.table.upsert(signed, wall_ms())
         return True

@@ -49,6 +49,7 @@ from protocol.machines import actions as act
 from protocol.machines import events as ev
 from protocol.machines.task import DeclaredOutputs, Restored, TaskMachine
 from protocol.messages import MAX_T_MAX, Award, Cancel, Message, Result, TaskAnnounce
+from protocol.plausibility import check_bid
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,13 @@ class Submitter:
         signed = verified or self.node.inbox.admit(raw, sender=sender, kinds=frozenset({"bid"}))
         if signed is None:
             return {"ok": False, "reason": "invalid bid"}
+        known = self.node.table.get(signed.signer, wall_ms()) if verified is None else None
+        try:
+            # C⁰ within what the bidder's advertised hardware can deliver (SPEC §7.4).
+            check_bid(signed.message, known.advert if known is not None else None)  # type: ignore[arg-type]
+        except ProtocolError as exc:
+            self.node.counters.inc(f"dropped.{exc.reason}")
+            return {"ok": False, "reason": "implausible capacity"}
         task_id = signed.message.task_id  # type: ignore[attr-defined]
         driver = self._live(task_id)
         if driver is None:

@@ -61,6 +61,9 @@ class FakeTable:
     def alive(self, now_ms: int) -> list[str]:
         return [PEER.peer_id]
 
+    def get(self, peer_id: str, now_ms: int) -> None:
+        return None  # no advert known: a bid's C⁰ is bounded by the wire only (SPEC §7.4)
+
 
 class Parts:
     """One daemon's parts on ``tmp``; a second ``Parts`` on the same directory is the same

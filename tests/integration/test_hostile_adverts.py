@@ -150,6 +150,15 @@ BAD_ADVERTS: list[tuple[str, Builder, str]] = [
     ("capacity-1e300", lambda e, n: _signed_payload(e, _payload(c0=1e300)), "absurd"),
     ("infinite-load", lambda e, n: _signed_payload(e, _payload(load=math.inf)), "absurd"),
     ("nan-capacity", lambda e, n: _signed_payload(e, _payload(c0=math.nan)), "absurd"),
+    # Within the wire's 10⁶, but 2 CPU cores and no GPU cannot deliver it (SPEC §7.2).
+    ("capacity-beyond-its-hardware", lambda e, n: seal(e.seed, advert(c0=1e5)), "implausible_c0"),
+    (
+        "gpu-beyond-its-rated-peak",
+        lambda e, n: seal(e.seed, advert(gpus=[{"index": 0, "model": "NVIDIA H100 80GB HBM3",
+                                                 "vram_total_mb": 81_559, "vram_free_mb": 81_000,
+                                                 "util_pct": 0.0, "gflops": 500_000.0}])),
+        "implausible_c0",
+    ),
     (
         "negative-cores",
         lambda e, n: _signed_payload(e, _payload(cpu={"cores": -4, "model": "x", "gflops": 1.0})),
