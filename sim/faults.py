@@ -15,6 +15,10 @@
 ``slow=Q``
     a fraction Q of the peers is honest about its capacity but runs 5× slower than it
     (a machine that is busier than it knows).
+``silent=Q``
+    a fraction Q of the peers bids and heartbeats the leases of the shards it is awarded, but
+    never delivers: their jobs never finish (issue 8's heartbeat-but-silent attack; the
+    submitter's hold limit gives each such shard a backup holder, protocol/SPEC.md §7.6).
 ``loss=P``
     every message is lost with probability P (overrides ``--loss``).
 """
@@ -62,6 +66,7 @@ class FaultSpec:
     liars: float = 0.0
     slow: float = 0.0
     loss: float | None = None
+    silent: float = 0.0
 
     @classmethod
     def parse(cls, text: str) -> FaultSpec:
@@ -70,7 +75,7 @@ class FaultSpec:
             key, sep, value = item.partition("=")
             if not sep:
                 raise FaultSpecError(f"{item!r}: expected key=value")
-            if key in ("crash", "liars", "slow", "loss"):
+            if key in ("crash", "liars", "slow", "loss", "silent"):
                 kw[key] = _fraction(key, value)
             elif key == "partition":
                 dur, _, at = value.partition("@")
@@ -84,7 +89,9 @@ class FaultSpec:
                     lo, _, hi = value.partition("-")
                     kw["restart"] = (parse_duration(lo), parse_duration(hi or lo))
             else:
-                raise FaultSpecError(f"unknown fault {key!r} (crash, partition, liars, slow, loss, restart)")
+                raise FaultSpecError(
+                    f"unknown fault {key!r} (crash, partition, liars, slow, silent, loss, restart)"
+                )
         return cls(**kw)  # type: ignore[arg-type]
 
     def describe(self) -> str:
@@ -97,6 +104,8 @@ class FaultSpec:
             parts.append(f"liars={self.liars:g}")
         if self.slow:
             parts.append(f"slow={self.slow:g}")
+        if self.silent:
+            parts.append(f"silent={self.silent:g}")
         if self.loss:
             parts.append(f"loss={self.loss:g}")
         return ",".join(parts) or "none"
@@ -115,6 +124,7 @@ class Schedule:
     partition: tuple[float, float, frozenset[int]] | None  # (start, end, side)
     liars: frozenset[int]
     slow: frozenset[int]
+    silent: frozenset[int] = frozenset()
 
 
 def draw(
@@ -139,4 +149,8 @@ def draw(
     rest = [i for i in candidates if i not in liars]
     n_slow = min(len(rest), round(spec.slow * len(candidates)))
     slow = frozenset(rng.sample(rest, n_slow)) if n_slow else frozenset()
-    return Schedule(tuple(crashes), partition, liars, slow)
+    rest = [i for i in rest if i not in slow]
+    n_silent = min(len(rest), round(spec.silent * len(candidates)))
+    # Drawn last, from the generator's remaining stream: runs without ``silent`` draw as before.
+    silent = frozenset(rng.sample(rest, n_silent)) if n_silent else frozenset()
+    return Schedule(tuple(crashes), partition, liars, slow, silent)

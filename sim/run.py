@@ -144,6 +144,7 @@ def summarise(
             },
             "liars": len(sched.liars),
             "slow": len(sched.slow),
+            "silent": len(sched.silent),
         },
         "signatures": "stub (SHA-512, --stub-signatures)" if cfg.stub_signatures else "real (Ed25519)",
         "envelopes_verified": verified,
@@ -232,7 +233,7 @@ def render(out: Outcome) -> str:
     fs = s["fault_schedule"]
     lines.append(
         f"faults drawn: {fs['crashes']} crashes, partition {fs['partition'] or 'none'}, "
-        f"{fs['liars']} liars, {fs['slow']} slow"
+        f"{fs['liars']} liars, {fs['slow']} slow, {fs.get('silent', 0)} silent"
     )
     ch = s["checked"]
     lines.append("checked: " + ", ".join(f"{v} {k}" for k, v in ch.items()))

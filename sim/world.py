@@ -203,6 +203,7 @@ class Peer:
         self.slots = rng.choice((1, 2, 4, 8))
         self.liar = False
         self.slow = False
+        self.silent = False  # heartbeats its leases, never delivers (faults ``silent``)
         self.up = True
         self.incarnation = 0
         self.runs = 0  # job counter: outputs of a re-run differ
@@ -375,6 +376,10 @@ class Peer:
         self.runs += 1
         run = (self.index, self.runs)
         liar = self.liar
+        if self.silent and a.purpose == "shard":
+            # The job never ends: the machine keeps heartbeating its lease (faults ``silent``).
+            w.counters["silent.jobs_withheld"] += 1
+            return
 
         def result() -> ev.JobFinished:
             if a.purpose != "shard":
@@ -1221,6 +1226,8 @@ def schedule_faults(world: World, sched: Schedule) -> None:
         world.peers[i].liar = True
     for i in sched.slow:
         world.peers[i].slow = True
+    for i in sched.silent:
+        world.peers[i].silent = True
 
 
 def horizon_of(tasks: Sequence[tuple[float, int, dict[str, Any]]]) -> float:

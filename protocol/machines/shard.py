@@ -304,7 +304,12 @@ class ShardMachine:
         if self.shard is None and mine and self.state is ShardState.BID_SENT:
             out += self._bind(now, event.signed, mine[0])
         elif self.shard is not None and self.shard not in mine and self.state in ACTIVE:
-            out += self._lose(now)
+            if self.announce.aggregation == "none" and self.state is ShardState.RUNNING:
+                # A backup holder took the shard (SPEC §7.6): our job runs on, and the first
+                # valid result wins — ours still counts if it comes first.
+                out.append(act.Count(name="shards.superseded"))
+            else:
+                out += self._lose(now)
         for shard in mine:
             if shard != self.shard:
                 out.append(act.AdoptShard(task_id=self.task_id, shard=shard, award=event.signed))

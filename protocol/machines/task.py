@@ -712,7 +712,10 @@ class TaskMachine:
             seen = self.failures.get(shard, {})
             if a["peer_id"] not in lost or not seen:
                 continue
-            if len(seen) > self.retries:
+            # An overdue holder has not failed (it may still deliver first): a backup costs
+            # no retry. Backups are bounded by the bidders (each overdue holder is excluded).
+            failed = [p for p, w in seen.items() if not w.startswith("overdue")]
+            if len(failed) > self.retries:
                 why = f"retry budget ({self.retries}) spent"
             elif no_bidder and a["peer_id"] in self._definitive:
                 why = "no other bidder"

@@ -49,6 +49,18 @@ def test_liars_are_chosen_for_their_claimed_capacity_and_commit_twice() -> None:
     assert out.stats["counters"].get("liars.second_commits", 0) >= 1
 
 
+def test_silent_peers_heartbeat_but_their_shards_get_backups() -> None:
+    # Issue 8: heartbeating a lease and never delivering used to hold a shard until the
+    # deadline. The hold limit (SPEC §7.6) gives such a shard a backup holder; the silent
+    # holder is superseded, not lost, and every invariant holds.
+    out = _run("silent=0.3", seed=4, aggregated=0.0)
+    assert out.stats["fault_schedule"]["silent"] >= 4
+    c = out.stats["counters"]
+    assert c.get("silent.jobs_withheld", 0) >= 1
+    assert c.get("tasks.reawarded", 0) >= 1 and c.get("shards.superseded", 0) >= 1
+    assert out.stats["tasks_done"] >= 1
+
+
 def test_slow_peers_run_late() -> None:
     base = _run("")
     slow = _run("slow=0.9")

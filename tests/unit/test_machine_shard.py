@@ -313,17 +313,36 @@ def test_cancel_kills_the_job_and_releases_the_lease() -> None:
     assert m.handle(ev.JobFinished(now_ms=NOW + 600, job_id=job.job_id, ok=True)) == []
 
 
-def test_a_reaward_that_moves_our_shard_releases_it() -> None:
+def test_a_reaward_that_moves_our_running_plain_shard_lets_it_finish_first() -> None:
+    # SPEC §7.6: the new holder is a backup; our job runs on and the first valid result wins.
     mk, m, job = ran()
     out = mk.task.handle(ev.TimerFired(now_ms=NOW + 10_301, name="leases"))  # we never heartbeated to it
     reaward = one(out, act.Publish).signed
     assert reaward.message.epoch == 1  # type: ignore[attr-defined]
     out = gossip(m, reaward, NOW + 10_400)
-    assert m.state is ShardState.LOST and act.CancelJob(job_id=job.job_id) in out
-    assert one(out, act.Publish).signed.message.state == "released"  # type: ignore[attr-defined]
+    assert m.state is ShardState.RUNNING and not of(out, act.CancelJob)
+    assert act.Count(name="shards.superseded") in out
     spare = next(s for s in mk.shards.values() if s is not m)
     out = gossip(spare, mk.award, NOW + 10_400) + gossip(spare, reaward, NOW + 10_410)
     assert spare.state is ShardState.FETCHING and spare.epoch == 1
+    # Our result comes first: delivered under our epoch, and the submitter takes it.
+    ref = {"sha256": "33" * 32, "size": 3}
+    out = m.handle(ev.JobFinished(now_ms=NOW + 10_500, job_id=job.job_id, ok=True, outputs={"stdout": ref}))
+    send = one(out, act.Send)
+    assert send.signed.message.epoch == 0  # type: ignore[attr-defined]
+    got = mk.task.handle(
+        ev.MessageVerified(now_ms=NOW + 10_510, signed=send.signed, via=ev.VIA_STREAM, sender=m.me)
+    )
+    assert act.Reply(ok=True) in got and one(got, act.FetchBlob).source == m.me
+
+
+def test_a_reaward_that_moves_our_shard_of_an_aggregated_task_releases_it() -> None:
+    mk, m, job = ran(announce(kind="keras-train", aggregation="weighted_mean"))
+    out = mk.task.handle(ev.TimerFired(now_ms=NOW + 10_301, name="leases"))
+    reaward = one(out, act.Publish).signed
+    out = gossip(m, reaward, NOW + 10_400)
+    assert m.state is ShardState.LOST and act.CancelJob(job_id=job.job_id) in out
+    assert one(out, act.Publish).signed.message.state == "released"  # type: ignore[attr-defined]
 
 
 def test_a_second_shard_for_us_is_adopted() -> None:

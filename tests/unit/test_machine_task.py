@@ -788,3 +788,23 @@ def test_a_result_within_its_declared_outputs_is_kept() -> None:
     m, _ = awarded(outputs=DECLARED)
     out = deliver(m, result(W[0], 0, NOW + 400, outputs={"stdout": {"sha256": SHA, "size": 5}}), NOW + 400)
     assert not of(out, act.Drop) and one(out, act.FetchBlob).digest == SHA
+
+
+def test_an_overdue_holder_costs_no_retry_and_may_still_deliver_first() -> None:
+    # retries = 0: a failure would end the task, a backup does not (the holder has not failed).
+    m, _ = awarded(announce(work=3000.0, deadline_ms=3_600_000), bidders=(W[0], W[1]), retries=0)
+    holder, _ = holder_and_spares(m)
+    due = m._overdue_at(m.assignments()[0])
+    assert due is not None
+    at = NOW + 300
+    while at + 2_000 < due:  # heartbeats every 2 s; lease checks when due
+        at += 2_000
+        armed = m.timers.armed["leases"]
+        if armed <= at:
+            m.handle(ev.TimerFired(now_ms=armed, name="leases"))
+        deliver(m, lease(holder, 0, at), at, via=ev.VIA_GOSSIP)
+    for _ in range(3):  # the last lease check(s), up to the hold limit
+        if 1 not in m.awards:
+            m.handle(ev.TimerFired(now_ms=m.timers.armed["leases"], name="leases"))
+    assert 1 in m.awards and m.state is TaskState.RUNNING
+    assert m.awards[1].message.excluded == (holder.peer_id,)  # type: ignore[attr-defined]
