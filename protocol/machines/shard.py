@@ -22,12 +22,13 @@ The rules are those of ``peerd/contractor.py`` today:
   once the shard is no longer worked on, at most 200 tries; stop on "unknown task", on
   cancel, or past the deadline.
 * **Cancel / lost award.** The submitter's signed cancel, or a later award that gives our
-  shard to another peer, kills the job and releases the lease.
+  shard to another peer, kills the job and releases the lease — except a plain task's job
+  that already runs: the new holder is a backup (SPEC §7.6), ours runs on, and the first
+  valid result wins (``shards.superseded``).
 
 An ``ok = false`` result is published and delivered like any other (issue 8 item 3: the
 submitter, not the contractor, decides what a failure costs; see TaskMachine: the shard moves
-to another bidder). A backup holder (SPEC §7.6) is an ordinary holder of a later epoch; the
-overdue holder it replaces is told by that award like any holder that lost its shard.
+to another bidder). A backup holder (SPEC §7.6) is an ordinary holder of a later epoch.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ become a thin driver:
   ``ok = false``, a result with undeclared outputs (refused before any fetch), a lost lease,
   or no result past its hold limit (``backup_after`` × its expected time, however the holder
   heartbeats) — moves to another bidder by the same re-award, up to ``retries`` moves per
-  shard (SPEC §7.6); the first valid result of a shard wins. An aggregated task fails when
+  shard after failures (an overdue holder costs none, SPEC §7.6); the first valid result of
+  a shard wins. An aggregated task fails when
   as many results failed as there are shards ("every shard failed"); the deadline
   (``issued_at + deadline_ms``) fails any unfinished task, with the last reason given.
 * **Cancel.** The local user's cancel publishes a signed ``cancel`` (SPEC §7.9).
