@@ -187,17 +187,17 @@ class Contractor:
 
     def redeliver_pending(self) -> None:
         """After a restart: re-send every stored result (the submitter dedupes)."""
-        for row in self.node.store.db.execute("SELECT task_id, result FROM work WHERE result IS NOT NULL"):
-            task = self.node.store.task(row["task_id"])
-            if task is None or task["state"] in _TERMINAL_TASK or task["announce"] is None:
+        for work in self.node.store.delivered_work():
+            task = self.node.store.task(work.task_id)
+            if task is None or task.state in _TERMINAL_TASK or task.announce is None or work.result is None:
                 continue
             try:
-                announce = open_envelope(bytes(task["announce"]), kinds=frozenset({"announce"}))
-                result = open_envelope(bytes(row["result"]), kinds=frozenset({"result"}))
+                announce = open_envelope(task.announce, kinds=frozenset({"announce"}))
+                result = open_envelope(work.result, kinds=frozenset({"result"}))
             except ProtocolError as exc:
-                log.warning("cannot re-deliver the stored result of %s: %s", row["task_id"], exc)
+                log.warning("cannot re-deliver the stored result of %s: %s", work.task_id, exc)
                 continue
-            self._announces.setdefault(row["task_id"], announce)
+            self._announces.setdefault(work.task_id, announce)
             self._start(ShardMachine.redeliver(announce, result, sealer=self.sealer, times=self.times))
 
     # -- the machines ---------------------------------------------------------------------

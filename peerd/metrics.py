@@ -21,7 +21,6 @@ reaches more than this parser.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sqlite3
@@ -40,6 +39,7 @@ from prometheus_client.core import (
 
 from peerd.config import split_host_port
 from peerd.inbox import wall_ms
+from peerd.store import Store
 
 log = logging.getLogger("peerd.metrics")
 
@@ -93,16 +93,13 @@ def histogram(
 _SHARD_WALL = re.compile(r"^shard-\d+\.wall_seconds$")
 
 
-def shard_run_times(db: sqlite3.Connection) -> list[float]:
+def shard_run_times(store: Store) -> list[float]:
     """Each shard's job wall time, from the results of plain tasks submitted here (the
     ``shard-<i>.wall_seconds`` metric each contractor reports in its signed result)."""
     out: list[float] = []
-    for (text,) in db.execute(
-        "SELECT result FROM tasks WHERE role = 'submitter' AND state = 'done' AND result IS NOT NULL"
-    ):
-        try:
-            metrics = json.loads(text).get("metrics") or {}
-        except (ValueError, AttributeError):
+    for task in store.tasks(role="submitter", states=("done",)):
+        metrics = (task.result or {}).get("metrics") or {}
+        if not isinstance(metrics, dict):
             continue
         out += [
             float(v)
@@ -169,7 +166,7 @@ class NodeCollector:
         yield histogram(
             "peerd_shard_run_seconds",
             "Wall time of each shard's job, as its contractor reported it, plain tasks submitted here.",
-            shard_run_times(node.store.db),
+            shard_run_times(node.store),
             ROUND_BUCKETS,
         )
         yield histogram(

@@ -35,6 +35,7 @@ from peerd.drive import MachineDriver, NodeSealer
 from peerd.executor import Job, Limits
 from peerd.inbox import wall_ms
 from peerd.node import ANNOUNCE_SLACK, MAX_GOSSIP_BYTES, Node, gossip_too_large
+from peerd.records import TaskRecord
 from peerd.streams import FrameStream
 from peerd.taskbook import TaskBook, TaskView
 from peerd.taskspec import parse_spec
@@ -291,7 +292,7 @@ class Submitter:
         driver = self._live(task_id)
         if driver is None:
             row = self.node.store.task(task_id)
-            if row is not None and row["role"] == "submitter" and row["state"] not in TERMINAL:
+            if row is not None and row.role == "submitter" and row.state not in TERMINAL:
                 # Restarted, and the bid came in before resume() rebuilt the machine.
                 driver = self._resume_task(row)
         if driver is None:
@@ -327,7 +328,7 @@ class Submitter:
         driver = self._live(msg.task_id)
         if driver is None:
             row = self.node.store.task(msg.task_id)
-            if row is None or row["role"] != "submitter" or row["state"] in TERMINAL:
+            if row is None or row.role != "submitter" or row.state in TERMINAL:
                 return {"ok": False, "reason": "unknown task"}
             # Restarted, and the result came in before resume() rebuilt the machine: answering
             # "unknown task" would make the contractor stop delivering it for good.
@@ -353,10 +354,10 @@ class Submitter:
     # -- cancel -------------------------------------------------------------------------
     async def cancel(self, task_id: str) -> str:
         row = self.node.store.task(task_id)
-        if row is None or row["role"] != "submitter":
+        if row is None or row.role != "submitter":
             raise KeyError(task_id)
-        if row["state"] in TERMINAL:
-            return str(row["state"])
+        if row.state in TERMINAL:
+            return row.state
         driver = self._live(task_id)
         if driver is None:
             driver = self._resume_task(row)
@@ -371,15 +372,17 @@ class Submitter:
     def resume(self) -> None:
         """After a restart: rebuild the machines of our unfinished tasks from the store."""
         for row in self.node.store.tasks(role="submitter"):
-            if row["state"] in TERMINAL or self._live(row["task_id"]) is not None:
+            if row.state in TERMINAL or self._live(row.task_id) is not None:
                 continue
             self._resume_task(row)
 
-    def _resume_task(self, row: Any) -> MachineDriver | None:
+    def _resume_task(self, row: TaskRecord) -> MachineDriver | None:
         """One of our tasks, from its records: the view the other roles read, and its machine
         (``Restored``: every stored message verified again)."""
-        task_id = row["task_id"]
-        signed = self.node.inbox.verify_embedded(bytes(row["announce"]), kinds=frozenset({"announce"}))
+        task_id = row.task_id
+        if row.announce is None:
+            return None
+        signed = self.node.inbox.verify_embedded(row.announce, kinds=frozenset({"announce"}))
         if signed is None:
             return None
         view = self.book.add(signed)
@@ -394,9 +397,9 @@ class Submitter:
                     out.append(s)
             return out
 
-        bids = verified([bytes(r["raw"]) for r in self.node.store.bids(task_id)], "bid")
-        awards = verified([bytes(r["raw"]) for r in self.node.store.awards(task_id)], "award")
-        results = verified([bytes(r["raw"]) for r in self.node.store.results(task_id)], "result")
+        bids = verified([r.raw for r in self.node.store.bids(task_id)], "bid")
+        awards = verified([r.raw for r in self.node.store.awards(task_id)], "award")
+        results = verified([r.raw for r in self.node.store.results(task_id)], "result")
         for a in awards:
             view.awards[a.message.epoch] = a  # type: ignore[attr-defined]
         for r in results:
@@ -409,7 +412,7 @@ class Submitter:
                 if stored is None:
                     break
                 try:
-                    cert = check_certificate(stored[1], task_id=task_id, round_no=rnd)
+                    cert = check_certificate(stored.votes, task_id=task_id, round_no=rnd)
                 except ProtocolError:
                     break
                 view.certificates[rnd] = cert
@@ -420,9 +423,9 @@ class Submitter:
             results=results,
             certificates=certificates,
             reported_rounds=[int(r["round"]) for r in self.node.store.rounds(task_id)],
-            public_state=str(row["state"]),
+            public_state=row.state,
         )
-        self._start_machine(signed, json.loads(row["spec"]), restored=restored)
+        self._start_machine(signed, row.spec, restored=restored)
         return self.drivers[task_id]
 
     # -- the Performer: what the machine asks -----------------------------------------------
@@ -560,7 +563,7 @@ class Submitter:
     def _fail_outside(self, task_id: str, state: str, message: str, reason: str | None) -> None:
         """End a task the machine cannot end itself (the driver's own failure)."""
         row = self.node.store.task(task_id)
-        if row is None or row["state"] in TERMINAL:
+        if row is None or row.state in TERMINAL:
             return
         self.node.store.set_state(task_id, state, message, reason=reason)
         self.node.counters.inc(f"tasks.{state}")
@@ -591,7 +594,7 @@ class Submitter:
         """Split the data across shards in proportion to each node's C (docs/design.md §4)."""
         row = self.node.store.task(a.task_id)
         assert row is not None
-        ref = json.loads(row["spec"])["input_refs"][a.name]
+        ref = row.spec["input_refs"][a.name]
         path = self.node.blobs.path(ref["sha256"])
         parts = await trio.to_thread.run_sync(_split_npz, path, list(a.shares), a.seed)
         out = []

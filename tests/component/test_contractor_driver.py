@@ -335,11 +335,11 @@ async def test_an_awarded_shard_runs_persists_publishes_and_delivers_its_result(
         assert rig.node.blobs.path(out["sha256"]).read_bytes() == f"ran {job.job_id}".encode()
         # Durable before anyone is told, recorded in the view and told to the committee.
         work = rig.node.store.work(TASK, 0, 1)
-        assert work is not None and bytes(work["result"]) == res.raw and work["state"] == "done"
+        assert work is not None and work.result == res.raw and work.state == "done"
         assert view.results[1][0].raw == res.raw and [s.raw for s in rig.rounds.results] == [res.raw]
         assert rig.p2p.published.index(res) >= 0
         row = rig.node.store.task(TASK)
-        assert row is not None and row["role"] == "worker" and row["submitter"] == SUB.peer_id
+        assert row is not None and row.role == "worker" and row.submitter == SUB.peer_id
         await wait_until(lambda: rig.p2p.leases()[-1].state == "done", "the final lease published")
         leases = rig.p2p.leases()
         assert leases[0].state == "running" and leases[-1].state == "done"

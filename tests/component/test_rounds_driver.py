@@ -256,7 +256,7 @@ def test_member_votes_once_every_holder_committed_and_two_members_certify(tmp_pa
         expect = encode_arrays([np.full((2, 2), 15.0), np.arange(3, dtype="<i4") * 4])
         assert vote.output["sha256"] == hashlib.sha256(expect).hexdigest()  # the real sum rule
         assert node.blobs.has(vote.output["sha256"])  # stored before anyone fetches it
-        assert node.store.votes(TASK, 1)[0]["peer_id"] == node.peer_id  # our vote is persisted
+        assert node.store.votes(TASK, 1)[0].peer_id == node.peer_id  # our vote is persisted
         assert 1 not in w.view.certificates
         # A second member votes the same ballot: a quorum (2 of 3) certifies, on the machine.
         other = next(m for m in w.members() if m != node.peer_id)

@@ -75,7 +75,7 @@ def tmp(tmp_path: Path) -> Iterator[Path]:
 def _announce(node: Node, task_id: str) -> TaskAnnounce:
     row = node.store.task(task_id)
     assert row is not None
-    msg = open_envelope(bytes(row["announce"]), kinds=frozenset({"announce"})).message
+    msg = open_envelope(row.announce, kinds=frozenset({"announce"})).message
     assert isinstance(msg, TaskAnnounce)
     return msg
 

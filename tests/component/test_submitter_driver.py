@@ -8,6 +8,7 @@ Each wait is bounded (a safety bound, never a timing claim).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
@@ -114,10 +115,10 @@ class Parts:
     def state(self, task_id: str) -> str:
         row = self.store.task(task_id)
         assert row is not None
-        return str(row["state"])
+        return row.state
 
     def messages(self, task_id: str) -> list[str]:
-        return [str(e["message"]) for e in self.store.events(task_id)]
+        return [e.message for e in self.store.events(task_id)]
 
 
 def seal(signer: Signer, cls: type[Message], seq: int, **fields: Any) -> bytes:
@@ -185,7 +186,7 @@ def test_a_task_from_announce_to_done_through_its_machine(tmp_path: Path) -> Non
         assert p.state(task_id) == "bidding"
         await award_to_peer(p, task_id)
         assert p.state(task_id) == "running"
-        assert [r["epoch"] for r in p.store.awards(task_id)] == [0]
+        assert [r.epoch for r in p.store.awards(task_id)] == [0]
         assert p.book.get(task_id) is not None and p.book.get(task_id).awards  # type: ignore[union-attr]
         # A result signed by someone else than the stream's peer, and one from a non-holder.
         assert p.submitter.accept_result(result_raw(p, task_id, PEER, 2), OTHER.peer_id) == {
@@ -203,8 +204,8 @@ def test_a_task_from_announce_to_done_through_its_machine(tmp_path: Path) -> Non
         }
         await until(lambda: p.state(task_id) == "done", "the task is done")
         row = p.store.task(task_id)
-        assert row is not None and '"shard-0/out"' in row["result"]
-        assert [r["peer_id"] for r in p.store.results(task_id)] == [PEER.peer_id]
+        assert row is not None and '"shard-0/out"' in json.dumps(row.result)
+        assert [r.peer_id for r in p.store.results(task_id)] == [PEER.peer_id]
         final = [e for e in p.drain() if e.get("final")]
         assert [(e["state"], e["message"]) for e in final] == [("done", "1 shard result(s) received")]
         # A bid after the end is for an unknown task (as before).
@@ -221,7 +222,7 @@ def test_no_bid_makes_the_task_pending_with_the_peer_count(tmp_path: Path) -> No
         await until(lambda: p.state(task_id) == "pending", "pending after an empty bid window")
         assert "no eligible bids yet (1 peers known); waiting, then re-announcing" in p.messages(task_id)
         row = p.store.task(task_id)
-        assert row is not None and row["reason"].startswith("no eligible peer has bid")
+        assert row is not None and (row.reason or "").startswith("no eligible peer has bid")
         # A bid during the back-off is awarded at once.
         p.submitter.accept_bid(seal(PEER, Bid, 1, task_id=task_id, c0=50.0, load=0.0), PEER.peer_id)
         await until(lambda: p.state(task_id) == "running", "awarded from the back-off")
@@ -239,7 +240,7 @@ def test_a_failed_result_fails_the_task_and_cancel_after_the_end_changes_nothing
         assert await p.bus.route(open_envelope(raw)) is True
         await until(lambda: p.state(task_id) == "failed", "the task failed")
         row = p.store.task(task_id)
-        assert row is not None and row["reason"] == "memory_limit"
+        assert row is not None and row.reason == "memory_limit"
         assert p.messages(task_id)[-1] == f"shard 0 failed on {PEER.peer_id[-8:]}: memory_limit: killed"
         assert await p.submitter.cancel(task_id) == "failed"
 
@@ -287,7 +288,7 @@ def test_a_silent_holder_is_replaced_by_a_re_award(tmp_path: Path) -> None:
         )
         assert await p.bus.route(open_envelope(lease)) is True
         await until(lambda: len(p.store.awards(task_id)) == 2, "re-awarded", bound_s=60)
-        second = open_envelope(bytes(p.store.awards(task_id)[1]["raw"])).message
+        second = open_envelope(p.store.awards(task_id)[1].raw).message
         assert isinstance(second, Award) and second.epoch == 1
         assert second.assignments[0]["peer_id"] == spare.peer_id and list(second.excluded) == [holder]
         view = p.book.get(task_id)
@@ -359,7 +360,7 @@ def test_the_announce_published_is_the_one_stored(tmp_path: Path) -> None:
         row = p.store.task(task_id)
         assert row is not None
         first = p.p2p.published[0]
-        assert isinstance(first.message, TaskAnnounce) and first.raw == bytes(row["announce"])
+        assert isinstance(first.message, TaskAnnounce) and first.raw == row.announce
 
     run(tmp_path, body)
 
@@ -377,7 +378,7 @@ def test_a_bid_before_resume_is_taken_and_the_task_awarded(tmp_path: Path) -> No
         p = Parts(tmp_path, nursery)
         bid = seal(PEER, Bid, 1, task_id=task_id, c0=50.0, load=0.0)
         assert p.submitter.accept_bid(bid, PEER.peer_id) == {"ok": True, "reason": ""}
-        assert [r["peer_id"] for r in p.store.bids(task_id)] == [PEER.peer_id]
+        assert [r.peer_id for r in p.store.bids(task_id)] == [PEER.peer_id]
         # Resumed while bidding: the stored announce goes out again, then the window closes.
         await until(lambda: p.state(task_id) == "running", "awarded after the restart")
         assert p.p2p.kinds()[:2] == ["announce", "award"]

@@ -99,5 +99,5 @@ def test_shard_run_times_come_from_the_results_of_done_tasks_submitted_here(tmp_
                 }
             },
         )
-    assert sorted(shard_run_times(store.db)) == [0.5, 2.5]
+    assert sorted(shard_run_times(store)) == [0.5, 2.5]
     store.close()
