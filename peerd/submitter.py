@@ -36,6 +36,7 @@ from peerd.executor import Job, Limits
 from peerd.inbox import wall_ms
 from peerd.node import ANNOUNCE_SLACK, MAX_GOSSIP_BYTES, Node, gossip_too_large
 from peerd.records import TaskRecord
+from peerd.scope import OwnedScope
 from peerd.streams import FrameStream
 from peerd.taskbook import TaskBook, TaskView
 from peerd.taskspec import parse_spec
@@ -49,7 +50,7 @@ from protocol.machines import MarketTimes
 from protocol.machines import actions as act
 from protocol.machines import events as ev
 from protocol.machines.task import Restored, TaskMachine
-from protocol.messages import MAX_T_MAX, Award, Cancel, Message, Result, TaskAnnounce
+from protocol.messages import MAX_T_MAX, Award, Message, Result, TaskAnnounce
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,13 @@ class SubmitError(Exception):
     """The task cannot be submitted (bad spec, unreadable input); message for the user."""
 
 
-class Submitter:
+class Submitter(OwnedScope):
     def __init__(self, node: Node, book: TaskBook) -> None:
         self.node = node
         self.book = book
-        self.contractor: Any = None  # set by the daemon (local bids and local announces)
+        #: Told of every announce, award and cancel our machines publish, once it is out (the
+        #: task bus never sees our own gossip): our own contractor bids and follows.
+        self.on_published: list[Callable[[TaskView, Signed], Awaitable[None]]] = []
         self.sealer = NodeSealer(node)
         #: task_id → the driver of its TaskMachine (kept after the end: late bids and
         #: results are answered by the machine, as the view answered them before).
@@ -81,6 +84,7 @@ class Submitter:
 
     # -- submission ---------------------------------------------------------------------
     async def submit(self, spec_obj: Any) -> str:
+        self.check_running()  # before anything is stored: the task's machine runs in our nursery
         try:
             spec = parse_spec(spec_obj)
         except ValueError as exc:
@@ -212,12 +216,12 @@ class Submitter:
         )
         task_id = ann.task_id
         driver = MachineDriver(
-            task_id, machine, self, self.node.nursery, on_error=lambda name: self._driver_error(task_id, name)
+            task_id, machine, self, self.nursery, on_error=lambda name: self._driver_error(task_id, name)
         )
         self.drivers[ann.task_id] = driver
         if not self._peers_loop:
             self._peers_loop = True
-            self.node.nursery.start_soon(self._report_peers)
+            self.nursery.start_soon(self._report_peers)
         driver.feed(ev.Start(now_ms=driver.now_ms()))
 
     def _driver_error(self, task_id: str, name: str) -> None:
@@ -538,15 +542,10 @@ class Submitter:
         await self.node.gossip(signed.raw)
         # Hand our own message to our own roles (the task bus never sees our gossip).
         view = self.book.get(driver.key)
-        if view is None or self.contractor is None:
+        if view is None:
             return None
-        m = signed.message
-        if isinstance(m, TaskAnnounce):
-            await self.contractor.on_announce(view)
-        elif isinstance(m, Award):
-            self.contractor.on_award(view)
-        elif isinstance(m, Cancel):
-            self.contractor.on_cancel(view, signed)
+        for listener in self.on_published:
+            await listener(view, signed)
         return None
 
     async def _guarded(self, driver: MachineDriver, work: Awaitable[ev.Event | None]) -> ev.Event | None:

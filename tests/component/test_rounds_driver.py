@@ -86,13 +86,12 @@ def award_for(ann: Signed, workers: list[SignerSealer]) -> Signed:
 class FakeNode:
     """What Rounds uses of peerd.node.Node; the network is a dict of what each peer serves."""
 
-    def __init__(self, me: SignerSealer, tmp: Path, nursery: trio.Nursery) -> None:
+    def __init__(self, me: SignerSealer, tmp: Path) -> None:
         self.me = me
         self.config = SimpleNamespace(market=SimpleNamespace(lease_ttl_s=TTL_S, heartbeat_s=2.0))
         self.counters = Counters()
         self.store = Store(tmp / "state.db")
         self.blobs = BlobStore(tmp / "blobs", max_blob_bytes=1 << 20)
-        self.nursery = nursery
         self.published: list[Signed] = []
         self.served: dict[str, dict[str, bytes]] = {}
         self.fetches: list[tuple[str, str]] = []
@@ -218,8 +217,10 @@ def run_world(tmp_path: Path, me: str, body: Body, *, workers: int = 4) -> None:
         ann = announce()
         award = award_for(ann, W[:workers])
         async with trio.open_nursery() as nursery:
-            node = FakeNode(BY_ID[me] if me in BY_ID else SUB, tmp_path, nursery)
-            await body(World(node, ann, award))
+            node = FakeNode(BY_ID[me] if me in BY_ID else SUB, tmp_path)
+            world = World(node, ann, award)
+            await nursery.start(world.rounds.run)  # the committee's rounds run in its own nursery
+            await body(world)
             nursery.cancel_scope.cancel()  # the committee's watchers and timers end with the test
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
