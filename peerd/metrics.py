@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sqlite3
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -109,18 +108,15 @@ def shard_run_times(store: Store) -> list[float]:
     return out
 
 
-def task_timings(db: sqlite3.Connection) -> tuple[list[float], list[float]]:
+def task_timings(store: Store) -> tuple[list[float], list[float]]:
     """(award latencies, round times) in seconds, from the events of tasks submitted here."""
-    rows = db.execute(
-        "SELECT e.task_id, e.at, e.message, t.created_at FROM events e JOIN tasks t ON t.task_id = e.task_id "
-        "WHERE t.role = 'submitter' AND (e.message LIKE 'awarded %' OR e.message LIKE 'round %') "
-        "ORDER BY e.id"
-    ).fetchall()
+    events = store.submitted_events("awarded ", "round ")
     awards: list[float] = []
     rounds: list[float] = []
     last: dict[str, float] = {}  # task → time of its first award, then of its last certificate
     seen_rounds: set[tuple[str, int]] = set()
-    for task_id, at, message, created_at in rows:
+    for event, created_at in events:
+        task_id, at, message = event.task_id, event.at, event.message
         if _AWARDED.match(message):
             if task_id not in last:
                 awards.append(max(0.0, at - created_at))
@@ -156,7 +152,7 @@ class NodeCollector:
                 c.add_metric([], value)
                 yield c
         yield from self._gauges()
-        awards, rounds = task_timings(node.store.db)
+        awards, rounds = task_timings(node.store)
         yield histogram(
             "peerd_award_latency_seconds",
             "Time from submit to the first award, tasks submitted here.",
@@ -198,10 +194,7 @@ class NodeCollector:
         counts: dict[tuple[str, str], int] = {
             (role, st): 0 for role in ("submitter", "worker") for st in TASK_STATES
         }
-        for role, st, n in node.store.db.execute(
-            "SELECT role, state, COUNT(*) FROM tasks GROUP BY role, state"
-        ):
-            counts[(role, st)] = n
+        counts.update(node.store.task_counts())
         for (role, st), n in sorted(counts.items()):
             tasks.add_metric([role, st], n)
         yield tasks

@@ -404,6 +404,25 @@ class Store:
         ).fetchone()
         return None if row is None else WorkRecord.from_row(row)
 
+    # -- for the metrics endpoint (peerd/metrics.py) -------------------------------------
+    def task_counts(self) -> dict[tuple[str, str], int]:
+        """(role, state) → how many tasks the store holds in that state."""
+        rows = self.db.execute("SELECT role, state, COUNT(*) FROM tasks GROUP BY role, state")
+        return {(role, state): n for role, state, n in rows}
+
+    def submitted_events(self, *prefixes: str) -> list[tuple[EventRecord, float]]:
+        """The events of tasks submitted here whose message starts with one of ``prefixes``,
+        in the order they happened, each with its task's ``created_at``."""
+        if not prefixes:
+            return []
+        starts = " OR ".join("instr(e.message, ?) = 1" for _ in prefixes)
+        rows = self.db.execute(
+            "SELECT e.task_id, e.at, e.state, e.message, t.created_at FROM events e"
+            f" JOIN tasks t ON t.task_id = e.task_id WHERE t.role = 'submitter' AND ({starts}) ORDER BY e.id",
+            prefixes,
+        )
+        return [(EventRecord.from_row(r), r["created_at"]) for r in rows]
+
     def delivered_work(self) -> list[WorkRecord]:
         """Every stored result we produced (a restart re-delivers them: the submitter dedupes)."""
         return [

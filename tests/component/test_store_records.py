@@ -176,3 +176,24 @@ def test_a_store_from_before_result_collected_maps_it_to_false(tmp_path: Path) -
         spec={"k": 1}, announce=None, created_at=1.0, updated_at=2.0, deadline_at=3.0, result=None,
         result_collected=False,
     )  # fmt: skip
+
+
+def test_the_metrics_reads_counts_and_the_events_of_tasks_submitted_here(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db.sqlite")
+    _task(store, "a")
+    _task(store, "b", state="done")
+    _task(store, "w", role="worker", state="running")
+    assert store.task_counts() == {
+        ("submitter", "bidding"): 1, ("submitter", "done"): 1, ("worker", "running"): 1,
+    }  # fmt: skip
+    for task_id in ("a", "w"):
+        store.add_event(task_id, "running", "awarded 1 shard(s) to p")
+        store.add_event(task_id, "running", "round 1/1 certified by 1 of 1")
+        store.add_event(task_id, "running", "lost 1 peer(s); asking for fresh bids")
+    got = store.submitted_events("awarded ", "round ")
+    assert [(e.task_id, e.message) for e, _ in got] == [
+        ("a", "awarded 1 shard(s) to p"), ("a", "round 1/1 certified by 1 of 1"),
+    ]  # fmt: skip
+    task = store.task("a")
+    assert task is not None and all(created == task.created_at for _, created in got)
+    assert store.submitted_events() == []
