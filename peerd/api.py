@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from peerd import __version__
+from peerd.adverts import AdvertService
 from peerd.inbox import wall_ms
 from peerd.node import Node
 from peerd.records import TaskRecord
@@ -21,7 +22,7 @@ from peerd.rpc import PEERS_PAGE_DEFAULT
 from peerd.rpc.jsonrpc import ErrorCode, RpcError
 from peerd.rpc.server import CallContext, Handler
 from peerd.submitter import TERMINAL, SubmitError, Submitter
-from peerd.taskbook import TaskBook
+from peerd.taskbook import TaskBook, TaskView
 from protocol.allocation import demand
 from protocol.awards import allocate, net_params, usable_bids
 from protocol.errors import ProtocolError
@@ -37,7 +38,7 @@ MAX_READ = 512 * 1024
 
 class Api:
     def __init__(
-        self, node: Node, book: TaskBook, submitter: Submitter, adverts: Any, started_at: float
+        self, node: Node, book: TaskBook, submitter: Submitter, adverts: AdvertService, started_at: float
     ) -> None:
         self.node = node
         self.book = book
@@ -252,7 +253,7 @@ class Api:
         return {"data_b64": base64.b64encode(data).decode(), "eof": offset + len(data) >= size}
 
 
-def explain(node: Node, view: Any) -> dict[str, Any]:
+def explain(node: Node, view: TaskView) -> dict[str, Any]:
     """Every bid with its C, L, cost and why it was or was not chosen (docs/design.md §4)."""
     bids = []
     for r in node.store.bids(view.task_id):

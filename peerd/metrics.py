@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -39,6 +39,9 @@ from prometheus_client.core import (
 from peerd.config import split_host_port
 from peerd.inbox import wall_ms
 from peerd.store import Store
+
+if TYPE_CHECKING:
+    from peerd.node import Node
 
 log = logging.getLogger("peerd.metrics")
 
@@ -133,7 +136,7 @@ def task_timings(store: Store) -> tuple[list[float], list[float]]:
 class NodeCollector:
     """Reads the daemon's state at each scrape (a ``prometheus_client`` custom collector)."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
 
     def collect(self) -> Iterator[Metric]:
@@ -218,7 +221,7 @@ class NodeCollector:
         )
 
 
-def registry_for(node: Any) -> CollectorRegistry:
+def registry_for(node: Node) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(node))
     return registry
@@ -239,7 +242,7 @@ def _response(status: str, body: bytes, content_type: str = "text/plain; charset
 class MetricsService:
     """``GET /metrics`` on ``listen`` ("host:port"), in the daemon's nursery."""
 
-    def __init__(self, listen: str, node: Any) -> None:
+    def __init__(self, listen: str, node: Node) -> None:
         self.host, self.port = split_host_port(listen)
         self.registry = registry_for(node)
         self.limiter = trio.CapacityLimiter(MAX_CLIENTS)
