@@ -1496,7 +1496,7 @@ def vote_vectors() -> dict[str, Any]:
         "(a re-awarded holder that missed round 1's votes): refused",
         awards=(0, 2),
     )
-    other_out = {"output": {"sha256": SHA_A, "size": 407_000}}
+    other_out: dict[str, Any] = {"output": {"sha256": SHA_A, "size": 407_000}}
     case(
         "quoted_output_differs",
         "vote",
