@@ -71,6 +71,7 @@ class Invariants:
             "certificates": 0,
             "endings": 0,
             "superseded": 0,
+            "out_of_force": 0,
         }
         self.extra: list[Callable[[str, Signed], None]] = []
 
@@ -150,16 +151,22 @@ class Invariants:
             return
         # The ballot just reached a quorum: it must verify as peerctl verify checks it, against
         # every award or against the awards its voters may have had (those up to some epoch).
-        self._verify_formed(rec, vote.round, list(signers.values()))
+        if not self._verify_formed(rec, vote.round, list(signers.values())):
+            # Formed under an award a later one replaced for this round (its voters had not
+            # seen that one yet): not a certificate (SPEC §11.1 "The award in force").
+            self.checked["out_of_force"] += 1
         quorate.append(ballot)
         self._recount(rec, vote.round)
 
-    def _verify_formed(self, rec: TaskRecord, round_no: int, raw_votes: list[bytes]) -> None:
+    def _verify_formed(self, rec: TaskRecord, round_no: int, raw_votes: list[bytes]) -> bool:
+        """Whether the ballot verifies against every award; if not, it must verify against the
+        awards up to some epoch, else it is a violation."""
         epochs = sorted(rec.awards)
         for upto in reversed(epochs):
             if self._verifies(rec, round_no, raw_votes, [rec.awards[e] for e in epochs if e <= upto]):
-                return
+                return upto == epochs[-1]
         self.certificate(rec.task_id, round_no, raw_votes, who="the votes cast")  # fails, with why
+        return False
 
     def _verifies(self, rec: TaskRecord, round_no: int, raw_votes: list[bytes], awards: list[Award]) -> bool:
         self.checked["certificates"] += 1

@@ -1036,10 +1036,9 @@ class World:
         # Against the awards this peer holds: a certificate formed before a re-award reached
         # it may be superseded later (SPEC §11.1 "The award in force"; Invariants._recount).
         held = self.peer_awards(peer, cert.task_id)
-        awards = [held[e].message for e in sorted(held)]
-        self.invariants.peer_certificate(
-            cert.task_id, cert.round, list(cert.votes), awards, who=f"peer {peer.index}"  # type: ignore[arg-type]
-        )
+        awards = [m for m in (held[e].message for e in sorted(held)) if isinstance(m, Award)]
+        who = f"peer {peer.index}"
+        self.invariants.peer_certificate(cert.task_id, cert.round, list(cert.votes), awards, who=who)
         for other in list(peer.machines.get(cert.task_id, ())):
             if other.kind != "round":
                 peer.feed(other, ev.RoundCertified(now_ms=peer.now_ms(), certificate=cert))
