@@ -421,6 +421,7 @@ class Submitter:
             certificates=certificates,
             reported_rounds=[int(r["round"]) for r in self.node.store.rounds(task_id)],
             public_state=str(row["state"]),
+            reason=row["reason"],
         )
         self._start_machine(signed, json.loads(row["spec"]), restored=restored)
         return self.drivers[task_id]

@@ -1079,6 +1079,7 @@ class World:
             certificates=certificates,
             reported_rounds=[r.round for r in recs if isinstance(r, act.RoundRecord)],
             public_state=states[-1].state if states else "bidding",
+            reason=states[-1].reason if states else None,
         )
         peer.announces[task_id] = ann
         m = TaskMachine(

@@ -107,6 +107,8 @@ class Restored:
     certificates: Mapping[int, Certificate] = field(default_factory=dict)
     reported_rounds: Iterable[int] = ()
     public_state: str = "bidding"
+    #: Why the task is in ``public_state`` (e.g. why it is ``pending``), as last persisted.
+    reason: str | None = None
 
 
 @dataclass
@@ -994,7 +996,7 @@ class TaskMachine:
             self._keep_result(res, res.message)
         self.certificates.update(r.certificates)
         self.reported.update(r.reported_rounds)
-        self.public_state = r.public_state
+        self.public_state, self.reason = r.public_state, r.reason
 
 
 def deadline_ms(announce: TaskAnnounce) -> int:
