@@ -271,8 +271,10 @@ class RoundMachine:
             keep[k] = v
         self.votes = keep
         self.attempt, self.last_key, self.duty_over = 0, None, False
-        if self.duty_started is None and self.commits and self.me in self.members():
-            self.duty_started = now
+        # The round starts again under the new award: its holders get a full round to commit
+        # (the deadline counted from the first commit would have passed long ago).
+        self.first_result_at = now if self.commits else None
+        self.duty_started = now if self.commits and self.me in self.members() else None
         out: list[act.Action] = [act.Count(name="rounds.superseded")]
         again = tally(list(self.votes.values()), awards=awards, rule=self.announce.aggregation)
         if again is not None:

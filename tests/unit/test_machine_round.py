@@ -348,8 +348,11 @@ def test_a_re_award_that_does_not_quote_the_round_reopens_it_for_the_new_holders
     first = net.certified[0][1]
     lost_shard = 2
     lost = net.holders[lost_shard]
+    net.now += 120_000  # past the round timeout (60 s) counted from the first commit
     e1 = reaward(net, lost, None)
     net.gossip(e1)
+    # The reopened round gives the new holder a full round: nobody votes without its commit.
+    assert not any(m.attempt for m in net.m.values())
     assert all(m.state is not RoundState.CERTIFIED and m.certificate is None for m in net.m.values())
     assert any(a == act.Count(name="rounds.superseded") for _, a in net.log)
     awards = [net.award.message, e1.message]
