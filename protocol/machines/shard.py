@@ -326,7 +326,7 @@ class ShardMachine:
         if (
             self.state is ShardState.WAITING_MODEL
             and cert.round == self.round - 1
-            and not self._model_sources
+            and self._model_pass == 0  # not fetching yet (from an award's quote, or this round again)
         ):
             self._model_sources = self._voters(cert.signers)
             self._model_pass = 1

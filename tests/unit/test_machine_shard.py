@@ -484,6 +484,8 @@ def test_a_holder_bound_by_a_re_award_starts_after_the_quoted_round_without_its_
     assert not of(out, act.StartJob)
     f = one(out, act.FetchBlob)
     assert (f.digest, f.source, f.tag) == (cert.output["sha256"], first.me, "model:1")
+    # Round 1's certificate arriving now starts no second fetch (one in flight at a time).
+    assert not of(spare.handle(ev.RoundCertified(now_ms=NOW + 10_450, certificate=cert)), act.FetchBlob)
     fetched = ev.BlobFetched(now_ms=NOW + 10_500, tag=f.tag, digest=f.digest, source=f.source, ok=True)
     out = spare.handle(fetched)
     job = one(out, act.StartJob)
