@@ -428,6 +428,7 @@ class Submitter(OwnedScope):
             certificates=certificates,
             reported_rounds=[int(r["round"]) for r in self.node.store.rounds(task_id)],
             public_state=row.state,
+            reason=row.reason,
         )
         self._start_machine(signed, row.spec, restored=restored)
         return self.drivers[task_id]
