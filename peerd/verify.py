@@ -10,7 +10,8 @@ may all be forged. The checks (SPEC §15.5 lists them in order), each reported:
 3. the first award is exactly what the allocation rule gives for the bids it lists, and
    each re-award is checked against the award of the epoch before it;
 4. per round: the certificate's votes come from the committee drawn from the participants
-   of one of the signed awards, for the announced rule, and a quorum of them match one
+   of the signed award in force for that round (SPEC §11.1: the latest award that does not
+   quote the round as certified), for the announced rule, and a quorum of them match one
    ballot; every vote file is part of that certificate;
 5. each certified input is the holder's commit that counts (SPEC §11: the highest ``seq``
    of that holder for the round and shard), with the same hash and weight, and the input
@@ -620,8 +621,9 @@ def _verify_round(
     mine = [(name, p) for name, p in vote_files if p.round == rnd]
     try:
         raws = [b.read(name) for name, _ in mine]
-        # The committee must be drawn from the participants of one of the submitter's signed
-        # awards (not from a set the votes name themselves), and vote for the task's rule.
+        # The committee must be drawn from the participants of the submitter's signed award in
+        # force for this round (SPEC §11.1; not from a set the votes name themselves), and vote
+        # for the task's rule.
         cert = check_certificate(raws, task_id=ann.task_id, round_no=rnd, awards=awards, rule=ann.aggregation)
     except (BundleFileError, ProtocolError) as exc:
         detail = (

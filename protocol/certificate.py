@@ -8,11 +8,18 @@ A round's certificate is a set of signed votes. It is valid when
 * the votes come from distinct committee members, and there are at least a quorum
   (a majority of the committee) of them;
 * when the caller holds the task's signed awards (every daemon and every bundle does),
-  the participants the vote names are exactly the shard holders of one award, and each
-  input is the holder of the shard it names. Without this a vote's signer could name
-  itself as the only participant, draw itself as a committee of one and certify
-  anything alone (quorum(1) = 1): the participant set must come from the submitter's
-  signed award, never from the vote.
+  the participants the vote names are exactly the shard holders of **the award in force
+  for the vote's round**, and each input is the holder of the shard it names. Without
+  this a vote's signer could name itself as the only participant, draw itself as a
+  committee of one and certify anything alone (quorum(1) = 1): the participant set must
+  come from the submitter's signed award, never from the vote. And it must be *one*
+  award per round: the award in force for round r is the one of highest epoch that was
+  sealed before the submitter held round r certified (its ``certified`` names a round
+  below r, or nothing). Were any award accepted, a holder bound by a re-award that never
+  saw round r's votes would run round r again and its committee, drawn from the new
+  holders, would certify a second aggregate for it (docs/simulation.md finding 3);
+* an award that quotes round r as certified (``Award.certified``) pins its output: a
+  vote for round r with another output is refused.
 Checking that the output really is the aggregate of the inputs is done by
 recomputation (``peerd.verify``), which needs the input blobs.
 """
@@ -66,15 +73,48 @@ def holders_of(award: Award) -> dict[int, str]:
     return {int(a["shard"]): str(a["peer_id"]) for a in award.assignments}
 
 
+def certified_round(award: Award) -> int:
+    """The last round ``award`` quotes as certified (0: none, e.g. at epoch 0)."""
+    return int(award.certified["round"]) if award.certified else 0
+
+
+def award_in_force(awards: Sequence[Award], round_no: int) -> Award | None:
+    """The award whose holders are round ``round_no``'s participants (SPEC §11.1 "The award
+    in force"): of the awards at hand, the highest epoch sealed before the submitter held
+    round ``round_no`` certified. None when every award quotes the round as certified (an
+    epoch-0 award never does: it is sealed before any round runs)."""
+    best: Award | None = None
+    for aw in awards:
+        if certified_round(aw) < round_no and (best is None or aw.epoch > best.epoch):
+            best = aw
+    return best
+
+
+def quoted_output(awards: Sequence[Award], round_no: int) -> str | None:
+    """The output sha256 an award at hand quotes for round ``round_no``, if any (the award
+    of lowest epoch that quotes it)."""
+    for aw in sorted(awards, key=lambda a: a.epoch):
+        if aw.certified and int(aw.certified["round"]) == round_no:
+            return str(aw.certified["output"]["sha256"])
+    return None
+
+
 def vote_matches_award(vote: Vote, award: Award) -> bool:
     """The vote's participants are exactly ``award``'s holders, and each input is the
     holder of the shard it names."""
-    if award.task_id != vote.task_id:
+    return _matches_award(vote.task_id, vote.inputs, vote.excluded, award)
+
+
+def _matches_award(
+    task_id: str, inputs: Sequence[dict[str, Any]], excluded: Sequence[dict[str, Any]], award: Award
+) -> bool:
+    if award.task_id != task_id:
         return False
     holders = holders_of(award)
-    if set(participants_of(vote)) != set(holders.values()):
+    participants = {i["peer_id"] for i in inputs} | {e["peer_id"] for e in excluded}
+    if participants != set(holders.values()):
         return False
-    return all(holders.get(int(i["shard"])) == i["peer_id"] for i in vote.inputs)
+    return all(holders.get(int(i["shard"])) == i["peer_id"] for i in inputs)
 
 
 def vote_is_well_formed(
@@ -82,8 +122,10 @@ def vote_is_well_formed(
 ) -> None:
     """Raise RemoteProtocolError unless the vote can count towards a certificate.
 
-    ``awards``: the task's signed awards (any epochs) — the participant set must be one
-    of theirs (see the module docstring). ``rule``: the announce's aggregation rule.
+    ``awards``: the task's signed awards (every epoch at hand) — the participant set must
+    be that of the award in force for the vote's round, and an award quoting the round as
+    certified pins its output (see the module docstring). ``rule``: the announce's
+    aggregation rule.
     """
     vote = signed.message
     if not isinstance(vote, Vote):
@@ -101,10 +143,35 @@ def vote_is_well_formed(
         raise RemoteProtocolError("vote names one shard twice", reason="bad_certificate")
     if rule is not None and vote.rule != rule:
         raise RemoteProtocolError(f"vote uses rule {vote.rule}, the task {rule}", reason="bad_certificate")
-    if awards is not None and not any(vote_matches_award(vote, aw) for aw in awards):
-        raise RemoteProtocolError(
-            "vote names participants that no signed award of the task has", reason="bad_committee"
-        )
+    if awards is not None:
+        in_force = award_in_force(awards, vote.round)
+        if in_force is None or not vote_matches_award(vote, in_force):
+            which = f"epoch {in_force.epoch}" if in_force is not None else "none: every award quotes it"
+            raise RemoteProtocolError(
+                f"vote names participants other than those of the award in force for round {vote.round}"
+                f" ({which})",
+                reason="bad_committee",
+            )
+        pinned = quoted_output(awards, vote.round)
+        if pinned is not None and vote.output["sha256"] != pinned:
+            raise RemoteProtocolError(
+                f"round {vote.round} is quoted certified with output {pinned[:12]}, the vote has another",
+                reason="bad_certificate",
+            )
+
+
+def certificate_in_force(cert: Certificate, awards: Sequence[Award]) -> bool:
+    """Whether ``cert`` (formed earlier, perhaps with fewer awards at hand) still holds under
+    ``awards`` (checks 5 and 6 of SPEC §11.1): a later award that does not quote its round
+    moves the round to its holders. Its votes were verified when it formed, and (formed with
+    the task's awards, as the machines form it) every one of them named the participants of
+    one award: the certificate's own inputs and exclusions (its first vote's) stand for all of
+    them, so nothing is verified again."""
+    in_force = award_in_force(awards, cert.round)
+    if in_force is None or not _matches_award(cert.task_id, cert.inputs, cert.excluded, in_force):
+        return False
+    pinned = quoted_output(awards, cert.round)
+    return pinned is None or pinned == cert.output["sha256"]
 
 
 def tally(

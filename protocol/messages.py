@@ -238,6 +238,20 @@ class Award(Message):
     )
     under_capacity: bool = _f(s.boolean())
     excluded: tuple[str, ...] = _f(s.seq_of(s.PEER_ID, 64))
+    # The last round the submitter holds certified when it seals this award (SPEC §7.5,
+    # §11.1 "The award in force"): nil at epoch 0 and until round 1 is certified. A holder
+    # bound by this award starts at round + 1 from ``output``, fetched from ``signers``; a
+    # certificate checker takes round + 1 onwards as this award's (or a later one's) rounds.
+    certified: dict[str, Any] | None = dataclasses.field(
+        default=None,
+        metadata={
+            "conv": s.optional(
+                s.struct(
+                    {"round": s.integer(1, 1000), "output": OUTPUT_REF, "signers": s.seq_of(s.PEER_ID, 16)}
+                )
+            )
+        },
+    )
 
     def scope(self) -> str:
         return self.task_id

@@ -11,8 +11,14 @@ the whole world. Every check calls the protocol's own code:
 2. **At most one certified aggregate per (task, round), and every certificate verifies**
    with ``protocol.certificate.check_certificate`` — the function ``peerctl verify`` uses
    (peerd/verify.py) — given the task's awards and rule. The simulator watches every vote
-   cast: whenever the votes of one ballot reach a quorum, that ballot is certified, and a
-   second certified ballot for the same round is a violation.
+   cast: whenever the votes of one ballot reach a quorum, the ballot must verify against
+   the task's awards — all of them, or the awards up to some epoch (its voters may not
+   have had the later ones yet: a partition) — else it is a violation. A ballot that
+   verifies against all the awards is certified; two certified ballots for one round are
+   a violation, checked whenever a ballot reaches a quorum and whenever an award is
+   published (SPEC §11.1 "The award in force": a re-award that does not quote a round as
+   certified moves it to its holders, so a ballot formed under the earlier award, unseen by
+   the submitter, is then *superseded*, counted, and no longer certified).
 3. **No node executes a shard it was not awarded, and no award differs from its
    recomputation from the signed bids**: every award published passes
    ``protocol.awards.check_signed_award`` against the announce and the previous epoch,
@@ -47,6 +53,8 @@ class TaskRecord:
         default_factory=dict
     )  # (round, shard) -> signer
     votes: dict[int, dict[tuple[Any, ...], dict[str, bytes]]] = field(default_factory=dict)
+    # round -> the ballots that reached a quorum (each verified against some awards)
+    quorate: dict[int, list[tuple[Any, ...]]] = field(default_factory=dict)
     certified: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # round -> ballot
     ended: tuple[float, str, str] | None = None  # (time, state, reason)
     executed: list[tuple[str, int, int]] = field(default_factory=list)
@@ -56,7 +64,15 @@ class Invariants:
     def __init__(self, now: Callable[[], float]) -> None:
         self._now = now
         self.tasks: dict[str, TaskRecord] = {}
-        self.checked = {"awards": 0, "jobs": 0, "votes": 0, "certificates": 0, "endings": 0}
+        self.checked = {
+            "awards": 0,
+            "jobs": 0,
+            "votes": 0,
+            "certificates": 0,
+            "endings": 0,
+            "superseded": 0,
+            "out_of_force": 0,
+        }
         self.extra: list[Callable[[str, Signed], None]] = []
 
     def fail(self, what: str) -> None:
@@ -104,6 +120,8 @@ class Invariants:
         rec.award_raw[aw.epoch] = signed.raw
         if rec.first_award_at is None:
             rec.first_award_at = self._now()
+        for rnd in sorted(rec.quorate):
+            self._recount(rec, rnd)  # a re-award may move a round to its holders
 
     def _result(self, signed: Signed) -> None:
         res = signed.message
@@ -128,20 +146,82 @@ class Invariants:
         signers[signed.signer] = signed.raw
         if len(signers) < quorum(len(vote.committee)):
             return
-        prior = rec.certified.get(vote.round)
-        if prior == ballot:
+        quorate = rec.quorate.setdefault(vote.round, [])
+        if ballot in quorate:
             return
-        # The ballot just reached a quorum: it is a certificate. Verify it as peerctl verify does.
-        cert = self.certificate(vote.task_id, vote.round, list(signers.values()), who="the votes cast")
-        if prior is not None:
-            self.fail(
-                f"task {vote.task_id} round {vote.round}: a second certified aggregate "
-                f"(output {cert.output['sha256'][:12]}, first {prior[-1][:12]})"
-            )
-        rec.certified[vote.round] = ballot
+        # The ballot just reached a quorum: it must verify as peerctl verify checks it, against
+        # every award or against the awards its voters may have had (those up to some epoch).
+        if not self._verify_formed(rec, vote.round, list(signers.values())):
+            # Formed under an award a later one replaced for this round (its voters had not
+            # seen that one yet): not a certificate (SPEC §11.1 "The award in force").
+            self.checked["out_of_force"] += 1
+        quorate.append(ballot)
+        self._recount(rec, vote.round)
 
-    def certificate(self, task_id: str, round_no: int, raw_votes: list[bytes], *, who: str) -> Any:
-        """Check a certificate with protocol.certificate.check_certificate; violation if it fails."""
+    def _verify_formed(self, rec: TaskRecord, round_no: int, raw_votes: list[bytes]) -> bool:
+        """Whether the ballot verifies against every award; if not, it must verify against the
+        awards up to some epoch, else it is a violation."""
+        epochs = sorted(rec.awards)
+        for upto in reversed(epochs):
+            if self._verifies(rec, round_no, raw_votes, [rec.awards[e] for e in epochs if e <= upto]):
+                return upto == epochs[-1]
+        self.certificate(rec.task_id, round_no, raw_votes, who="the votes cast")  # fails, with why
+        return False
+
+    def _verifies(self, rec: TaskRecord, round_no: int, raw_votes: list[bytes], awards: list[Award]) -> bool:
+        self.checked["certificates"] += 1
+        try:
+            check_certificate(
+                raw_votes,
+                task_id=rec.task_id,
+                round_no=round_no,
+                awards=awards,
+                rule=rec.announce.message.aggregation,  # type: ignore[attr-defined]
+            )
+        except ProtocolError:
+            return False
+        return True
+
+    def _recount(self, rec: TaskRecord, round_no: int) -> None:
+        """At most one ballot of ``round_no`` that reached a quorum verifies against all the
+        task's awards: that one is the round's certified aggregate."""
+        awards = [rec.awards[e] for e in sorted(rec.awards)]
+        live = [
+            b
+            for b in rec.quorate.get(round_no, [])
+            if self._verifies(rec, round_no, list(rec.votes[round_no][b].values()), awards)
+        ]
+        if len(live) > 1:
+            self.fail(
+                f"task {rec.task_id} round {round_no}: a second certified aggregate "
+                f"(output {live[1][-1][:12]}, first {live[0][-1][:12]})"
+            )
+        prior = rec.certified.get(round_no)
+        if prior is not None and prior not in live:
+            self.checked["superseded"] += 1
+            del rec.certified[round_no]
+        if live:
+            rec.certified[round_no] = live[0]
+
+    def peer_certificate(
+        self, task_id: str, round_no: int, raw_votes: list[bytes], awards: list[Award], *, who: str
+    ) -> None:
+        """A peer acts on a certificate: it verifies against the awards that peer holds."""
+        rec = self.tasks[task_id]
+        if not self._verifies(rec, round_no, raw_votes, awards):
+            self.certificate(task_id, round_no, raw_votes, who=who, awards=awards)
+
+    def certificate(
+        self,
+        task_id: str,
+        round_no: int,
+        raw_votes: list[bytes],
+        *,
+        who: str,
+        awards: list[Award] | None = None,
+    ) -> Any:
+        """Check a certificate with protocol.certificate.check_certificate (against every
+        award of the task unless ``awards`` is given); violation if it fails."""
         rec = self.tasks[task_id]
         self.checked["certificates"] += 1
         try:
@@ -149,7 +229,7 @@ class Invariants:
                 raw_votes,
                 task_id=task_id,
                 round_no=round_no,
-                awards=list(rec.awards.values()),
+                awards=[rec.awards[e] for e in sorted(rec.awards)] if awards is None else awards,
                 rule=rec.announce.message.aggregation,  # type: ignore[attr-defined]
             )
         except ProtocolError as exc:

@@ -741,12 +741,18 @@ class World:
             replies += peer.feed(slot, event)
         return replies
 
-    def new_round(self, peer: Peer, task_id: str, rnd: int) -> Slot:
+    @staticmethod
+    def peer_awards(peer: Peer, task_id: str) -> dict[int, Signed]:
+        """The task's awards this peer's machines hold, by epoch."""
         awards: dict[int, Signed] = {}
         for s in peer.machines.get(task_id, ()):
             got = getattr(s.machine, "awards", None)
             if isinstance(got, dict):
                 awards.update(got)
+        return awards
+
+    def new_round(self, peer: Peer, task_id: str, rnd: int) -> Slot:
+        awards = self.peer_awards(peer, task_id)
         ann = peer.announces.get(task_id) or self.announces[task_id]
         m = RoundMachine(
             ann,
@@ -1032,7 +1038,12 @@ class World:
         peer.feed(slot, ev.Start(now_ms=peer.now_ms()))
 
     def certified(self, peer: Peer, slot: Slot, cert: Any) -> None:
-        self.invariants.certificate(cert.task_id, cert.round, list(cert.votes), who=f"peer {peer.index}")
+        # Against the awards this peer holds: a certificate formed before a re-award reached
+        # it may be superseded later (SPEC §11.1 "The award in force"; Invariants._recount).
+        held = self.peer_awards(peer, cert.task_id)
+        awards = [m for m in (held[e].message for e in sorted(held)) if isinstance(m, Award)]
+        who = f"peer {peer.index}"
+        self.invariants.peer_certificate(cert.task_id, cert.round, list(cert.votes), awards, who=who)
         for other in list(peer.machines.get(cert.task_id, ())):
             if other.kind != "round":
                 peer.feed(other, ev.RoundCertified(now_ms=peer.now_ms(), certificate=cert))
@@ -1073,6 +1084,7 @@ class World:
             certificates=certificates,
             reported_rounds=[r.round for r in recs if isinstance(r, act.RoundRecord)],
             public_state=states[-1].state if states else "bidding",
+            reason=states[-1].reason if states else None,
         )
         peer.announces[task_id] = ann
         m = TaskMachine(

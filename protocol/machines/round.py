@@ -39,7 +39,15 @@ from typing import Any
 import numpy as np
 
 from protocol.aggregation import aggregate
-from protocol.certificate import COMMITTEE_SIZE, Certificate, input_key, tally, vote_is_well_formed
+from protocol.certificate import (
+    COMMITTEE_SIZE,
+    Certificate,
+    award_in_force,
+    certificate_in_force,
+    input_key,
+    tally,
+    vote_is_well_formed,
+)
 from protocol.committee import committee
 from protocol.envelope import Signed
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -138,12 +146,15 @@ class RoundMachine:
         )
 
     # -- views -----------------------------------------------------------------------------------------
+    def award_list(self) -> list[Award]:
+        return [a.message for _, a in sorted(self.awards.items()) if isinstance(a.message, Award)]
+
     def holders(self) -> dict[int, str]:
-        """shard → holder, per the latest award: the round's participants (SPEC §11.1)."""
-        if not self.awards:
+        """shard → holder, per the award in force for this round (SPEC §11.1): the latest
+        award, unless a later one quotes this round as certified already."""
+        msg = award_in_force(self.award_list(), self.round)
+        if msg is None:
             return {}
-        msg = self.awards[max(self.awards)].message
-        assert isinstance(msg, Award)
         return {int(a["shard"]): str(a["peer_id"]) for a in msg.assignments}
 
     def holder_at(self, shard: int, epoch: int | None = None) -> str | None:
@@ -237,7 +248,38 @@ class RoundMachine:
         if drop is not None:
             return [drop]
         self.awards[award.epoch] = event.signed
+        if self.state is RoundState.CERTIFIED and self.certificate is not None:
+            if not certificate_in_force(self.certificate, self.award_list()):
+                return self._reopen(event.now_ms)
         return self._advance(event.now_ms)  # a re-award can change the committee and the inputs
+
+    def _reopen(self, now: int) -> list[act.Action]:
+        """A re-award that does not quote this round as certified moves the round to its
+        holders (SPEC §11.1 "The award in force"): the certificate we formed under an earlier
+        award no longer holds — its votes never reached the submitter before it re-awarded.
+        Forget it and serve the round again under the new committee, so the round can still
+        be certified (a continuing holder's commit still counts)."""
+        self.certificate = None
+        self.state = RoundState.VOTED if self.attempt else RoundState.COLLECTING
+        awards = self.award_list()
+        keep: dict[tuple[str, int], Signed] = {}
+        for k, v in self.votes.items():
+            try:
+                vote_is_well_formed(v, awards=awards, rule=self.announce.aggregation)
+            except RemoteProtocolError:
+                continue
+            keep[k] = v
+        self.votes = keep
+        self.attempt, self.last_key, self.duty_over = 0, None, False
+        # The round starts again under the new award: its holders get a full round to commit
+        # (the deadline counted from the first commit would have passed long ago).
+        self.first_result_at = now if self.commits else None
+        self.duty_started = now if self.commits and self.me in self.members() else None
+        out: list[act.Action] = [act.Count(name="rounds.superseded")]
+        again = tally(list(self.votes.values()), awards=awards, rule=self.announce.aggregation)
+        if again is not None:
+            return out + self._certify(again)
+        return out + self._advance(now)
 
     def _on_result(self, signed: Signed, m: Result, now: int) -> list[act.Action]:
         if self.holder_at(m.shard, m.epoch) != signed.signer:
@@ -313,7 +355,8 @@ class RoundMachine:
         self.votes[(signed.signer, m.attempt)] = signed
         if self.state is RoundState.CERTIFIED:
             return []
-        cert = tally(list(self.votes.values()))
+        # With the awards: a vote admitted before a re-award moved the round may no longer count.
+        cert = tally(list(self.votes.values()), awards=self.award_list(), rule=self.announce.aggregation)
         if cert is None:
             return []
         return self._certify(cert)

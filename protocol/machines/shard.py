@@ -14,7 +14,12 @@ The rules are those of ``peerd/contractor.py`` today:
 * **Work.** Fetch the inputs (the announce's, then the shard's own) from the submitter one
   at a time, then for each round: (keras-train, round > 1) wait for the previous round's
   certificate and fetch its output from a voter (three passes, a second apart), run the
-  job, publish and deliver the signed result (durable first). A lease heartbeat goes out
+  job, publish and deliver the signed result (durable first). The first round is the one
+  after the last round the binding award quotes as certified (``Award.certified``, SPEC
+  §11.1 "The award in force"), whose output the award names: a holder bound by a re-award
+  never runs a round the submitter holds certified, even when it missed that round's votes
+  (docs/simulation.md finding 3); rounds it saw certified beyond the quote count only while
+  their certificates hold under its awards. A lease heartbeat goes out
   every ``heartbeat_ms`` while the shard is worked on; a final lease (``done``,
   ``failed``, ``released``) when it ends.
 * **Delivery.** Until the submitter acknowledges: back-off from 0.2 s doubling to
@@ -39,7 +44,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from protocol.certificate import Certificate
+from protocol.certificate import Certificate, certificate_in_force, certified_round
 from protocol.envelope import Signed
 from protocol.errors import LocalProtocolError
 from protocol.machines import actions as act
@@ -322,13 +327,16 @@ class ShardMachine:
             raise LocalProtocolError(
                 f"ShardMachine {self.task_id}: certificate misrouted", reason="illegal_event"
             )
-        self.certificates.setdefault(cert.round, cert)
+        held = self.certificates.get(cert.round)
+        if held is None or not certificate_in_force(held, self._award_list()):
+            # The first, or one that replaces a certificate a re-award moved (SPEC §11.1).
+            self.certificates[cert.round] = cert
         if (
             self.state is ShardState.WAITING_MODEL
             and cert.round == self.round - 1
-            and not self._model_sources
+            and self._model_pass == 0  # not fetching yet (from an award's quote, or this round again)
         ):
-            self._model_sources = self._voters(cert)
+            self._model_sources = self._voters(cert.signers)
             self._model_pass = 1
             return self._fetch_model(event.now_ms)
         return []
@@ -365,7 +373,7 @@ class ShardMachine:
 
     def _next_input(self, now: int) -> list[act.Action]:
         if not self._to_fetch:
-            first = self.certified_rounds() + 1 if self.announce.aggregation != "none" else 1
+            first = self._first_round() if self.announce.aggregation != "none" else 1
             return self._begin_round(now, first)
         name, ref = self._to_fetch[0]
         self.detail = f"fetching {name}"
@@ -391,6 +399,39 @@ class ShardMachine:
             r += 1
         return r
 
+    def _award_list(self) -> list[Award]:
+        return [a.message for _, a in sorted(self.awards.items()) if isinstance(a.message, Award)]
+
+    def _binding_award(self) -> Award | None:
+        signed = self.awards.get(self.epoch)
+        return signed.message if signed is not None and isinstance(signed.message, Award) else None
+
+    def _first_round(self) -> int:
+        """The round to start at (SPEC §11.1 "The award in force"): after the last round the
+        binding award quotes as certified, and after every further round whose certificate
+        we hold and which still holds under our awards."""
+        awards = self._award_list()
+        for r in sorted(self.certificates):
+            if not certificate_in_force(self.certificates[r], awards):
+                del self.certificates[r]  # formed under an award a re-award has replaced for it
+        binding = self._binding_award()
+        r = certified_round(binding) if binding is not None else 0
+        while r + 1 in self.certificates:
+            r += 1
+        return r + 1
+
+    def _start_model(self, round_no: int) -> tuple[dict[str, Any], list[str]] | None:
+        """The certified output of ``round_no`` and who serves it: from its certificate, else
+        from the binding award's quote (its signers; ourselves when we are the only one)."""
+        cert = self.certificates.get(round_no)
+        if cert is not None:
+            return dict(cert.output), self._voters(cert.signers)
+        binding = self._binding_award()
+        quote = binding.certified if binding is not None else None
+        if quote is not None and int(quote["round"]) == round_no:
+            return dict(quote["output"]), self._voters(tuple(quote["signers"]))
+        return None
+
     def _begin_round(self, now: int, round_no: int) -> list[act.Action]:
         if round_no > self.announce.rounds:
             return self._end(now, ShardState.DONE, "")
@@ -399,33 +440,34 @@ class ShardMachine:
             self.state = ShardState.WAITING_MODEL
             self.detail = f"waiting for the certificate of round {round_no - 1}"
             self._model_sources, self._model_pass = [], 0
-            cert = self.certificates.get(round_no - 1)
-            if cert is None:
+            start = self._start_model(round_no - 1)
+            if start is None:
                 return []
-            self._model_sources = self._voters(cert)
+            self._model_sources = start[1]
             self._model_pass = 1
             return self._fetch_model(now)
         return self._run(now, None)
 
-    def _voters(self, cert: Certificate) -> list[str]:
+    def _voters(self, signers: Sequence[str]) -> list[str]:
         """Where to fetch a certified model: the other voters; our own store when we are the
         only one (a one-shard task's committee is its holder, SPEC §11.1: the daemon's
         ``Node.fetch_from_any`` returns the local copy), so its next round still starts."""
-        others = [p for p in cert.signers if p != self.me]
-        return others or [p for p in cert.signers if p == self.me]
+        others = [p for p in signers if p != self.me]
+        return others or [p for p in signers if p == self.me]
 
     def _fetch_model(self, now: int) -> list[act.Action]:
-        cert = self.certificates[self.round - 1]
+        start = self._start_model(self.round - 1)
+        assert start is not None
+        out, voters = start
         if not self._model_sources:
-            if self._model_pass >= MODEL_FETCH_PASSES or not self._voters(cert):
+            if self._model_pass >= MODEL_FETCH_PASSES or not voters:
                 return self._end(
-                    now, ShardState.FAILED, f"could not fetch {cert.output['sha256'][:12]} from any voter"
+                    now, ShardState.FAILED, f"could not fetch {out['sha256'][:12]} from any voter"
                 )
             self._model_pass += 1
-            self._model_sources = self._voters(cert)
+            self._model_sources = voters
             return [self.timers.set(T_MODEL, now + MODEL_FETCH_PAUSE_MS)]
         src = self._model_sources.pop(0)
-        out = cert.output
         return [
             act.FetchBlob(digest=out["sha256"], size=out["size"], source=src, tag=f"model:{self.round - 1}")
         ]
@@ -435,8 +477,9 @@ class ShardMachine:
             raise LocalProtocolError(f"ShardMachine: unexpected fetch {event.tag!r}", reason="illegal_event")
         if not event.ok:
             return self._fetch_model(event.now_ms)
-        cert = self.certificates[self.round - 1]
-        return self._run(event.now_ms, dict(cert.output))
+        start = self._start_model(self.round - 1)
+        assert start is not None
+        return self._run(event.now_ms, start[0])
 
     def _run(self, now: int, weights: dict[str, Any] | None) -> list[act.Action]:
         self.state = ShardState.RUNNING

@@ -153,6 +153,8 @@ class Restored:
     certificates: Mapping[int, Certificate] = field(default_factory=dict)
     reported_rounds: Iterable[int] = ()
     public_state: str = "bidding"
+    #: Why the task is in ``public_state`` (e.g. why it is ``pending``), as last persisted.
+    reason: str | None = None
 
 
 @dataclass
@@ -764,6 +766,7 @@ class TaskMachine:
             assignments=[{**a, "inputs": dict(a["inputs"])} for a in new],
             under_capacity=award.under_capacity,
             excluded=excluded,
+            certified=self._certified_quote(),
         )
         self.awards[epoch] = signed
         before = {x["shard"]: x["peer_id"] for x in award.assignments}
@@ -793,6 +796,19 @@ class TaskMachine:
         out += self._set_state("running", f"{what}; re-awarded {moved}")
         out.append(act.Publish(signed=signed))
         return out
+
+    def _certified_quote(self) -> dict[str, Any] | None:
+        """The last round certified so far, as a re-award quotes it (SPEC §7.5, §11.1 "The
+        award in force"): its holders start after it, from its output, and no certificate
+        for it or an earlier round can be formed under the new award."""
+        if not self.certificates:
+            return None
+        # The highest, not the last of an unbroken run: every certificate we hold stays in
+        # force (a round below it we have not seen certified keeps its earlier award).
+        r = max(self.certificates)
+        cert = self.certificates[r]
+        out = {"sha256": cert.output["sha256"], "size": cert.output["size"]}
+        return {"round": r, "output": out, "signers": list(cert.signers)}
 
     def _check_plain(self, now: int) -> list[act.Action]:
         """aggregation = none: done when every shard has an OK result whose outputs we hold.
@@ -1175,7 +1191,7 @@ class TaskMachine:
             self._keep_result(res, res.message)
         self.certificates.update(r.certificates)
         self.reported.update(r.reported_rounds)
-        self.public_state = r.public_state
+        self.public_state, self.reason = r.public_state, r.reason
         # The retry budget survives a restart: every earlier holder a later award excluded
         # counts as one failure of its shard (its reason is gone with the old process).
         latest = self.latest_award()

@@ -1370,6 +1370,16 @@ def vote_vectors() -> dict[str, Any]:
 
     e0, e1 = open_envelope(raw_e0).message, open_envelope(raw_e1).message
     assert isinstance(e0, Award) and isinstance(e1, Award)
+    # The same re-award sealed after round 1 was certified: it quotes round 1 (SPEC §7.5), so
+    # round 1 stays epoch 0's and epoch 1's holders start at round 2 (§11.1 "The award in force").
+    quote = {
+        "round": 1,
+        "output": {"sha256": SHA_O, "size": 407_000},
+        "signers": sorted([KEYS["node1"].peer_id, KEYS["node3"].peer_id]),
+    }
+    raw_e1q = _seal_award({**_award_fields(e1), "certified": quote})
+    e1q = open_envelope(raw_e1q).message
+    assert isinstance(e1q, Award)
     pid = {n: k.peer_id for n, k in KEYS.items()}
     name_of = {v: k for k, v in pid.items()}
     sha = {"node1": SHA_A, "node2": hashlib.sha256(b"peerd vector output C").hexdigest(), "node3": SHA_B}
@@ -1385,14 +1395,14 @@ def vote_vectors() -> dict[str, Any]:
             key=lambda i: (i["peer_id"], i["shard"]),
         )
 
-    def vote(signer: str, award: Award = e0, seq: int = 20, **over: Any) -> bytes:
+    def vote(signer: str, award: Award = e0, seq: int = 20, rnd: int = 1, **over: Any) -> bytes:
         participants = sorted(set(holders_of(award).values()))
         fields: dict[str, Any] = {
             **_times(seq, 3_600_000),
             "task_id": TASK_ID,
-            "round": 1,
+            "round": rnd,
             "rule": "weighted_mean",
-            "committee": sorted(draw_committee(TASK_ID, 1, participants, 3)),
+            "committee": sorted(draw_committee(TASK_ID, rnd, participants, 3)),
             "inputs": inputs_of(award),
             "excluded": [],
             "output": {"sha256": SHA_O, "size": 407_000},
@@ -1403,12 +1413,21 @@ def vote_vectors() -> dict[str, Any]:
 
     cases: list[dict[str, Any]] = []
 
-    def case(name: str, check: str, votes: list[bytes], expect: str, note: str) -> None:
+    def case(
+        name: str,
+        check: str,
+        votes: list[bytes],
+        expect: str,
+        note: str,
+        awards: tuple[int, ...] = (0,),
+        rnd: int = 1,
+    ) -> None:
         cases.append(
             {
                 "name": name,
                 "check": check,
-                "round": 1,
+                "round": rnd,
+                "awards": list(awards),
                 "votes_hex": [v.hex() for v in votes],
                 "expect": expect,
                 "note": note,
@@ -1449,6 +1468,51 @@ def vote_vectors() -> dict[str, Any]:
         [vote("node1", e1, committee=e1_committee), vote("node2", e1, committee=e1_committee)],
         "accept",
         "after the epoch-1 re-award node1 and node2 hold the shards, and the committee is drawn from them",
+        awards=(0, 1),
+    )
+    case(
+        "superseded_by_reaward",
+        "certificate",
+        [n1, n3],
+        "bad_committee",
+        "epoch 0's holders certify round 1, but the epoch-1 re-award does not quote round 1 as "
+        "certified: round 1 is epoch 1's (its submitter never saw these votes)",
+        awards=(0, 1),
+    )
+    case(
+        "certified_before_reaward",
+        "certificate",
+        [n1, n3],
+        "accept",
+        "the epoch-1 re-award quotes round 1 as certified with this output: round 1 stays epoch 0's",
+        awards=(0, 2),
+    )
+    case(
+        "second_certificate_after_quoting_reaward",
+        "certificate",
+        [vote("node1", e1, committee=e1_committee), vote("node2", e1, committee=e1_committee)],
+        "bad_committee",
+        "epoch 1's holders certify round 1 again although their award quotes round 1 as certified "
+        "(a re-awarded holder that missed round 1's votes): refused",
+        awards=(0, 2),
+    )
+    other_out: dict[str, Any] = {"output": {"sha256": SHA_A, "size": 407_000}}
+    case(
+        "quoted_output_differs",
+        "vote",
+        [vote("node1", **other_out)],
+        "bad_certificate",
+        "epoch 0's committee, but another output than the one the re-award quotes for round 1",
+        awards=(0, 2),
+    )
+    case(
+        "next_round_after_quoting_reaward",
+        "certificate",
+        [vote("node1", e1, rnd=2), vote("node2", e1, rnd=2)],
+        "accept",
+        "round 2, after the quoted round 1, is epoch 1's: its holders' committee certifies it",
+        awards=(0, 2),
+        rnd=2,
     )
     case("no_quorum_one_vote", "certificate", [n1], "no_quorum", "one vote of a committee of two")
     case(
@@ -1533,10 +1597,12 @@ def vote_vectors() -> dict[str, Any]:
     )
     return {
         "description": "Votes and certificates (protocol/SPEC.md §11.1): with the announce and the "
-        "task's signed awards, check each vote ('vote') or the set of votes as a certificate of round "
-        "`round` ('certificate'); expect 'accept' or the reason.",
+        "task's signed awards at hand (`awards`: indices into `awards_hex`), check each vote ('vote') "
+        "or the set of votes as a certificate of round `round` ('certificate'); expect 'accept' or "
+        "the reason. awards_hex: epoch 0; the epoch-1 re-award sealed before round 1 was certified "
+        "(`certified` nil); the same re-award quoting round 1 as certified.",
         "announce_hex": st["announce_raw"].hex(),
-        "awards_hex": [raw_e0.hex(), raw_e1.hex()],
+        "awards_hex": [raw_e0.hex(), raw_e1.hex(), raw_e1q.hex()],
         "cases": cases,
     }
 

@@ -33,7 +33,7 @@ async def test_a_restarted_contractor_drops_a_replayed_announce_and_award_and_ru
     tmp_path: Path,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        rig = Rig(tmp_path, nursery)
+        rig = await Rig.started(tmp_path, nursery)
         ann, _, award = await bid_and_award(rig)
         await wait_until(lambda: rig.count("results.delivered") == 1, "the shard done and delivered")
         assert len(rig.pool.jobs) == 1
@@ -41,7 +41,7 @@ async def test_a_restarted_contractor_drops_a_replayed_announce_and_award_and_ru
     # The same node after a restart: its in-memory replay guard, task book and machines are
     # gone; the store, the sequence file and the blobs are not.
     async with trio.open_nursery() as nursery:
-        rig = Rig(tmp_path, nursery)
+        rig = await Rig.started(tmp_path, nursery)
         view = rig.book.add(ann)
         assert view is not None
         await rig.contractor.on_announce(view, ann)
@@ -59,12 +59,12 @@ async def test_a_restarted_contractor_drops_a_replayed_announce_and_award_and_ru
 async def test_an_award_whose_shard_ran_here_is_refused_even_without_a_mark(tmp_path: Path) -> None:
     # The marks can be forgotten (they expire); the executed record is the last word.
     async with trio.open_nursery() as nursery:
-        rig = Rig(tmp_path, nursery)
+        rig = await Rig.started(tmp_path, nursery)
         ann, _, award = await bid_and_award(rig)
         await wait_until(lambda: rig.count("results.delivered") == 1, "the shard done and delivered")
         nursery.cancel_scope.cancel()
     async with trio.open_nursery() as nursery:
-        rig = Rig(tmp_path, nursery)
+        rig = await Rig.started(tmp_path, nursery)
         rig.node.store.db.execute("DELETE FROM replay_marks")
         view = rig.book.add(ann)
         assert view is not None
@@ -77,13 +77,13 @@ async def test_an_award_whose_shard_ran_here_is_refused_even_without_a_mark(tmp_
 
 async def test_a_fresh_reannounce_after_a_restart_is_bid_on(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
-        rig = Rig(tmp_path, nursery)
+        rig = await Rig.started(tmp_path, nursery)
         ann, view = announce(rig)
         await rig.contractor.on_announce(view, ann)
         await wait_until(lambda: rig.count("bids.sent") == 1, "the bid")
         nursery.cancel_scope.cancel()
     async with trio.open_nursery() as nursery:
-        rig = Rig(tmp_path, nursery)
+        rig = await Rig.started(tmp_path, nursery)
         body = {k: v for k, v in ann.message.to_wire().items() if k not in ("seq", "issued_at", "expires_at")}
         fresh: Signed = SUB.seal(type(ann.message), now_ms=ann.message.issued_at + 1, ttl_ms=60_000, **body)
         view2 = rig.book.add(fresh)

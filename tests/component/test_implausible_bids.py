@@ -52,7 +52,7 @@ def test_a_bid_beyond_its_advertised_hardware_is_refused_and_a_plausible_one_is_
     tmp_path: Path,
 ) -> None:
     async def body(nursery: trio.Nursery) -> None:
-        p = Parts(tmp_path, nursery)
+        p = await Parts.started(tmp_path, nursery)
         p.node.table = KnownTable()  # type: ignore[assignment]
         task_id = await submit(p, tmp_path)
         await until(lambda: "announce" in p.p2p.kinds(), "the announce is published")

@@ -90,18 +90,16 @@ async def replayer(self):
                 continue
             task_id = trigger.read_text().strip()
             if what == "announce":
-                raws = [self.node.store.task(task_id)["announce"]]
+                raws = [self.node.store.task(task_id).announce]
             else:
-                rows = self.node.store.db.execute(
-                    "SELECT raw FROM awards WHERE task_id = ? ORDER BY epoch", (task_id,))
-                raws = [r["raw"] for r in rows]
+                raws = [a.raw for a in self.node.store.awards(task_id)]
             for raw in raws:
                 await self.node.gossip(bytes(raw))
         await trio.sleep(1.0)
 
 def resume(self):
     honest_resume(self)
-    self.node.nursery.start_soon(replayer, self)
+    self.nursery.start_soon(replayer, self)
 
 submitter.Submitter.resume = resume
 sys.argv[0] = "peerd"

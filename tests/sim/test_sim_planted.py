@@ -1,4 +1,4 @@
-"""The sweep catches bugs: a planted one, and a real one it found.
+"""The sweep catches bugs: a planted one, and a real one it found (now fixed).
 
 ``RoundMachine(planted_bug="second_commit")`` (test-only) lets a holder's second commit
 reopen a certified round; a 50-seed sweep with liars — who commit twice — must catch the
@@ -12,7 +12,11 @@ from sim.run import Outcome, run
 from sim.world import SimConfig
 
 LIARS = FaultSpec.parse("liars=0.2")
+PARTITION = FaultSpec.parse("partition=30s")
 DOUBLE = "a second certified aggregate"
+#: The seeds on which a 30 s partition certified one round twice before the award in force
+#: (docs/simulation.md finding 3: 8 of 50, at commit c00698b).
+SHOWED_FINDING_3 = (5, 17, 19, 20, 28, 32, 41, 43)
 
 
 def _first_violation(faults: FaultSpec, planted: str | None) -> tuple[int, Outcome] | None:
@@ -38,18 +42,16 @@ def test_the_liar_sweep_without_the_planted_bug_is_clean() -> None:
     assert _first_violation(LIARS, None) is None
 
 
-def test_a_partition_and_a_re_award_certify_one_round_twice() -> None:
-    """A real defect the simulator found (see docs/simulation.md "Findings"), kept as a
-    reproduction until it is fixed.
-
-    A holder bound by a re-award starts from the rounds *it* has seen certified; votes cut
-    off by a partition (30 s here) make it redo a certified round, and its committee (drawn
-    from the new award's holders, which check_certificate accepts) certifies another
-    aggregate for that round. (2 % loss showed it too until a lone voter could start its next
-    round from its own copy; partitions still do, in 8 of these 50 seeds.) When the machines
-    make a re-awarded holder learn the certificates so far, this test fails: then add
-    partitions and loss to the CI sweep."""
-    found = _first_violation(FaultSpec.parse("partition=30s"), None)
-    assert found is not None
-    _seed, out = found
-    assert out.violation is not None and DOUBLE in out.violation
+def test_a_partition_and_a_re_award_no_longer_certify_one_round_twice() -> None:
+    """Finding 3 (docs/simulation.md), fixed: a holder bound by a re-award starts after the
+    last round the re-award quotes as certified, and a certificate counts only under the
+    award in force for its round (SPEC §11.1). On every seed that showed the defect, a second
+    quorum for a round still forms — cast by peers a partition kept from the newer award, or
+    before the submitter saw the first — and is refused (``out_of_force``: under an award a
+    later one replaced for that round; ``superseded``: a certificate a re-award that did not
+    quote its round moved), and every invariant holds."""
+    for seed in SHOWED_FINDING_3:
+        out = run(SimConfig(peers=20, tasks=6, seed=seed, faults=PARTITION))
+        assert out.ok, f"seed {seed}: {out.violation}"
+        checked = out.stats["checked"]
+        assert checked["out_of_force"] + checked["superseded"] >= 1, f"seed {seed}: {checked}"

@@ -214,3 +214,103 @@ def test_a_peer_holding_two_shards_is_one_participant_with_two_inputs() -> None:
     # The same votes do not match epoch 0, where the lost peer still held its shard.
     assert isinstance(t.award, Award)
     assert tally(opened(*votes), awards=[t.award]) is None
+
+
+# -- the award in force (SPEC §11.1; docs/simulation.md finding 3) ---------------------------------
+
+OTHER = b"another aggregate of round 1"
+
+
+def _reaward(t: SyntheticTask, *, quote_round: int | None) -> tuple[Award, list[bytes]]:
+    """Epoch 1: the third peer's lease was lost and the first peer takes its shard (no spare).
+    ``quote_round``: the round the re-award quotes as certified (its output is the synthetic
+    round's certified output), or None. Also returns epoch 1's holders' votes for round 1."""
+    lost, keeper = t.peers[2].peer_id, t.peers[0]
+    assignments = [{**a, "peer_id": keeper.peer_id} if a["peer_id"] == lost else a for a in t.assignments]
+    certified = None
+    if quote_round is not None:
+        out = t.outputs[quote_round]
+        certified = {
+            "round": quote_round,
+            "output": {"sha256": SyntheticTask.sha(out), "size": len(out)},
+            "signers": sorted(m.peer_id for m in t.members(quote_round)),
+        }
+    raw = t.forge.seal(t.submitter, Award, task_id=t.task_id, epoch=1, bids=t.bids, assignments=assignments,
+                       under_capacity=False, excluded=[lost], certified=certified)  # fmt: skip
+    award1 = open_envelope(raw).message
+    assert isinstance(award1, Award)
+    entries = {e["peer_id"]: e for e in t.input_entries(1)}
+    moved = {**entries[lost], "peer_id": keeper.peer_id}
+    inputs = sorted(
+        [entries[t.peers[0].peer_id], entries[t.peers[1].peer_id], moved],
+        key=lambda i: (i["peer_id"], i["shard"]),
+    )
+    members = sorted(committee(t.task_id, 1, sorted({t.peers[0].peer_id, t.peers[1].peer_id})))
+    # Another aggregate than epoch 0's: the re-awarded holder re-ran round 1.
+    votes = [t.vote(t.by_peer[m], 1, inputs=inputs, committee=members, output=OTHER) for m in members]
+    return award1, votes
+
+
+def test_the_award_in_force_is_the_latest_sealed_before_the_round_was_certified(task: SyntheticTask) -> None:
+    from protocol.certificate import award_in_force, certified_round
+
+    assert isinstance(task.award, Award)
+    quoting, _ = _reaward(task, quote_round=1)
+    plain, _ = _reaward(task, quote_round=None)
+    assert certified_round(task.award) == 0 and certified_round(quoting) == 1
+    assert award_in_force([task.award, plain], 1) is plain
+    assert award_in_force([task.award, quoting], 1) is task.award
+    assert award_in_force([task.award, quoting], 2) is quoting
+    assert award_in_force([quoting], 1) is None  # nothing at hand may host round 1
+
+
+def test_a_re_awarded_holders_second_certificate_for_a_quoted_round_is_refused(task: SyntheticTask) -> None:
+    """The finding's mechanism: round 1 is certified under epoch 0; the re-award quotes it;
+    the new holders' committee certifies another aggregate for round 1. The old check (*some*
+    award matches) accepted both certificates; now only epoch 0's holds."""
+    from protocol.certificate import vote_matches_award
+
+    assert isinstance(task.award, Award)
+    award1, votes = _reaward(task, quote_round=1)
+    awards = [task.award, award1]
+    vote = open_envelope(votes[0]).message
+    assert isinstance(vote, Vote) and vote_matches_award(vote, award1)  # what the old check accepted
+    with pytest.raises(RemoteProtocolError) as e:
+        check_certificate(votes, task_id=task.task_id, round_no=1, awards=awards, rule=task.rule)
+    assert e.value.reason == "bad_committee" and "award in force" in str(e.value)
+    assert tally(opened(*votes), awards=awards) is None
+    first = list(task.votes[1].values())
+    cert = check_certificate(first, task_id=task.task_id, round_no=1, awards=awards, rule=task.rule)
+    assert cert.output["sha256"] == SyntheticTask.sha(task.outputs[1])
+
+
+def test_a_re_award_that_does_not_quote_a_round_moves_it_to_its_holders(task: SyntheticTask) -> None:
+    """Its submitter never saw round 1's votes: round 1 is epoch 1's, and a certificate epoch
+    0's holders formed meanwhile no longer holds (one certificate per round, whichever the
+    order the votes arrive in)."""
+    from protocol.certificate import certificate_in_force
+
+    assert isinstance(task.award, Award)
+    award1, votes = _reaward(task, quote_round=None)
+    first = check_certificate(list(task.votes[1].values()), task_id=task.task_id, round_no=1,
+                              awards=[task.award], rule=task.rule)  # fmt: skip
+    assert certificate_in_force(first, [task.award])
+    assert not certificate_in_force(first, [task.award, award1])
+    with pytest.raises(RemoteProtocolError) as e:
+        check_certificate(list(task.votes[1].values()), task_id=task.task_id, round_no=1,
+                          awards=[task.award, award1], rule=task.rule)  # fmt: skip
+    assert e.value.reason == "bad_committee"
+    awards = [task.award, award1]
+    second = check_certificate(votes, task_id=task.task_id, round_no=1, awards=awards, rule=task.rule)
+    assert second.output["sha256"] == SyntheticTask.sha(OTHER)
+
+
+def test_a_quoted_round_pins_its_output(task: SyntheticTask) -> None:
+    assert isinstance(task.award, Award)
+    award1, _ = _reaward(task, quote_round=1)
+    a = task.members(1)[0]
+    wrong = task.vote(a, 1, output=b"another aggregate")
+    vote_is_well_formed(open_envelope(wrong), awards=[task.award], rule=task.rule)  # fine without the quote
+    with pytest.raises(RemoteProtocolError) as e:
+        vote_is_well_formed(open_envelope(wrong), awards=[task.award, award1], rule=task.rule)
+    assert e.value.reason == "bad_certificate" and "quoted certified" in str(e.value)

@@ -14,7 +14,7 @@ import pytest
 from protocol.certificate import check_certificate
 from protocol.committee import committee
 from protocol.envelope import Signed, Signer
-from protocol.errors import LocalProtocolError
+from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.machines import actions as act
 from protocol.machines import events as ev
 from protocol.machines.common import MarketTimes, SignerSealer
@@ -288,6 +288,89 @@ def test_planted_bug_second_commit_certifies_the_round_twice() -> None:
     assert len(outputs_of(net)) == 2
     with pytest.raises(LocalProtocolError, match="unknown planted bug"):
         RoundMachine(ann, 1, sealer=SUB, times=TIMES, planted_bug="other")
+
+
+def reaward(net: Net, lost: str, certified: dict[str, Any] | None) -> Signed:
+    """Epoch 1 as the TaskMachine seals it: ``lost``'s shard moves by the replacement rule
+    (SPEC §10.3; no spare bidder here, so to the cheapest holder), quoting ``certified``."""
+    from protocol.awards import allocate, open_quoted_bids, reassign
+
+    aw, ann = net.award.message, net.ann.message
+    assert isinstance(aw, Award) and isinstance(ann, TaskAnnounce)
+    costs = [(s.peer_id, s.cost) for s in allocate(ann, open_quoted_bids(aw)).scored]
+    return SUB.seal(
+        Award, now_ms=net.now, ttl_ms=Award.MAX_TTL_MS, task_id=TASK, epoch=1, bids=list(aw.bids),
+        assignments=reassign(list(aw.assignments), {lost}, costs), under_capacity=aw.under_capacity,
+        excluded=[lost], certified=certified,
+    )  # fmt: skip
+
+
+def quote_of(cert: Any) -> dict[str, Any]:
+    return {"round": cert.round, "output": dict(cert.output), "signers": list(cert.signers)}
+
+
+def test_a_re_award_quoting_the_round_keeps_it_with_the_earlier_holders(net: Net) -> None:
+    """SPEC §11.1 "The award in force": round 1 was certified under epoch 0 and the re-award
+    says so; a committee of the new holders can no longer certify it (the finding's
+    mechanism: a re-awarded holder that missed the votes re-ran round 1)."""
+    for shard in range(3):
+        net.commit(shard, 1.0)
+    cert = net.certified[0][1]
+    e1 = reaward(net, net.holders[2], quote_of(cert))
+    net.gossip(e1)
+    assert all(m.state is RoundState.CERTIFIED and m.certificate == cert for m in net.m.values())
+    assert not any(a == act.Count(name="rounds.superseded") for _, a in net.log)
+    # A machine built with both awards draws round 1's committee from epoch 0's holders.
+    fresh = RoundMachine(net.ann, 1, sealer=SUB, times=TIMES, awards=[net.award, e1])
+    assert fresh.members() == net.members()
+    # Epoch 1's holders' committee votes another aggregate for round 1: refused.
+    holders1 = sorted({a["peer_id"] for a in e1.message.assignments})  # type: ignore[attr-defined]
+    members1 = sorted(committee(TASK, 1, holders1))
+    voter = net.by_id[members1[0]]
+    vote = voter.seal(
+        Vote, now_ms=net.now, ttl_ms=Vote.MAX_TTL_MS, task_id=TASK, round=1, rule="sum", committee=members1,
+        inputs=sorted(({"peer_id": a["peer_id"], "shard": a["shard"], "sha256": "aa" * 32, "weight": 1.0}
+                       for a in e1.message.assignments),  # type: ignore[attr-defined]
+                      key=lambda i: (i["peer_id"], i["shard"])),
+        excluded=[], output={"sha256": "cc" * 32, "size": 4}, attempt=0,
+    )  # fmt: skip
+    drop = fresh.handle(ev.MessageVerified(now_ms=net.now, signed=vote))
+    assert [d.reason for d in of(drop, act.Drop)] == ["bad_committee"]
+    assert fresh.certificate is None
+
+
+def test_a_re_award_that_does_not_quote_the_round_reopens_it_for_the_new_holders(net: Net) -> None:
+    """Its submitter never saw round 1's votes when it re-awarded: round 1 is epoch 1's
+    (SPEC §11.1). The certificate formed under epoch 0 is superseded, and the new committee
+    certifies the round with the new holder's commit and the continuing holders' ones."""
+    for shard in range(3):
+        net.commit(shard, 1.0)
+    first = net.certified[0][1]
+    lost_shard = 2
+    lost = net.holders[lost_shard]
+    net.now += 120_000  # past the round timeout (60 s) counted from the first commit
+    e1 = reaward(net, lost, None)
+    net.gossip(e1)
+    # The reopened round gives the new holder a full round: nobody votes without its commit.
+    assert not any(m.attempt for m in net.m.values())
+    assert all(m.state is not RoundState.CERTIFIED and m.certificate is None for m in net.m.values())
+    assert any(a == act.Count(name="rounds.superseded") for _, a in net.log)
+    awards = [net.award.message, e1.message]
+    with pytest.raises(RemoteProtocolError):
+        check_certificate(first.votes, task_id=TASK, round_no=1, awards=awards, rule="sum")  # type: ignore[arg-type]
+    keeper = next(a["peer_id"] for a in e1.message.assignments if a["shard"] == lost_shard)  # type: ignore[attr-defined]
+    data = tensors(10.0)
+    sha = hashlib.sha256(data).hexdigest()
+    net.blobs[sha] = data
+    net.certified.clear()
+    net.gossip(net.by_id[keeper].seal(
+        Result, now_ms=net.now, ttl_ms=10**9, task_id=TASK, epoch=1, shard=lost_shard, round=1, ok=True,
+        error=None, outputs={"weights": {"sha256": sha, "size": len(data)}}, weight=1.0, metrics={},
+    ))  # fmt: skip
+    assert len(outputs_of(net)) == 1 and outputs_of(net) != {first.output["sha256"]}
+    second = net.certified[0][1]
+    checked = check_certificate(second.votes, task_id=TASK, round_no=1, awards=awards, rule="sum")  # type: ignore[arg-type]
+    assert len(checked.inputs) == 3 and lost not in checked.signers
 
 
 def test_a_committer_that_cannot_serve_its_blob_is_excluded_with_the_reason(net: Net) -> None:

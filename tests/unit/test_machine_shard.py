@@ -451,3 +451,84 @@ def test_the_only_voter_starts_the_next_round_from_its_own_copy() -> None:
     assert m.state is ShardState.RUNNING and job2.round == 2
     assert job2.inputs["weights"] == {"sha256": "cc" * 32, "size": 4}
     del mk
+
+
+# -- a re-award quotes the rounds certified so far (SPEC §11.1 "The award in force") ----------------
+
+
+def _lone_certificate(holder: ShardMachine) -> Any:
+    """Round 1's certificate by its only voter, the holder of a one-shard task."""
+    w = next(s for s in W if s.peer_id == holder.me)
+    inputs = [{"peer_id": holder.me, "shard": 0, "sha256": IN["sha256"], "weight": 1.0}]
+    vote = w.seal(
+        Vote, now_ms=NOW, ttl_ms=Vote.MAX_TTL_MS, task_id=TASK, round=1, rule="weighted_mean",
+        committee=[holder.me], inputs=inputs, excluded=[], output={"sha256": "cc" * 32, "size": 4}, attempt=0,
+    )  # fmt: skip
+    cert = tally([vote])
+    assert cert is not None
+    return cert
+
+
+def _round_one_certified_then_lost() -> tuple[Market, ShardMachine, ShardMachine, Any, Signed]:
+    """A one-shard, two-round keras task: round 1 is certified (its holder the only voter),
+    the submitter learns it, then the holder's lease is lost and the shard is re-awarded to a
+    spare bidder that never saw round 1's votes (docs/simulation.md finding 3)."""
+    ann = announce(kind="keras-train", aggregation="weighted_mean", rounds=2, inputs={})
+    mk = Market(ann, W[:3])
+    first = mk.holder()
+    out = gossip(first, mk.award, NOW + 310)
+    job = one(out, act.StartJob)
+    first.handle(ev.JobFinished(now_ms=NOW + 1_000, job_id=job.job_id, ok=True, outputs={"weights": IN}))
+    cert = _lone_certificate(first)
+    mk.task.handle(ev.RoundCertified(now_ms=NOW + 2_000, certificate=cert))
+    out = mk.task.handle(ev.TimerFired(now_ms=NOW + 10_301, name="leases"))  # the holder went silent
+    reaward = one(out, act.Publish).signed
+    spare = next(s for s in mk.shards.values() if s is not first and s.state is ShardState.BID_SENT)
+    return mk, first, spare, cert, reaward
+
+
+def test_a_re_award_quotes_the_last_certified_round() -> None:
+    _mk, _first, _spare, cert, reaward = _round_one_certified_then_lost()
+    award = reaward.message
+    assert isinstance(award, Award) and award.epoch == 1
+    assert award.certified == {"round": 1, "output": dict(cert.output), "signers": tuple(cert.signers)}
+
+
+def test_a_holder_bound_by_a_re_award_starts_after_the_quoted_round_without_its_votes() -> None:
+    """The finding: the new holder never saw round 1's votes. It used to run round 1 again
+    (and its committee certified a second aggregate for it); now it starts round 2 from the
+    output the re-award quotes, fetched from the quoted signers."""
+    mk, first, spare, cert, reaward = _round_one_certified_then_lost()
+    assert not spare.certificates
+    out = gossip(spare, mk.award, NOW + 10_400) + gossip(spare, reaward, NOW + 10_410)
+    assert spare.epoch == 1 and spare.round == 2 and spare.state is ShardState.WAITING_MODEL
+    assert not of(out, act.StartJob)
+    f = one(out, act.FetchBlob)
+    assert (f.digest, f.source, f.tag) == (cert.output["sha256"], first.me, "model:1")
+    # Round 1's certificate arriving now starts no second fetch (one in flight at a time).
+    assert not of(spare.handle(ev.RoundCertified(now_ms=NOW + 10_450, certificate=cert)), act.FetchBlob)
+    fetched = ev.BlobFetched(now_ms=NOW + 10_500, tag=f.tag, digest=f.digest, source=f.source, ok=True)
+    out = spare.handle(fetched)
+    job = one(out, act.StartJob)
+    assert job.round == 2 and job.epoch == 1 and job.inputs["weights"] == dict(cert.output)
+
+
+def test_a_certificate_a_re_award_moved_is_forgotten_and_its_round_run_again() -> None:
+    """The submitter re-awarded before it saw round 1's votes (its award quotes nothing): a
+    spare that did see them must not start at round 2, since round 1 is now the new award's
+    (SPEC §11.1): its certificate no longer holds and round 1 runs again."""
+    ann = announce(kind="keras-train", aggregation="weighted_mean", rounds=2, inputs={})
+    mk = Market(ann, W[:3])
+    first = mk.holder()
+    gossip(first, mk.award, NOW + 310)
+    cert = _lone_certificate(first)
+    out = mk.task.handle(ev.TimerFired(now_ms=NOW + 10_301, name="leases"))
+    reaward = one(out, act.Publish).signed
+    assert reaward.message.certified is None  # type: ignore[attr-defined]
+    spare = next(s for s in mk.shards.values() if s is not first and s.state is ShardState.BID_SENT)
+    gossip(spare, mk.award, NOW + 10_400)
+    spare.handle(ev.RoundCertified(now_ms=NOW + 10_405, certificate=cert))
+    assert 1 in spare.certificates
+    out = gossip(spare, reaward, NOW + 10_410)
+    job = one(out, act.StartJob)
+    assert job.round == 1 and job.epoch == 1 and 1 not in spare.certificates
