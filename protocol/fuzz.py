@@ -125,6 +125,7 @@ def sample_messages(now_ms: int = T0, seq: int = 1) -> list[Message]:
             assignments=({"shard": 0, "peer_id": pid, "share": 1.0, "inputs": {}},),
             under_capacity=False,
             excluded=(),
+            caps={pid: 5.0},
         ),
         Lease(**t, task_id=_TASK, epoch=0, shard=0, round=0, state="running", detail="ok"),
         Result(

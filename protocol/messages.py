@@ -258,7 +258,7 @@ class Award(Message):
     #: The caps on C the submitter applied (peer → GFLOP/s; docs/allocation.md "Caps", SPEC
     #: §10.2): its claim of what each bidder has shown, or the probation cap. Absent (None)
     #: = no caps, the bytes of an award from before caps existed. Present, never empty.
-    caps: dict[str, float] | None = dataclasses.field(
+    caps: Mapping[str, float] | None = dataclasses.field(
         default=None, metadata={"conv": s.optional(_award_caps)}
     )
 

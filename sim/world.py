@@ -332,6 +332,8 @@ class Peer:
             self.active_shards += a.delta
             w.max_active_shards = max(w.max_active_shards, self.active_shards)
             self.poke_advert()
+        elif isinstance(a, act.Observe):
+            w.counters[f"observed.{a.outcome}"] += 1
         elif isinstance(a, act.AdoptShard):
             w.adopt(self, a)
         elif isinstance(a, act.Certified):
