@@ -190,6 +190,8 @@ class TaskMachine:
         self.trust_policy = tr.TrustPolicy()
         self.banned: frozenset[str] = frozenset()
         self._trust_known = False
+        #: peer → why the first award capped its C (``peerctl explain``).
+        self.cap_why: dict[str, str] = {}
         self._awarded_at: dict[int, tuple[str, int]] = {}  # shard → (holder, when it got it)
         self._result_at: dict[tuple[int, int, str], int] = {}  # (round, shard, signer) → arrival
         self._observed: set[tuple[str, int, str, str]] = set()  # (kind, shard, peer, key): once each
@@ -355,6 +357,7 @@ class TaskMachine:
     def _award0(self, now: int) -> list[act.Action]:
         bids = self.usable()
         caps, why = self._caps(bids, now)
+        self.cap_why = why  # peerctl explain (task.explain)
         alloc = allocate(self.announce, bids, caps)
         assignments = assignments_of(alloc)
         out = self.timers.cancel(T_BACKOFF) + self.timers.cancel(T_BID_WINDOW)
