@@ -94,10 +94,10 @@ class Api:
         limit = params.get("limit", PEERS_PAGE_DEFAULT)
         entries = self.node.table.alive(now, after=params.get("after"), limit=limit + 1)
         page = entries[:limit]
-        rep = self.submitter.reputation
+        rep = getattr(self.submitter, "reputation", None)  # None: a node without a submitter role
         return {
             # "trust": what this node has seen the peer deliver (peerd/reputation.py), or null.
-            "peers": [{**e.to_json(now), "trust": _trust(rep.get(e.peer_id, now))} for e in page],
+            "peers": [{**e.to_json(now), "trust": _trust(rep and rep.get(e.peer_id, now))} for e in page],
             "next": page[-1].peer_id if len(entries) > limit else None,
         }
 
