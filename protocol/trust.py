@@ -194,7 +194,8 @@ def caps_for(
     * a peer without: the :func:`probation_cap`, and, when some bidder has history, at most
       an equal part of the probation budget ``max(probation_share · R, R − Σ C of the peers
       with history)`` — so the new peers of any chosen set that covers R supply at most
-      ``probation_share`` of it, unless the others cannot cover the rest.
+      ``probation_share`` of it, unless the others cannot cover the rest; × ``2·trust`` (≤ 1)
+      when it has failed without ever delivering (its cap falls with each failure).
 
     A cap is listed only where it binds (it is below the advertised C): the award stays as
     small as it can, and an unlisted peer's C is its claim.
@@ -225,8 +226,14 @@ def caps_for(
                     f" {policy.probation_share:.0%} of R (or what peers with history cannot cover)"
                 )
         for p in new:
-            limit[p] = max(0.0, min(per_peer, MAX_CAP))
-            why[p] = f"{reason}: {limit[p]:.6g} GFLOP/s"
+            # A peer with only bad outcomes so far (it never delivered) is still new, but its
+            # cap falls with its trust: × 2·trust, 1 for a stranger (trust 0.5), 2/3 after one
+            # failure, 1/2 after two… and back towards 1 as its failures decay.
+            rec = records.get(p)
+            scale = min(1.0, 2.0 * trust(rec)) if rec is not None else 1.0
+            limit[p] = max(0.0, min(per_peer * scale, MAX_CAP))
+            note = f" × {scale:.2f} (trust {trust(rec):.2f}: failed before delivering)" if scale < 1 else ""
+            why[p] = f"{reason}{note}: {limit[p]:.6g} GFLOP/s"
     caps = {p: c for p, c in sorted(limit.items()) if c < bids[p]}
     return CapDecision(caps=caps, why={p: why[p] for p in caps}, probation=frozenset(new))
 

@@ -151,6 +151,22 @@ def test_nobody_has_history_uses_the_floor_and_no_group_bound() -> None:
     assert "floor" in d.why["a"]
 
 
+def test_a_new_peer_that_failed_before_delivering_is_capped_lower_with_each_failure() -> None:
+    caps = []
+    rec = PeerRecord("liar")
+    for _ in range(4):
+        d = caps_for({"h": 25.0, "liar": 1e6}, {"h": _shown("h", 20.0), "liar": rec}, 20.0, POLICY)
+        caps.append(d.caps["liar"])
+        rec = observe(rec, TIMED_OUT, 0, POLICY)
+    assert caps[0] == 5.0  # 0.25 · 20, a stranger
+    assert all(a > b for a, b in zip(caps, caps[1:], strict=False))
+    assert caps[1] == pytest.approx(5.0 * 2 / 3)
+    assert (
+        "failed before delivering"
+        in caps_for({"h": 25.0, "liar": 1e6}, {"h": _shown("h", 20.0), "liar": rec}, 20.0, POLICY).why["liar"]
+    )
+
+
 def test_a_peer_that_showed_more_than_it_claims_is_not_capped() -> None:
     d = caps_for({"a": 10.0}, {"a": _shown("a", 50.0)}, demand=5.0, policy=POLICY)
     assert d.caps == {}
