@@ -121,12 +121,14 @@ class PolicyConfig:
     # Trust (docs/allocation.md "Caps", protocol/trust.py): what a submitter believes of a bid.
     #: Most of a task's demand that peers without history may cover together.
     probation_share: float = 0.25
-    #: The probation cap (GFLOP/s) on a new peer's C while no peer has history.
-    probation_floor: float = 10.0
+    #: The probation cap (GFLOP/s) on a new peer's C while no peer has history (1e6: none).
+    probation_floor: float = 1e6
     #: A peer whose trust score falls below this has its bids refused; 0 never bans.
     ban_threshold: float = 0.2
     #: Hours in which a peer's record (done, failed, timed out) halves.
     decay_half_life_h: float = 168.0
+    #: Shards shorter than this (seconds) count as done without measuring a capacity.
+    min_measure_s: float = 10.0
 
     def trust_policy(self) -> TrustPolicy:
         return TrustPolicy(
@@ -134,6 +136,7 @@ class PolicyConfig:
             probation_floor=self.probation_floor,
             ban_threshold=self.ban_threshold,
             half_life_ms=max(1, round(self.decay_half_life_h * 3_600_000)),
+            min_measure_ms=round(self.min_measure_s * 1000),
         )
 
 
@@ -511,6 +514,7 @@ def _build(raw: dict[str, Any], *, source: Path | None, env: Mapping[str, str], 
         probation_floor=s.get("probation_floor", positive_float, PolicyConfig.probation_floor),
         ban_threshold=s.get("ban_threshold", non_negative_float, PolicyConfig.ban_threshold),
         decay_half_life_h=s.get("decay_half_life_h", positive_float, PolicyConfig.decay_half_life_h),
+        min_measure_s=s.get("min_measure_s", non_negative_float, PolicyConfig.min_measure_s),
     )
     if policy.probation_share > 1:
         s.problem("probation_share", "must be at most 1 (a share of a task's demand)")
@@ -520,6 +524,8 @@ def _build(raw: dict[str, Any], *, source: Path | None, env: Mapping[str, str], 
         s.problem("ban_threshold", "must be less than 1 (a trust score is below 1; 1 would ban everyone)")
     if policy.decay_half_life_h * 3_600_000 > 2**53:
         s.problem("decay_half_life_h", "is too large")
+    if policy.min_measure_s > 86_400:
+        s.problem("min_measure_s", "must be at most 86400 (a day)")
 
     s = sections["limits"]
     limits = LimitsConfig(

@@ -132,7 +132,8 @@ class Reputation:
                 f"SELECT {self._COLS} FROM reputation WHERE peer_id = ?", (peer,)
             ).fetchone()
             rec = self._record(row) if row is not None else tr.PeerRecord(peer, updated_ms=now_ms)
-            new = tr.observe(rec, outcome, now_ms, self.policy, tr.delivered_capacity(work_gflop, wall_ms))
+            delivered = tr.delivered_capacity(work_gflop, wall_ms, self.policy.min_measure_ms)
+            new = tr.observe(rec, outcome, now_ms, self.policy, delivered)
             self.db.execute(
                 "INSERT INTO reputation (peer_id, done, failed, timed_out, disagreed, shown, updated_ms)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(peer_id) DO UPDATE SET done = excluded.done,"

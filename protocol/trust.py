@@ -48,13 +48,17 @@ class TrustPolicy:
     #: Most of a task's demand R that peers without history may cover together.
     probation_share: float = 0.25
     #: The probation cap (GFLOP/s) when no peer has history yet.
-    probation_floor: float = 10.0
+    probation_floor: float = MAX_CAP  # no cap at all until some peer has history
     #: A peer whose trust falls below this is banned (its bids refused); 0 never bans.
     ban_threshold: float = 0.2
     #: Counts halve every ``half_life_ms`` without news (old sins fade, so do old merits).
     half_life_ms: int = 7 * 86_400_000
     #: Weight of the newest delivered capacity in the EWMA.
     ewma_alpha: float = 0.3
+    #: A finished shard shorter than this counts as done but is not measured: its wall time is
+    #: mostly start-up and transfer, and ``work`` is the submitter's estimate (an ``echo`` of
+    #: "1 GFLOP" measures latency, not capacity).
+    min_measure_ms: int = 10_000
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.probation_share <= 1.0):
@@ -71,6 +75,12 @@ class TrustPolicy:
             raise LocalProtocolError("half_life_ms must be an int >= 1", reason="bad_policy")
         if not (0.0 < self.ewma_alpha <= 1.0):
             raise LocalProtocolError("ewma_alpha must be in (0, 1]", reason="bad_policy")
+        if (
+            isinstance(self.min_measure_ms, bool)
+            or not isinstance(self.min_measure_ms, int)
+            or self.min_measure_ms < 0
+        ):
+            raise LocalProtocolError("min_measure_ms must be an int >= 0", reason="bad_policy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +103,10 @@ class PeerRecord:
         return self.failed + self.timed_out + self.disagreed
 
 
-def delivered_capacity(work_gflop: float, wall_ms: int) -> float | None:
-    """GFLOP/s a finished shard delivered: its work over its wall time (None if unmeasurable)."""
-    if not (math.isfinite(work_gflop) and work_gflop > 0) or wall_ms <= 0:
+def delivered_capacity(work_gflop: float, wall_ms: int, min_wall_ms: int = 0) -> float | None:
+    """GFLOP/s a finished shard delivered: its work over its wall time (None if unmeasurable,
+    or shorter than ``min_wall_ms``: ``TrustPolicy.min_measure_ms``)."""
+    if not (math.isfinite(work_gflop) and work_gflop > 0) or wall_ms <= 0 or wall_ms < min_wall_ms:
         return None
     return min(work_gflop / (wall_ms / 1000), MAX_CAP)
 
@@ -140,19 +151,29 @@ def trust(rec: PeerRecord) -> float:
     return (rec.done + 1.0) / (rec.done + rec.bad + 2.0)
 
 
+#: Decayed ``done`` count from which a peer has history: half a shard (one done shard keeps it
+#: for one half-life).
+MIN_DONE = 0.5
+
+
 def has_history(rec: PeerRecord | None) -> bool:
-    """A peer has history once it has delivered a measured shard."""
-    return rec is not None and rec.shown is not None
+    """A peer has history once it has delivered (a valid result), measured or not."""
+    return rec is not None and (rec.done >= MIN_DONE or rec.shown is not None)
+
+
+def reliability(rec: PeerRecord) -> float:
+    """The share of its outcomes that were good (1 with none)."""
+    total = rec.done + rec.bad
+    return rec.done / total if total > 0 else 1.0
 
 
 def shown_capacity(rec: PeerRecord) -> float | None:
     """What a peer with history has shown, discounted by its reliability: the EWMA × the
-    share of its outcomes that were good (a peer that fails half its shards delivers half)."""
+    share of its outcomes that were good (a peer that fails half its shards delivers half).
+    None when none of its shards was long enough to measure."""
     if rec.shown is None:
         return None
-    total = rec.done + rec.bad
-    reliability = rec.done / total if total > 0 else 1.0
-    return rec.shown * reliability
+    return rec.shown * reliability(rec)
 
 
 def banned(rec: PeerRecord | None, policy: TrustPolicy) -> bool:
@@ -190,7 +211,8 @@ def caps_for(
     """The caps a submitter applies to a task's bids (``bids``: peer → advertised C, i.e.
     C⁰ + ΔC from the formula; ``records``: every peer it has a record of; ``demand``: R).
 
-    * a peer with history: its :func:`shown_capacity`;
+    * a peer with history: its :func:`shown_capacity`, or, when no shard of it was long
+      enough to measure, its claim × its reliability;
     * a peer without: the :func:`probation_cap`, and, when some bidder has history, at most
       an equal part of the probation budget ``max(probation_share · R, R − Σ C of the peers
       with history)`` — so the new peers of any chosen set that covers R supply at most
@@ -205,10 +227,17 @@ def caps_for(
     limit: dict[str, float] = {}
     why: dict[str, str] = {}
     for p in known:
-        shown = shown_capacity(records[p])
-        assert shown is not None
-        limit[p] = min(shown, MAX_CAP)
-        why[p] = f"shown capacity {limit[p]:.6g} GFLOP/s (trust {trust(records[p]):.2f})"
+        rec = records[p]
+        shown = shown_capacity(rec)
+        if shown is not None:
+            limit[p] = min(shown, MAX_CAP)
+            why[p] = f"shown capacity {limit[p]:.6g} GFLOP/s (trust {trust(rec):.2f})"
+        else:
+            # It delivered, but no shard was long enough to measure: its claim, × reliability.
+            limit[p] = min(bids[p] * reliability(rec), MAX_CAP)
+            why[p] = (
+                f"its claim × reliability {reliability(rec):.2f} (trust {trust(rec):.2f}; not measured yet)"
+            )
     if new:
         base = probation_cap(records.values(), policy)
         reason = "no history: probation cap (median shown capacity of peers with history)"
@@ -217,7 +246,8 @@ def caps_for(
         per_peer = base
         if known:
             covered = sum(effective(bids[p], limit[p]) for p in known)
-            budget = max(policy.probation_share * demand, demand - covered)
+            # (1 + 1e-12): the float sum covered + budget must still reach R.
+            budget = max(policy.probation_share * demand, (demand - covered) * (1 + 1e-12))
             share = budget / len(new)
             if share < per_peer:
                 per_peer = share
@@ -229,10 +259,10 @@ def caps_for(
             # A peer with only bad outcomes so far (it never delivered) is still new, but its
             # cap falls with its trust: × 2·trust, 1 for a stranger (trust 0.5), 2/3 after one
             # failure, 1/2 after two… and back towards 1 as its failures decay.
-            rec = records.get(p)
-            scale = min(1.0, 2.0 * trust(rec)) if rec is not None else 1.0
+            score = trust(records[p]) if p in records else 0.5
+            scale = min(1.0, 2.0 * score)
             limit[p] = max(0.0, min(per_peer * scale, MAX_CAP))
-            note = f" × {scale:.2f} (trust {trust(rec):.2f}: failed before delivering)" if scale < 1 else ""
+            note = f" × {scale:.2f} (trust {score:.2f}: failed before delivering)" if scale < 1 else ""
             why[p] = f"{reason}{note}: {limit[p]:.6g} GFLOP/s"
     caps = {p: c for p, c in sorted(limit.items()) if c < bids[p]}
     return CapDecision(caps=caps, why={p: why[p] for p in caps}, probation=frozenset(new))

@@ -137,7 +137,9 @@ def test_a_liar_with_an_enormous_claim_is_capped_then_banned_and_every_task_comp
     peers = {p["peer_id"]: p for p in json.loads(peerctl(net, 0, "peers", "--json").stdout)["peers"]}
     assert peers[liar]["trust"]["timed_out"] > 0.9 and peers[liar]["trust"]["done"] == 0
     assert peers[liar]["trust"]["shown_gflops"] is None
-    assert any((p["trust"] or {}).get("shown_gflops") for pid, p in peers.items() if pid != liar)
+    # The honest peer that did the work has history (echo shards are too short to measure a
+    # capacity: policy.min_measure_s).
+    assert any((p["trust"] or {}).get("done", 0) >= 1 for pid, p in peers.items() if pid != liar)
 
     # 3. Banned by hand: its bids are refused and counted, the task still completes.
     ban = peerctl(net, 0, "peer", "ban", liar, "--reason", "claims 1e6", "--json")

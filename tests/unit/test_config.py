@@ -187,6 +187,7 @@ def test_config_is_frozen() -> None:
         ("[policy]\nprobation_floor = 1e7", "policy.probation_floor: must be at most 1e6"),
         ("[policy]\nban_threshold = 1", "policy.ban_threshold: must be less than 1"),
         ("[policy]\ndecay_half_life_h = 0", "policy.decay_half_life_h: expected a positive"),
+        ("[policy]\nmin_measure_s = 100000", "policy.min_measure_s: must be at most 86400"),
         ("[limits]\nwall_seconds = 0", "limits.wall_seconds: expected a positive integer, got 0"),
         (
             '[rpc]\nallowed_uids = ["root"]',

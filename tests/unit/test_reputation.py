@@ -18,7 +18,7 @@ from protocol import trust as tr
 PEER = "12D3KooWEyoppNCUx8Yx66oV9fJnriXwCcXwDDUA2kj6vnc6iDEp"
 OTHER = "12D3KooWQESzG5JVc63XV9t8JiMDhjDEVNo4gWxWnMS7PD6T6MiP"
 HOUR = 3_600_000
-POLICY = tr.TrustPolicy(ban_threshold=0.2, half_life_ms=HOUR)
+POLICY = tr.TrustPolicy(ban_threshold=0.2, half_life_ms=HOUR, min_measure_ms=1000)
 
 
 def rep(tmp_path: Path) -> Reputation:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -142,7 +143,7 @@ def test_new_peers_get_what_peers_with_history_cannot_cover() -> None:
     # per-peer probation cap (the median, 20) still holds.
     assert d.caps["n1"] == d.caps["n2"] == 20.0
     d = caps_for(bids, {"h1": _shown("h1", 20.0), "x": _shown("x", 90.0)}, demand=100.0, policy=POLICY)
-    assert d.caps["n1"] == d.caps["n2"] == 40.0  # median 55 of {20, 90}; budget 80 / 2
+    assert d.caps["n1"] == d.caps["n2"] == pytest.approx(40.0)  # median 55 of {20, 90}; budget 80 / 2
 
 
 def test_nobody_has_history_uses_the_floor_and_no_group_bound() -> None:
@@ -159,12 +160,30 @@ def test_a_new_peer_that_failed_before_delivering_is_capped_lower_with_each_fail
         caps.append(d.caps["liar"])
         rec = observe(rec, TIMED_OUT, 0, POLICY)
     assert caps[0] == 5.0  # 0.25 · 20, a stranger
-    assert all(a > b for a, b in zip(caps, caps[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(caps))
     assert caps[1] == pytest.approx(5.0 * 2 / 3)
     assert (
         "failed before delivering"
         in caps_for({"h": 25.0, "liar": 1e6}, {"h": _shown("h", 20.0), "liar": rec}, 20.0, POLICY).why["liar"]
     )
+
+
+def test_short_shards_are_not_measured() -> None:
+    assert delivered_capacity(1.0, 500, min_wall_ms=10_000) is None
+    assert delivered_capacity(100.0, 20_000, min_wall_ms=10_000) == 5.0
+
+
+def test_a_peer_that_delivered_unmeasured_has_history_and_keeps_its_claim_times_reliability() -> None:
+    rec = PeerRecord("h", done=3.0, failed=1.0)  # no measurement: every shard was short
+    assert has_history(rec) and shown_capacity(rec) is None
+    d = caps_for({"h": 40.0, "liar": 1e6}, {"h": rec}, demand=20.0, policy=POLICY)
+    assert d.caps["h"] == 30.0  # 40 × 3/4
+    assert d.caps["liar"] == 5.0  # 0.25 · 20: the others cover R
+    assert "not measured" in d.why["h"]
+
+
+def test_the_default_policy_caps_nobody_while_nobody_has_history() -> None:
+    assert caps_for({"a": 5e5, "b": 3.0}, {}, demand=1e5, policy=TrustPolicy()).caps == {}
 
 
 def test_a_peer_that_showed_more_than_it_claims_is_not_capped() -> None:
