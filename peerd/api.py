@@ -8,21 +8,22 @@ into the documented JSON shapes.
 from __future__ import annotations
 
 import base64
-import json
 import time
 from typing import Any
 
 import trio
 
 from peerd import __version__
+from peerd.adverts import AdvertService
 from peerd.inbox import wall_ms
 from peerd.node import Node
+from peerd.records import TaskRecord
 from peerd.reputation import PeerTrust
 from peerd.rpc import PEERS_PAGE_DEFAULT
 from peerd.rpc.jsonrpc import ErrorCode, RpcError
 from peerd.rpc.server import CallContext, Handler
 from peerd.submitter import TERMINAL, SubmitError, Submitter
-from peerd.taskbook import TaskBook
+from peerd.taskbook import TaskBook, TaskView
 from protocol.allocation import demand
 from protocol.awards import allocate, net_params, usable_bids
 from protocol.errors import ProtocolError
@@ -38,7 +39,7 @@ MAX_READ = 512 * 1024
 
 class Api:
     def __init__(
-        self, node: Node, book: TaskBook, submitter: Submitter, adverts: Any, started_at: float
+        self, node: Node, book: TaskBook, submitter: Submitter, adverts: AdvertService, started_at: float
     ) -> None:
         self.node = node
         self.book = book
@@ -129,7 +130,7 @@ class Api:
             raise RpcError(ErrorCode.INVALID_PARAMS, f"invalid task spec: {exc}") from None
         return {"task_id": task_id}
 
-    def _row(self, task_id: str) -> Any:
+    def _row(self, task_id: str) -> TaskRecord:
         row = self.node.store.task(task_id)
         if row is None:
             raise RpcError(ErrorCode.NOT_FOUND, f"no task {task_id}")
@@ -140,40 +141,39 @@ class Api:
         for row in self.node.store.tasks():
             out.append(
                 {
-                    "task_id": row["task_id"],
-                    "name": json.loads(row["spec"]).get("name", ""),
-                    "role": row["role"],
-                    "kind": row["kind"],
-                    "state": row["state"],
-                    "created_at": row["created_at"],
-                    "updated_at": row["updated_at"],
-                    "shards": len(self.node.store.shards(row["task_id"])),
-                    "reason": row["reason"],
+                    "task_id": row.task_id,
+                    "name": row.spec.get("name", ""),
+                    "role": row.role,
+                    "kind": row.kind,
+                    "state": row.state,
+                    "created_at": row.created_at,
+                    "updated_at": row.updated_at,
+                    "shards": len(self.node.store.shards(row.task_id)),
+                    "reason": row.reason,
                 }
             )
         return {"tasks": out}
 
     def task_json(self, task_id: str) -> dict[str, Any]:
         row = self._row(task_id)
-        spec = json.loads(row["spec"])
-        spec.pop("input_refs", None)
+        spec = {k: v for k, v in row.spec.items() if k != "input_refs"}
         view = self.book.get(task_id)
         shards = []
         for s in self.node.store.shards(task_id):
-            lease = view.lease_states.get((s["peer_id"], s["shard"])) if view else None
-            shard_state = s["state"] if s["state"] == "done" else (lease or s["state"])
-            if row["state"] in TERMINAL and shard_state not in SHARD_FINAL:
+            lease = view.lease_states.get((s.peer_id, s.shard)) if view else None
+            shard_state = s.state if s.state == "done" else (lease or s.state)
+            if row.state in TERMINAL and shard_state not in SHARD_FINAL:
                 # A task that ended ended its shards with it (docs/rpc.md, task.get): no
                 # "awarded" or "running" left behind on a cancelled or finished task.
-                shard_state = SHARD_END[row["state"]]
+                shard_state = SHARD_END[row.state]
             shards.append(
                 {
-                    "index": s["shard"],
-                    "peer_id": s["peer_id"],
+                    "index": s.shard,
+                    "peer_id": s.peer_id,
                     "state": shard_state,
-                    "share": s["share"],
-                    "attempts": s["attempts"],
-                    "epoch": s["epoch"],
+                    "share": s.share,
+                    "attempts": s.attempts,
+                    "epoch": s.epoch,
                 }
             )
         dem = None
@@ -185,23 +185,22 @@ class Api:
         return {
             "task_id": task_id,
             "name": spec.get("name", ""),
-            "role": row["role"],
-            "submitter": row["submitter"],
-            "kind": row["kind"],
-            "state": row["state"],
-            "reason": row["reason"],
-            "created_at": row["created_at"],
-            "updated_at": row["updated_at"],
-            "deadline_at": row["deadline_at"],
-            "spec": spec if row["role"] == "submitter" else None,
+            "role": row.role,
+            "submitter": row.submitter,
+            "kind": row.kind,
+            "state": row.state,
+            "reason": row.reason,
+            "created_at": row.created_at,
+            "updated_at": row.updated_at,
+            "deadline_at": row.deadline_at,
+            "spec": spec if row.role == "submitter" else None,
             "demand": dem,
             "under_capacity": under,
             "shards": shards,
             "rounds": self.node.store.rounds(task_id),
-            "result": json.loads(row["result"]) if row["result"] else None,
+            "result": row.result,
             "events": [
-                {"at": e["at"], "state": e["state"], "message": e["message"]}
-                for e in self.node.store.events(task_id)
+                {"at": e.at, "state": e.state, "message": e.message} for e in self.node.store.events(task_id)
             ],
         }
 
@@ -220,7 +219,7 @@ class Api:
                 with trio.move_on_after(2.0):
                     event = await recv.receive()
                     await ctx.notify("task.event", event)
-                state = self._row(task_id)["state"]
+                state = self._row(task_id).state
             await ctx.notify("task.end", {"task": self.task_json(task_id)})
         finally:
             self.node.watchers.get(task_id, set()).discard(send)
@@ -228,10 +227,10 @@ class Api:
     async def task_cancel(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         task_id = params["task_id"]
         row = self._row(task_id)
-        if row["role"] == "submitter" and row["state"] in TERMINAL:
+        if row.role == "submitter" and row.state in TERMINAL:
             # docs/rpc.md: cancelling a task that already ended is a conflict, and says how it ended.
             raise RpcError(
-                ErrorCode.CONFLICT, f"task {task_id} already ended: {row['state']}", {"state": row["state"]}
+                ErrorCode.CONFLICT, f"task {task_id} already ended: {row.state}", {"state": row.state}
             )
         try:
             state = await self.submitter.cancel(task_id)
@@ -254,8 +253,8 @@ class Api:
 
         task_id = params["task_id"]
         row = self._row(task_id)
-        if row["state"] != "done":
-            raise RpcError(ErrorCode.CONFLICT, f"task {task_id} is {row['state']}, not done")
+        if row.state != "done":
+            raise RpcError(ErrorCode.CONFLICT, f"task {task_id} is {row.state}, not done")
         files = await trio.to_thread.run_sync(bundle_files, self.node, task_id)
         return {"files": files}
 
@@ -282,13 +281,13 @@ def _trust(view: PeerTrust | None) -> dict[str, Any] | None:
     return None if view is None else view.to_json()
 
 
-def explain(node: Node, view: Any, cap_why: Any = None) -> dict[str, Any]:
+def explain(node: Node, view: TaskView, cap_why: Any = None) -> dict[str, Any]:
     """Every bid with its C, L, cost and why it was or was not chosen (docs/design.md §4);
     a capped bid also says its cap and why (``cap_why``: the submitter's machine's reasons;
     docs/allocation.md "Caps")."""
     bids = []
     for r in node.store.bids(view.task_id):
-        s = node.inbox.verify_embedded(bytes(r["raw"]), kinds=frozenset({"bid"}))
+        s = node.inbox.verify_embedded(r.raw, kinds=frozenset({"bid"}))
         if s is not None:
             bids.append(s)
     award = view.latest_award()

@@ -21,7 +21,6 @@ the bodies of its signed messages: conservative, and independent of each message
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -66,14 +65,11 @@ def _walk(obj: Any, out: set[str]) -> None:
             _walk(getattr(obj, f.name), out)
 
 
-def digests_in(texts: Iterable[str], raws: Iterable[bytes]) -> set[str]:
-    """Every blob digest named in JSON ``texts`` and in the signed messages ``raws``."""
+def digests_in(values: Iterable[Any], raws: Iterable[bytes]) -> set[str]:
+    """Every blob digest named in decoded JSON ``values`` and in the signed messages ``raws``."""
     out: set[str] = set()
-    for t in texts:
-        try:
-            _walk(json.loads(t), out)
-        except ValueError:
-            continue
+    for v in values:
+        _walk(v, out)
     for raw in raws:
         try:
             _walk(open_envelope(raw).message, out)
@@ -116,11 +112,11 @@ class BlobCollector:
         live: set[str] = set()
         finished: list[tuple[float, str, set[str]]] = []
         for row in self.store.tasks():
-            refs = digests_in(*self.store.task_material(row["task_id"]))
-            if row["state"] not in TERMINAL and row["deadline_at"] > now:
+            refs = digests_in(*self.store.task_material(row.task_id))
+            if row.state not in TERMINAL and row.deadline_at > now:
                 live |= refs
-            elif row["role"] == "submitter" and not row["result_collected"]:
-                finished.append((row["updated_at"], row["task_id"], refs))
+            elif row.role == "submitter" and not row.result_collected:
+                finished.append((row.updated_at, row.task_id, refs))
         for view in self.book:
             ann = view.announce
             if view.cancelled or (ann.issued_at + ann.deadline_ms) / 1000 < now:

@@ -98,16 +98,17 @@ def bundle_files(node: Node, task_id: str) -> list[dict[str, Any]]:
         if node.blobs.has(digest):
             files[name] = digest
 
-    add("announce.msg", bytes(row["announce"]))
-    announce = open_envelope(bytes(row["announce"]), kinds=frozenset({"announce"})).message
+    assert row.announce is not None  # a submitter's row: its own signed announce
+    add("announce.msg", row.announce)
+    announce = open_envelope(row.announce, kinds=frozenset({"announce"})).message
     assert isinstance(announce, TaskAnnounce)
     for aw in node.store.awards(task_id):
-        add(f"award-{aw['epoch']}.msg", bytes(aw["raw"]))
+        add(f"award-{aw.epoch}.msg", aw.raw)
     for r in node.store.results(task_id):
         # A holder's commit for a round the task does not have places nowhere (SPEC §15.4):
         # a verifier rejects it, so it is left out.
-        if 1 <= r["round"] <= announce.rounds:
-            add(f"round-{r['round']}/result-{r['shard']}-{r['peer_id']}.msg", bytes(r["raw"]))
+        if 1 <= r.round <= announce.rounds:
+            add(f"round-{r.round}/result-{r.shard}-{r.peer_id}.msg", r.raw)
     rounds = 0
     for info in node.store.rounds(task_id):
         rnd = info["round"]
@@ -115,23 +116,22 @@ def bundle_files(node: Node, task_id: str) -> list[dict[str, Any]]:
         if cert is None:
             continue
         rounds = max(rounds, rnd)
-        output, votes = cert
-        for raw in votes:
+        for raw in cert.votes:
             signed = open_envelope(raw, kinds=frozenset({"vote"}))
             add(f"round-{rnd}/vote-{signed.signer}.msg", raw)
             vote = signed.message
             assert isinstance(vote, Vote)
             for i in vote.inputs:
                 add_blob(f"round-{rnd}/input-{i['peer_id']}-{i['shard']}.bin", i["sha256"])
-        add_blob(f"round-{rnd}/output.bin", output["sha256"])
-    result = json.loads(row["result"]) if row["result"] else {}
-    if row["kind"] != "keras-train":
+        add_blob(f"round-{rnd}/output.bin", cert.output["sha256"])
+    result = row.result or {}
+    if row.kind != "keras-train":
         for out in result.get("outputs", []):
             add_blob(f"outputs/{out['name']}", out["sha256"])
     manifest = {
         "task_id": task_id,
-        "kind": row["kind"],
-        "state": row["state"],
+        "kind": row.kind,
+        "state": row.state,
         "rounds": rounds,
         "result": result,
         "files": {name: files[name] for name in sorted(files)},

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -31,6 +31,7 @@ from peerd.drive import MachineDriver, NodeSealer
 from peerd.executor import Job, JobResult, Limits
 from peerd.inbox import wall_ms
 from peerd.node import BID_PROTOCOL, RESULT_PROTOCOL, Node
+from peerd.scope import OwnedScope
 from peerd.taskbook import TaskBook, TaskView
 from protocol import codec
 from protocol.awards import check_award
@@ -42,6 +43,10 @@ from protocol.machines import events as ev
 from protocol.machines.common import MarketTimes
 from protocol.machines.shard import ACTIVE, MAX_DELIVERY_TRIES, TERMINAL, ShardMachine, ShardState
 from protocol.messages import Award, Cancel, Lease, Result, TaskAnnounce
+
+if TYPE_CHECKING:
+    from peerd.rounds import Rounds
+    from peerd.submitter import Submitter
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +65,8 @@ def _deadline_ms(announce: TaskAnnounce) -> int:
     return announce.issued_at + announce.deadline_ms
 
 
-class Contractor:
-    def __init__(self, node: Node, book: TaskBook, rounds: Any, local_submitter: Any) -> None:
+class Contractor(OwnedScope):
+    def __init__(self, node: Node, book: TaskBook, rounds: Rounds, local_submitter: Submitter) -> None:
         self.node = node
         self.book = book
         self.rounds = rounds
@@ -185,19 +190,30 @@ class Contractor:
         for d in list(self._tasks.get(view.task_id, ())):
             d.feed(ev.MessageVerified(now_ms=d.now_ms(), signed=signed, sender=signed.signer))
 
+    async def on_published(self, view: TaskView, signed: Signed) -> None:
+        """Our own submitter published ``signed`` for ``view``'s task (its task bus never sees
+        our own gossip): bid on our announce, follow our award, stop on our cancel."""
+        m = signed.message
+        if isinstance(m, TaskAnnounce):
+            await self.on_announce(view)
+        elif isinstance(m, Award):
+            self.on_award(view)
+        elif isinstance(m, Cancel):
+            self.on_cancel(view, signed)
+
     def redeliver_pending(self) -> None:
         """After a restart: re-send every stored result (the submitter dedupes)."""
-        for row in self.node.store.db.execute("SELECT task_id, result FROM work WHERE result IS NOT NULL"):
-            task = self.node.store.task(row["task_id"])
-            if task is None or task["state"] in _TERMINAL_TASK or task["announce"] is None:
+        for work in self.node.store.delivered_work():
+            task = self.node.store.task(work.task_id)
+            if task is None or task.state in _TERMINAL_TASK or task.announce is None or work.result is None:
                 continue
             try:
-                announce = open_envelope(bytes(task["announce"]), kinds=frozenset({"announce"}))
-                result = open_envelope(bytes(row["result"]), kinds=frozenset({"result"}))
+                announce = open_envelope(task.announce, kinds=frozenset({"announce"}))
+                result = open_envelope(work.result, kinds=frozenset({"result"}))
             except ProtocolError as exc:
-                log.warning("cannot re-deliver the stored result of %s: %s", row["task_id"], exc)
+                log.warning("cannot re-deliver the stored result of %s: %s", work.task_id, exc)
                 continue
-            self._announces.setdefault(row["task_id"], announce)
+            self._announces.setdefault(work.task_id, announce)
             self._start(ShardMachine.redeliver(announce, result, sealer=self.sealer, times=self.times))
 
     # -- the machines ---------------------------------------------------------------------
@@ -239,14 +255,14 @@ class Contractor:
     def _start(self, machine: ShardMachine) -> MachineDriver:
         task_id = machine.task_id
         key = (task_id, "bid" if machine.shard is None else machine.shard)
-        driver = MachineDriver(key, machine, self, self.node.nursery, on_error=self.node.counters.inc)
+        driver = MachineDriver(key, machine, self, self.nursery, on_error=self.node.counters.inc)
         first = task_id not in self._tasks
         self._tasks.setdefault(task_id, []).append(driver)
         # A machine built with certificates has them: handing one over again would restart
         # a model fetch already under way.
         self._fed[driver] = set(machine.certificates)
         if first:
-            self.node.nursery.start_soon(self._follow, task_id)
+            self.nursery.start_soon(self._follow, task_id)
         driver.feed(ev.Start(now_ms=driver.now_ms()))
         self._feed_certificates(task_id)
         return driver

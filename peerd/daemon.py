@@ -1,9 +1,10 @@
 """``peerd``: the daemon's entry point and its root nursery.
 
 Start order matters (py-libp2p trap 5: pubsub before any dial): config → identity →
-store → sandbox probe and worker pool → libp2p node (listening, pubsub, DHT; then it
-dials the bootstrap peers) → adverts (first advert published) → task bus → RPC socket →
-``READY=1``. SIGTERM/SIGINT cancel the root nursery: ``STOPPING=1``, every service
+store → sandbox probe and worker pool → the roles, each in its own nursery (committee,
+contractor, submitter, then the task bus, which subscribes to the task topic) → libp2p
+node (listening, pubsub, DHT; then it dials the bootstrap peers) → adverts (first advert
+published) → RPC socket → ``READY=1``. SIGTERM/SIGINT cancel the root nursery: ``STOPPING=1``, every service
 unwinds, the RPC socket is removed, the libp2p host is closed explicitly.
 """
 
@@ -110,44 +111,53 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
     )
     try:
         async with trio.open_nursery() as nursery:
+            inbox = Inbox(counters)
+            table = PeerTable(
+                max_peers=cfg.network.max_peers, connected=p2p.connected_peers, counters=counters
+            )
+
+            def advert_load() -> tuple[float, int, int]:
+                # Called only once the advert service runs, after ``node`` below exists.
+                return node.load(), pool.slots(), round(node.load() * pool.slots())
+
+            adverts = AdvertService(
+                p2p=p2p,
+                signer=signer,
+                seq=seq,
+                inbox=inbox,
+                table=table,
+                counters=counters,
+                offer=lambda: offer,
+                capacity=capacity,
+                load=advert_load,
+                interval_s=cfg.adverts.interval_s,
+                ttl_s=cfg.adverts.ttl_s,
+            )
+            pool.on_change(adverts.poke)
             node = Node(
                 config=cfg,
                 signer=signer,
                 seq=seq,
                 counters=counters,
-                inbox=Inbox(counters),
+                inbox=inbox,
                 store=store,
                 blobs=blobs,
                 p2p=p2p,
                 pool=pool,
-                table=PeerTable(
-                    max_peers=cfg.network.max_peers, connected=p2p.connected_peers, counters=counters
-                ),
-                nursery=nursery,
+                table=table,
                 c0=capacity.c0(offer),
+                poke_advert=adverts.poke,
             )
             book = TaskBook(signer.peer_id, counters)
             rounds = Rounds(node)
             submitter = Submitter(node, book)
             contractor = Contractor(node, book, rounds, submitter)
-            submitter.contractor = contractor
+            bus = TaskBus(node, book, contractor, submitter, rounds)
+            # Each role is told what the others publish or certify (our own gossip never
+            # reaches our own task bus): certificates to the submitter's machines, our own
+            # announces, awards and cancels to our own contractor.
             rounds.on_certified.append(submitter.on_certificate)
-            TaskBus(node, book, contractor, submitter, rounds)
-            adverts = AdvertService(
-                p2p=p2p,
-                signer=signer,
-                seq=seq,
-                inbox=node.inbox,
-                table=node.table,
-                counters=counters,
-                offer=lambda: offer,
-                capacity=capacity,
-                load=lambda: (node.load(), pool.slots(), round(node.load() * pool.slots())),
-                interval_s=cfg.adverts.interval_s,
-                ttl_s=cfg.adverts.ttl_s,
-            )
-            node.poke_advert = adverts.poke
-            pool.on_change(adverts.poke)
+            submitter.on_published.append(contractor.on_published)
 
             # Bounded concurrent uploads: a busy peer answers "busy" and the fetcher retries.
             uploads = trio.CapacityLimiter(8)
@@ -161,6 +171,12 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
             p2p.add_stream_handler(BID_PROTOCOL, submitter.handle_bid_stream)
             p2p.add_stream_handler(RESULT_PROTOCOL, submitter.handle_result_stream)
 
+            # The roles own their tasks: each runs in a nursery of its own, started before
+            # the first message can reach it (the task bus subscribes before p2p runs). A
+            # role spawns only into scopes already open: the committee's rounds, the
+            # contractor's machines (our own submitter hands them our announces), the task bus.
+            for role in (rounds, contractor, submitter, bus):
+                await nursery.start(role.run)
             await nursery.start(pool.run)
             await nursery.start(p2p.run)
             await nursery.start(adverts.run)

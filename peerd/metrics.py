@@ -21,12 +21,10 @@ reaches more than this parser.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import sqlite3
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -40,6 +38,10 @@ from prometheus_client.core import (
 
 from peerd.config import split_host_port
 from peerd.inbox import wall_ms
+from peerd.store import Store
+
+if TYPE_CHECKING:
+    from peerd.node import Node
 
 log = logging.getLogger("peerd.metrics")
 
@@ -93,16 +95,13 @@ def histogram(
 _SHARD_WALL = re.compile(r"^shard-\d+\.wall_seconds$")
 
 
-def shard_run_times(db: sqlite3.Connection) -> list[float]:
+def shard_run_times(store: Store) -> list[float]:
     """Each shard's job wall time, from the results of plain tasks submitted here (the
     ``shard-<i>.wall_seconds`` metric each contractor reports in its signed result)."""
     out: list[float] = []
-    for (text,) in db.execute(
-        "SELECT result FROM tasks WHERE role = 'submitter' AND state = 'done' AND result IS NOT NULL"
-    ):
-        try:
-            metrics = json.loads(text).get("metrics") or {}
-        except (ValueError, AttributeError):
+    for task in store.tasks(role="submitter", states=("done",)):
+        metrics = (task.result or {}).get("metrics") or {}
+        if not isinstance(metrics, dict):
             continue
         out += [
             float(v)
@@ -112,18 +111,15 @@ def shard_run_times(db: sqlite3.Connection) -> list[float]:
     return out
 
 
-def task_timings(db: sqlite3.Connection) -> tuple[list[float], list[float]]:
+def task_timings(store: Store) -> tuple[list[float], list[float]]:
     """(award latencies, round times) in seconds, from the events of tasks submitted here."""
-    rows = db.execute(
-        "SELECT e.task_id, e.at, e.message, t.created_at FROM events e JOIN tasks t ON t.task_id = e.task_id "
-        "WHERE t.role = 'submitter' AND (e.message LIKE 'awarded %' OR e.message LIKE 'round %') "
-        "ORDER BY e.id"
-    ).fetchall()
+    events = store.submitted_events("awarded ", "round ")
     awards: list[float] = []
     rounds: list[float] = []
     last: dict[str, float] = {}  # task → time of its first award, then of its last certificate
     seen_rounds: set[tuple[str, int]] = set()
-    for task_id, at, message, created_at in rows:
+    for event, created_at in events:
+        task_id, at, message = event.task_id, event.at, event.message
         if _AWARDED.match(message):
             if task_id not in last:
                 awards.append(max(0.0, at - created_at))
@@ -140,7 +136,7 @@ def task_timings(db: sqlite3.Connection) -> tuple[list[float], list[float]]:
 class NodeCollector:
     """Reads the daemon's state at each scrape (a ``prometheus_client`` custom collector)."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
 
     def collect(self) -> Iterator[Metric]:
@@ -159,7 +155,7 @@ class NodeCollector:
                 c.add_metric([], value)
                 yield c
         yield from self._gauges()
-        awards, rounds = task_timings(node.store.db)
+        awards, rounds = task_timings(node.store)
         yield histogram(
             "peerd_award_latency_seconds",
             "Time from submit to the first award, tasks submitted here.",
@@ -169,7 +165,7 @@ class NodeCollector:
         yield histogram(
             "peerd_shard_run_seconds",
             "Wall time of each shard's job, as its contractor reported it, plain tasks submitted here.",
-            shard_run_times(node.store.db),
+            shard_run_times(node.store),
             ROUND_BUCKETS,
         )
         yield histogram(
@@ -201,10 +197,7 @@ class NodeCollector:
         counts: dict[tuple[str, str], int] = {
             (role, st): 0 for role in ("submitter", "worker") for st in TASK_STATES
         }
-        for role, st, n in node.store.db.execute(
-            "SELECT role, state, COUNT(*) FROM tasks GROUP BY role, state"
-        ):
-            counts[(role, st)] = n
+        counts.update(node.store.task_counts())
         for (role, st), n in sorted(counts.items()):
             tasks.add_metric([role, st], n)
         yield tasks
@@ -228,7 +221,7 @@ class NodeCollector:
         )
 
 
-def registry_for(node: Any) -> CollectorRegistry:
+def registry_for(node: Node) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(node))
     return registry
@@ -249,7 +242,7 @@ def _response(status: str, body: bytes, content_type: str = "text/plain; charset
 class MetricsService:
     """``GET /metrics`` on ``listen`` ("host:port"), in the daemon's nursery."""
 
-    def __init__(self, listen: str, node: Any) -> None:
+    def __init__(self, listen: str, node: Node) -> None:
         self.host, self.port = split_host_port(listen)
         self.registry = registry_for(node)
         self.limiter = trio.CapacityLimiter(MAX_CLIENTS)

@@ -3,7 +3,8 @@ protocol role needs: sealing messages with fresh sequence numbers, publishing on
 task topic, and fetching blobs from a peer.
 
 Roles (``submitter``, ``contractor``, ``rounds``) receive a :class:`Node` instead of a
-dozen constructor arguments; tests build one with fakes.
+dozen constructor arguments; tests build one with fakes. The node holds no nursery: each
+role spawns into its own (peerd/scope.py).
 """
 
 from __future__ import annotations
@@ -69,12 +70,12 @@ class Node:
     p2p: P2PNode
     pool: WorkerPool
     table: PeerTable
-    nursery: trio.Nursery
     #: Calibrated base capacity C⁰ (GFLOP/s) as advertised.
     c0: float = 0.0
     #: Shards awarded to us and not finished (some may be waiting between rounds).
     active_shards: int = 0
-    #: Called when this node's load or capacity changed (re-advertise at once).
+    #: Called when this node's load or capacity changed (re-advertise at once): the advert
+    #: service's ``poke``, given when the node is built.
     poke_advert: Callable[[], None] = lambda: None
     #: Per-task watchers (RPC task.watch) notified on every state change.
     watchers: dict[str, set[trio.MemorySendChannel[dict[str, Any]]]] = field(default_factory=dict)

@@ -33,6 +33,7 @@ import trio
 from peerd.drive import MachineDriver, NodeSealer
 from peerd.inbox import wall_ms
 from peerd.node import Node
+from peerd.scope import OwnedScope
 from peerd.taskbook import TaskView
 from protocol.certificate import COMMITTEE_SIZE, Certificate, vote_is_well_formed
 from protocol.committee import committee
@@ -102,7 +103,7 @@ class _Followed:
         return out
 
 
-class Rounds:
+class Rounds(OwnedScope):
     def __init__(self, node: Node, *, clock: Callable[[], int] = wall_ms) -> None:
         self.node = node
         self._clock = clock
@@ -204,7 +205,7 @@ class Rounds:
         if self._over(view, round_no) or key in self._starting:
             return  # a round starting takes everything in the view on its first feed
         self._starting.add(key)
-        self.node.nursery.start_soon(self._serve_round, view, round_no)
+        self.nursery.start_soon(self._serve_round, view, round_no)
 
     async def _serve_round(self, view: TaskView, round_no: int) -> None:
         """Follow round ``round_no`` of the task: its machine tallies every vote and, on a

@@ -20,6 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from peerd import reputation
+from peerd.records import (
+    AwardRecord,
+    BidRecord,
+    CertificateRecord,
+    EventRecord,
+    ResultRecord,
+    ShardRecord,
+    TaskRecord,
+    VoteRecord,
+    WorkRecord,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -165,13 +176,13 @@ class Store:
             (json.dumps(result), time.time(), task_id),
         )
 
-    def task(self, task_id: str) -> sqlite3.Row | None:
+    def task(self, task_id: str) -> TaskRecord | None:
         row: sqlite3.Row | None = self.db.execute(
             "SELECT * FROM tasks WHERE task_id=?", (task_id,)
         ).fetchone()
-        return row
+        return None if row is None else TaskRecord.from_row(row)
 
-    def tasks(self, *, role: str | None = None, states: tuple[str, ...] | None = None) -> list[sqlite3.Row]:
+    def tasks(self, *, role: str | None = None, states: tuple[str, ...] | None = None) -> list[TaskRecord]:
         q = "SELECT * FROM tasks"
         args: list[Any] = []
         conds = []
@@ -183,7 +194,7 @@ class Store:
             args.extend(states)
         if conds:
             q += " WHERE " + " AND ".join(conds)
-        return list(self.db.execute(q + " ORDER BY created_at", args))
+        return [TaskRecord.from_row(r) for r in self.db.execute(q + " ORDER BY created_at", args)]
 
     def mark_result_collected(self, task_id: str) -> None:
         """The blob collector deleted this finished task's blobs (over limits.blob_store_mb)."""
@@ -201,23 +212,25 @@ class Store:
                     ),
                 )
 
-    def task_material(self, task_id: str) -> tuple[list[str], list[bytes]]:
-        """Everything stored about one task that may name a blob: its JSON columns and its
-        signed messages (announce, awards, results, votes, our shard results). For the blob
-        collector (peerd/blobgc.py), which keeps every blob a live task names."""
+    def task_material(self, task_id: str) -> tuple[list[Any], list[bytes]]:
+        """Everything stored about one task that may name a blob: its JSON columns, decoded,
+        and its signed messages (announce, awards, results, votes, our shard results). For
+        the blob collector (peerd/blobgc.py), which keeps every blob a live task names."""
         texts: list[str] = []
         raws: list[bytes] = []
-        row = self.task(task_id)
+        row = self.db.execute(
+            "SELECT spec, result, announce FROM tasks WHERE task_id=?", (task_id,)
+        ).fetchone()
         if row is not None:
             texts += [t for t in (row["spec"], row["result"]) if t]
             if row["announce"]:
                 raws.append(bytes(row["announce"]))
-        for sql, into in (
-            ("SELECT inputs FROM shards WHERE task_id=?", texts),
-            ("SELECT output FROM certificates WHERE task_id=?", texts),
-            ("SELECT info FROM rounds WHERE task_id=?", texts),
+        for sql in (
+            "SELECT inputs FROM shards WHERE task_id=?",
+            "SELECT output FROM certificates WHERE task_id=?",
+            "SELECT info FROM rounds WHERE task_id=?",
         ):
-            into += [r[0] for r in self.db.execute(sql, (task_id,)) if r[0]]
+            texts += [r[0] for r in self.db.execute(sql, (task_id,)) if r[0]]
         for sql in (
             "SELECT raw FROM awards WHERE task_id=?",
             "SELECT raw FROM results WHERE task_id=?",
@@ -227,12 +240,15 @@ class Store:
             raws += [bytes(r[0]) for r in self.db.execute(sql, (task_id,))]
         for r in self.db.execute("SELECT votes FROM certificates WHERE task_id=?", (task_id,)):
             raws += [bytes.fromhex(v) for v in json.loads(r[0])]
-        return texts, raws
+        return [v for v in map(_decoded, texts) if v is not _NOT_JSON], raws
 
-    def events(self, task_id: str) -> list[sqlite3.Row]:
-        return list(
-            self.db.execute("SELECT at, state, message FROM events WHERE task_id=? ORDER BY id", (task_id,))
-        )
+    def events(self, task_id: str) -> list[EventRecord]:
+        return [
+            EventRecord.from_row(r)
+            for r in self.db.execute(
+                "SELECT task_id, at, state, message FROM events WHERE task_id=? ORDER BY id", (task_id,)
+            )
+        ]
 
     # -- bids / awards / shards ---------------------------------------------------------
     def add_bid(self, task_id: str, peer_id: str, raw: bytes) -> bool:
@@ -242,8 +258,11 @@ class Store:
         )
         return bool(cur.rowcount)
 
-    def bids(self, task_id: str) -> list[sqlite3.Row]:
-        return list(self.db.execute("SELECT * FROM bids WHERE task_id=? ORDER BY peer_id", (task_id,)))
+    def bids(self, task_id: str) -> list[BidRecord]:
+        return [
+            BidRecord.from_row(r)
+            for r in self.db.execute("SELECT * FROM bids WHERE task_id=? ORDER BY peer_id", (task_id,))
+        ]
 
     def add_award(self, task_id: str, epoch: int, raw: bytes, shards: list[dict[str, Any]]) -> None:
         """Record an award and (re)assign its shards in one transaction."""
@@ -278,11 +297,17 @@ class Store:
                     ),
                 )
 
-    def awards(self, task_id: str) -> list[sqlite3.Row]:
-        return list(self.db.execute("SELECT * FROM awards WHERE task_id=? ORDER BY epoch", (task_id,)))
+    def awards(self, task_id: str) -> list[AwardRecord]:
+        return [
+            AwardRecord.from_row(r)
+            for r in self.db.execute("SELECT * FROM awards WHERE task_id=? ORDER BY epoch", (task_id,))
+        ]
 
-    def shards(self, task_id: str) -> list[sqlite3.Row]:
-        return list(self.db.execute("SELECT * FROM shards WHERE task_id=? ORDER BY shard", (task_id,)))
+    def shards(self, task_id: str) -> list[ShardRecord]:
+        return [
+            ShardRecord.from_row(r)
+            for r in self.db.execute("SELECT * FROM shards WHERE task_id=? ORDER BY shard", (task_id,))
+        ]
 
     def set_shard_state(self, task_id: str, shard: int, state: str) -> None:
         self.db.execute(
@@ -316,16 +341,14 @@ class Store:
         )
         return bool(cur.rowcount)
 
-    def results(self, task_id: str, round_no: int | None = None) -> list[sqlite3.Row]:
+    def results(self, task_id: str, round_no: int | None = None) -> list[ResultRecord]:
         if round_no is None:
-            return list(
-                self.db.execute("SELECT * FROM results WHERE task_id=? ORDER BY round, shard", (task_id,))
-            )
-        return list(
-            self.db.execute(
+            rows = self.db.execute("SELECT * FROM results WHERE task_id=? ORDER BY round, shard", (task_id,))
+        else:
+            rows = self.db.execute(
                 "SELECT * FROM results WHERE task_id=? AND round=? ORDER BY shard", (task_id, round_no)
             )
-        )
+        return [ResultRecord.from_row(r) for r in rows]
 
     def add_vote(self, task_id: str, round_no: int, peer_id: str, attempt: int, raw: bytes) -> bool:
         cur = self.db.execute(
@@ -334,8 +357,11 @@ class Store:
         )
         return bool(cur.rowcount)
 
-    def votes(self, task_id: str, round_no: int) -> list[sqlite3.Row]:
-        return list(self.db.execute("SELECT * FROM votes WHERE task_id=? AND round=?", (task_id, round_no)))
+    def votes(self, task_id: str, round_no: int) -> list[VoteRecord]:
+        return [
+            VoteRecord.from_row(r)
+            for r in self.db.execute("SELECT * FROM votes WHERE task_id=? AND round=?", (task_id, round_no))
+        ]
 
     def add_certificate(
         self, task_id: str, round_no: int, output: dict[str, Any], votes: list[bytes]
@@ -346,13 +372,11 @@ class Store:
         )
         return bool(cur.rowcount)
 
-    def certificate(self, task_id: str, round_no: int) -> tuple[dict[str, Any], list[bytes]] | None:
+    def certificate(self, task_id: str, round_no: int) -> CertificateRecord | None:
         row = self.db.execute(
-            "SELECT output, votes FROM certificates WHERE task_id=? AND round=?", (task_id, round_no)
+            "SELECT * FROM certificates WHERE task_id=? AND round=?", (task_id, round_no)
         ).fetchone()
-        if row is None:
-            return None
-        return json.loads(row["output"]), [bytes.fromhex(v) for v in json.loads(row["votes"])]
+        return None if row is None else CertificateRecord.from_row(row)
 
     def set_round(self, task_id: str, round_no: int, info: dict[str, Any]) -> None:
         self.db.execute(
@@ -376,8 +400,45 @@ class Store:
             (task_id, shard, round_no, epoch, state, result, time.time()),
         )
 
-    def work(self, task_id: str, shard: int, round_no: int) -> sqlite3.Row | None:
+    def work(self, task_id: str, shard: int, round_no: int) -> WorkRecord | None:
         row: sqlite3.Row | None = self.db.execute(
             "SELECT * FROM work WHERE task_id=? AND shard=? AND round=?", (task_id, shard, round_no)
         ).fetchone()
-        return row
+        return None if row is None else WorkRecord.from_row(row)
+
+    # -- for the metrics endpoint (peerd/metrics.py) -------------------------------------
+    def task_counts(self) -> dict[tuple[str, str], int]:
+        """(role, state) → how many tasks the store holds in that state."""
+        rows = self.db.execute("SELECT role, state, COUNT(*) FROM tasks GROUP BY role, state")
+        return {(role, state): n for role, state, n in rows}
+
+    def submitted_events(self, *prefixes: str) -> list[tuple[EventRecord, float]]:
+        """The events of tasks submitted here whose message starts with one of ``prefixes``,
+        in the order they happened, each with its task's ``created_at``."""
+        if not prefixes:
+            return []
+        starts = " OR ".join("instr(e.message, ?) = 1" for _ in prefixes)
+        rows = self.db.execute(
+            "SELECT e.task_id, e.at, e.state, e.message, t.created_at FROM events e"
+            f" JOIN tasks t ON t.task_id = e.task_id WHERE t.role = 'submitter' AND ({starts}) ORDER BY e.id",
+            prefixes,
+        )
+        return [(EventRecord.from_row(r), r["created_at"]) for r in rows]
+
+    def delivered_work(self) -> list[WorkRecord]:
+        """Every stored result we produced (a restart re-delivers them: the submitter dedupes)."""
+        return [
+            WorkRecord.from_row(r)
+            for r in self.db.execute("SELECT * FROM work WHERE result IS NOT NULL ORDER BY rowid")
+        ]
+
+
+_NOT_JSON = object()
+
+
+def _decoded(text: str) -> Any:
+    """A JSON column's value, or ``_NOT_JSON`` for text that is not JSON (it names no blob)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return _NOT_JSON

@@ -36,7 +36,9 @@ from peerd.drive import MachineDriver, NodeSealer
 from peerd.executor import Job, Limits
 from peerd.inbox import wall_ms
 from peerd.node import ANNOUNCE_SLACK, MAX_GOSSIP_BYTES, Node, gossip_too_large
+from peerd.records import TaskRecord
 from peerd.reputation import Reputation
+from peerd.scope import OwnedScope
 from peerd.streams import FrameStream
 from peerd.taskbook import TaskBook, TaskView
 from peerd.taskspec import parse_spec
@@ -50,7 +52,7 @@ from protocol.machines import MarketTimes
 from protocol.machines import actions as act
 from protocol.machines import events as ev
 from protocol.machines.task import Restored, TaskMachine
-from protocol.messages import MAX_T_MAX, Award, Cancel, Message, Result, TaskAnnounce
+from protocol.messages import MAX_T_MAX, Award, Message, Result, TaskAnnounce
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +69,13 @@ class SubmitError(Exception):
     """The task cannot be submitted (bad spec, unreadable input); message for the user."""
 
 
-class Submitter:
+class Submitter(OwnedScope):
     def __init__(self, node: Node, book: TaskBook) -> None:
         self.node = node
         self.book = book
-        self.contractor: Any = None  # set by the daemon (local bids and local announces)
+        #: Told of every announce, award and cancel our machines publish, once it is out (the
+        #: task bus never sees our own gossip): our own contractor bids and follows.
+        self.on_published: list[Callable[[TaskView, Signed], Awaitable[None]]] = []
         self.sealer = NodeSealer(node)
         #: task_id → the driver of its TaskMachine (kept after the end: late bids and
         #: results are answered by the machine, as the view answered them before).
@@ -97,6 +101,7 @@ class Submitter:
 
     # -- submission ---------------------------------------------------------------------
     async def submit(self, spec_obj: Any) -> str:
+        self.check_running()  # before anything is stored: the task's machine runs in our nursery
         try:
             spec = parse_spec(spec_obj)
         except ValueError as exc:
@@ -228,12 +233,12 @@ class Submitter:
         )
         task_id = ann.task_id
         driver = MachineDriver(
-            task_id, machine, self, self.node.nursery, on_error=lambda name: self._driver_error(task_id, name)
+            task_id, machine, self, self.nursery, on_error=lambda name: self._driver_error(task_id, name)
         )
         self.drivers[ann.task_id] = driver
         if not self._peers_loop:
             self._peers_loop = True
-            self.node.nursery.start_soon(self._report_peers)
+            self.nursery.start_soon(self._report_peers)
         driver.feed(ev.Start(now_ms=driver.now_ms()))
         driver.feed(self.trust_event(driver.now_ms()))  # before the bid window closes
 
@@ -309,7 +314,7 @@ class Submitter:
         driver = self._live(task_id)
         if driver is None:
             row = self.node.store.task(task_id)
-            if row is not None and row["role"] == "submitter" and row["state"] not in TERMINAL:
+            if row is not None and row.role == "submitter" and row.state not in TERMINAL:
                 # Restarted, and the bid came in before resume() rebuilt the machine.
                 driver = self._resume_task(row)
         if driver is None:
@@ -345,7 +350,7 @@ class Submitter:
         driver = self._live(msg.task_id)
         if driver is None:
             row = self.node.store.task(msg.task_id)
-            if row is None or row["role"] != "submitter" or row["state"] in TERMINAL:
+            if row is None or row.role != "submitter" or row.state in TERMINAL:
                 return {"ok": False, "reason": "unknown task"}
             # Restarted, and the result came in before resume() rebuilt the machine: answering
             # "unknown task" would make the contractor stop delivering it for good.
@@ -371,10 +376,10 @@ class Submitter:
     # -- cancel -------------------------------------------------------------------------
     async def cancel(self, task_id: str) -> str:
         row = self.node.store.task(task_id)
-        if row is None or row["role"] != "submitter":
+        if row is None or row.role != "submitter":
             raise KeyError(task_id)
-        if row["state"] in TERMINAL:
-            return str(row["state"])
+        if row.state in TERMINAL:
+            return row.state
         driver = self._live(task_id)
         if driver is None:
             driver = self._resume_task(row)
@@ -389,15 +394,17 @@ class Submitter:
     def resume(self) -> None:
         """After a restart: rebuild the machines of our unfinished tasks from the store."""
         for row in self.node.store.tasks(role="submitter"):
-            if row["state"] in TERMINAL or self._live(row["task_id"]) is not None:
+            if row.state in TERMINAL or self._live(row.task_id) is not None:
                 continue
             self._resume_task(row)
 
-    def _resume_task(self, row: Any) -> MachineDriver | None:
+    def _resume_task(self, row: TaskRecord) -> MachineDriver | None:
         """One of our tasks, from its records: the view the other roles read, and its machine
         (``Restored``: every stored message verified again)."""
-        task_id = row["task_id"]
-        signed = self.node.inbox.verify_embedded(bytes(row["announce"]), kinds=frozenset({"announce"}))
+        task_id = row.task_id
+        if row.announce is None:
+            return None
+        signed = self.node.inbox.verify_embedded(row.announce, kinds=frozenset({"announce"}))
         if signed is None:
             return None
         view = self.book.add(signed)
@@ -412,9 +419,9 @@ class Submitter:
                     out.append(s)
             return out
 
-        bids = verified([bytes(r["raw"]) for r in self.node.store.bids(task_id)], "bid")
-        awards = verified([bytes(r["raw"]) for r in self.node.store.awards(task_id)], "award")
-        results = verified([bytes(r["raw"]) for r in self.node.store.results(task_id)], "result")
+        bids = verified([r.raw for r in self.node.store.bids(task_id)], "bid")
+        awards = verified([r.raw for r in self.node.store.awards(task_id)], "award")
+        results = verified([r.raw for r in self.node.store.results(task_id)], "result")
         for a in awards:
             view.awards[a.message.epoch] = a  # type: ignore[attr-defined]
         for r in results:
@@ -427,7 +434,7 @@ class Submitter:
                 if stored is None:
                     break
                 try:
-                    cert = check_certificate(stored[1], task_id=task_id, round_no=rnd)
+                    cert = check_certificate(stored.votes, task_id=task_id, round_no=rnd)
                 except ProtocolError:
                     break
                 view.certificates[rnd] = cert
@@ -438,9 +445,9 @@ class Submitter:
             results=results,
             certificates=certificates,
             reported_rounds=[int(r["round"]) for r in self.node.store.rounds(task_id)],
-            public_state=str(row["state"]),
+            public_state=row.state,
         )
-        self._start_machine(signed, json.loads(row["spec"]), restored=restored)
+        self._start_machine(signed, row.spec, restored=restored)
         return self.drivers[task_id]
 
     # -- the Performer: what the machine asks -----------------------------------------------
@@ -557,15 +564,10 @@ class Submitter:
         await self.node.gossip(signed.raw)
         # Hand our own message to our own roles (the task bus never sees our gossip).
         view = self.book.get(driver.key)
-        if view is None or self.contractor is None:
+        if view is None:
             return None
-        m = signed.message
-        if isinstance(m, TaskAnnounce):
-            await self.contractor.on_announce(view)
-        elif isinstance(m, Award):
-            self.contractor.on_award(view)
-        elif isinstance(m, Cancel):
-            self.contractor.on_cancel(view, signed)
+        for listener in self.on_published:
+            await listener(view, signed)
         return None
 
     async def _guarded(self, driver: MachineDriver, work: Awaitable[ev.Event | None]) -> ev.Event | None:
@@ -582,7 +584,7 @@ class Submitter:
     def _fail_outside(self, task_id: str, state: str, message: str, reason: str | None) -> None:
         """End a task the machine cannot end itself (the driver's own failure)."""
         row = self.node.store.task(task_id)
-        if row is None or row["state"] in TERMINAL:
+        if row is None or row.state in TERMINAL:
             return
         self.node.store.set_state(task_id, state, message, reason=reason)
         self.node.counters.inc(f"tasks.{state}")
@@ -613,7 +615,7 @@ class Submitter:
         """Split the data across shards in proportion to each node's C (docs/design.md §4)."""
         row = self.node.store.task(a.task_id)
         assert row is not None
-        ref = json.loads(row["spec"])["input_refs"][a.name]
+        ref = row.spec["input_refs"][a.name]
         path = self.node.blobs.path(ref["sha256"])
         parts = await trio.to_thread.run_sync(_split_npz, path, list(a.shares), a.seed)
         out = []

@@ -16,6 +16,7 @@ from peerd.contractor import Contractor
 from peerd.node import TASKS_TOPIC, Node
 from peerd.p2p import GossipMessage
 from peerd.rounds import Rounds
+from peerd.scope import OwnedScope
 from peerd.submitter import Submitter
 from peerd.taskbook import TaskBook
 from protocol.envelope import Signed
@@ -26,7 +27,10 @@ log = logging.getLogger(__name__)
 KINDS = frozenset({"announce", "award", "lease", "result", "vote", "cancel"})
 
 
-class TaskBus:
+class TaskBus(OwnedScope):
+    """Started with ``nursery.start(bus.run)`` before the p2p node runs: it subscribes to the
+    task topic then, and runs the bids announces ask for in its own nursery."""
+
     def __init__(
         self, node: Node, book: TaskBook, contractor: Contractor, submitter: Submitter, rounds: Rounds
     ) -> None:
@@ -35,7 +39,9 @@ class TaskBus:
         self.contractor = contractor
         self.submitter = submitter
         self.rounds = rounds
-        node.p2p.add_validator(TASKS_TOPIC, self.on_gossip)
+
+    def _started(self) -> None:
+        self.node.p2p.add_validator(TASKS_TOPIC, self.on_gossip)
 
     async def on_gossip(self, msg: GossipMessage) -> bool:
         signed = self.node.inbox.admit(msg.data, sender=msg.origin, kinds=KINDS)
@@ -59,7 +65,7 @@ class TaskBus:
             view = self.book.add(signed)
             if view is None:
                 return False  # the book is full of tasks we have a part in (counted there)
-            self.node.nursery.start_soon(self.contractor.on_announce, view, signed)
+            self.nursery.start_soon(self.contractor.on_announce, view, signed)
             return True
         found = self.book.get(m.task_id)  # type: ignore[attr-defined]
         if found is None:

@@ -127,7 +127,7 @@ def test_over_budget_the_oldest_finished_tasks_outputs_go_first(tmp_path: Path) 
     trio.run(p.gc.collect)
     assert not p.blobs.has(old) and p.blobs.has(new) and p.blobs.has(live)
     assert p.counters.get("blobs.results_evicted") == 1
-    assert "over its budget" in p.store.events("1" * 32)[-1]["message"]
+    assert "over its budget" in p.store.events("1" * 32)[-1].message
     # Evicted once: the next collection does not count it again.
     trio.run(p.gc.collect)
     assert p.counters.get("blobs.results_evicted") == 1 and p.blobs.has(new)

@@ -123,7 +123,7 @@ class LocalSubmitter:
 
 
 class Rig:
-    def __init__(self, tmp: Path, nursery: trio.Nursery, offer: str = "") -> None:
+    def __init__(self, tmp: Path, offer: str = "") -> None:
         cfg_path = tmp / "peerd.toml"
         cfg_path.write_text(
             f'[node]\nstate_dir = "{tmp / "state"}"\nruntime_dir = "{tmp / "run"}"\n'
@@ -145,17 +145,24 @@ class Rig:
             p2p=cast(Any, self.p2p),
             pool=cast(Any, self.pool),
             table=cast(Any, None),
-            nursery=nursery,
             c0=25.0,
+            poke_advert=self._poked,
         )
         self.adverts = 0
-        self.node.poke_advert = self._poked
         self.book = TaskBook(self.signer.peer_id, counters)
         self.rounds = SimpleNamespace(
             results=[], on_result=lambda view, signed: self.rounds.results.append(signed)
         )
         self.local = LocalSubmitter()
         self.contractor = Contractor(self.node, self.book, self.rounds, self.local)
+
+    @classmethod
+    async def started(cls, tmp: Path, nursery: trio.Nursery, offer: str = "") -> Rig:
+        """Built, with the contractor running in its own nursery inside ``nursery`` (as the
+        daemon starts it): its machines and followers end with the test."""
+        rig = cls(tmp, offer)
+        await nursery.start(rig.contractor.run)
+        return rig
 
     def _poked(self) -> None:
         self.adverts += 1
@@ -233,7 +240,7 @@ def tmp(tmp_path: Path) -> Path:
 
 async def test_an_eligible_contractor_bids_on_the_stream_and_rebids_on_a_reannounce(tmp: Path) -> None:
     async with trio.open_nursery() as nursery:
-        rig = Rig(tmp, nursery)
+        rig = await Rig.started(tmp, nursery)
         ann, view = announce(rig)
         await rig.contractor.on_announce(view, ann)
         await wait_until(lambda: rig.count("bids.sent") == 1, "the bid acknowledged")
@@ -259,14 +266,14 @@ async def test_an_eligible_contractor_bids_on_the_stream_and_rebids_on_a_reannou
 
 async def test_an_ineligible_task_gets_no_machine_and_a_refused_bid_is_counted(tmp: Path) -> None:
     async with trio.open_nursery() as nursery:
-        rig = Rig(tmp, nursery, offer="draining = true")
+        rig = await Rig.started(tmp, nursery, offer="draining = true")
         ann, view = announce(rig)
         await rig.contractor.on_announce(view, ann)
         assert rig.count("bids.not_eligible") == 1 and rig.contractor.machines(TASK) == []
         nursery.cancel_scope.cancel()
     async with trio.open_nursery() as nursery:
         (tmp / "b").mkdir()
-        rig = Rig(tmp / "b", nursery)
+        rig = await Rig.started(tmp / "b", nursery)
         rig.p2p.replies[BID_PROTOCOL].append({"ok": False, "reason": "bidding closed"})
         ann, view = announce(rig)
         await rig.contractor.on_announce(view, ann)
@@ -289,7 +296,7 @@ async def test_an_ineligible_task_gets_no_machine_and_a_refused_bid_is_counted(t
 
 async def test_a_bid_for_our_own_task_goes_to_our_own_submitter(tmp: Path) -> None:
     async with trio.open_nursery() as nursery:
-        rig = Rig(tmp, nursery)
+        rig = await Rig.started(tmp, nursery)
         own = SignerSealer(rig.signer, first_seq=50_000)
         signed = own.seal(
             TaskAnnounce,
@@ -316,12 +323,64 @@ async def test_a_bid_for_our_own_task_goes_to_our_own_submitter(tmp: Path) -> No
         nursery.cancel_scope.cancel()
 
 
+async def test_our_own_submitters_messages_reach_the_contractor_through_on_published(tmp: Path) -> None:
+    """The daemon wires ``submitter.on_published`` to ``contractor.on_published`` (no
+    ``submitter.contractor`` set afterwards): our own announce gets our bid, our own cancel
+    stops our machine."""
+    async with trio.open_nursery() as nursery:
+        rig = await Rig.started(tmp, nursery)
+        own = SignerSealer(rig.signer, first_seq=50_000)
+        signed = own.seal(
+            TaskAnnounce,
+            now_ms=wall_ms(),
+            ttl_ms=60_000,
+            task_id=TASK,
+            kind="echo",
+            work=1.0,
+            deadline_ms=60_000,
+            max_shards=1,
+            resources={"gpu": False, "memory_mb": 0},
+            aggregation="none",
+            rounds=1,
+            params={},
+            inputs={},
+            bid_window_ms=300,
+            net={"k": 0.2, "dc_min": 0.0, "dc_max": None},
+        )
+        view = rig.book.add(signed)
+        assert view is not None
+        await rig.contractor.on_published(view, signed)
+        await wait_until(lambda: len(rig.local.bids) == 1, "the local bid")
+        [machine] = rig.contractor.machines(TASK)
+        cancel = own.seal(Cancel, now_ms=wall_ms(), ttl_ms=60_000, task_id=TASK, reason="cancelled")
+        await rig.contractor.on_published(view, cancel)
+        assert view.cancelled and machine.state is ShardState.RELEASED
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_contractor_spawns_only_once_it_runs_and_into_its_own_nursery(tmp: Path) -> None:
+    rig = Rig(tmp)
+    ann, view = announce(rig)
+    with pytest.raises(RuntimeError, match=r"Contractor.run\(\) is not running"):
+        await rig.contractor.on_announce(view, ann)
+    async with trio.open_nursery() as outer:
+        await outer.start(rig.contractor.run)
+        await rig.contractor.on_announce(view, ann)
+        await wait_until(lambda: rig.count("bids.sent") == 1, "the bid acknowledged")
+        # The bidder's machine and the task's follower live in the contractor's nursery; the
+        # outer one holds the role alone.
+        assert len(outer.child_tasks) == 1 and rig.contractor.nursery.child_tasks
+        outer.cancel_scope.cancel()
+    with pytest.raises(RuntimeError):
+        rig.contractor.nursery  # noqa: B018 - ended with its role
+
+
 # -- work -----------------------------------------------------------------------------------------------
 
 
 async def test_an_awarded_shard_runs_persists_publishes_and_delivers_its_result(tmp: Path) -> None:
     async with trio.open_nursery() as nursery:
-        rig = Rig(tmp, nursery)
+        rig = await Rig.started(tmp, nursery)
         _, view, _ = await bid_and_award(rig)
         await wait_until(lambda: rig.count("results.delivered") == 1, "the result delivered")
         [m] = rig.contractor.machines(TASK)
@@ -335,11 +394,11 @@ async def test_an_awarded_shard_runs_persists_publishes_and_delivers_its_result(
         assert rig.node.blobs.path(out["sha256"]).read_bytes() == f"ran {job.job_id}".encode()
         # Durable before anyone is told, recorded in the view and told to the committee.
         work = rig.node.store.work(TASK, 0, 1)
-        assert work is not None and bytes(work["result"]) == res.raw and work["state"] == "done"
+        assert work is not None and work.result == res.raw and work.state == "done"
         assert view.results[1][0].raw == res.raw and [s.raw for s in rig.rounds.results] == [res.raw]
         assert rig.p2p.published.index(res) >= 0
         row = rig.node.store.task(TASK)
-        assert row is not None and row["role"] == "worker" and row["submitter"] == SUB.peer_id
+        assert row is not None and row.role == "worker" and row.submitter == SUB.peer_id
         await wait_until(lambda: rig.p2p.leases()[-1].state == "done", "the final lease published")
         leases = rig.p2p.leases()
         assert leases[0].state == "running" and leases[-1].state == "done"
@@ -353,7 +412,7 @@ async def test_an_unreachable_submitter_gets_the_result_after_back_off_with_the_
     tmp: Path,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        rig = Rig(tmp, nursery)
+        rig = await Rig.started(tmp, nursery)
         rig.p2p.refuse[RESULT_PROTOCOL] = 2
         await bid_and_award(rig)
         await wait_until(lambda: rig.count("results.delivered") == 1, "the result delivered at last")
@@ -366,7 +425,7 @@ async def test_an_unreachable_submitter_gets_the_result_after_back_off_with_the_
 
 async def test_a_missing_input_fails_the_shard_without_a_result(tmp: Path) -> None:
     async with trio.open_nursery() as nursery:
-        rig = Rig(tmp, nursery)
+        rig = await Rig.started(tmp, nursery)
         rig.p2p.refuse[blobxfer.PROTOCOL_ID] = 100
         ann, view = announce(rig, inputs={"text": {"sha256": "ee" * 32, "size": 10}})
         await rig.contractor.on_announce(view, ann)
@@ -386,7 +445,7 @@ async def test_a_missing_input_fails_the_shard_without_a_result(tmp: Path) -> No
 
 async def test_the_submitters_cancel_kills_the_job_and_a_forged_one_is_dropped(tmp: Path) -> None:
     async with trio.open_nursery() as nursery:
-        rig = Rig(tmp, nursery)
+        rig = await Rig.started(tmp, nursery)
         rig.pool.block = True
         _, view, _ = await bid_and_award(rig)
         await wait_until(lambda: len(rig.pool.jobs) == 1, "the job running")
@@ -409,7 +468,7 @@ async def test_the_submitters_cancel_kills_the_job_and_a_forged_one_is_dropped(t
 
 async def test_a_later_award_naming_us_again_does_not_rerun_a_finished_shard(tmp: Path) -> None:
     async with trio.open_nursery() as nursery:
-        rig = Rig(tmp, nursery)
+        rig = await Rig.started(tmp, nursery)
         _, view, award = await bid_and_award(rig)
         [m] = rig.contractor.machines(TASK)
         await wait_until(lambda: m.state is ShardState.DONE, "the shard done")
@@ -426,7 +485,7 @@ async def test_round_two_starts_from_the_certified_model_once_certified(tmp: Pat
     """keras-train, rounds > 1: round 2 waits until the task's view holds round 1's
     certificate (as the task bus records it from the votes), then runs with its model."""
     async with trio.open_nursery() as nursery:
-        rig = Rig(tmp, nursery)
+        rig = await Rig.started(tmp, nursery)
         ann, view = announce(
             rig, kind="keras-train", aggregation="weighted_mean", rounds=2, inputs={}, max_shards=2, params={}
         )
@@ -489,7 +548,7 @@ async def test_round_two_starts_from_the_certified_model_once_certified(tmp: Pat
 
 async def test_a_restart_redelivers_a_stored_unacknowledged_result(tmp: Path) -> None:
     async with trio.open_nursery() as nursery:
-        rig = Rig(tmp, nursery)
+        rig = await Rig.started(tmp, nursery)
         ann, _ = announce(rig)
         own = SignerSealer(rig.signer, first_seq=70_000)
         res = own.seal(
@@ -529,7 +588,7 @@ async def test_a_machine_error_stops_that_machine_only_and_frees_its_slot(tmp: P
     """An event the machine cannot take stops that machine (peerd/drive.py): its job is
     killed, its heartbeats stop, and the slot its award took is given back."""
     async with trio.open_nursery() as nursery:
-        rig = Rig(tmp, nursery)
+        rig = await Rig.started(tmp, nursery)
         rig.pool.block = True
         await bid_and_award(rig)
         await wait_until(lambda: len(rig.pool.jobs) == 1, "the job running")

@@ -86,13 +86,12 @@ def award_for(ann: Signed, workers: list[SignerSealer]) -> Signed:
 class FakeNode:
     """What Rounds uses of peerd.node.Node; the network is a dict of what each peer serves."""
 
-    def __init__(self, me: SignerSealer, tmp: Path, nursery: trio.Nursery) -> None:
+    def __init__(self, me: SignerSealer, tmp: Path) -> None:
         self.me = me
         self.config = SimpleNamespace(market=SimpleNamespace(lease_ttl_s=TTL_S, heartbeat_s=2.0))
         self.counters = Counters()
         self.store = Store(tmp / "state.db")
         self.blobs = BlobStore(tmp / "blobs", max_blob_bytes=1 << 20)
-        self.nursery = nursery
         self.published: list[Signed] = []
         self.served: dict[str, dict[str, bytes]] = {}
         self.fetches: list[tuple[str, str]] = []
@@ -218,8 +217,10 @@ def run_world(tmp_path: Path, me: str, body: Body, *, workers: int = 4) -> None:
         ann = announce()
         award = award_for(ann, W[:workers])
         async with trio.open_nursery() as nursery:
-            node = FakeNode(BY_ID[me] if me in BY_ID else SUB, tmp_path, nursery)
-            await body(World(node, ann, award))
+            node = FakeNode(BY_ID[me] if me in BY_ID else SUB, tmp_path)
+            world = World(node, ann, award)
+            await nursery.start(world.rounds.run)  # the committee's rounds run in its own nursery
+            await body(world)
             nursery.cancel_scope.cancel()  # the committee's watchers and timers end with the test
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
@@ -256,7 +257,7 @@ def test_member_votes_once_every_holder_committed_and_two_members_certify(tmp_pa
         expect = encode_arrays([np.full((2, 2), 15.0), np.arange(3, dtype="<i4") * 4])
         assert vote.output["sha256"] == hashlib.sha256(expect).hexdigest()  # the real sum rule
         assert node.blobs.has(vote.output["sha256"])  # stored before anyone fetches it
-        assert node.store.votes(TASK, 1)[0]["peer_id"] == node.peer_id  # our vote is persisted
+        assert node.store.votes(TASK, 1)[0].peer_id == node.peer_id  # our vote is persisted
         assert 1 not in w.view.certificates
         # A second member votes the same ballot: a quorum (2 of 3) certifies, on the machine.
         other = next(m for m in w.members() if m != node.peer_id)

@@ -8,7 +8,6 @@ there or not there at all.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
@@ -42,12 +41,12 @@ def test_a_task_and_its_first_event_are_written_together(tmp_path: Path) -> None
     store = Store(tmp_path / "db.sqlite")
     assert add_task(store, "t1")
     assert not add_task(store, "t1")  # INSERT OR IGNORE: a second add changes nothing
-    assert [e["message"] for e in store.events("t1")] == ["announced"]
+    assert [e.message for e in store.events("t1")] == ["announced"]
     store.set_state("t1", "running", "awarded", reason=None)
     store.set_state("t1", "failed", "deadline passed", reason="deadline")
     row = store.task("t1")
-    assert row is not None and (row["state"], row["reason"]) == ("failed", "deadline")
-    assert [e["state"] for e in store.events("t1")] == ["bidding", "running", "failed"]
+    assert row is not None and (row.state, row.reason) == ("failed", "deadline")
+    assert [e.state for e in store.events("t1")] == ["bidding", "running", "failed"]
 
 
 def test_a_failing_transaction_leaves_nothing(tmp_path: Path) -> None:
@@ -58,11 +57,12 @@ def test_a_failing_transaction_leaves_nothing(tmp_path: Path) -> None:
         db.execute("INSERT INTO events (task_id, at, state, message) VALUES ('t1', 0, 'done', 'x')")
         raise RuntimeError("crash inside the transaction")
     row = store.task("t1")
-    assert row is not None and row["state"] == "bidding"
+    assert row is not None and row.state == "bidding"
     assert len(store.events("t1")) == 1
     # The connection is usable afterwards (no transaction left open).
     store.set_state("t1", "running", "ok")
-    assert store.task("t1")["state"] == "running"  # type: ignore[index]
+    again = store.task("t1")
+    assert again is not None and again.state == "running"
 
 
 def test_an_award_that_fails_half_way_is_rolled_back(tmp_path: Path) -> None:
@@ -84,13 +84,13 @@ def test_re_awards_count_attempts_and_keep_unmoved_shards(tmp_path: Path) -> Non
     moved = shards(3)
     moved[0]["peer_id"] = "spare"
     store.add_award("t1", 1, b"award-1", moved)
-    rows = {r["shard"]: r for r in store.shards("t1")}
+    rows = {r.shard: r for r in store.shards("t1")}
     first = rows[0]
-    assert (first["peer_id"], first["attempts"], first["state"], first["epoch"]) == ("spare", 2, "awarded", 1)
-    assert (rows[1]["peer_id"], rows[1]["attempts"]) == ("p1", 1)
+    assert (first.peer_id, first.attempts, first.state, first.epoch) == ("spare", 2, "awarded", 1)
+    assert (rows[1].peer_id, rows[1].attempts) == ("p1", 1)
     # Shard 2 finished on its peer before the re-award; moving shard 0 must not reset it.
-    assert (rows[2]["attempts"], rows[2]["state"]) == (1, "done")
-    assert [bytes(a["raw"]) for a in store.awards("t1")] == [b"award-0", b"award-1"]
+    assert (rows[2].attempts, rows[2].state) == (1, "done")
+    assert [a.raw for a in store.awards("t1")] == [b"award-0", b"award-1"]
 
 
 def test_everything_committed_survives_reopening(tmp_path: Path) -> None:
@@ -107,13 +107,15 @@ def test_everything_committed_survives_reopening(tmp_path: Path) -> None:
     store.set_round("t1", 1, {"round": 1})
     store.close()
     again = Store(path)
-    assert [bytes(b["raw"]) for b in again.bids("t1")] == [b"bid"]
+    assert [b.raw for b in again.bids("t1")] == [b"bid"]
     assert len(again.shards("t1")) == 2
-    assert [bytes(r["raw"]) for r in again.results("t1")] == [b"result"]
-    assert json.loads(again.task("t1")["result"]) == {"outputs": [], "metrics": {}}  # type: ignore[index]
+    assert [r.raw for r in again.results("t1")] == [b"result"]
+    task = again.task("t1")
+    assert task is not None and task.result == {"outputs": [], "metrics": {}}
     work = again.work("t1", 0, 1)
-    assert work is not None and bytes(work["result"]) == b"signed result"
-    assert again.certificate("t1", 1) == ({"sha256": "0" * 64}, [b"vote"])
+    assert work is not None and work.result == b"signed result"
+    cert = again.certificate("t1", 1)
+    assert cert is not None and (cert.output, cert.votes) == ({"sha256": "0" * 64}, (b"vote",))
     assert again.rounds("t1") == [{"round": 1}]
 
 

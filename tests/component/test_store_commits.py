@@ -32,7 +32,7 @@ def _store(tmp_path: Path) -> Store:
 
 
 def _kept(store: Store, rnd: int = 1) -> dict[str, bytes]:
-    return {r["peer_id"]: bytes(r["raw"]) for r in store.results("t", rnd)}
+    return {r.peer_id: r.raw for r in store.results("t", rnd)}
 
 
 def test_a_recommit_before_the_certificate_supersedes_the_first(tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """Submitter.submit against real parts (config, signer, sequence, inbox, store, blob store, task
 book), without a network: what is checked and announced at submit (issue 7).
 
-The p2p node, worker pool and peer table are not touched by ``submit``; the nursery only records
-the task driver it would start.
+The worker pool is not touched by ``submit``; the p2p node and the peer table are fakes that
+answer the task's machine, which runs in the submitter's own nursery until the call returns.
 """
 
 from __future__ import annotations
@@ -30,12 +30,42 @@ from protocol.errors import RemoteProtocolError
 from protocol.messages import Bid, TaskAnnounce
 
 
-class _Nursery:
-    def __init__(self) -> None:
-        self.started: list[Any] = []
+class _P2P:
+    """Nobody connected; what is published is recorded."""
 
-    def start_soon(self, fn: Any, *args: Any) -> None:
-        self.started.append((fn, args))
+    def __init__(self) -> None:
+        self.published: list[bytes] = []
+
+    def connected_peers(self) -> list[str]:
+        return []
+
+    async def publish(self, topic: str, raw: bytes) -> None:
+        self.published.append(raw)
+
+
+class _Table:
+    def alive(self, now_ms: int) -> list[str]:
+        return []
+
+
+def run_submit(sub: Submitter, spec: dict[str, Any]) -> str:
+    """``sub.submit(spec)`` with the submitter running (its machine starts in the submitter's own
+    nursery, cancelled once submit returned)."""
+    out: list[str | SubmitError] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sub.run)
+            try:
+                out.append(await sub.submit(spec))
+            except SubmitError as exc:
+                out.append(exc)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    if isinstance(out[0], SubmitError):
+        raise out[0]
+    return out[0]
 
 
 def make_config(tmp: Path, market: str = "") -> Config:
@@ -59,10 +89,9 @@ def make_submitter(tmp: Path, market: str = "") -> tuple[Submitter, Node]:
         inbox=Inbox(counters),
         store=Store(tmp / "db.sqlite"),
         blobs=BlobStore(tmp / "blobs", max_blob_bytes=1 << 20),
-        p2p=cast(Any, None),
+        p2p=cast(Any, _P2P()),
         pool=cast(Any, None),
-        table=cast(Any, None),
-        nursery=cast(Any, _Nursery()),
+        table=cast(Any, _Table()),
     )
     return Submitter(node, TaskBook(signer.peer_id, counters)), node
 
@@ -75,7 +104,7 @@ def tmp(tmp_path: Path) -> Iterator[Path]:
 def _announce(node: Node, task_id: str) -> TaskAnnounce:
     row = node.store.task(task_id)
     assert row is not None
-    msg = open_envelope(bytes(row["announce"]), kinds=frozenset({"announce"})).message
+    msg = open_envelope(row.announce, kinds=frozenset({"announce"})).message
     assert isinstance(msg, TaskAnnounce)
     return msg
 
@@ -88,7 +117,7 @@ def _bid(n: int, task_id: str, c0: float, load: float) -> Signed:
 def test_market_t_max_reaches_the_award_rule(tmp: Path) -> None:
     sub, node = make_submitter(tmp, "t_max = 50.0")
     spec = {"kind": "echo", "work": 100.0, "deadline_s": 1, "max_shards": 2, "params": {"data": "x"}}
-    task_id = trio.run(sub.submit, spec)
+    task_id = run_submit(sub, spec)
     ann = _announce(node, task_id)
     assert ann.net["t_max"] == 50.0
     # R = 100: one peer covers it at cost C·L = 100.02 · 0.5 > t_max; two idle ones cost 0.
@@ -106,7 +135,7 @@ def test_market_t_max_reaches_the_award_rule(tmp: Path) -> None:
 def test_an_unbounded_t_max_is_not_on_the_wire(tmp: Path) -> None:
     sub, node = make_submitter(tmp)
     assert math.isinf(node.config.market.t_max)
-    task_id = trio.run(sub.submit, {"kind": "echo", "params": {"data": "x"}})
+    task_id = run_submit(sub, {"kind": "echo", "params": {"data": "x"}})
     assert "t_max" not in _announce(node, task_id).net
 
 
@@ -115,10 +144,10 @@ def test_an_announce_above_the_gossip_cap_is_refused_at_submit(tmp: Path) -> Non
     # Below the 64 KiB envelope limit, above the gossip cap.
     spec = {"kind": "echo", "params": {"data": "x" * (MAX_GOSSIP_BYTES + 600)}}
     with pytest.raises(SubmitError, match=r"^params: .*gossip"):
-        trio.run(sub.submit, spec)
+        run_submit(sub, spec)
     assert node.store.tasks() == []
     # Just below the cap it is announced (and would be published).
-    ok = trio.run(sub.submit, {"kind": "echo", "params": {"data": "x" * (MAX_GOSSIP_BYTES - 1000)}})
+    ok = run_submit(sub, {"kind": "echo", "params": {"data": "x" * (MAX_GOSSIP_BYTES - 1000)}})
     assert node.store.task(ok) is not None
 
 

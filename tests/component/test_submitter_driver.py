@@ -8,17 +8,19 @@ Each wait is bounded (a safety bound, never a timing claim).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
 import trio
 
 from peerd.blobs import BlobStore
 from peerd.config import load_config
 from peerd.counters import Counters
 from peerd.inbox import Inbox, wall_ms
-from peerd.node import Node
+from peerd.node import TASKS_TOPIC, Node
 from peerd.rounds import Rounds
 from peerd.seqstore import SequenceStore
 from peerd.store import Store
@@ -66,7 +68,7 @@ class Parts:
     """One daemon's parts on ``tmp``; a second ``Parts`` on the same directory is the same
     daemon after a restart (same store, sequence and blobs; fresh memory)."""
 
-    def __init__(self, tmp: Path, nursery: trio.Nursery, *, connected: list[str] | None = None) -> None:
+    def __init__(self, tmp: Path, *, connected: list[str] | None = None) -> None:
         path = tmp / "peerd.toml"
         path.write_text(
             f'[node]\nstate_dir = "{tmp / "state"}"\nruntime_dir = "{tmp / "run"}"\n'
@@ -88,7 +90,6 @@ class Parts:
             p2p=cast(Any, self.p2p),
             pool=cast(Any, None),
             table=cast(Any, FakeTable()),
-            nursery=nursery,
         )
         self.book = TaskBook(ME.peer_id, self.counters)
         self.submitter = Submitter(self.node, self.book)
@@ -97,6 +98,15 @@ class Parts:
         self.bus = TaskBus(self.node, self.book, cast(Any, None), self.submitter, self.rounds)
         self.events: list[dict[str, Any]] = []
         self._watch: trio.MemoryReceiveChannel[dict[str, Any]] | None = None
+
+    @classmethod
+    async def started(cls, tmp: Path, nursery: trio.Nursery, *, connected: list[str] | None = None) -> Parts:
+        """Built, with each role running in its own nursery inside ``nursery`` (as the daemon
+        starts them): what a role spawns ends with the test."""
+        parts = cls(tmp, connected=connected)
+        for role in (parts.rounds, parts.submitter, parts.bus):
+            await nursery.start(role.run)
+        return parts
 
     def watch(self, task_id: str) -> None:
         send, recv = trio.open_memory_channel[dict[str, Any]](100)
@@ -114,10 +124,10 @@ class Parts:
     def state(self, task_id: str) -> str:
         row = self.store.task(task_id)
         assert row is not None
-        return str(row["state"])
+        return row.state
 
     def messages(self, task_id: str) -> list[str]:
-        return [str(e["message"]) for e in self.store.events(task_id)]
+        return [e.message for e in self.store.events(task_id)]
 
 
 def seal(signer: Signer, cls: type[Message], seq: int, **fields: Any) -> bytes:
@@ -180,12 +190,12 @@ def run(tmp: Path, body: Callable[[trio.Nursery], Awaitable[None]]) -> None:
 
 def test_a_task_from_announce_to_done_through_its_machine(tmp_path: Path) -> None:
     async def body(nursery: trio.Nursery) -> None:
-        p = Parts(tmp_path, nursery)
+        p = await Parts.started(tmp_path, nursery)
         task_id = await submit(p, tmp_path)
         assert p.state(task_id) == "bidding"
         await award_to_peer(p, task_id)
         assert p.state(task_id) == "running"
-        assert [r["epoch"] for r in p.store.awards(task_id)] == [0]
+        assert [r.epoch for r in p.store.awards(task_id)] == [0]
         assert p.book.get(task_id) is not None and p.book.get(task_id).awards  # type: ignore[union-attr]
         # A result signed by someone else than the stream's peer, and one from a non-holder.
         assert p.submitter.accept_result(result_raw(p, task_id, PEER, 2), OTHER.peer_id) == {
@@ -203,8 +213,8 @@ def test_a_task_from_announce_to_done_through_its_machine(tmp_path: Path) -> Non
         }
         await until(lambda: p.state(task_id) == "done", "the task is done")
         row = p.store.task(task_id)
-        assert row is not None and '"shard-0/out"' in row["result"]
-        assert [r["peer_id"] for r in p.store.results(task_id)] == [PEER.peer_id]
+        assert row is not None and '"shard-0/out"' in json.dumps(row.result)
+        assert [r.peer_id for r in p.store.results(task_id)] == [PEER.peer_id]
         final = [e for e in p.drain() if e.get("final")]
         assert [(e["state"], e["message"]) for e in final] == [("done", "1 shard result(s) received")]
         # A bid after the end is for an unknown task (as before).
@@ -216,12 +226,12 @@ def test_a_task_from_announce_to_done_through_its_machine(tmp_path: Path) -> Non
 
 def test_no_bid_makes_the_task_pending_with_the_peer_count(tmp_path: Path) -> None:
     async def body(nursery: trio.Nursery) -> None:
-        p = Parts(tmp_path, nursery)
+        p = await Parts.started(tmp_path, nursery)
         task_id = await submit(p, tmp_path)
         await until(lambda: p.state(task_id) == "pending", "pending after an empty bid window")
         assert "no eligible bids yet (1 peers known); waiting, then re-announcing" in p.messages(task_id)
         row = p.store.task(task_id)
-        assert row is not None and row["reason"].startswith("no eligible peer has bid")
+        assert row is not None and (row.reason or "").startswith("no eligible peer has bid")
         # A bid during the back-off is awarded at once.
         p.submitter.accept_bid(seal(PEER, Bid, 1, task_id=task_id, c0=50.0, load=0.0), PEER.peer_id)
         await until(lambda: p.state(task_id) == "running", "awarded from the back-off")
@@ -231,7 +241,7 @@ def test_no_bid_makes_the_task_pending_with_the_peer_count(tmp_path: Path) -> No
 
 def test_a_failed_result_fails_the_task_and_cancel_after_the_end_changes_nothing(tmp_path: Path) -> None:
     async def body(nursery: trio.Nursery) -> None:
-        p = Parts(tmp_path, nursery)
+        p = await Parts.started(tmp_path, nursery)
         task_id = await submit(p, tmp_path)
         await award_to_peer(p, task_id)
         raw = result_raw(p, task_id, PEER, 2, ok=False)
@@ -239,7 +249,7 @@ def test_a_failed_result_fails_the_task_and_cancel_after_the_end_changes_nothing
         assert await p.bus.route(open_envelope(raw)) is True
         await until(lambda: p.state(task_id) == "failed", "the task failed")
         row = p.store.task(task_id)
-        assert row is not None and row["reason"] == "memory_limit"
+        assert row is not None and row.reason == "memory_limit"
         assert p.messages(task_id)[-1] == f"shard 0 failed on {PEER.peer_id[-8:]}: memory_limit: killed"
         assert await p.submitter.cancel(task_id) == "failed"
 
@@ -248,7 +258,7 @@ def test_a_failed_result_fails_the_task_and_cancel_after_the_end_changes_nothing
 
 def test_cancel_publishes_a_signed_cancel_and_ends_the_task(tmp_path: Path) -> None:
     async def body(nursery: trio.Nursery) -> None:
-        p = Parts(tmp_path, nursery)
+        p = await Parts.started(tmp_path, nursery)
         task_id = await submit(p, tmp_path)
         await award_to_peer(p, task_id)
         assert await p.submitter.cancel(task_id) == "cancelled"
@@ -264,7 +274,7 @@ def test_cancel_publishes_a_signed_cancel_and_ends_the_task(tmp_path: Path) -> N
 
 def test_a_silent_holder_is_replaced_by_a_re_award(tmp_path: Path) -> None:
     async def body(nursery: trio.Nursery) -> None:
-        p = Parts(tmp_path, nursery)
+        p = await Parts.started(tmp_path, nursery)
         task_id = await submit(p, tmp_path)
         await until(lambda: "announce" in p.p2p.kinds(), "the announce is published")
         p.submitter.accept_bid(seal(PEER, Bid, 1, task_id=task_id, c0=50.0, load=0.0), PEER.peer_id)
@@ -287,7 +297,7 @@ def test_a_silent_holder_is_replaced_by_a_re_award(tmp_path: Path) -> None:
         )
         assert await p.bus.route(open_envelope(lease)) is True
         await until(lambda: len(p.store.awards(task_id)) == 2, "re-awarded", bound_s=60)
-        second = open_envelope(bytes(p.store.awards(task_id)[1]["raw"])).message
+        second = open_envelope(p.store.awards(task_id)[1].raw).message
         assert isinstance(second, Award) and second.epoch == 1
         assert second.assignments[0]["peer_id"] == spare.peer_id and list(second.excluded) == [holder]
         view = p.book.get(task_id)
@@ -299,7 +309,7 @@ def test_a_silent_holder_is_replaced_by_a_re_award(tmp_path: Path) -> None:
 
 def test_resume_after_a_restart_rebuilds_the_machine_from_the_store(tmp_path: Path) -> None:
     async def before(nursery: trio.Nursery) -> None:
-        p = Parts(tmp_path, nursery)
+        p = await Parts.started(tmp_path, nursery)
         task_id = await submit(p, tmp_path)
         await award_to_peer(p, task_id)
         (tmp_path / "task_id").write_text(task_id)
@@ -309,7 +319,7 @@ def test_resume_after_a_restart_rebuilds_the_machine_from_the_store(tmp_path: Pa
 
     async def after(nursery: trio.Nursery) -> None:
         # Nobody connected yet: the holder's silence does not count (no lease could reach us).
-        p = Parts(tmp_path, nursery, connected=[])
+        p = await Parts.started(tmp_path, nursery, connected=[])
         assert p.book.get(task_id) is None
         p.submitter.resume()
         assert p.messages(task_id)[-1] == "submitter restarted; resuming"
@@ -332,7 +342,7 @@ def test_resume_after_a_restart_rebuilds_the_machine_from_the_store(tmp_path: Pa
 
 def test_a_result_before_resume_rebuilds_the_machine_instead_of_unknown_task(tmp_path: Path) -> None:
     async def before(nursery: trio.Nursery) -> None:
-        p = Parts(tmp_path, nursery)
+        p = await Parts.started(tmp_path, nursery)
         task_id = await submit(p, tmp_path)
         await award_to_peer(p, task_id)
         (tmp_path / "task_id").write_text(task_id)
@@ -341,7 +351,7 @@ def test_a_result_before_resume_rebuilds_the_machine_instead_of_unknown_task(tmp
     task_id = (tmp_path / "task_id").read_text()
 
     async def after(nursery: trio.Nursery) -> None:
-        p = Parts(tmp_path, nursery)
+        p = await Parts.started(tmp_path, nursery)
         reply = p.submitter.accept_result(result_raw(p, task_id, PEER, 7), PEER.peer_id)
         assert reply == {"ok": True, "reason": ""}
         await until(lambda: p.state(task_id) == "done", "done")
@@ -353,20 +363,20 @@ def test_a_result_before_resume_rebuilds_the_machine_instead_of_unknown_task(tmp
 
 def test_the_announce_published_is_the_one_stored(tmp_path: Path) -> None:
     async def body(nursery: trio.Nursery) -> None:
-        p = Parts(tmp_path, nursery)
+        p = await Parts.started(tmp_path, nursery)
         task_id = await submit(p, tmp_path)
         await until(lambda: "announce" in p.p2p.kinds(), "the announce is published")
         row = p.store.task(task_id)
         assert row is not None
         first = p.p2p.published[0]
-        assert isinstance(first.message, TaskAnnounce) and first.raw == bytes(row["announce"])
+        assert isinstance(first.message, TaskAnnounce) and first.raw == row.announce
 
     run(tmp_path, body)
 
 
 def test_a_bid_before_resume_is_taken_and_the_task_awarded(tmp_path: Path) -> None:
     async def before(nursery: trio.Nursery) -> None:
-        p = Parts(tmp_path, nursery)
+        p = await Parts.started(tmp_path, nursery)
         task_id = await submit(p, tmp_path)
         (tmp_path / "task_id").write_text(task_id)
 
@@ -374,10 +384,10 @@ def test_a_bid_before_resume_is_taken_and_the_task_awarded(tmp_path: Path) -> No
     task_id = (tmp_path / "task_id").read_text()
 
     async def after(nursery: trio.Nursery) -> None:
-        p = Parts(tmp_path, nursery)
+        p = await Parts.started(tmp_path, nursery)
         bid = seal(PEER, Bid, 1, task_id=task_id, c0=50.0, load=0.0)
         assert p.submitter.accept_bid(bid, PEER.peer_id) == {"ok": True, "reason": ""}
-        assert [r["peer_id"] for r in p.store.bids(task_id)] == [PEER.peer_id]
+        assert [r.peer_id for r in p.store.bids(task_id)] == [PEER.peer_id]
         # Resumed while bidding: the stored announce goes out again, then the window closes.
         await until(lambda: p.state(task_id) == "running", "awarded after the restart")
         assert p.p2p.kinds()[:2] == ["announce", "award"]
@@ -390,7 +400,7 @@ def test_our_own_contractors_leases_keep_our_own_shard(tmp_path: Path) -> None:
     hands what it gossips back to the submitter, or our own shard was "lost" after one TTL."""
 
     async def body(nursery: trio.Nursery) -> None:
-        p = Parts(tmp_path, nursery)
+        p = await Parts.started(tmp_path, nursery)
         task_id = await submit(p, tmp_path)
         await until(lambda: "announce" in p.p2p.kinds(), "the announce is published")
         _, own_bid = p.node.seal(Bid, ttl_ms=60_000, task_id=task_id, c0=50.0, load=0.0)
@@ -408,3 +418,45 @@ def test_our_own_contractors_leases_keep_our_own_shard(tmp_path: Path) -> None:
         assert p.state(task_id) == "running"
 
     run(tmp_path, body)
+
+
+def test_the_submitter_and_task_bus_spawn_only_into_their_own_nurseries(tmp_path: Path) -> None:
+    """Issue 7: every role spawned into the daemon's root nursery, so no task had an owning
+    scope. Now a role spawns only while its ``run`` runs, into its own nursery, and what it
+    spawned ends with it while the scope around it goes on."""
+
+    async def main() -> None:
+        p = Parts(tmp_path)
+        with pytest.raises(RuntimeError, match=r"Submitter.run\(\) is not running"):
+            await submit(p, tmp_path)
+        assert p.store.tasks() == []  # refused before anything was stored
+        assert TASKS_TOPIC not in p.p2p.validators  # the task bus subscribes when it runs
+        async with trio.open_nursery() as outer:
+            roles = trio.CancelScope()
+
+            async def run_roles(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                with roles:
+                    async with trio.open_nursery() as inner:
+                        for role in (p.rounds, p.submitter, p.bus):
+                            await inner.start(role.run)
+                        task_status.started()
+                        await trio.sleep_forever()
+
+            await outer.start(run_roles)
+            assert p.p2p.validators[TASKS_TOPIC] == p.bus.on_gossip
+            task_id = await submit(p, tmp_path)
+            await until(lambda: "announce" in p.p2p.kinds(), "the announce is published")
+            # The machine's timers and the peer reporter run in the submitter's nursery.
+            assert p.submitter.nursery.child_tasks
+            roles.cancel()
+            with trio.fail_after(60):  # a safety bound
+                while outer.child_tasks:
+                    await trio.sleep(0.01)
+            with pytest.raises(RuntimeError):
+                p.submitter.nursery  # noqa: B018 - ended with its role
+            assert p.state(task_id) == "bidding"  # nothing ran on after its role ended
+            kinds = list(p.p2p.kinds())
+            await trio.sleep(1.0)  # past the 300 ms bid window: no award comes
+            assert p.p2p.kinds() == kinds
+
+    trio.run(main)

@@ -45,7 +45,7 @@ def test_award_latency_and_round_times_come_from_the_events_of_tasks_submitted_h
     _event(store, "t1", 130.0, "running", "round 2/3 certified by 2 of 2")
     _event(store, "t1", 131.0, "running", "round 2/3 certified by 2 of 2")  # repeated: counted once
     _event(store, "t2", 105.0, "running", "awarded 1 shard(s) to x")  # not ours to time
-    awards, rounds = task_timings(store.db)
+    awards, rounds = task_timings(store)
     assert awards == [3.0]
     assert rounds == [7.0, 20.0]
     store.close()
@@ -99,5 +99,5 @@ def test_shard_run_times_come_from_the_results_of_done_tasks_submitted_here(tmp_
                 }
             },
         )
-    assert sorted(shard_run_times(store.db)) == [0.5, 2.5]
+    assert sorted(shard_run_times(store)) == [0.5, 2.5]
     store.close()
