@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from peerd import reputation
 from peerd.records import (
     AwardRecord,
     BidRecord,
@@ -102,6 +103,7 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        reputation.init_schema(self.db)  # the reputation table is peerd/reputation.py's
         # Columns added since the first release, for stores written before them.
         for table, column in (("results", "seq"), ("tasks", "result_collected")):
             cols = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
