@@ -18,6 +18,7 @@ from peerd.adverts import AdvertService
 from peerd.inbox import wall_ms
 from peerd.node import Node
 from peerd.records import TaskRecord
+from peerd.reputation import PeerTrust
 from peerd.rpc import PEERS_PAGE_DEFAULT
 from peerd.rpc.jsonrpc import ErrorCode, RpcError
 from peerd.rpc.server import CallContext, Handler
@@ -59,6 +60,8 @@ class Api:
             "task.explain": self.task_explain,
             "task.bundle": self.task_bundle,
             "blob.read": self.blob_read,
+            "peer.ban": self.peer_ban,
+            "peer.unban": self.peer_unban,
         }
 
     # -- node ---------------------------------------------------------------------------
@@ -92,10 +95,25 @@ class Api:
         limit = params.get("limit", PEERS_PAGE_DEFAULT)
         entries = self.node.table.alive(now, after=params.get("after"), limit=limit + 1)
         page = entries[:limit]
+        rep = getattr(self.submitter, "reputation", None)  # None: a node without a submitter role
         return {
-            "peers": [e.to_json(now) for e in page],
+            # "trust": what this node has seen the peer deliver (peerd/reputation.py), or null.
+            "peers": [{**e.to_json(now), "trust": _trust(rep and rep.get(e.peer_id, now))} for e in page],
             "next": page[-1].peer_id if len(entries) > limit else None,
         }
+
+    # -- trust (docs/allocation.md "Caps") --------------------------------------------
+    async def peer_ban(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        peer = params["peer_id"]
+        changed = self.submitter.reputation.ban(peer, params.get("reason") or "by hand", wall_ms())
+        self.submitter.refresh_trust()
+        return {"peer_id": peer, "banned": True, "changed": changed}
+
+    async def peer_unban(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
+        peer = params["peer_id"]
+        changed = self.submitter.reputation.unban(peer, wall_ms())
+        self.submitter.refresh_trust()
+        return {"peer_id": peer, "banned": False, "changed": changed}
 
     async def network_connect(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         try:
@@ -226,7 +244,9 @@ class Api:
         view = self.book.get(task_id)
         if view is None:
             raise RpcError(ErrorCode.NOT_FOUND, f"task {task_id} has no announce here")
-        return explain(self.node, view)
+        driver = self.submitter.drivers.get(task_id)
+        machine = getattr(driver, "machine", None)
+        return explain(self.node, view, getattr(machine, "cap_why", {}))
 
     async def task_bundle(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         from peerd.bundle import bundle_files
@@ -253,8 +273,18 @@ class Api:
         return {"data_b64": base64.b64encode(data).decode(), "eof": offset + len(data) >= size}
 
 
-def explain(node: Node, view: TaskView) -> dict[str, Any]:
-    """Every bid with its C, L, cost and why it was or was not chosen (docs/design.md §4)."""
+#: A capped bid whose reason the submitter's machine no longer holds (it restarted).
+NO_CAP_WHY = "capped by the submitter (its reason is not kept across a restart)"
+
+
+def _trust(view: PeerTrust | None) -> dict[str, Any] | None:
+    return None if view is None else view.to_json()
+
+
+def explain(node: Node, view: TaskView, cap_why: Any = None) -> dict[str, Any]:
+    """Every bid with its C, L, cost and why it was or was not chosen (docs/design.md §4);
+    a capped bid also says its cap and why (``cap_why``: the submitter's machine's reasons;
+    docs/allocation.md "Caps")."""
     bids = []
     for r in node.store.bids(view.task_id):
         s = node.inbox.verify_embedded(r.raw, kinds=frozenset({"bid"}))
@@ -285,7 +315,8 @@ def explain(node: Node, view: TaskView) -> dict[str, Any]:
     }
     if not usable:
         return out
-    alloc = allocate(ann, usable)
+    caps = award.caps if award is not None else None
+    alloc = allocate(ann, usable, caps)
     holders = {a["peer_id"] for a in view.assignments()}
     out.update(
         under_capacity=alloc.under_capacity, total_capacity=alloc.total_capacity, total_cost=alloc.total_cost
@@ -305,6 +336,10 @@ def explain(node: Node, view: TaskView) -> dict[str, Any]:
                 "chosen": sb.peer_id in alloc.chosen,
                 "holds_shard": sb.peer_id in holders,
                 "why": why,
+                # The award's cap on this bid's C, when one binds (its C⁰ + ΔC is "uncapped").
+                "cap": sb.cap,
+                "uncapped": sb.uncapped,
+                "cap_why": (cap_why or {}).get(sb.peer_id, NO_CAP_WHY) if sb.cap is not None else None,
             }
         )
     return out

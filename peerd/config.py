@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from peerd.kinds import KINDS
 from protocol.errors import ProtocolError
 from protocol.peerid import public_key_from_peer_id
+from protocol.trust import TrustPolicy
 
 DEFAULT_CONFIG_PATH = Path("/etc/peerd/peerd.toml")
 #: Every kind of the registry (peerd/kinds.py), in its order: offer.accept_kinds' default.
@@ -126,6 +127,26 @@ class PolicyConfig:
     trusted_submitters: tuple[str, ...] = ()
     require_sandbox: bool = True
     max_blob_mb: int = 512
+    # Trust (docs/allocation.md "Caps", protocol/trust.py): what a submitter believes of a bid.
+    #: Most of a task's demand that peers without history may cover together.
+    probation_share: float = 0.25
+    #: The probation cap (GFLOP/s) on a new peer's C while no peer has history (1e6: none).
+    probation_floor: float = 1e6
+    #: A peer whose trust score falls below this has its bids refused; 0 never bans.
+    ban_threshold: float = 0.2
+    #: Hours in which a peer's record (done, failed, timed out) halves.
+    decay_half_life_h: float = 168.0
+    #: Shards shorter than this (seconds) count as done without measuring a capacity.
+    min_measure_s: float = 10.0
+
+    def trust_policy(self) -> TrustPolicy:
+        return TrustPolicy(
+            probation_share=self.probation_share,
+            probation_floor=self.probation_floor,
+            ban_threshold=self.ban_threshold,
+            half_life_ms=max(1, round(self.decay_half_life_h * 3_600_000)),
+            min_measure_ms=round(self.min_measure_s * 1000),
+        )
 
 
 @dataclass(frozen=True)
@@ -505,7 +526,22 @@ def _build(raw: dict[str, Any], *, source: Path | None, env: Mapping[str, str], 
         trusted_submitters=s.get("trusted_submitters", list_of(peer_id), ()),
         require_sandbox=s.get("require_sandbox", boolean, True),
         max_blob_mb=s.get("max_blob_mb", positive_int, PolicyConfig.max_blob_mb),
+        probation_share=s.get("probation_share", non_negative_float, PolicyConfig.probation_share),
+        probation_floor=s.get("probation_floor", positive_float, PolicyConfig.probation_floor),
+        ban_threshold=s.get("ban_threshold", non_negative_float, PolicyConfig.ban_threshold),
+        decay_half_life_h=s.get("decay_half_life_h", positive_float, PolicyConfig.decay_half_life_h),
+        min_measure_s=s.get("min_measure_s", non_negative_float, PolicyConfig.min_measure_s),
     )
+    if policy.probation_share > 1:
+        s.problem("probation_share", "must be at most 1 (a share of a task's demand)")
+    if policy.probation_floor > 1e6:
+        s.problem("probation_floor", "must be at most 1e6 GFLOP/s (the bound on a bid's C⁰)")
+    if policy.ban_threshold >= 1:
+        s.problem("ban_threshold", "must be less than 1 (a trust score is below 1; 1 would ban everyone)")
+    if policy.decay_half_life_h * 3_600_000 > 2**53:
+        s.problem("decay_half_life_h", "is too large")
+    if policy.min_measure_s > 86_400:
+        s.problem("min_measure_s", "must be at most 86400 (a day)")
 
     s = sections["limits"]
     limits = LimitsConfig(

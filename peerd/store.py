@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from peerd import executed
+from peerd import executed, reputation
 from peerd.records import (
     AwardRecord,
     BidRecord,
@@ -103,6 +103,7 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        reputation.init_schema(self.db)  # the reputation table is peerd/reputation.py's
         executed.create_tables(self.db)  # the executed-awards record (issue 8 item 6)
         # Columns added since the first release, for stores written before them.
         for table, column in (("results", "seq"), ("tasks", "result_collected")):

@@ -24,6 +24,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +37,7 @@ from peerd.executor import Job, Limits
 from peerd.inbox import wall_ms
 from peerd.node import ANNOUNCE_SLACK, MAX_GOSSIP_BYTES, Node, gossip_too_large
 from peerd.records import TaskRecord
+from peerd.reputation import Reputation
 from peerd.scope import OwnedScope
 from peerd.streams import FrameStream
 from peerd.taskbook import TaskBook, TaskView
@@ -82,6 +84,21 @@ class Submitter(OwnedScope):
         self._jobs: dict[str, trio.CancelScope] = {}
         self._peers_loop = False
         node.on_gossip.append(self._own_gossip)
+
+    # -- trust (docs/allocation.md "Caps"; peerd/reputation.py) --------------------------
+    @cached_property
+    def reputation(self) -> Reputation:
+        return Reputation(self.node.store.db, self.node.config.policy.trust_policy())
+
+    def trust_event(self, now: int) -> ev.TrustKnown:
+        records, banned = self.reputation.trust_known(now)
+        return ev.TrustKnown(now_ms=now, records=records, policy=self.reputation.policy, banned=banned)
+
+    def refresh_trust(self) -> None:
+        """A ban or unban: tell every live machine (bids are refused from the next one)."""
+        for d in self.drivers.values():
+            if not d.closed and _machine(d).public_state not in TERMINAL:
+                d.feed(self.trust_event(d.now_ms()))
 
     # -- submission ---------------------------------------------------------------------
     async def submit(self, spec_obj: Any) -> str:
@@ -228,6 +245,7 @@ class Submitter(OwnedScope):
             self._peers_loop = True
             self.nursery.start_soon(self._report_peers)
         driver.feed(ev.Start(now_ms=driver.now_ms()))
+        driver.feed(self.trust_event(driver.now_ms()))  # before the bid window closes
 
     def _driver_error(self, task_id: str, name: str) -> None:
         self.node.counters.inc(name)
@@ -458,6 +476,10 @@ class Submitter(OwnedScope):
             return True
         if isinstance(action, act.Drop):
             self.node.counters.inc(f"dropped.{action.reason}")
+            return True
+        if isinstance(action, act.Observe):
+            self.reputation.observe(action.peer, action.outcome, wall_ms(), action.work_gflop, action.wall_ms)
+            self.node.counters.inc(f"trust.observed.{action.outcome}")
             return True
         if isinstance(action, act.Reply):
             return True  # read from the actions by accept_bid / accept_result

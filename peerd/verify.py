@@ -425,7 +425,14 @@ def _check_awards(rep: VerifyReport, b: BundleDir, ann: TaskAnnounce, submitter:
             rep.add(f"award {name}", False, f"{exc.reason}: {exc}")
             continue
         awards[epoch] = aw
-        rep.add(f"award epoch {epoch}", True, f"recomputed from {len(bids)} signed bids")
+        # SPEC §10.3: caps are recomputed with, not proven — say so rather than imply more.
+        caps = (
+            f" plus the submitter's caps on {len(aw.caps)} bid(s) (its claim of what they delivered:"
+            " consistent, not provable)"
+            if aw.caps
+            else ""
+        )
+        rep.add(f"award epoch {epoch}", True, f"recomputed from {len(bids)} signed bids{caps}")
     return awards
 
 

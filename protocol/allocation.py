@@ -9,8 +9,11 @@ Per node *i* (from its signed bid): base capacity ``C0`` (work units per second)
 
 **Award rule.** Among the candidates, choose the non-empty set S minimising T(S) subject to
 Σ_{i∈S} C_i ≥ R, |S| ≤ max_shards and T(S) ≤ t_max; ties go to fewer nodes, then to the
-lexicographically smallest sorted tuple of peer IDs. If no set qualifies, take the max_shards
-candidates of largest C (ties by peer ID) and mark the award ``under_capacity``. Shares of the
+larger Σ C, then to the smallest sorted tuple of H(task_id ‖ peer_id) (not the smallest peer
+IDs, which a key generator can grind; docs/simulation.md §4 finding 4). If no set qualifies,
+take the max_shards candidates of largest C (ties by H(task_id ‖ peer_id)) and mark the award
+``under_capacity``. A submitter may cap a bid's C (``caps``: its shown capacity, or the
+probation cap of protocol/trust.py); the capped C is what the rule uses. Shares of the
 work are proportional to C within the chosen set.
 
 Every peer must be able to recompute an award bit for bit from the signed bids it lists
@@ -29,6 +32,7 @@ See docs/allocation.md for the worked example from the seed (§4.3) and its corr
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -129,6 +133,10 @@ class ScoredBid:
     delta_c: float
     capacity: float
     cost: float  # C·L, the seed's per-node term of T
+    #: The cap the award applied to this bid's C (docs/allocation.md "Caps"), or None.
+    #: ``capacity`` is already min(C⁰ + ΔC, cap); ``uncapped`` is C⁰ + ΔC.
+    cap: float | None = None
+    uncapped: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -164,14 +172,51 @@ def validate_candidate(c: Candidate) -> None:
         raise RemoteProtocolError(f"bid of {c.peer_id} offers zero capacity", reason="absurd_bid")
 
 
-def _score(c: Candidate, params: NetworkParams) -> ScoredBid:
+def _score(c: Candidate, params: NetworkParams, limit: float | None = None) -> ScoredBid:
     c0 = float(c.c0)
     load = float(c.load)
     dc = delta_c(load, params)
-    cap = c0 + dc
-    if not math.isfinite(cap):
+    raw = c0 + dc
+    if not math.isfinite(raw):
         raise LocalProtocolError(f"network params make C of {c.peer_id} non-finite", reason="bad_params")
-    return ScoredBid(peer_id=c.peer_id, c0=c0, load=load, delta_c=dc, capacity=cap, cost=cap * load)
+    # A cap (docs/allocation.md "Caps", SPEC §10.1) bounds C itself, so it bounds the bid's
+    # share of the work and its cost C·L alike: one min, then the seed's product.
+    cap = raw if limit is None else min(raw, limit)
+    return ScoredBid(
+        peer_id=c.peer_id,
+        c0=c0,
+        load=load,
+        delta_c=dc,
+        capacity=cap,
+        cost=cap * load,
+        cap=limit,
+        uncapped=raw,
+    )
+
+
+def tie_key(task_id: str, peer_id: str) -> bytes:
+    """H(task_id ‖ peer_id): SHA-256 of the two ASCII strings concatenated (SPEC §10.2).
+
+    The last tie-break between equal-cost sets. A key generator cannot grind a peer ID that
+    wins it for every task, as it could the smallest peer ID (docs/simulation.md §4 finding 4)."""
+    return hashlib.sha256((task_id + peer_id).encode("utf-8")).digest()
+
+
+def check_caps(caps: Mapping[str, float] | None) -> dict[str, float]:
+    """The caps as plain floats; LocalProtocolError unless each is finite and >= 0."""
+    out: dict[str, float] = {}
+    for peer, value in (caps or {}).items():
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise LocalProtocolError(
+                f"cap of {peer!r} must be finite and >= 0, got {value!r}", reason="bad_caps"
+            )
+        out[peer] = float(value)
+    return out
 
 
 def candidate_cap(max_shards: int) -> int:
@@ -210,15 +255,16 @@ def _keep(eligible: list[ScoredBid], max_shards: int) -> list[ScoredBid]:
 
 
 def _search(
-    bids: Sequence[ScoredBid], r: float, m: int, t_max: float
+    bids: Sequence[ScoredBid], r: float, m: int, t_max: float, ties: Sequence[bytes]
 ) -> tuple[tuple[int, ...], float] | None:
     """Exact branch and bound; returns (indices into bids, T) of the optimum, or None.
 
     ``bids`` are sorted by peer id. The search walks the combination tree (children of S are
-    S ∪ {j} for j > max S, in increasing j), so (a) partial sums along a path are exactly the
-    canonical left-to-right sums in peer-id order, and (b) among sets of equal cost and size
-    the first one reached is the lexicographically smallest — so a later one replaces the
-    incumbent only if strictly cheaper, or equally cheap with fewer nodes.
+    S ∪ {j} for j > max S, in increasing j), so partial sums along a path are exactly the
+    canonical left-to-right sums in peer-id order. A later set replaces the incumbent if it is
+    strictly cheaper; or equally cheap with fewer nodes; or equally cheap and as large with a
+    larger ΣC; or equal in all three with a smaller sorted tuple of ``ties`` (H(task ‖ peer),
+    SPEC §10.2) — so equal-cost sets of the incumbent's size are visited, not pruned.
     """
     n = len(bids)
     caps = [b.capacity for b in bids]
@@ -241,10 +287,12 @@ def _search(
     best: tuple[int, ...] | None = None
     best_cost = math.inf
     best_size = m + 1
+    best_cap = -math.inf
+    best_ties: tuple[bytes, ...] = ()
     path: list[int] = []
 
     def visit(start: int, depth: int, cap: float, cost: float) -> None:
-        nonlocal best, best_cost, best_size
+        nonlocal best, best_cost, best_size, best_cap, best_ties
         left = m - depth  # nodes that may still be added, >= 1
         for j in range(start, n):
             # topsum[j][left] only shrinks as j grows: once R is out of reach, it stays so.
@@ -252,15 +300,23 @@ def _search(
                 break
             c2 = cost + costs[j]
             # Exact prunes: adding nodes never lowers a float sum of non-negative terms.
-            if c2 > t_max or c2 > best_cost or (c2 == best_cost and depth + 1 >= best_size):
+            if c2 > t_max or c2 > best_cost or (c2 == best_cost and depth + 1 > best_size):
                 continue
             k2 = cap + caps[j]
             path.append(j)
             if k2 >= r:
-                # Feasible, and better than the incumbent by the checks above. Supersets can
-                # only cost as much or more, with more nodes: never descend from here.
-                best, best_cost, best_size = tuple(path), c2, depth + 1
-            elif left > 1 and not (c2 == best_cost and depth + 2 >= best_size):
+                # Feasible. Supersets can only cost as much or more, with more nodes: never
+                # descend from here. Equal cost and size: the tie-breaks decide.
+                if c2 < best_cost or depth + 1 < best_size:
+                    better = True
+                elif k2 != best_cap:
+                    better = k2 > best_cap
+                else:
+                    better = tuple(sorted(ties[i] for i in path)) < best_ties
+                if better:
+                    best, best_cost, best_size = tuple(path), c2, depth + 1
+                    best_cap, best_ties = k2, tuple(sorted(ties[i] for i in path))
+            elif left > 1 and not (c2 == best_cost and depth + 2 > best_size):
                 # Relaxed bounds (slack-protected): every further unit of capacity costs at
                 # least min_load, and at most left-1 more nodes can be added.
                 lower = c2 + (r - k2) * min_load[j + 1]
@@ -285,9 +341,14 @@ def choose(
     max_shards: int,
     t_max: float = math.inf,
     params: NetworkParams = NetworkParams(),  # frozen, so a shared default is safe
+    caps: Mapping[str, float] | None = None,
+    task_id: str = "",
 ) -> Award:
     """Apply the award rule (docs/design.md §4) to the candidates; a pure, deterministic function.
 
+    ``caps``: peer → the most C the submitter lets that bid count for (its shown capacity, or
+    the probation cap; docs/allocation.md "Caps"); a cap for a peer that did not bid changes
+    nothing. ``task_id`` seeds the last tie-break, H(task_id ‖ peer_id) (SPEC §10.2).
     Raises RemoteProtocolError(reason="absurd_bid") for an implausible bid or a duplicate peer
     id (filter with :func:`validate_candidate` first), LocalProtocolError for bad arguments.
     The result does not depend on the order of ``candidates``.
@@ -302,13 +363,16 @@ def choose(
     r = float(r)
     t_max = float(t_max)
 
+    limits = check_caps(caps)
     seen: set[str] = set()
     for c in candidates:
         validate_candidate(c)
         if c.peer_id in seen:
             raise RemoteProtocolError(f"two bids from {c.peer_id}", reason="absurd_bid")
         seen.add(c.peer_id)
-    scored = tuple(sorted((_score(c, params) for c in candidates), key=lambda b: b.peer_id))
+    scored = tuple(
+        sorted((_score(c, params, limits.get(c.peer_id)) for c in candidates), key=lambda b: b.peer_id)
+    )
 
     reasons: dict[str, str] = {}
     eligible: list[ScoredBid] = []
@@ -328,13 +392,15 @@ def choose(
             )
 
     m = min(max_shards, len(kept))
-    found = _search(kept, r, m, t_max)
+    ties = [tie_key(task_id, b.peer_id) for b in kept]
+    found = _search(kept, r, m, t_max, ties)
     if found is not None:
         idx, _ = found
         chosen_bids = [kept[i] for i in idx]
         under = False
     else:
-        by_c = sorted(kept, key=lambda b: (-b.capacity, b.peer_id))
+        tie = dict(zip((b.peer_id for b in kept), ties, strict=True))
+        by_c = sorted(kept, key=lambda b: (-b.capacity, tie[b.peer_id]))
         chosen_bids = sorted(by_c[:m], key=lambda b: b.peer_id)
         under = True
 
@@ -368,6 +434,8 @@ def choose(
                 f"not chosen: the minimum-cost covering set leaves it out (C={_fmt(b.capacity)},"
                 f" L={_fmt(b.load)}, cost C·L={_fmt(b.cost)}; chosen set T={_fmt(total_cost)})"
             )
+        if b.cap is not None and b.cap < b.uncapped:
+            why += f"; C capped at {_fmt(b.cap)} (bid C⁰+ΔC={_fmt(b.uncapped)})"
         reasons[b.peer_id] = why
 
     return Award(

@@ -92,8 +92,11 @@ def t_max_of(net: Mapping[str, Any]) -> float:
     return math.inf if t_max is None else float(t_max)
 
 
-def allocate(announce: TaskAnnounce, bids: Sequence[Signed]) -> Allocation:
-    """The award rule applied to the task's signed bids, under the announce's T_max."""
+def allocate(
+    announce: TaskAnnounce, bids: Sequence[Signed], caps: Mapping[str, float] | None = None
+) -> Allocation:
+    """The award rule applied to the task's signed bids, under the announce's T_max, with the
+    submitter's ``caps`` on C (an award's own ``caps``; docs/allocation.md "Caps")."""
     cands = []
     for b in usable_bids(announce, bids):
         c = Candidate(b.signer, b.message.c0, b.message.load)  # type: ignore[attr-defined]
@@ -108,6 +111,8 @@ def allocate(announce: TaskAnnounce, bids: Sequence[Signed]) -> Allocation:
         max_shards=announce.max_shards,
         t_max=t_max_of(announce.net),
         params=net_params(announce.net),
+        caps=caps,
+        task_id=announce.task_id,
     )
 
 
@@ -175,7 +180,12 @@ def check_award(
     usable = usable_bids(announce, bids)
     if len(usable) != len(bids):
         raise RemoteProtocolError("award lists unusable bids", reason="bad_award")
-    alloc = allocate(announce, usable)
+    # The caps are the submitter's claim (SPEC §10.3): checkable for consistency — each names
+    # a quoted bidder, and the award follows from the bids with them — not for truth.
+    bidders = {b.signer for b in usable}
+    if award.caps is not None and not set(award.caps) <= bidders:
+        raise RemoteProtocolError("award caps a peer that did not bid", reason="bad_award")
+    alloc = allocate(announce, usable, award.caps)
     shards = sorted(award.assignments, key=lambda a: a["shard"])
     if award.epoch == 0:
         if [a["shard"] for a in shards] != list(range(len(alloc.chosen))):
@@ -191,7 +201,6 @@ def check_award(
     numbers = [a["shard"] for a in shards]
     if not shards or numbers != list(range(len(shards))) or len(shards) > announce.max_shards:
         raise RemoteProtocolError("award shards are not 0..n-1", reason="bad_award")
-    bidders = {b.signer for b in usable}
     for a in shards:
         if a["peer_id"] not in bidders or a["peer_id"] in award.excluded:
             raise RemoteProtocolError(

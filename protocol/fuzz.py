@@ -126,6 +126,7 @@ def sample_messages(now_ms: int = T0, seq: int = 1) -> list[Message]:
             under_capacity=False,
             excluded=(),
             certified={"round": 1, "output": ref, "signers": (pid,)},
+            caps={pid: 5.0},
         ),
         Lease(**t, task_id=_TASK, epoch=0, shard=0, round=0, state="running", detail="ok"),
         Result(

@@ -70,6 +70,9 @@ class Message:
     KIND: ClassVar[str] = ""
     TYPE: ClassVar[int] = 0
     MAX_TTL_MS: ClassVar[int] = 60 * _SEC
+    #: Fields that may be absent on the wire (SPEC §7.1 ``name?:``): None is encoded by
+    #: leaving the key out, so a message without them is the same bytes as before they existed.
+    OMITTABLE: ClassVar[frozenset[str]] = frozenset()
 
     seq: int = _f(s.integer(1, 2**63 - 1))
     issued_at: int = _f(s.TIMESTAMP_MS)
@@ -97,13 +100,19 @@ class Message:
         return ""
 
     def to_wire(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if not (f.name in self.OMITTABLE and getattr(self, f.name) is None)
+        }
 
     @classmethod
     def from_wire(cls: type[M], obj: Any) -> M:
         if not isinstance(obj, dict):
             raise RemoteProtocolError(f"{cls.KIND}: payload is not a map", reason="malformed")
         names = {f.name for f in dataclasses.fields(cls)}
+        if cls.OMITTABLE and set(obj) != names:
+            obj = {**{n: None for n in cls.OMITTABLE if n not in obj}, **obj}
         if set(obj) != names:
             extra = sorted(set(obj) - names)
             missing = sorted(names - set(obj))
@@ -207,6 +216,14 @@ class Bid(Message):
         return self.task_id
 
 
+def _award_caps(v: Any) -> dict[str, float]:
+    """Award ``caps``: ``{peer_id: float[0, 10⁶]}(64)``, at least one pair (absent says none)."""
+    out: dict[str, float] = s.map_of(s.PEER_ID, s.real(0, MAX_GFLOPS), 64)(v)
+    if not out:
+        raise s.FieldError("empty caps: leave the field out", reason="malformed")
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Award(Message):
     """The submitter's award. ``bids`` are the signed bid envelopes it was computed from,
@@ -252,6 +269,14 @@ class Award(Message):
             )
         },
     )
+    #: The caps on C the submitter applied (peer → GFLOP/s; docs/allocation.md "Caps", SPEC
+    #: §10.2): its claim of what each bidder has shown, or the probation cap. Absent (None)
+    #: = no caps, the bytes of an award from before caps existed. Present, never empty.
+    caps: Mapping[str, float] | None = dataclasses.field(
+        default=None, metadata={"conv": s.optional(_award_caps)}
+    )
+
+    OMITTABLE: ClassVar[frozenset[str]] = frozenset({"caps"})
 
     def scope(self) -> str:
         return self.task_id

@@ -43,6 +43,11 @@ def parse(argv: list[str] | None) -> tuple[SimConfig, Options]:
     ap.add_argument(
         "--stub-signatures", action="store_true", help="SHA-512 stand-in for Ed25519 (largest runs)"
     )
+    ap.add_argument(
+        "--trust",
+        action="store_true",
+        help="submitters cap bids by what peers delivered (docs/allocation.md)",
+    )
     ap.add_argument("--latency-ms", type=float, default=40.0, help="median one-way latency")
     ap.add_argument("--jitter", type=float, default=0.5, help="log-normal sigma of latency (0: none)")
     ap.add_argument("--loss", type=float, default=0.0, help="per-message loss probability")
@@ -93,6 +98,7 @@ def parse(argv: list[str] | None) -> tuple[SimConfig, Options]:
             bandwidth=args.bandwidth_mbit * 125_000,
         ),
         stub_signatures=args.stub_signatures,
+        trust=args.trust,
         adverts=adverts,
         advert_sample=sample,
         bidders=args.bidders,

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from protocol import codec, tensors
+from protocol import trust as tr
 from protocol.allocation import shard_sizes
 from protocol.awards import check_signed_award
 from protocol.certificate import check_certificate
@@ -98,6 +99,10 @@ class SimConfig:
     data_mb: tuple[float, float] = (0.0, 0.0)
     #: Submitters crash too (their TaskMachines resume from their records on restart).
     crash_submitters: bool = True
+    #: Submitters apply protocol/trust.py (``TrustKnown`` from their own records, which every
+    #: ``Observe`` updates), as the daemon does: docs/allocation.md "Caps". Off by default
+    #: so existing runs keep their traces.
+    trust: bool = False
     #: Test-only: passed to every RoundMachine (``RoundMachine.PLANTED_BUGS``); never the default.
     planted_bug: str | None = None
 
@@ -325,6 +330,12 @@ class Peer:
                 w.counters["tasks.resumed"] += 1
             if isinstance(a.record, act.TaskState):
                 w.last_state[a.record.task_id] = a.record
+            if isinstance(a.record, act.AwardRecord) and a.record.epoch == 0:
+                # How much of the work the liars were given at first (``liars=``, --trust).
+                liars = {p.sealer.peer_id for p in w.peers if p.liar}
+                for x in a.record.assignments:
+                    w.counters["awards.shards"] += 1
+                    w.counters["awards.liar_shards"] += x["peer_id"] in liars
         elif isinstance(a, act.Count):
             w.counters[a.name] += 1
         elif isinstance(a, act.Drop):
@@ -333,6 +344,10 @@ class Peer:
             self.active_shards += a.delta
             w.max_active_shards = max(w.max_active_shards, self.active_shards)
             self.poke_advert()
+        elif isinstance(a, act.Observe):
+            w.counters[f"observed.{a.outcome}"] += 1
+            if w.cfg.trust:
+                w.observe(self, a)
         elif isinstance(a, act.AdoptShard):
             w.adopt(self, a)
         elif isinstance(a, act.Certified):
@@ -591,6 +606,9 @@ class World:
         )
         self.times = MarketTimes(lease_ttl_ms=cfg.lease_ttl_ms, heartbeat_ms=cfg.heartbeat_ms)
         self.counters: Counter[str] = Counter()
+        #: Each submitter's records of the peers (its store's reputation table): survive a crash.
+        self.trust_records: dict[int, dict[str, tr.PeerRecord]] = {}
+        self.trust_policy = tr.TrustPolicy()
         self.published: Counter[str] = Counter()  # task messages published, by kind
         self.max_active_shards = 0
         self.blob_data: dict[str, bytes] = {}
@@ -1099,8 +1117,28 @@ class World:
         slot = peer.add_machine("task", task_id, m)
         now = peer.now_ms()
         peer.feed(slot, ev.Start(now_ms=now))
+        self.feed_trust(peer, slot, now)
         # The simulated network is reachable again at once (partitions aside).
         peer.feed(slot, ev.PeersKnown(now_ms=now, alive=sum(self.net.up), connected=1))
+
+    # -- trust (--trust: protocol/trust.py, as peerd/submitter.py drives it) ------------------------
+    def feed_trust(self, peer: Peer, slot: Slot, now: int) -> None:
+        if not self.cfg.trust:
+            return
+        records = self.trust_records.setdefault(peer.index, {})
+        banned = frozenset(
+            p for p, r in records.items() if tr.banned(tr.decay(r, now, self.trust_policy), self.trust_policy)
+        )
+        peer.feed(
+            slot, ev.TrustKnown(now_ms=now, records=dict(records), policy=self.trust_policy, banned=banned)
+        )
+
+    def observe(self, peer: Peer, a: act.Observe) -> None:
+        records = self.trust_records.setdefault(peer.index, {})
+        pol = self.trust_policy
+        rec = records.get(a.peer) or tr.PeerRecord(a.peer, updated_ms=peer.now_ms())
+        delivered = tr.delivered_capacity(a.work_gflop, a.wall_ms, pol.min_measure_ms)
+        records[a.peer] = tr.observe(rec, a.outcome, peer.now_ms(), pol, delivered)
 
     # -- tasks ---------------------------------------------------------------------------------------
     def submit(self, peer: Peer, spec: dict[str, Any]) -> None:
@@ -1139,6 +1177,7 @@ class World:
         )
         slot = peer.add_machine("task", task_id, m)
         peer.feed(slot, ev.Start(now_ms=now))
+        self.feed_trust(peer, slot, now)
         if cancel_after is not None:
             self.engine.after(cancel_after, f"cancel {task_id[:8]}", self.cancel_task, peer, task_id)
         # The deadline sweep forgets the task's idle bidders (a daemon's task book does).

@@ -2,6 +2,7 @@
 
 Every bid with its C = C0 + ΔC, load L, cost C·L, and whether and why it was chosen, so the
 award rule of docs/design.md §4 (minimise Σ C·L subject to Σ C ≥ R) can be checked by eye.
+A bid whose C the submitter capped (what the peer has shown, or probation) says so and why.
 """
 
 from __future__ import annotations
@@ -64,8 +65,20 @@ def render(x: dict[str, Any], console: Console) -> None:
     if not bids:
         t.add_row("(no bids received)", "", "", "", "", "", "")
     # The reasons are sentences: a column of their own would wrap them into slivers.
-    why = r.key_values((r.short_peer(b.get("peer_id")), str(b.get("why", ""))) for b in bids)
+    why = r.key_values((r.short_peer(b.get("peer_id")), _why(b)) for b in bids)
     console.print(Group(head, t, "\nwhy", why) if bids else Group(head, t))
+
+
+def _why(b: dict[str, Any]) -> str:
+    """The rule's reason, and when the submitter capped the bid's C, by how much and why
+    (docs/allocation.md "Caps")."""
+    why = str(b.get("why", ""))
+    if b.get("cap") is not None:
+        why += (
+            f"\n  C capped at {r.num(b.get('cap'), 3)} (its bid says {r.num(b.get('uncapped'), 3)}):"
+            f" {b.get('cap_why') or 'capped by the submitter'}"
+        )
+    return why
 
 
 @click.command("explain")

@@ -30,6 +30,7 @@ from peerd.ctl import (
     watch,
 )
 from peerd.ctl import id as id_command
+from peerd.ctl import peer as peer_command
 from peerd.ctl import peers as peers_command
 
 EPILOG = """\b
@@ -72,6 +73,7 @@ def main(ctx: click.Context, socket_path: Path | None, config_path: Path | None)
 for _module in (
     status,
     peers_command,
+    peer_command,
     id_command,
     connect,
     submit,

@@ -1,4 +1,5 @@
-"""``peerctl peers``: every verified, unexpired advert in the peer table (``peers.list``).
+"""``peerctl peers``: every verified, unexpired advert in the peer table (``peers.list``),
+with what this node has seen each peer deliver (history, trust; peerd/reputation.py).
 
 ``peers.list`` answers one page at a time (docs/rpc.md); this command follows the ``next``
 cursors on one connection and shows all pages together.
@@ -60,13 +61,38 @@ def _gpus(gpus: list[dict[str, Any]]) -> str:
     return ", ".join(f"{n}× {m}" for m, n in models.items())
 
 
+def _trust(t: dict[str, Any] | None) -> tuple[str, str]:
+    """The history and trust columns: what this node has seen the peer deliver, as a
+    submitter (docs/allocation.md "Caps"). "new": no record (on probation)."""
+    if not t:
+        return "new", "-"
+    bad = float(t.get("failed") or 0) + float(t.get("timed_out") or 0) + float(t.get("disagreed") or 0)
+    history = f"{float(t.get('done') or 0):.1f} done / {bad:.1f} bad"
+    if t.get("shown_gflops") is not None:
+        history += f", shown {r.num(t.get('shown_gflops'), 1)}"
+    trust = r.num(t.get("trust"), 2)
+    if t.get("banned"):
+        trust += " banned"
+    return history, trust
+
+
 def render(result: dict[str, Any], console: Console) -> None:
     peers = sorted(result.get("peers", []), key=lambda p: (not p.get("self"), str(p.get("peer_id"))))
     if not peers:
         console.print("no peers yet (is the bootstrap list right? see `peerctl status`)")
         return
     t = r.table(
-        "peer", "C0", "L", "C", "cores", "GPUs", "memory", "age", right=("C0", "L", "C", "cores", "age")
+        "peer",
+        "C0",
+        "L",
+        "C",
+        "cores",
+        "GPUs",
+        "memory",
+        "age",
+        "history",
+        "trust",
+        right=("C0", "L", "C", "cores", "age", "trust"),
     )
     for p in peers:
         offer, memory = p.get("offer") or {}, p.get("memory") or {}
@@ -82,6 +108,7 @@ def render(result: dict[str, Any], console: Console) -> None:
             _gpus(p.get("gpus") or []),
             f"{r.megabytes(memory.get('available_mb'))} / {r.megabytes(memory.get('total_mb'))}",
             r.duration(p.get("age_s")),
+            *_trust(p.get("trust")),
         )
     console.print(t)
     console.print(f"{len(peers)} peer{'s' if len(peers) != 1 else ''}", style="dim")

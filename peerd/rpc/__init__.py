@@ -12,6 +12,7 @@ which runs this file first.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +41,26 @@ class MethodSpec:
 
 
 _TASK_ID = Params((Field("task_id", str, check=non_empty_id),))
+
+
+def _peer_id(value: str) -> str | None:
+    # The wire shape of a peer ID (SPEC §4); re is enough, no protocol import needed here.
+    ok = re.fullmatch(r"12D3KooW[1-9A-HJ-NP-Za-km-z]{44}", value)
+    return None if ok else "expected a peer ID (12D3KooW…)"
+
+
+def _reason(value: str) -> str | None:
+    return None if len(value) <= 256 else "at most 256 characters"
+
+
+#: ``peer.ban`` / ``peer.unban`` (docs/rpc.md): whose bids this node refuses as a submitter.
+_PEER_BAN = Params(
+    (
+        Field("peer_id", str, check=_peer_id),
+        Field("reason", str, required=False, check=_reason, doc="shown by peerctl peers"),
+    )
+)
+_PEER_UNBAN = Params((Field("peer_id", str, check=_peer_id),))
 
 #: ``peers.list`` pages (docs/rpc.md): peers sorted by ID, ``limit`` per page (default and
 #: maximum below), the next page starting after the previous page's ``next``. A full table
@@ -72,6 +93,8 @@ CONTRACT: dict[str, MethodSpec] = {
         MethodSpec("task.cancel", "write", _TASK_ID),
         MethodSpec("task.explain", "read", _TASK_ID),
         MethodSpec("task.bundle", "read", _TASK_ID),
+        MethodSpec("peer.ban", "write", _PEER_BAN),
+        MethodSpec("peer.unban", "write", _PEER_UNBAN),
         MethodSpec(
             "blob.read",
             "read",

@@ -303,3 +303,19 @@ class WorkRecord(Record):
 @dataclass(frozen=True, kw_only=True)
 class Persist(Action):
     record: Record
+
+
+@dataclass(frozen=True, kw_only=True)
+class Observe(Action):
+    """TaskMachine: an outcome of one shard, for the node's record of ``peer``
+    (protocol/trust.py ``observe``; the daemon persists it, peerd/reputation.py).
+    ``outcome``: ``done`` (a valid result; ``work_gflop`` / ``wall_ms`` is the capacity it
+    delivered, ``wall_ms`` 0 when unmeasured, e.g. after a restart), ``failed``
+    (``ok = false``), ``timed_out`` (its lease lapsed) or ``disagreed``."""
+
+    peer: str
+    task_id: str
+    shard: int
+    work_gflop: float
+    wall_ms: int
+    outcome: str

@@ -19,6 +19,7 @@ from typing import Any
 
 from protocol.certificate import Certificate
 from protocol.envelope import Signed
+from protocol.trust import PeerRecord, TrustPolicy
 
 #: ``MessageVerified.via``: how the message reached us.
 VIA_GOSSIP = "gossip"  #: on the task topic (SPEC §8.1)
@@ -152,3 +153,16 @@ class InputsSplit(Event):
     shard in shard order (name → ``{"sha256", "size"}``)."""
 
     inputs: tuple[Mapping[str, Mapping[str, Any]], ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrustKnown(Event):
+    """TaskMachine: what this node has seen each peer deliver (protocol/trust.py records,
+    peer → record, decayed or not: the machine decays them to ``now_ms``), the ``[policy]``
+    it applies, and the peers it refuses bids from (banned by hand or over the threshold).
+    The driver sends it before the bid window closes, like ``PeersKnown``; the latest wins.
+    The award caps each bid's C by it (docs/allocation.md "Caps")."""
+
+    records: Mapping[str, PeerRecord]
+    policy: TrustPolicy = field(default_factory=TrustPolicy)
+    banned: frozenset[str] = frozenset()

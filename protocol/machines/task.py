@@ -46,12 +46,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocol import trust as tr
 from protocol.allocation import Award as Allocation
-from protocol.allocation import effective_capacity
+from protocol.allocation import Candidate, effective_capacity, validate_candidate
 from protocol.awards import allocate, assignments_of, net_params, quotable_bids, reassign
 from protocol.certificate import Certificate
 from protocol.envelope import Signed
-from protocol.errors import LocalProtocolError
+from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.machines import actions as act
 from protocol.machines import events as ev
 from protocol.machines.common import MarketTimes, Sealer, Timers, illegal, join_short, short
@@ -234,6 +235,17 @@ class TaskMachine:
         self._report: _Report | None = None
         self._final: _Report | None = None
         self._resumed = restored is not None
+        #: What this node has seen each peer deliver (``TrustKnown``; docs/allocation.md
+        #: "Caps"). Until the driver sends it, awards carry no caps (as before caps existed).
+        self.trust_records: dict[str, tr.PeerRecord] = {}
+        self.trust_policy = tr.TrustPolicy()
+        self.banned: frozenset[str] = frozenset()
+        self._trust_known = False
+        #: peer → why the first award capped its C (``peerctl explain``).
+        self.cap_why: dict[str, str] = {}
+        self._awarded_at: dict[int, tuple[str, int]] = {}  # shard → (holder, when it got it)
+        self._result_at: dict[tuple[int, int, str], int] = {}  # (round, shard, signer) → arrival
+        self._observed: set[tuple[str, int, str, str]] = set()  # (kind, shard, peer, key): once each
         #: Issue 8: moves of failed shards, backup holders, declared outputs.
         self.retries = retries
         self.backup_after = backup_after
@@ -269,6 +281,8 @@ class TaskMachine:
             # change nothing; a timer cannot fire (all were cancelled) and a split cannot be due.
             if isinstance(event, ev.BlobFetched | ev.JobFinished | ev.CancelRequested | ev.PeersKnown):
                 return []
+            if isinstance(event, ev.TrustKnown):
+                return []
             if isinstance(event, ev.PeerLost | ev.RoundCertified | ev.InputsSplit):
                 return []
             raise illegal("TaskMachine", s, event)
@@ -281,6 +295,12 @@ class TaskMachine:
             self.alive_peers = event.alive
             if event.connected > 0:
                 self.network_up = True
+            return []
+        if isinstance(event, ev.TrustKnown):
+            self.trust_records = dict(event.records)
+            self.trust_policy = event.policy
+            self.banned = frozenset(event.banned)
+            self._trust_known = True
             return []
         if isinstance(event, ev.PeerLost):
             self._lost_now.add(event.peer)
@@ -360,8 +380,32 @@ class TaskMachine:
 
     def usable(self) -> list[Signed]:
         """The bids that count now: one per peer, the highest sequence, at most the 64 an
-        award can quote (``quotable_bids``)."""
-        return quotable_bids(self.announce, list(self.bids.values()))
+        award can quote (``quotable_bids``); never a banned peer's (``TrustKnown``)."""
+        return quotable_bids(self.announce, [b for b in self.bids.values() if b.signer not in self.banned])
+
+    def _caps(self, bids: Sequence[Signed], now: int) -> tuple[dict[str, float] | None, dict[str, str]]:
+        """The caps on C this award applies (protocol/trust.py ``caps_for``) and why; None
+        until the driver has sent ``TrustKnown`` (docs/allocation.md "Caps")."""
+        if not self._trust_known:
+            return None, {}
+        params = net_params(self.announce.net)
+        advertised: dict[str, float] = {}
+        for b in bids:
+            m = b.message
+            assert isinstance(m, Bid)
+            try:
+                validate_candidate(Candidate(b.signer, m.c0, m.load))
+            except RemoteProtocolError:
+                continue  # allocate skips it too
+            advertised[b.signer] = effective_capacity(float(m.c0), float(m.load), params)
+        records = {p: tr.decay(r, now, self.trust_policy) for p, r in self.trust_records.items()}
+        r = self.announce.work / (self.announce.deadline_ms / 1000)
+        d = tr.caps_for(advertised, records, r, self.trust_policy)
+        return (dict(d.caps) or None), dict(d.why)
+
+    @staticmethod
+    def _applied_caps(alloc: Allocation) -> dict[str, float] | None:
+        return {b.peer_id: b.cap for b in alloc.scored if b.cap is not None} or None
 
     def _window_closed(self, now: int) -> list[act.Action]:
         if self.usable():
@@ -378,9 +422,20 @@ class TaskMachine:
 
     def _award0(self, now: int) -> list[act.Action]:
         bids = self.usable()
-        alloc = allocate(self.announce, bids)
+        caps, why = self._caps(bids, now)
+        self.cap_why = why  # peerctl explain (task.explain)
+        alloc = allocate(self.announce, bids, caps)
         assignments = assignments_of(alloc)
         out = self.timers.cancel(T_BACKOFF) + self.timers.cancel(T_BID_WINDOW)
+        for peer, reason in sorted(why.items()):
+            # peerctl explain: when and why a bid's C was capped (docs/allocation.md "Caps").
+            out.append(
+                act.Persist(
+                    record=act.TaskEvent(
+                        task_id=self.task_id, state="bidding", message=f"C of {short(peer)} capped: {reason}"
+                    )
+                )
+            )
         if self.split_input is not None:
             self.state = TaskState.AWARDING
             self._pending_alloc = (bids, alloc, assignments)
@@ -421,8 +476,10 @@ class TaskMachine:
             assignments=assignments,
             under_capacity=alloc.under_capacity,
             excluded=[],
+            caps=self._applied_caps(alloc),
         )
         self.awards[0] = signed
+        self._awarded_at.update({a["shard"]: (a["peer_id"], now) for a in assignments})
         self.state = TaskState.RUNNING
         self.lease_start = now
         self.held_since = {int(a["shard"]): now for a in assignments}
@@ -489,6 +546,10 @@ class TaskMachine:
             out: list[act.Action] = [act.Count(name="bids.unknown_task")]
             return out + ([act.Reply(ok=False, reason="unknown task")] if stream else [])
         signed = event.signed
+        if signed.signer in self.banned:
+            # Banned by hand or over the policy's threshold (``TrustKnown``): refused, counted.
+            out = [act.Drop(reason="banned", detail=f"bid from {short(signed.signer)}")]
+            return out + ([act.Reply(ok=False, reason="banned")] if stream else [])
         out = []
         if signed.digest not in self.bids:
             self.bids[signed.digest] = signed
@@ -511,7 +572,43 @@ class TaskMachine:
             self.heartbeats[signer] = event.now_ms
             self._lost_now.discard(signer)
         self.lease_states[(signer, m.shard)] = m.state
+        if m.state == "done" and self.announce.aggregation != "none":
+            return self._observe(tr.DONE, m.shard, signer, "", event.now_ms)
         return []
+
+    # -- outcomes for the node's record of each peer (protocol/trust.py) ---------------------
+    def _observe(self, outcome: str, shard: int, peer: str, key: str, at: int | None) -> list[act.Action]:
+        """One ``Observe`` per (outcome, shard, peer, key). A ``done`` is measured from when
+        the peer got the shard to ``at`` (its result or final lease); 0 when unknown."""
+        mark = (outcome, shard, peer, key)
+        if mark in self._observed:
+            return []
+        self._observed.add(mark)
+        share = next((float(a["share"]) for a in self.assignments() if a["shard"] == shard), 0.0)
+        got = self._awarded_at.get(shard)
+        wall = (
+            at - got[1] if outcome == tr.DONE and at is not None and got is not None and got[0] == peer else 0
+        )
+        return [
+            act.Observe(
+                peer=peer,
+                task_id=self.task_id,
+                shard=shard,
+                work_gflop=share * self.announce.work,
+                wall_ms=max(0, wall),
+                outcome=outcome,
+            )
+        ]
+
+    def _observe_lost(self, lost: set[str]) -> list[act.Action]:
+        out: list[act.Action] = []
+        for a in self.assignments():
+            if a["peer_id"] in lost and not self._shard_finished(a["shard"]):
+                epoch = self.latest_award()
+                out += self._observe(
+                    tr.TIMED_OUT, a["shard"], a["peer_id"], f"epoch {epoch.epoch if epoch else 0}", None
+                )
+        return out
 
     def _on_result(self, event: ev.MessageVerified, m: Result) -> list[act.Action]:
         signed = event.signed
@@ -547,6 +644,9 @@ class TaskMachine:
         ]
         if self._keep_result(signed, m):
             out.append(act.Count(name="results.received"))
+            self._result_at.setdefault((m.round, m.shard, signed.signer), event.now_ms)
+            if not m.ok:
+                out += self._observe(tr.FAILED, m.shard, signed.signer, f"round {m.round}", None)
         if stream:
             out.append(act.Reply(ok=True))
         if self.state is TaskState.RUNNING:
@@ -672,6 +772,7 @@ class TaskMachine:
         lost = self._lost_holders(now)
         out: list[act.Action] = []
         if lost:
+            out += self._observe_lost(lost)
             out += self._reaward(now, lost)
         if self.state is TaskState.RUNNING:
             out += self._arm_leases(now)
@@ -740,7 +841,7 @@ class TaskMachine:
         if spent is not None:
             return spent
         usable = self.usable()
-        alloc = allocate(self.announce, usable)
+        alloc = allocate(self.announce, usable, self._caps(usable, now)[0])
         costs = [(s.peer_id, s.cost) for s in alloc.scored]
         excluded = sorted(set(award.excluded) | lost)
         new = reassign(list(award.assignments), set(excluded), costs)
@@ -767,6 +868,7 @@ class TaskMachine:
             under_capacity=award.under_capacity,
             excluded=excluded,
             certified=self._certified_quote(),
+            caps=self._applied_caps(alloc),
         )
         self.awards[epoch] = signed
         before = {x["shard"]: x["peer_id"] for x in award.assignments}
@@ -776,6 +878,7 @@ class TaskMachine:
             if a["peer_id"] != before.get(a["shard"]):
                 # A peer that just got a shard has not heartbeated it yet: a full TTL from now.
                 self.heartbeats[a["peer_id"]] = now
+                self._awarded_at[a["shard"]] = (a["peer_id"], now)
                 self.held_since[int(a["shard"])] = now
         moved = ", ".join(
             f"shard {a['shard']} → {short(a['peer_id'])}" for a in new if a["peer_id"] != before[a["shard"]]
@@ -840,6 +943,9 @@ class TaskMachine:
                     return out
             if a["shard"] not in self.shards_done:
                 self.shards_done.add(a["shard"])
+                out += self._observe(
+                    tr.DONE, a["shard"], sv.signer, "", self._result_at.get((msg.round, msg.shard, sv.signer))
+                )
                 out.append(
                     act.Persist(
                         record=act.ShardStateRecord(task_id=self.task_id, shard=a["shard"], state="done")

@@ -1282,6 +1282,31 @@ def award_vectors() -> dict[str, Any]:
         "bad_award",
         "shards numbered 1 and 2 instead of 0 and 1",
     )
+    # --- caps (SPEC §10.2): the seed's task 1 with node3's C capped at 1600 ---
+    from protocol.awards import assignments_of
+
+    caps = {pid["node3"]: 1600.0}
+    capped = allocate(st["announce"], open_quoted_bids(st["award"]), caps)
+    assert {pid["node2"], pid["node3"]} == set(capped.chosen)
+    case(
+        "epoch0_caps",
+        _seal_award(fields(caps=caps, assignments=assignments_of(capped))),
+        "accept",
+        "node3 capped at 1600: {1,3} (ΣC 2600.1) no longer covers R = 3000; the rule takes {2,3} "
+        "(ΣC 3100.16, T 3120.128), shares 1500.16 : 1600",
+    )
+    case(
+        "caps_ignored",
+        _seal_award(fields(caps=caps)),
+        "bad_award",
+        "the award carries node3's cap but assigns as if uncapped ({1,3})",
+    )
+    case(
+        "caps_non_bidder",
+        _seal_award(fields(caps={pid["submitter"]: 5.0})),
+        "bad_award",
+        "the caps name a peer that quoted no bid",
+    )
     # --- re-awards (epoch 1, checked against epoch 0 unless the note says otherwise) ---
     e1 = epoch1["assignments"]
     lost_shard, kept_shard = lost, 1 - lost

@@ -398,6 +398,8 @@ def test_a_bid_before_resume_is_taken_and_the_task_awarded(tmp_path: Path) -> No
         assert [r.peer_id for r in p.store.bids(task_id)] == [PEER.peer_id]
         # Resumed while bidding: the stored announce goes out again, then the window closes.
         await until(lambda: p.state(task_id) == "running", "awarded after the restart")
+        # The award's publish is a job the driver spawns after the state changes: wait for it.
+        await until(lambda: "award" in p.p2p.kinds(), "the award is published")
         assert p.p2p.kinds()[:2] == ["announce", "award"]
 
     run(tmp_path, after)

@@ -266,7 +266,9 @@ def test_explain_lists_every_bid_and_its_choice_follows_the_rule(net: TestNet) -
     assert {b["peer_id"] for b in ex["bids"]} == set(ids.values()), "every node bids for echo"
     for b in ex["bids"]:
         assert set(b) >= {"peer_id", "c0", "load", "capacity", "cost", "chosen", "why"}
-        assert b["capacity"] == pytest.approx(b["c0"] + b["delta_c"])
+        # C = C⁰ + ΔC, or the submitter's cap on it (docs/allocation.md "Caps").
+        uncapped = b["c0"] + b["delta_c"]
+        assert b["capacity"] == pytest.approx(uncapped if b["cap"] is None else min(uncapped, b["cap"]))
         assert b["cost"] == pytest.approx(b["capacity"] * b["load"])
         assert b["why"].startswith("chosen" if b["chosen"] else "not chosen"), b["why"]
     p = ex["params"]
@@ -275,6 +277,8 @@ def test_explain_lists_every_bid_and_its_choice_follows_the_rule(net: TestNet) -
         [Candidate(b["peer_id"], b["c0"], b["load"]) for b in ex["bids"]],
         demand=ex["demand"], max_shards=ex["max_shards"],
         params=NetworkParams(k=p["k"], dc_min=p["dc_min"], dc_max=dc_max),
+        caps={b["peer_id"]: b["cap"] for b in ex["bids"] if b["cap"] is not None},
+        task_id=task_id,
     )
     chosen = {b["peer_id"] for b in ex["bids"] if b["chosen"]}
     assert chosen == set(again.chosen)

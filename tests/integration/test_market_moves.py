@@ -142,15 +142,18 @@ class Net:
             self.net.start(i)
 
 
-@pytest.fixture(scope="module")
-def moves(devnet_module: Callable[..., TestNet], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
-    scripts_dir = tmp_path_factory.mktemp("launchers")
+@pytest.fixture
+def moves(devnet: Callable[..., TestNet], tmp_path: Path) -> Iterator[Net]:
+    # A fresh devnet per test: the submitter's trust records (docs/allocation.md "Caps") would
+    # cap the liar after its first fault, and each test needs it to win one first award.
+    scripts_dir = tmp_path / "launchers"
+    scripts_dir.mkdir()
     (scripts_dir / "evil.py").write_text(EVIL_CONTRACTOR)
     (scripts_dir / "replayer.py").write_text(REPLAYING_SUBMITTER)
     # Uncalibrated C⁰ (10 GFLOP/s per core): the liar's 20× stays below its 2-core hardware bound
     # (2 × 256, SPEC §7.2), so its bid is plausible and wins. With calibration on (~90 per core
     # here) the same lie is refused as implausible_c0 and the liar never holds a shard.
-    net = devnet_module(3, {**BASE, "adverts": {"calibrate": False}}, start=False)
+    net = devnet(3, {**BASE, "adverts": {"calibrate": False}}, start=False)
     # A short floor for the hold limit: the silent liar's shard moves after backup_after × its
     # expected time, not after the default minute.
     patch_config(net, SUBMITTER, {"offer": {"accept_kinds": ["sleep"]}, "market": {"backup_min_s": 5.0}})

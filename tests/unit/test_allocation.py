@@ -22,6 +22,7 @@ from protocol.allocation import (
     demand,
     effective_capacity,
     shard_sizes,
+    tie_key,
     validate_candidate,
 )
 from protocol.errors import LocalProtocolError, RemoteProtocolError
@@ -182,13 +183,82 @@ def test_t_max_is_a_gate_on_the_optimum() -> None:
     assert gated.under_capacity and gated.chosen == ("b", "c")
 
 
-def test_ties_prefer_fewer_nodes_then_smallest_ids() -> None:
+def test_ties_prefer_fewer_nodes_then_larger_capacity() -> None:
     # Idle nodes cost nothing: every covering set costs 0; the single big node wins on size.
     cands = [Candidate("a", 10, 0.0), Candidate("b", 10, 0.0), Candidate("c", 20, 0.0)]
     assert choose(cands, demand=20, max_shards=3).chosen == ("c",)
-    # Equal cost and size: the lexicographically smallest tuple wins.
-    cands = [Candidate("d", 10, 0.0), Candidate("b", 10, 0.0), Candidate("c", 10, 0.0)]
+    # Equal cost and size: the larger ΣC wins, whatever the peer IDs.
+    cands = [Candidate("a", 10, 0.0), Candidate("b", 12, 0.0), Candidate("c", 11, 0.0)]
     assert choose(cands, demand=15, max_shards=3).chosen == ("b", "c")
+    assert choose(cands, demand=5, max_shards=3).chosen == ("b",)
+
+
+def _hash_order(task_id: str, peers: list[str]) -> list[str]:
+    return sorted(peers, key=lambda p: tie_key(task_id, p))
+
+
+def test_equal_sets_go_to_the_smallest_hash_not_the_smallest_id() -> None:
+    # docs/simulation.md §4 finding 4: idle, equal bidders used to go to the smallest peer ID,
+    # which a key generator can grind. Now H(task ‖ peer) decides, and differs per task.
+    peers = [f"p{i}" for i in range(8)]
+    cands = [Candidate(p, 10, 0.0) for p in peers]
+    winners = set()
+    for t in range(20):
+        task = f"{t:032x}"
+        award = choose(cands, demand=5, max_shards=2, task_id=task)
+        assert award.chosen == (_hash_order(task, peers)[0],)
+        pair = choose(cands, demand=15, max_shards=2, task_id=task)
+        assert pair.chosen == tuple(sorted(_hash_order(task, peers)[:2]))
+        winners.add(award.chosen[0])
+    assert len(winners) > 1  # not one peer for every task
+
+
+def test_tie_key_is_sha256_of_task_then_peer() -> None:
+    import hashlib
+
+    assert tie_key("ab", "12D3") == hashlib.sha256(b"ab12D3").digest()
+
+
+def test_under_capacity_ties_go_to_the_smallest_hash() -> None:
+    peers = ["a", "b", "c", "d"]
+    cands = [Candidate(p, 10, 0.0) for p in peers]
+    award = choose(cands, demand=100, max_shards=2, task_id="t1")
+    assert award.under_capacity
+    assert award.chosen == tuple(sorted(_hash_order("t1", peers)[:2]))
+
+
+# --- caps (docs/allocation.md "Caps") ---------------------------------------------------------
+
+
+def test_a_cap_bounds_c_share_and_cost() -> None:
+    # The seed's task 1 with node 3 capped at 1600: {1,3} (2600.1) no longer covers R = 3000;
+    # {2,3} = 1500.16 + 1600 = 3100.16 does, T = 1200.128 + 1920 = 3120.128 < {1,2,3}'s 3620.178.
+    award = choose(SEED_NODES, demand=3000, max_shards=3, params=SEED_PARAMS, caps={"3": 1600.0})
+    by = {b.peer_id: b for b in award.scored}
+    assert by["3"].capacity == 1600.0 and by["3"].uncapped == 2000.24 and by["3"].cap == 1600.0
+    assert by["3"].cost == 1600.0 * 1.2
+    assert award.chosen == ("2", "3") and not award.under_capacity
+    c2 = by["2"].capacity
+    assert award.total_capacity == c2 + 1600.0 and award.total_cost == by["2"].cost + 1920.0
+    assert award.shares == (c2 / (c2 + 1600.0), 1600.0 / (c2 + 1600.0))
+    assert "capped at 1600" in award.reasons["3"]
+
+
+def test_a_cap_above_c_changes_nothing_and_unknown_peers_are_ignored() -> None:
+    plain = choose(SEED_NODES, demand=3000, max_shards=3, params=SEED_PARAMS)
+    capped = choose(SEED_NODES, demand=3000, max_shards=3, params=SEED_PARAMS, caps={"3": 1e9, "zz": 1.0})
+    assert (plain.chosen, plain.shares, plain.total_cost) == (capped.chosen, capped.shares, capped.total_cost)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0, True, "1"])
+def test_bad_caps_are_refused(bad: object) -> None:
+    with pytest.raises(LocalProtocolError):
+        choose(SEED_NODES, demand=3000, max_shards=3, caps={"1": bad})  # type: ignore[dict-item]
+
+
+def test_a_zero_cap_makes_a_bid_ineligible() -> None:
+    award = choose(SEED_NODES, demand=10, max_shards=3, params=SEED_PARAMS, caps={"1": 0.0})
+    assert award.reasons["1"].startswith("not eligible") and "1" not in award.chosen
 
 
 def test_zero_demand_takes_the_single_cheapest() -> None:
@@ -249,15 +319,24 @@ def test_cap_keeps_lowest_loads() -> None:
 
 
 def brute_force(
-    cands: list[Candidate], r: float, m: int, t_max: float, params: NetworkParams
+    cands: list[Candidate],
+    r: float,
+    m: int,
+    t_max: float,
+    params: NetworkParams,
+    caps: dict[str, float] | None = None,
+    task_id: str = "",
 ) -> tuple[tuple[str, ...], bool]:
-    """The rule as literally written: try every subset (canonical sums in peer-id order)."""
+    """The rule as literally written: try every subset (canonical sums in peer-id order);
+    ties: fewer nodes, larger ΣC, smaller sorted tuple of H(task ‖ peer)."""
     rows = []
     for c in sorted(cands, key=lambda c: c.peer_id):
         cap = c.c0 + min(max(params.k * c.load, params.dc_min), params.dc_max)
+        if caps and c.peer_id in caps:
+            cap = min(cap, caps[c.peer_id])
         if cap > 0:
             rows.append((c.peer_id, cap, cap * c.load))
-    best: tuple[float, int, tuple[str, ...]] | None = None
+    best: tuple[float, int, float, tuple[bytes, ...], tuple[str, ...]] | None = None
     for size in range(1, min(m, len(rows)) + 1):
         for combo in itertools.combinations(rows, size):
             cap_sum = 0.0
@@ -266,12 +345,13 @@ def brute_force(
                 cap_sum += cap
                 cost_sum += cost
             if cap_sum >= r and cost_sum <= t_max:
-                key = (cost_sum, size, tuple(p for p, _, _ in combo))
+                ties = tuple(sorted(tie_key(task_id, p) for p, _, _ in combo))
+                key = (cost_sum, size, -cap_sum, ties, tuple(p for p, _, _ in combo))
                 if best is None or key < best:
                     best = key
     if best is not None:
-        return best[2], False
-    by_c = sorted(rows, key=lambda row: (-row[1], row[0]))[:m]
+        return best[4], False
+    by_c = sorted(rows, key=lambda row: (-row[1], tie_key(task_id, row[0])))[:m]
     return tuple(sorted(p for p, _, _ in by_c)), True
 
 
@@ -303,11 +383,15 @@ def _instances(draw: st.DrawFn) -> tuple[list[Candidate], float, int, float, Net
 
 
 @settings(max_examples=400, deadline=None)
-@given(_instances())
-def test_choose_matches_brute_force(inst: tuple[list[Candidate], float, int, float, NetworkParams]) -> None:
+@given(_instances(), st.sampled_from(["", "00ff", "task-b"]), st.data())
+def test_choose_matches_brute_force(
+    inst: tuple[list[Candidate], float, int, float, NetworkParams], task_id: str, data: st.DataObject
+) -> None:
     cands, r, m, t_max, params = inst
-    award = choose(cands, demand=r, max_shards=m, t_max=t_max, params=params)
-    assert (award.chosen, award.under_capacity) == brute_force(cands, r, m, t_max, params)
+    # Caps from the same small pools, so capped values tie with uncapped ones too.
+    caps = {c.peer_id: data.draw(_c0) for c in cands if data.draw(st.booleans())}
+    award = choose(cands, demand=r, max_shards=m, t_max=t_max, params=params, caps=caps, task_id=task_id)
+    assert (award.chosen, award.under_capacity) == brute_force(cands, r, m, t_max, params, caps, task_id)
     if award.chosen:
         assert math.isclose(sum(award.shares), 1.0, rel_tol=1e-12)
         assert list(award.chosen) == sorted(award.chosen)
@@ -355,7 +439,9 @@ def test_large_equal_load_instance_stays_bounded() -> None:
     # the assertion is on the answer, the cap guarantees the work.
     cands = [Candidate(f"p{i:02d}", 1000.0, 1.0) for i in range(30)]
     award = choose(cands, demand=7999.5, max_shards=30)
-    assert award.chosen == tuple(f"p{i:02d}" for i in range(8))
+    # Every 8-set ties on cost, size and ΣC: the smallest hashes among the 20 kept win.
+    kept = [f"p{i:02d}" for i in range(20)]
+    assert award.chosen == tuple(sorted(_hash_order("", kept)[:8]))
     assert sum(1 for why in award.reasons.values() if why.startswith("not considered")) == 10
 
 

@@ -404,7 +404,7 @@ def test_every_honest_award_checks_and_recomputes(nums: list[tuple[float, float]
     award, _ = seal_award(ann, bids)
     recheck(award, ann)
     chosen = choose([Candidate(b.signer, c0, load) for b, (c0, load) in zip(bids, nums, strict=True)],
-                    demand=ann.work / 1.0, max_shards=m, params=net_params(NET))
+                    demand=ann.work / 1.0, max_shards=m, params=net_params(NET), task_id=ann.task_id)
     assert tuple(a["peer_id"] for a in sorted(award.assignments, key=lambda a: a["shard"])) == chosen.chosen
 
 

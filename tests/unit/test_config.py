@@ -181,6 +181,13 @@ def test_config_is_frozen() -> None:
             "policy.trusted_submitters[0]: expected an Ed25519 peer ID",
         ),
         ("[policy]\nmax_blob_mb = -5", "policy.max_blob_mb: expected a positive integer, got -5"),
+        ("[policy]\nprobation_share = 1.5", "policy.probation_share: must be at most 1"),
+        ("[policy]\nprobation_share = -0.1", "policy.probation_share: expected a non-negative"),
+        ("[policy]\nprobation_floor = 0", "policy.probation_floor: expected a positive"),
+        ("[policy]\nprobation_floor = 1e7", "policy.probation_floor: must be at most 1e6"),
+        ("[policy]\nban_threshold = 1", "policy.ban_threshold: must be less than 1"),
+        ("[policy]\ndecay_half_life_h = 0", "policy.decay_half_life_h: expected a positive"),
+        ("[policy]\nmin_measure_s = 100000", "policy.min_measure_s: must be at most 86400"),
         ("[limits]\nwall_seconds = 0", "limits.wall_seconds: expected a positive integer, got 0"),
         (
             '[rpc]\nallowed_uids = ["root"]',
@@ -274,3 +281,13 @@ def test_the_example_bootstrap_line_is_valid_when_uncommented(tmp_path: Path) ->
 def test_env_defaults_come_from_the_real_environment_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STATE_DIRECTORY", "/srv/peerd-state")
     assert load_config(None).node.state_dir == Path("/srv/peerd-state")
+
+
+def test_policy_trust_keys_are_read_and_become_a_trust_policy(tmp_path: Path) -> None:
+    text = "[policy]\nprobation_share = 0.5\nprobation_floor = 42.0\nban_threshold = 0\n"
+    text += "decay_half_life_h = 2\n"
+    cfg = load_config(write(tmp_path, text), env=ROOT_ENV, uid=0)
+    tp = cfg.policy.trust_policy()
+    assert (tp.probation_share, tp.probation_floor, tp.ban_threshold) == (0.5, 42.0, 0.0)
+    assert tp.half_life_ms == 2 * 3_600_000
+    assert load_config(None, env=ROOT_ENV, uid=0).policy.trust_policy().probation_share == 0.25

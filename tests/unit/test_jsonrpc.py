@@ -246,4 +246,6 @@ def test_only_task_watch_streams_and_writes_are_the_state_changing_methods() -> 
         "network.connect",
         "task.submit",
         "task.cancel",
+        "peer.ban",
+        "peer.unban",
     }

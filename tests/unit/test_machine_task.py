@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from protocol.allocation import tie_key
 from protocol.awards import check_award, open_quoted_bids
 from protocol.certificate import Certificate, tally
 from protocol.committee import committee
@@ -373,7 +374,9 @@ def test_lease_from_a_non_holder_is_dropped_and_heartbeats_move_the_check() -> N
 
 def test_lost_holder_is_reawarded_to_a_spare_bidder() -> None:
     m, _ = awarded(bidders=(W[0], W[1]))
-    assert [a["peer_id"] for a in m.assignments()] == [min(W[0].peer_id, W[1].peer_id)]
+    # Equal idle bids: H(task ‖ peer) breaks the tie (SPEC §10.2), not the smaller peer ID.
+    first = min((W[0].peer_id, W[1].peer_id), key=lambda p: tie_key(m.task_id, p))
+    assert [a["peer_id"] for a in m.assignments()] == [first]
     holder = BY_ID[m.assignments()[0]["peer_id"]]
     spare = W[1] if holder is W[0] else W[0]
     out = m.handle(ev.TimerFired(now_ms=NOW + 10_301, name="leases"))

@@ -62,7 +62,9 @@ def test_round_trip(kind: str) -> None:
 def test_wire_keys_are_the_fields(kind: str) -> None:
     msg = SAMPLES[kind]
     names = {f.name for f in dataclasses.fields(msg)}
-    assert set(msg.to_wire()) == names
+    # Omittable fields (Award.caps) are left out when None (SPEC §7.1).
+    absent = {n for n in msg.OMITTABLE if getattr(msg, n) is None}
+    assert set(msg.to_wire()) == names - absent
     assert {"seq", "issued_at", "expires_at"} <= names
 
 
@@ -188,6 +190,9 @@ def test_from_wire_requires_exactly_the_fields(kind: str) -> None:
         cls.from_wire({**wire, "extra": 1})
     for name in wire:
         partial = {k: v for k, v in wire.items() if k != name}
+        if name in cls.OMITTABLE:  # may be absent (SPEC §7.1): absent is None
+            assert getattr(cls.from_wire(partial), name) is None
+            continue
         with pytest.raises(RemoteProtocolError, match="missing fields") as ei:
             cls.from_wire(partial)
         assert ei.value.reason == "malformed"

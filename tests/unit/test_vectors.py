@@ -483,7 +483,8 @@ def test_award_vectors_cover_the_rule() -> None:
     for each part of §10.3."""
     cases = {c["name"]: c for c in load("awards.json")["cases"]}
     accepted = {n for n, c in cases.items() if c["expect"] == "accept"}
-    assert {"epoch0", "reaward_spare", "reaward_no_spare"} <= accepted
+    assert {"epoch0", "reaward_spare", "reaward_no_spare", "epoch0_caps"} <= accepted
+    assert {cases["caps_ignored"]["expect"], cases["caps_non_bidder"]["expect"]} == {"bad_award"}
     assert {c["expect"] for c in cases.values()} == {"accept", "forged_award", "bad_award"}
     rejected_reawards = [c for c in cases.values() if c["expect"] != "accept" and c["previous_hex"]]
     assert len(rejected_reawards) >= 5

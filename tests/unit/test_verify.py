@@ -243,3 +243,24 @@ def test_a_missing_announce_or_manifest_is_reported(bundle: Path) -> None:
     (bundle / "manifest.json").unlink()
     rep = verify_bundle(bundle)
     assert not rep.ok and "manifest" in failed(rep)
+
+
+def test_an_award_with_caps_is_recomputed_with_them(task: SyntheticTask, bundle: Path) -> None:
+    """SPEC §10.3: caps are part of the recomputation. Caps that do not bind keep the award;
+    the report says the caps are the submitter's claim. A cap that would change the chosen set,
+    with the shards left where they were, is caught."""
+    holders = sorted({a["peer_id"] for a in task.assignments})
+    raw = task.forge.seal(task.submitter, Award, task_id=task.task_id, epoch=0, bids=task.bids,
+                          assignments=task.assignments, under_capacity=False, excluded=[],
+                          caps={holders[0]: 1e6})
+    (bundle / "award-0.msg").write_bytes(raw)
+    reseal_manifest(bundle)
+    rep = verify_bundle(bundle)
+    detail = {c.name: (c.ok, c.detail) for c in rep.checks}["award epoch 0"]
+    assert detail[0] and "caps on 1 bid(s)" in detail[1] and "not provable" in detail[1]
+    raw = task.forge.seal(task.submitter, Award, task_id=task.task_id, epoch=0, bids=task.bids,
+                          assignments=task.assignments, under_capacity=False, excluded=[],
+                          caps={holders[0]: 1e-9})
+    (bundle / "award-0.msg").write_bytes(raw)
+    bad = verify_tampered(bundle)
+    assert bad["award award-0.msg"].startswith("bad_award"), bad
