@@ -29,7 +29,7 @@ from protocol.plausibility import check_advert
 
 log = logging.getLogger(__name__)
 
-TOPIC = "peerd/adverts/1"
+TOPIC = "peerd/adverts/2"
 #: Coalescing gap for change-triggered adverts: at 100 tasks/s the load changes
 #: constantly, and one advert per change would flood gossip for no benefit.
 MIN_GAP_S = 0.2

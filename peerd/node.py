@@ -34,9 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TASKS_TOPIC = "peerd/tasks/1"
-BID_PROTOCOL = "/peerd/bid/1.0.0"
-RESULT_PROTOCOL = "/peerd/result/1.0.0"
+TASKS_TOPIC = "peerd/tasks/2"
+BID_PROTOCOL = "/peerd/bid/2.0.0"
+RESULT_PROTOCOL = "/peerd/result/2.0.0"
 
 #: The largest gossip payload this daemon sends or accepts: the one limit a gossiped message
 #: must fit (passed to the p2p layer as its cap). Below the 64 KiB envelope limit (SPEC §5) on

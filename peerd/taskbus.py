@@ -1,4 +1,4 @@
-"""The task topic (``peerd/tasks/1``): admit each message once, then route it.
+"""The task topic (``peerd/tasks/2``): admit each message once, then route it.
 
 This is the validator libp2p calls for every unique gossip message on the topic. A
 message is propagated only if it verified and makes sense for a task we follow: an

@@ -4,4 +4,4 @@ Pure functions and frozen dataclasses only: this package never imports trio, lib
 TensorFlow (tests/unit/test_boundaries.py enforces it). See SPEC.md beside this file.
 """
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2

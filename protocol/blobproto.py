@@ -1,4 +1,4 @@
-"""Messages and flow-control rules of the blob transfer protocol ``/peerd/blob/1.0.0``, sans-IO.
+"""Messages and flow-control rules of the blob transfer protocol ``/peerd/blob/2.0.0``, sans-IO.
 
 Bulk data (task inputs, shard outputs, model weights) never rides gossip (docs/design.md §3.5): it is
 stored content-addressed by SHA-256 and fetched peer to peer over this protocol.
@@ -6,7 +6,7 @@ stored content-addressed by SHA-256 and fetched peer to peer over this protocol.
 Transport
 ---------
 One libp2p stream per request, opened by the *receiver* (the peer that wants the blob) with
-protocol ID ``/peerd/blob/1.0.0``. The stream carries frames (``protocol/framing.py``: 4-byte
+protocol ID ``/peerd/blob/2.0.0``. The stream carries frames (``protocol/framing.py``: 4-byte
 big-endian length + payload, payload at most ``MAX_FRAME`` = 1 MiB). Every frame payload is
 exactly one message below.
 
@@ -92,7 +92,7 @@ import msgpack
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.framing import MAX_FRAME
 
-PROTOCOL_ID = "/peerd/blob/1.0.0"
+PROTOCOL_ID = "/peerd/blob/2.0.0"
 
 #: Largest ``chunk`` payload. 256 KiB equals py-libp2p yamux's initial per-stream window
 #: (``DEFAULT_WINDOW_SIZE = 256 * 1024`` in libp2p/stream_muxer/yamux/yamux.py), so one chunk

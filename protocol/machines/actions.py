@@ -1,9 +1,9 @@
 """Actions: what a machine asks its driver to do (issue 7), and the typed records it
 persists. A driver performs the actions of one ``handle`` call in list order.
 
-Protocol names in ``Send.protocol``: ``"bid"`` is ``/peerd/bid/1.0.0`` (SPEC §8.2),
-``"result"`` is ``/peerd/result/1.0.0`` (SPEC §8.3). ``Publish`` is the task topic
-``peerd/tasks/1`` (SPEC §8.1). A driver also hands what it publishes or sends to its
+Protocol names in ``Send.protocol``: ``"bid"`` is ``/peerd/bid/2.0.0`` (SPEC §8.2),
+``"result"`` is ``/peerd/result/2.0.0`` (SPEC §8.3). ``Publish`` is the task topic
+``peerd/tasks/2`` (SPEC §8.1). A driver also hands what it publishes or sends to its
 *own* machines that follow the task (the daemon does so today: a node's own announce,
 award and result reach its own contractor and committee without the network).
 """
@@ -31,7 +31,7 @@ class Action:
 
 @dataclass(frozen=True, kw_only=True)
 class Publish(Action):
-    """Gossip ``signed.raw`` on ``peerd/tasks/1`` (best effort, as ``Node.gossip``)."""
+    """Gossip ``signed.raw`` on ``peerd/tasks/2`` (best effort, as ``Node.gossip``)."""
 
     signed: Signed
 

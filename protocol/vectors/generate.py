@@ -357,7 +357,7 @@ def negative_vectors() -> dict[str, Any]:
         "payload": payload,
         "sig": n1.sign("bid", payload),
         "type": "bid",
-        "v": 1,
+        "v": PROTOCOL_VERSION,
     }
     vecs: list[dict[str, Any]] = []
 
@@ -411,11 +411,17 @@ def negative_vectors() -> dict[str, Any]:
     )
     add(
         "outer_wide_int",
-        replace_value(outer, "v", b"\xcd\x00\x01"),
+        replace_value(outer, "v", b"\xcd\x00\x02"),
         "non_canonical",
-        "version 1 written as uint16 instead of a positive fixint",
+        "version 2 written as uint16 instead of a positive fixint",
     )
-    add("unknown_version", codec.pack({**outer, "v": 2}), "unsupported_version", "protocol version 2")
+    add("unknown_version", codec.pack({**outer, "v": 3}), "unsupported_version", "protocol version 3")
+    add(
+        "old_version",
+        codec.pack({**outer, "v": 1}),
+        "unsupported_version",
+        "protocol version 1 (before the award's certified and caps fields, SPEC §14)",
+    )
     add(
         "unknown_kind", codec.pack({**outer, "type": "gossip"}), "unexpected_kind", "type 'gossip' is no kind"
     )
@@ -721,7 +727,7 @@ def blob_vectors() -> dict[str, Any]:
         blobproto.End(SHA_A),
     ]
     return {
-        "description": "Blob protocol messages (/peerd/blob/1.0.0, protocol/SPEC.md §9): "
+        "description": "Blob protocol messages (/peerd/blob/2.0.0, protocol/SPEC.md §9): "
         "each is one frame payload. 'invalid': payloads a decoder must reject, with the reason; "
         "'sessions': flow-control runs (SPEC §9.3 steps 4-5) on one side that must fail with the reason.",
         "messages": [

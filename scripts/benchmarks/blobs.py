@@ -5,7 +5,7 @@ Two processes, as two daemons would be: this one and a server started with
 (Noise + yamux over TCP on 127.0.0.1). The server holds one random blob in a
 ``peerd.blobs.BlobStore`` and serves two protocols:
 
-* ``/peerd/blob/1.0.0`` — ``peerd.blobxfer.serve_blob``, exactly as the daemon registers it;
+* ``/peerd/blob/2.0.0`` — ``peerd.blobxfer.serve_blob``, exactly as the daemon registers it;
   the client runs ``peerd.blobxfer.fetch_blob`` into its own store: 256 KiB chunks, a 2 MiB
   window with acks, every chunk written to the partial file and hashed, then fsync + rename.
 * ``/peerd-bench/raw/1.0.0`` — the same bytes in 256 KiB frames over a framed P2PNode stream

@@ -2,8 +2,8 @@
 
 :class:`HostilePeer` is a real libp2p node (``peerd.p2p.P2PNode``, the daemon's own
 transport) with its own Ed25519 key, joined to a devnet from inside a trio test. It can
-publish any bytes on ``peerd/adverts/1`` and ``peerd/tasks/1`` and open
-``/peerd/bid/1.0.0`` streams. libp2p itself stays honest: the gossip ``from`` is always the
+publish any bytes on ``peerd/adverts/2`` and ``peerd/tasks/2`` and open
+``/peerd/bid/2.0.0`` streams. libp2p itself stays honest: the gossip ``from`` is always the
 hostile peer's ID and carries a valid libp2p signature, so everything the tests exercise
 is what peerd's own checks (``peerd.inbox``) must catch::
 
@@ -38,9 +38,9 @@ from protocol import PROTOCOL_VERSION, codec
 from protocol.envelope import Signer, signing_bytes
 from protocol.messages import Advert, Bid, Message
 
-ADVERTS = "peerd/adverts/1"
-TASKS = "peerd/tasks/1"
-BID_PROTOCOL = "/peerd/bid/1.0.0"
+ADVERTS = "peerd/adverts/2"
+TASKS = "peerd/tasks/2"
+BID_PROTOCOL = "/peerd/bid/2.0.0"
 
 _seq = itertools.count(int(time.time() * 1000))
 

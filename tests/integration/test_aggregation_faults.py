@@ -57,7 +57,7 @@ from protocol.messages import Award, Message, Result, Vote
 from protocol.tensors import decode_arrays, encode_arrays
 from tests.helpers_training import Forge, SyntheticTask, poll, train_spec, work_needing, write_digits
 
-TASKS_TOPIC = "peerd/tasks/1"
+TASKS_TOPIC = "peerd/tasks/2"
 TERMINAL = ("done", "failed", "cancelled")
 
 

@@ -361,9 +361,9 @@ SERVED_PROTOCOLS = (
     "/ipfs/id/push/1.0.0",
     "/ipfs/ping/1.0.0",
     "/ipfs/kad/1.0.0",
-    "/peerd/bid/1.0.0",
-    "/peerd/result/1.0.0",
-    "/peerd/blob/1.0.0",
+    "/peerd/bid/2.0.0",
+    "/peerd/result/2.0.0",
+    "/peerd/blob/2.0.0",
     "/meshsub/1.1.0",
 )
 GARBAGE = (

@@ -1,6 +1,6 @@
 """Bad input and faults of the task market, on real daemons (issue 3, "Bad input and faults").
 
-* forged, replayed and absurd bids from a hostile libp2p peer on ``/peerd/bid/1.0.0``;
+* forged, replayed and absurd bids from a hostile libp2p peer on ``/peerd/bid/2.0.0``;
 * tasks that try to escape the sandbox, submitted through the daemon as trusted ``python``;
 * the awarded peer killed mid-task (re-award), the submitter restarted mid-task;
 * a ``python`` task from a submitter nobody trusts.
@@ -176,7 +176,7 @@ async def rpc(net: TestNet, i: int, method: str, params: dict[str, Any] | None =
 
 
 async def send_bid(peer: HostilePeer, submitter: str, raw: bytes) -> dict[str, Any]:
-    """One ``/peerd/bid/1.0.0`` exchange (SPEC §8.2): one bid frame out, one reply frame back."""
+    """One ``/peerd/bid/2.0.0`` exchange (SPEC §8.2): one bid frame out, one reply frame back."""
     stream = await peer.open_bid_stream(submitter)
     try:
         await stream.send(raw)

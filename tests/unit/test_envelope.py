@@ -110,8 +110,11 @@ def test_signature_never_transfers_to_another_kind(src: str, dst: str) -> None:
 
 def test_signature_is_bound_to_the_version() -> None:
     payload = codec.pack(SAMPLES["bid"].to_wire())
-    # Signed for version 2 but labelled version 1.
-    raw = _envelope("bid", payload, sig=KEY.sign(signing_bytes("bid", 2, payload)))
+    # Signed for the next version but labelled this one (and for the previous one, likewise).
+    for other in (PROTOCOL_VERSION + 1, PROTOCOL_VERSION - 1):
+        raw = _envelope("bid", payload, sig=KEY.sign(signing_bytes("bid", other, payload)))
+        assert _reason(raw) == "bad_signature"
+    raw = _envelope("bid", payload, sig=KEY.sign(signing_bytes("bid", PROTOCOL_VERSION + 1, payload)))
     assert _reason(raw) == "bad_signature"
 
 
@@ -167,7 +170,8 @@ def test_bad_payload_under_a_valid_signature(payload: bytes, reason: str) -> Non
     ("override", "reason"),
     [
         ({"v": 0}, "unsupported_version"),
-        ({"v": 2}, "unsupported_version"),
+        ({"v": 1}, "unsupported_version"),  # version 1: before the award's new fields (SPEC §14)
+        ({"v": 3}, "unsupported_version"),
         ({"v": -1}, "unsupported_version"),
         ({"v": "1"}, "malformed"),
         ({"v": True}, "malformed"),

@@ -106,7 +106,7 @@ def test_spec_states_the_constants_the_code_uses() -> None:
     assert f"SKEW = {spaced(CLOCK_SKEW_MS)}" in spec
     assert f"CHUNK = {spaced(blobproto.CHUNK)}" in spec
     assert blobproto.WINDOW == 8 * blobproto.CHUNK and blobproto.ACK_EVERY == blobproto.WINDOW // 2
-    assert "`/peerd/bid/1.0.0`" in spec and "`/peerd/blob/1.0.0`" in spec and blobproto.PROTOCOL_ID in spec
+    assert "`/peerd/bid/2.0.0`" in spec and "`/peerd/blob/2.0.0`" in spec and blobproto.PROTOCOL_ID in spec
     for kind, cls in MESSAGE_TYPES.items():
         ms = cls.MAX_TTL_MS
         days = ms // 86_400_000
