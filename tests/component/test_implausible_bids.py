@@ -11,33 +11,13 @@ from typing import Any
 
 import trio
 
-from protocol.messages import Advert, Bid
+from protocol.messages import Bid
 from protocol.plausibility import CPU_GFLOPS_PER_CORE
 from tests.component.test_submitter_driver import PEER, Parts, run, seal, submit, until
+from tests.samples import sample_advert
 
 T = 1_700_000_000_000
-ADVERT = Advert(
-    seq=1,
-    issued_at=T,
-    expires_at=T + 10_000,
-    c0=40.0,
-    load=0.0,
-    cpu={"cores": 2, "model": "x", "gflops": 40.0},
-    memory={"total_mb": 1024, "available_mb": 512},
-    gpus=(),
-    offer={
-        "cores": 2,
-        "gpus": [],
-        "memory_mb": 512,
-        "kinds": ["echo"],
-        "draining": False,
-        "slots": 1,
-        "busy": 0,
-    },
-    params={"k": 0.2, "dc_min": 0.0, "dc_max": None},
-    addrs=(),
-    version="0.1.0",
-)
+ADVERT = sample_advert(issued_at=T, ttl_ms=10_000, c0=40.0, cores=2, model="x")
 
 
 class KnownTable:

@@ -25,31 +25,11 @@ from peerd.rpc.client import RpcCallError, RpcClient
 from peerd.rpc.server import CallContext, MethodTable, RpcServer
 from protocol.envelope import Signer, open_envelope
 from protocol.messages import Advert
+from tests.samples import sample_advert
 
 
 def advert(seq: int, now: int) -> Advert:
-    return Advert(
-        seq=seq,
-        issued_at=now,
-        expires_at=now + 600_000,
-        c0=10.0,
-        load=0.0,
-        cpu={"cores": 1, "model": "test", "gflops": 10.0},
-        memory={"total_mb": 1024, "available_mb": 512},
-        gpus=(),
-        offer={
-            "cores": 1,
-            "gpus": [],
-            "memory_mb": 512,
-            "kinds": ["echo"],
-            "draining": False,
-            "slots": 1,
-            "busy": 0,
-        },
-        params={"k": 0.2, "dc_min": 0.0, "dc_max": None},
-        addrs=(),
-        version="0.1.0",
-    )
+    return sample_advert(seq=seq, issued_at=now, ttl_ms=600_000)
 
 
 def table_of(n: int) -> tuple[PeerTable, list[str]]:

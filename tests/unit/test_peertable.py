@@ -15,34 +15,14 @@ from peerd.counters import Counters
 from peerd.peertable import DEFAULT_MAX_PEERS, PeerTable
 from protocol.envelope import Signed
 from protocol.messages import Advert
+from tests.samples import sample_advert
 
 T0 = 1_700_000_000_000  # ms
 SELF = "self"
 
 
 def advert(seq: int, issued_at: int, ttl_ms: int = 60_000) -> Advert:
-    return Advert(
-        seq=seq,
-        issued_at=issued_at,
-        expires_at=issued_at + ttl_ms,
-        c0=10.0,
-        load=0.0,
-        cpu={"cores": 1, "model": "test", "gflops": 10.0},
-        memory={"total_mb": 1024, "available_mb": 512},
-        gpus=(),
-        offer={
-            "cores": 1,
-            "gpus": [],
-            "memory_mb": 512,
-            "kinds": ["echo"],
-            "draining": False,
-            "slots": 1,
-            "busy": 0,
-        },
-        params={"k": 0.2, "dc_min": 0.0, "dc_max": None},
-        addrs=(),
-        version="0.1.0",
-    )
+    return sample_advert(seq=seq, issued_at=issued_at, ttl_ms=ttl_ms)
 
 
 def signed(peer: str, seq: int, issued_at: int, ttl_ms: int = 60_000) -> Signed:

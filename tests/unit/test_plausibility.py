@@ -17,6 +17,7 @@ from protocol.plausibility import (
     check_bid,
     gpu_ceiling,
 )
+from tests.samples import sample_advert
 
 T = 1_700_000_000_000
 
@@ -33,27 +34,8 @@ def gpu(model: str, gflops: float) -> dict[str, Any]:
 
 
 def advert(c0: float, *, cores: int = 2, cpu_gflops: float = 40.0, gpus: tuple[Any, ...] = ()) -> Advert:
-    return Advert(
-        seq=1,
-        issued_at=T,
-        expires_at=T + 10_000,
-        c0=c0,
-        load=0.0,
-        cpu={"cores": cores, "model": "x", "gflops": cpu_gflops},
-        memory={"total_mb": 1024, "available_mb": 512},
-        gpus=gpus,
-        offer={
-            "cores": cores,
-            "gpus": [],
-            "memory_mb": 512,
-            "kinds": ["echo"],
-            "draining": False,
-            "slots": 1,
-            "busy": 0,
-        },
-        params={"k": 0.2, "dc_min": 0.0, "dc_max": None},
-        addrs=(),
-        version="0.1.0",
+    return sample_advert(
+        issued_at=T, ttl_ms=10_000, c0=c0, cores=cores, cpu_gflops=cpu_gflops, model="x", gpus=gpus
     )
 
 
