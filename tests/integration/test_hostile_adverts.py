@@ -138,7 +138,8 @@ BAD_ADVERTS: list[tuple[str, Builder, str]] = [
     ("truncated-half", lambda e, n: seal(e.seed, advert())[:100], "malformed"),
     ("truncated-last-byte", lambda e, n: seal(e.seed, advert())[:-1], "malformed"),
     ("not-msgpack", lambda e, n: b"\xc1" + os.urandom(64), "malformed"),
-    ("unknown-version-2", lambda e, n: sign_envelope(e.seed, _payload(), version=2), "unsupported_version"),
+    ("unknown-version-3", lambda e, n: sign_envelope(e.seed, _payload(), version=3), "unsupported_version"),
+    ("old-version-1", lambda e, n: sign_envelope(e.seed, _payload(), version=1), "unsupported_version"),
     ("unknown-version-0", lambda e, n: sign_envelope(e.seed, _payload(), version=0), "unsupported_version"),
     ("unknown-field", lambda e, n: _signed_payload(e, _payload(evil=True)), "malformed"),
     (

@@ -1,8 +1,10 @@
 """Trust the work, not the claim (issue 8 items 1–2; docs/allocation.md "Caps"), on real daemons.
 
-A hostile daemon (node 3, started with a patched launcher) bids C⁰ = 10⁶ GFLOP/s at L = 0 for
-every task and, once awarded, stays silent: no lease, no result. Before trust it won every
-task it bid for. Here:
+A hostile daemon (node 3, started with a patched launcher) bids, at L = 0 for every task, the
+largest C⁰ its advertised hardware could plausibly deliver (cores × 256 GFLOP/s, SPEC §7.2: a
+claim of 10⁶ is now refused outright as ``implausible_c0``, tests/integration/
+test_market_moves.py) — still far above what it has — and, once awarded, stays silent: no lease,
+no result. Before trust it won every task it bid for. Here:
 
 * at first nothing else can serve (the honest bidders are not up yet): the liar gets the task
   (probation allows it when no one else bids), goes silent, loses its lease, and the task is
@@ -31,10 +33,15 @@ import pytest
 from conftest import TestNet, wait_for
 from test_market import BASE, get, patch_config, peerctl, submit, wait_done, wait_task
 
+from peerd.probes import cpu_info
+from protocol.plausibility import CPU_GFLOPS_PER_CORE
+
 ROOT = Path(__file__).resolve().parents[2]
 LIAR = 3
 HONEST = (1, 2)
 TASKS_AFTER = 4
+#: What the liar claims: the most its advertised hardware admits (SPEC §7.2), on this machine.
+LIAR_CLAIM = cpu_info().cores * CPU_GFLOPS_PER_CORE
 #: A bid window long enough for every bidder to answer on a loaded machine: a liar that is the
 #: only bid in the window is "nothing else can serve it" and may take the task (by the rule).
 CONFIG = {**BASE, "market": {**BASE["market"], "bid_window_ms": 2000}}
@@ -43,11 +50,14 @@ LIAR_LAUNCHER = """
 import sys
 import peerd.daemon as daemon
 import protocol.machines.shard as shard
+from peerd.probes import cpu_info
+from protocol.plausibility import CPU_GFLOPS_PER_CORE
 
 bid = shard.ShardMachine._bid
+CLAIM = cpu_info().cores * CPU_GFLOPS_PER_CORE  # the most its advert's hardware admits
 
 def lying_bid(self, now):
-    self.c0, self.load = 1e6, 0.0  # the largest C0 the wire allows, and idle
+    self.c0, self.load = CLAIM, 0.0  # a plausible-looking lie, and idle
     return bid(self, now)
 
 shard.ShardMachine._bid = lying_bid
@@ -128,7 +138,7 @@ def test_a_liar_with_an_enormous_claim_is_capped_then_banned_and_every_task_comp
         bids = {b["peer_id"]: b for b in explained["bids"]}
         if liar in bids:  # it bids on every announce it hears
             b = bids[liar]
-            assert b["uncapped"] == 1e6 and not b["chosen"]
+            assert b["uncapped"] == LIAR_CLAIM and not b["chosen"]
             assert b["cap"] is not None and b["cap"] < explained["demand"], b
             assert "failed before delivering" in b["cap_why"], b["cap_why"]
     c0 = net.counters(0)
@@ -142,7 +152,7 @@ def test_a_liar_with_an_enormous_claim_is_capped_then_banned_and_every_task_comp
     assert any((p["trust"] or {}).get("done", 0) >= 1 for pid, p in peers.items() if pid != liar)
 
     # 3. Banned by hand: its bids are refused and counted, the task still completes.
-    ban = peerctl(net, 0, "peer", "ban", liar, "--reason", "claims 1e6", "--json")
+    ban = peerctl(net, 0, "peer", "ban", liar, "--reason", "claims too much", "--json")
     assert ban.returncode == 0, ban.stdout + ban.stderr
     assert json.loads(ban.stdout) == {"peer_id": liar, "banned": True, "changed": True}
     before = net.counters(0).get("dropped.banned", 0)
@@ -154,7 +164,7 @@ def test_a_liar_with_an_enormous_claim_is_capped_then_banned_and_every_task_comp
     assert liar not in {b["peer_id"] for b in net.rpc(0, "task.explain", {"task_id": tid})["bids"]}
     shown = json.loads(peerctl(net, 0, "peers", "--json").stdout)
     row = next(p for p in shown["peers"] if p["peer_id"] == liar)
-    assert row["trust"]["banned"] and row["trust"]["ban_reason"] == "banned by hand: claims 1e6"
+    assert row["trust"]["banned"] and row["trust"]["ban_reason"] == "banned by hand: claims too much"
     unban = peerctl(net, 0, "peer", "unban", liar, "--json")
     assert json.loads(unban.stdout)["changed"] is True
     assert get(net, 0, tid)["state"] == "done"
