@@ -66,6 +66,10 @@ def _deadline_ms(announce: TaskAnnounce) -> int:
     return announce.issued_at + announce.deadline_ms
 
 
+#: How often the exactly-once record drops what has expired (marks live up to 31 days).
+PRUNE_EVERY_S = 600.0
+
+
 class Contractor(OwnedScope):
     def __init__(self, node: Node, book: TaskBook, rounds: Rounds, local_submitter: Submitter) -> None:
         self.node = node
@@ -83,6 +87,17 @@ class Contractor(OwnedScope):
         self._announces: dict[str, Signed] = {}
         #: Exactly once per node (issue 8 item 6): awards executed and replay marks, durable.
         self.executed = ExecutedAwards(node.store.db)
+
+    def _started(self) -> None:
+        self.nursery.start_soon(self._forget_expired)
+
+    async def _forget_expired(self) -> None:
+        """Keep the exactly-once record bounded: drop what expiry already guards (SPEC §6)."""
+        while True:
+            dropped = self.executed.forget_expired(wall_ms())
+            if dropped:
+                log.info("forgot %d expired replay mark(s) and executed award(s)", dropped)
+            await trio.sleep(PRUNE_EVERY_S)
 
     @property
     def times(self) -> MarketTimes:

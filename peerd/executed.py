@@ -108,9 +108,20 @@ class ExecutedAwards:
         )
 
     def forget_expired(self, now_ms: int) -> int:
-        """Drop marks whose every recorded message has expired (they cannot be replayed)."""
-        cur = self.db.execute("DELETE FROM replay_marks WHERE expires_at + ? < ?", (CLOCK_SKEW_MS, now_ms))
-        return cur.rowcount
+        """Drop marks whose every recorded message has expired (they cannot be replayed), and
+        the executed awards of tasks left with no mark: every announce and award of such a task
+        that this node acted on has expired, and an expired one is refused at the door
+        (``expired``), so the row can no longer stop anything. Without this both tables grow
+        by every task the node ever ran. Returns the rows dropped."""
+        # Marks first: a kill between the two statements leaves rows the next pass removes,
+        # never a row without the mark that made it prunable.
+        marks = self.db.execute(
+            "DELETE FROM replay_marks WHERE expires_at + ? < ?", (CLOCK_SKEW_MS, now_ms)
+        ).rowcount
+        jobs = self.db.execute(
+            "DELETE FROM executed_awards WHERE task_id NOT IN (SELECT scope FROM replay_marks)"
+        ).rowcount
+        return marks + jobs
 
 
 __all__ = ["ExecutedAwards", "create_tables"]

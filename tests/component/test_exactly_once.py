@@ -6,6 +6,7 @@ runs against the real config, signer, inbox, store and task book of
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from pathlib import Path
 
@@ -92,3 +93,34 @@ async def test_a_fresh_reannounce_after_a_restart_is_bid_on(tmp_path: Path) -> N
         await wait_until(lambda: rig.count("bids.sent") == 1, "a bid on the fresh re-announce")
         assert rig.count("dropped.replayed_announce") == 0
         nursery.cancel_scope.cancel()
+
+
+def test_expired_marks_and_the_executed_awards_they_guarded_are_forgotten(tmp_path: Path) -> None:
+    """The record stays bounded: once every announce and award of a task that this node acted
+    on has expired (refused at the door as ``expired`` from then on), its marks and executed
+    rows go; a task with a live mark keeps both."""
+    from protocol.envelope import Signer, open_envelope
+    from protocol.fuzz import sample_messages
+    from protocol.messages import Award, TaskAnnounce
+    from protocol.replay import CLOCK_SKEW_MS
+
+    signer = Signer(b"\x05" * 32)
+    store = Store(tmp_path / "db.sqlite")
+    rec = ExecutedAwards(store.db)
+    t_old, t_new = 1_700_000_000_000, 1_700_000_600_000
+    for t in (t_old, t_new):
+        for m in sample_messages(now_ms=t):
+            if isinstance(m, TaskAnnounce | Award):
+                task = m.task_id if t == t_old else "ef" * 16
+                m = dataclasses.replace(m, task_id=task)
+                rec.remember(open_envelope(signer.seal(m)))
+        assert rec.claim("0123456789abcdef0123456789abcdef" if t == t_old else "ef" * 16, 0, 0, 0)
+    # Before the old task's messages expire (30 s TTL, plus the clock skew) nothing goes.
+    assert rec.forget_expired(t_old + 30_000) == 0
+    dropped = rec.forget_expired(t_old + 30_000 + CLOCK_SKEW_MS + 1)
+    assert dropped == 3  # the old task's announce and award marks, and its executed row
+    assert not rec.executed("0123456789abcdef0123456789abcdef", 0, 0)
+    assert rec.executed("ef" * 16, 0, 0)  # the newer task's marks are live
+    # Forgotten means forgotten: the old award could be claimed again — and is refused as
+    # expired before it ever reaches this record.
+    assert rec.claim("0123456789abcdef0123456789abcdef", 0, 0, 0)
