@@ -294,27 +294,31 @@ async def test_an_ineligible_task_gets_no_machine_and_a_refused_bid_is_counted(t
         nursery.cancel_scope.cancel()
 
 
+def own_announce(rig: Rig) -> Signed:
+    """An echo announce signed by this node itself (a task our own submitter published)."""
+    return SignerSealer(rig.signer, first_seq=50_000).seal(
+        TaskAnnounce,
+        now_ms=wall_ms(),
+        ttl_ms=60_000,
+        task_id=TASK,
+        kind="echo",
+        work=1.0,
+        deadline_ms=60_000,
+        max_shards=1,
+        resources={"gpu": False, "memory_mb": 0},
+        aggregation="none",
+        rounds=1,
+        params={},
+        inputs={},
+        bid_window_ms=300,
+        net={"k": 0.2, "dc_min": 0.0, "dc_max": None},
+    )
+
+
 async def test_a_bid_for_our_own_task_goes_to_our_own_submitter(tmp: Path) -> None:
     async with trio.open_nursery() as nursery:
         rig = await Rig.started(tmp, nursery)
-        own = SignerSealer(rig.signer, first_seq=50_000)
-        signed = own.seal(
-            TaskAnnounce,
-            now_ms=wall_ms(),
-            ttl_ms=60_000,
-            task_id=TASK,
-            kind="echo",
-            work=1.0,
-            deadline_ms=60_000,
-            max_shards=1,
-            resources={"gpu": False, "memory_mb": 0},
-            aggregation="none",
-            rounds=1,
-            params={},
-            inputs={},
-            bid_window_ms=300,
-            net={"k": 0.2, "dc_min": 0.0, "dc_max": None},
-        )
+        signed = own_announce(rig)
         view = rig.book.add(signed)
         assert view is not None
         await rig.contractor.on_announce(view)
@@ -329,29 +333,13 @@ async def test_our_own_submitters_messages_reach_the_contractor_through_on_publi
     stops our machine."""
     async with trio.open_nursery() as nursery:
         rig = await Rig.started(tmp, nursery)
-        own = SignerSealer(rig.signer, first_seq=50_000)
-        signed = own.seal(
-            TaskAnnounce,
-            now_ms=wall_ms(),
-            ttl_ms=60_000,
-            task_id=TASK,
-            kind="echo",
-            work=1.0,
-            deadline_ms=60_000,
-            max_shards=1,
-            resources={"gpu": False, "memory_mb": 0},
-            aggregation="none",
-            rounds=1,
-            params={},
-            inputs={},
-            bid_window_ms=300,
-            net={"k": 0.2, "dc_min": 0.0, "dc_max": None},
-        )
+        signed = own_announce(rig)
         view = rig.book.add(signed)
         assert view is not None
         await rig.contractor.on_published(view, signed)
         await wait_until(lambda: len(rig.local.bids) == 1, "the local bid")
         [machine] = rig.contractor.machines(TASK)
+        own = SignerSealer(rig.signer, first_seq=60_000)
         cancel = own.seal(Cancel, now_ms=wall_ms(), ttl_ms=60_000, task_id=TASK, reason="cancelled")
         await rig.contractor.on_published(view, cancel)
         assert view.cancelled and machine.state is ShardState.RELEASED

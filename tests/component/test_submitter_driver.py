@@ -315,7 +315,9 @@ def test_a_silent_holder_is_replaced_by_a_re_award(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
-def test_resume_after_a_restart_rebuilds_the_machine_from_the_store(tmp_path: Path) -> None:
+def awarded_before_a_restart(tmp_path: Path) -> str:
+    """Submit a task and award it to PEER in one daemon life; return its ID for the next."""
+
     async def before(nursery: trio.Nursery) -> None:
         p = await Parts.started(tmp_path, nursery)
         task_id = await submit(p, tmp_path)
@@ -323,7 +325,11 @@ def test_resume_after_a_restart_rebuilds_the_machine_from_the_store(tmp_path: Pa
         (tmp_path / "task_id").write_text(task_id)
 
     run(tmp_path, before)
-    task_id = (tmp_path / "task_id").read_text()
+    return (tmp_path / "task_id").read_text()
+
+
+def test_resume_after_a_restart_rebuilds_the_machine_from_the_store(tmp_path: Path) -> None:
+    task_id = awarded_before_a_restart(tmp_path)
 
     async def after(nursery: trio.Nursery) -> None:
         # Nobody connected yet: the holder's silence does not count (no lease could reach us).
@@ -349,14 +355,7 @@ def test_resume_after_a_restart_rebuilds_the_machine_from_the_store(tmp_path: Pa
 
 
 def test_a_result_before_resume_rebuilds_the_machine_instead_of_unknown_task(tmp_path: Path) -> None:
-    async def before(nursery: trio.Nursery) -> None:
-        p = await Parts.started(tmp_path, nursery)
-        task_id = await submit(p, tmp_path)
-        await award_to_peer(p, task_id)
-        (tmp_path / "task_id").write_text(task_id)
-
-    run(tmp_path, before)
-    task_id = (tmp_path / "task_id").read_text()
+    task_id = awarded_before_a_restart(tmp_path)
 
     async def after(nursery: trio.Nursery) -> None:
         p = await Parts.started(tmp_path, nursery)
