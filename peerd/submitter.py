@@ -362,6 +362,12 @@ class Submitter(OwnedScope):
         driver = self._live(msg.task_id)
         if driver is None:
             row = self.node.store.task(msg.task_id)
+            if row is not None and row.role == "submitter" and row.state in TERMINAL:
+                # A holder whose acknowledgement was lost (a stream cut after we stored the
+                # result and finished the task) sends it again: it is stored, so say so, and
+                # the holder counts it delivered instead of undeliverable.
+                if any(r.raw == raw for r in self.node.store.results(msg.task_id, msg.round)):
+                    return {"ok": True, "reason": "already stored"}
             if row is None or row.role != "submitter" or row.state in TERMINAL:
                 return {"ok": False, "reason": "unknown task"}
             # Restarted, and the result came in before resume() rebuilt the machine: answering

@@ -469,3 +469,37 @@ def test_the_submitter_and_task_bus_spawn_only_into_their_own_nurseries(tmp_path
             assert p.p2p.kinds() == kinds
 
     trio.run(main)
+
+
+def test_a_result_sent_again_after_the_task_ended_and_the_daemon_restarted_is_acknowledged(
+    tmp_path: Path,
+) -> None:
+    # The holder's acknowledgement was lost (a stream cut after we stored the result) and it
+    # sends the result again once we are back: it is stored, so the answer is ok (SPEC §8.3).
+    task_id = awarded_before_a_restart(tmp_path)
+    sent = tmp_path / "result"
+
+    async def done(nursery: trio.Nursery) -> None:
+        p = await Parts.started(tmp_path, nursery)
+        raw = result_raw(p, task_id, PEER, 7)
+        sent.write_bytes(raw)
+        assert p.submitter.accept_result(raw, PEER.peer_id) == {"ok": True, "reason": ""}
+        await until(lambda: p.state(task_id) == "done", "done")
+
+    run(tmp_path, done)
+
+    async def after(nursery: trio.Nursery) -> None:
+        p = await Parts.started(tmp_path, nursery)
+        p.submitter.resume()
+        assert p.submitter.accept_result(sent.read_bytes(), PEER.peer_id) == {
+            "ok": True,
+            "reason": "already stored",
+        }
+        # Any other result for the ended task is for an unknown task, as before.
+        assert p.submitter.accept_result(result_raw(p, task_id, PEER, 8), PEER.peer_id) == {
+            "ok": False,
+            "reason": "unknown task",
+        }
+        assert p.state(task_id) == "done"
+
+    run(tmp_path, after)

@@ -360,7 +360,10 @@ def test_a_worker_restarted_after_finishing_still_delivers_its_stored_result(
     assert task["shards"][0]["peer_id"] == holder
     assert task["result"]["metrics"]["shard-0.slept"] == 3.0
     # Delivered from the worker's store after its restart; the sleep did not run again anywhere.
-    assert net.counters(worker).get("results.delivered", 0) >= 1
+    # The submitter is done once it stored the result, before its acknowledgement reaches the
+    # worker, so the worker's count is waited for (bounded), not read at once.
+    wait_for(lambda: net.counters(worker).get("results.delivered", 0) >= 1,
+             "the worker counts its result acknowledged", timeout=60)
     assert net.counters(worker).get("jobs.started", 0) == 0
     assert net.counters(survivor_of(worker)).get("jobs.started", 0) == 0
 
