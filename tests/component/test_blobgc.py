@@ -64,11 +64,11 @@ class Parts:
             message="",
         )
 
-    def follow(self, digest: str, *, deadline_ms: int = 600_000) -> None:
+    def follow(self, digest: str, *, deadline_ms: int = 600_000, ago_ms: int = 0) -> None:
         now = int(time.time() * 1000)
         msg = TaskAnnounce(
             seq=next(_seq),
-            issued_at=now,
+            issued_at=now - ago_ms,
             expires_at=now + 600_000,
             task_id=f"{next(_seq):032x}",
             kind="echo",
@@ -98,7 +98,9 @@ def test_unreferenced_blobs_go_and_live_ones_stay(tmp_path: Path) -> None:
     p.task("b" * 32, worker_done, role="worker", deadline_in=-1)  # worker rows stay 'running'
     p.task("c" * 32, finished, state="done")
     p.follow(followed)
-    p.follow(followed_over, deadline_ms=1)
+    # Issued 10 s ago: past its deadline however soon the collector runs (issued now with a
+    # 1 ms deadline, a collector within that millisecond kept it: a flake).
+    p.follow(followed_over, deadline_ms=1, ago_ms=10_000)
     assert trio.run(p.gc.collect) == 3
     assert {d for d in (orphan, ours, worker_done, followed, followed_over, finished) if p.blobs.has(d)} == {
         ours,
