@@ -156,6 +156,7 @@ class Submitter(OwnedScope):
                 inputs=shared,
                 bid_window_ms=spec.bid_window_ms or cfg.bid_window_ms,
                 net=net,
+                verify=spec.announce_verify(),
             )
         except ProtocolError as exc:
             # parse_spec admits only what an announce can carry, but one limit is on the whole:

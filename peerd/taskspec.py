@@ -33,7 +33,7 @@ from typing import Any
 from peerd import kinds
 from protocol import schema
 from protocol.errors import ProtocolError
-from protocol.messages import AGGREGATION_RULES, TASK_KINDS
+from protocol.messages import AGGREGATION_RULES, MAX_REPLICAS, TASK_KINDS
 
 #: Input and parameter names travel in the signed announce as protocol NAMEs (SPEC §7):
 #: checking them here with the same pattern turns what would be an internal error when
@@ -58,7 +58,11 @@ TOP_KEYS = {
     "params",
     "name",
     "max_output_mb",
+    "verify",
+    "replicas",
 }
+#: ``verify`` values (SPEC §7.8): ``none`` believes each shard's one holder.
+VERIFY_CHOICES = ("none", "replicate")
 
 
 class SpecError(ValueError):
@@ -81,6 +85,10 @@ class TaskSpec:
     name: str = ""
     #: What a result may carry in all, MiB (docs/tasks.md "Outputs"); None: the kind's default.
     max_output_mb: int | None = None
+    #: How results are checked (docs/tasks.md "Replicated results", SPEC §7.8).
+    verify: str = "none"
+    #: Copies of each shard under ``verify = "replicate"`` (1 otherwise).
+    replicas: int = 1
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -98,7 +106,16 @@ class TaskSpec:
         }
         if self.max_output_mb is not None:
             out["max_output_mb"] = self.max_output_mb
+        if self.verify != "none":
+            out["verify"] = self.verify
+            out["replicas"] = self.replicas
         return out
+
+    def announce_verify(self) -> dict[str, Any] | None:
+        """The announce's ``verify`` field (protocol/messages.py ``TaskAnnounce``)."""
+        if self.verify == "none":
+            return None
+        return {"mode": self.verify, "replicas": self.replicas}
 
 
 def _num(
@@ -214,6 +231,20 @@ def parse_spec(obj: Any, *, base_dir: Path | None = None) -> TaskSpec:
     if max_output_mb is not None:
         # A result carries at most 64 outputs of 512 MiB each (SPEC §7.7, the blob cap).
         max_output_mb = _int(obj, "max_output_mb", 0, 64 * 512)
+    verify = obj.get("verify", "none")
+    if verify not in VERIFY_CHOICES:
+        raise SpecError(f"verify: must be one of {', '.join(VERIFY_CHOICES)}, got {verify!r}")
+    if verify == "none":
+        if "replicas" in obj:
+            raise SpecError('replicas: only with verify = "replicate"')
+        replicas = 1
+    else:
+        replicas = _int(obj, "replicas", 2, MAX_REPLICAS, 2)
+        if max_shards * replicas > 64:
+            # An award holds at most 64 shards, replicas included (SPEC §7.8).
+            raise SpecError(
+                f"replicas: max_shards × replicas must be at most 64, got {max_shards} × {replicas}"
+            )
     spec = TaskSpec(
         kind=kind,
         work=work,
@@ -228,6 +259,8 @@ def parse_spec(obj: Any, *, base_dir: Path | None = None) -> TaskSpec:
         params=dict(params),
         name=name,
         max_output_mb=max_output_mb,
+        verify=verify,
+        replicas=replicas,
     )
     _check_kind(spec, base_dir)
     return spec
@@ -264,3 +297,14 @@ def _check_kind(spec: TaskSpec, base_dir: Path | None) -> None:
         raise SpecError(
             f"aggregation: {spec.kind} tasks take {', '.join(kind.aggregations)}, got {spec.aggregation!r}"
         )
+    if spec.verify != "none" and not replicable(kind, spec.aggregation):
+        # Replicas are compared byte for byte (SPEC §7.8): only a kind whose output is a
+        # function of its inputs on every machine can be checked so. Aggregated tasks are
+        # checked by their committee already; keras kinds' floats differ across CPUs.
+        ok = ", ".join(k.name for k in kinds.KINDS.values() if replicable(k, "none"))
+        raise SpecError(f"verify: {spec.kind} tasks cannot be replicated (only plain tasks of: {ok})")
+
+
+def replicable(kind: kinds.Kind, aggregation: str) -> bool:
+    """Whether replicas of a ``kind`` task can be compared byte for byte (SPEC §7.8)."""
+    return aggregation == "none" and kind.deterministic and not kind.multi_round and not kind.trusted_only

@@ -8,6 +8,11 @@ the listed bidders and no excluded peer keeps a shard. A receiver that also hold
 previous epoch's award checks it exactly: the same shards and shares, nobody excluded
 before is forgiven, and every shard where :func:`reassign` puts it.
 
+A replicated task (``verify`` in the announce, SPEC §7.8) runs each of the n shards the rule
+chooses ``replicas`` times: epoch 0 appends the copies as shards n, n+1, … (``of`` names the
+shard each repeats), each placed by :func:`add_replicas`; a later epoch may append more copies
+(a disagreement) after :func:`reassign` has moved the lost ones.
+
 A re-award may list more bids than epoch 0 did (bids that arrived after the bid window,
 or from a fresh bid round after every bidder was lost), so its shard count is *not* what
 the rule would choose over its own bids: the shards are fixed by epoch 0.
@@ -24,9 +29,11 @@ from protocol.allocation import Award as Allocation
 from protocol.allocation import (
     Candidate,
     NetworkParams,
+    ScoredBid,
     choose,
     demand,
     effective_capacity,
+    tie_key,
     validate_candidate,
 )
 from protocol.envelope import Signed, open_envelope
@@ -124,6 +131,11 @@ def assignments_of(alloc: Allocation) -> list[dict[str, Any]]:
     ]
 
 
+def logical_shard(a: Mapping[str, Any]) -> int:
+    """The shard whose work assignment ``a`` does: its ``of`` for a replica, else its own."""
+    return int(a.get("of", a["shard"]))
+
+
 def reassign(
     assignments: Sequence[Mapping[str, Any]], lost: set[str], bidders: Sequence[tuple[str, float]]
 ) -> list[dict[str, Any]]:
@@ -131,31 +143,81 @@ def reassign(
     usable bid. Each lost shard, in shard order, goes to the cheapest bidder that is not
     lost and holds no shard yet (ties by peer ID); if there is none, to the cheapest
     holder that is not lost — a peer given a shard earlier in this same re-award counts
-    as a holder. Returns [] when every bidder is lost."""
+    as a holder. Never to a peer that holds another copy of the same work (a replica,
+    SPEC §7.8): two copies on one peer would agree by construction. Returns [] when no
+    bidder can take a lost shard."""
     holders = {a["peer_id"] for a in assignments if a["peer_id"] not in lost}
     spare = sorted((c, p) for p, c in bidders if p not in lost and p not in holders)
     live = sorted((c, p) for p, c in bidders if p not in lost and p in holders)
+    ordered = sorted(assignments, key=lambda a: a["shard"])
+    now = {a["shard"]: a["peer_id"] for a in ordered}
     out: list[dict[str, Any]] = []
-    for a in sorted(assignments, key=lambda a: a["shard"]):
+    for a in ordered:
         if a["peer_id"] not in lost:
             out.append(dict(a))
             continue
-        if spare:
-            cost, peer = spare.pop(0)
+        work = logical_shard(a)
+        taken = {now[b["shard"]] for b in ordered if logical_shard(b) == work and b["shard"] != a["shard"]}
+        pick = next((x for x in spare if x[1] not in taken), None)
+        if pick is not None:
+            spare.remove(pick)
             # Two lost shards and one spare: the second must not be stranded (it used to
             # make the whole re-award fail and the task wait for a fresh bid round forever).
-            bisect.insort(live, (cost, peer))
-        elif live:
-            peer = live[0][1]
+            bisect.insort(live, pick)
         else:
-            return []
-        out.append({**a, "peer_id": peer})
+            pick = next((x for x in live if x[1] not in taken), None)
+            if pick is None:
+                return []
+        now[a["shard"]] = pick[1]
+        out.append({**a, "peer_id": pick[1]})
     return out
+
+
+def replica_ranking(task_id: str, scored: Sequence[ScoredBid], excluded: Sequence[str] = ()) -> list[str]:
+    """Who takes replicas first (SPEC §7.8): the largest capacity C as the award counted it
+    (capped by trust, so an unproven or failing peer comes last), then the smaller cost C·L,
+    then H(task_id ‖ peer_id). Not cost first: an idle liar (L = 0) costs nothing, and a
+    replica exists to check such a peer, not to be given to it."""
+    gone = set(excluded)
+    ranked = sorted(
+        (b for b in scored if b.peer_id not in gone and b.capacity > 0),
+        key=lambda b: (-b.capacity, b.cost, tie_key(task_id, b.peer_id)),
+    )
+    return [b.peer_id for b in ranked]
+
+
+def add_replicas(
+    assignments: Sequence[Mapping[str, Any]], works: Sequence[int], ranking: Sequence[str]
+) -> list[dict[str, Any]] | None:
+    """``assignments`` plus one new shard for each shard number in ``works`` (in order),
+    numbered on from the last, ``of`` that shard, with its share and inputs. Each goes to
+    the first peer of ``ranking`` that holds no shard yet, else the first that holds no
+    copy of that work. None when some copy has nobody to go to."""
+    out = [{**a, "inputs": dict(a["inputs"])} for a in sorted(assignments, key=lambda a: a["shard"])]
+    for w in works:
+        base = next((a for a in out if a["shard"] == w and "of" not in a), None)
+        if base is None:
+            return None
+        holders = {a["peer_id"] for a in out}
+        same = {a["peer_id"] for a in out if logical_shard(a) == w}
+        peer = next((p for p in ranking if p not in holders), None)
+        if peer is None:
+            peer = next((p for p in ranking if p not in same), None)
+        if peer is None:
+            return None
+        copy = {"shard": len(out), "peer_id": peer, "share": base["share"], "inputs": dict(base["inputs"])}
+        out.append({**copy, "of": w})
+    return out
+
+
+def first_replicas(n: int, replicas: int) -> list[int]:
+    """The works epoch 0 copies for ``replicas`` copies of ``n`` shards: 0..n-1, repeated."""
+    return [w for _ in range(1, replicas) for w in range(n)]
 
 
 def _shard_key(a: Mapping[str, Any]) -> tuple[Any, ...]:
     inputs = sorted((k, v["sha256"], v["size"]) for k, v in a["inputs"].items())
-    return (a["shard"], a["peer_id"], a["share"], inputs)
+    return (a["shard"], a["peer_id"], a["share"], inputs, a.get("of", -1))
 
 
 def check_award(
@@ -188,18 +250,28 @@ def check_award(
     alloc = allocate(announce, usable, award.caps)
     shards = sorted(award.assignments, key=lambda a: a["shard"])
     if award.epoch == 0:
-        if [a["shard"] for a in shards] != list(range(len(alloc.chosen))):
+        n = len(alloc.chosen)
+        if [a["shard"] for a in shards] != list(range(n * announce.replicas)):
             raise RemoteProtocolError("award shards are not 0..n-1", reason="bad_award")
-        peers = tuple(a["peer_id"] for a in shards)
+        own, copies = shards[:n], shards[n:]
+        peers = tuple(a["peer_id"] for a in own)
         if peers != alloc.chosen or award.under_capacity != alloc.under_capacity:
             raise RemoteProtocolError("award does not follow the allocation rule", reason="bad_award")
-        if any(abs(a["share"] - s) > 1e-9 for a, s in zip(shards, alloc.shares, strict=True)):
+        if any("of" in a for a in own):
+            raise RemoteProtocolError("award marks a chosen shard as a replica", reason="bad_award")
+        if any(abs(a["share"] - s) > 1e-9 for a, s in zip(own, alloc.shares, strict=True)):
             raise RemoteProtocolError("award shares are not proportional to C", reason="bad_award")
         if award.excluded:
             raise RemoteProtocolError("first award excludes peers", reason="bad_award")
+        if copies:
+            ranking = replica_ranking(announce.task_id, alloc.scored)
+            expected = add_replicas(own, first_replicas(n, announce.replicas), ranking)
+            if expected is None or sorted(map(_shard_key, expected)) != sorted(map(_shard_key, shards)):
+                raise RemoteProtocolError("award replicas do not follow the replica rule", reason="bad_award")
         return
     numbers = [a["shard"] for a in shards]
-    if not shards or numbers != list(range(len(shards))) or len(shards) > announce.max_shards:
+    limit = 64 if announce.verify is not None else announce.max_shards
+    if not shards or numbers != list(range(len(shards))) or len(shards) > limit:
         raise RemoteProtocolError("award shards are not 0..n-1", reason="bad_award")
     for a in shards:
         if a["peer_id"] not in bidders or a["peer_id"] in award.excluded:
@@ -214,6 +286,20 @@ def check_award(
         raise RemoteProtocolError("re-award changes under_capacity", reason="bad_award")
     costs = [(s.peer_id, s.cost) for s in alloc.scored]
     expected = reassign(list(previous.assignments), set(award.excluded), costs)
+    added = shards[len(previous.assignments) :]
+    if added:
+        # More copies of some work (replicas that disagreed, SPEC §7.8): each placed by the
+        # replica rule after the moves. Whether the disagreement was real is checked from
+        # the signed results (peerd/verify.py), not here.
+        if announce.verify is None or any("of" not in a for a in added):
+            raise RemoteProtocolError("re-award adds shards to a task without replicas", reason="bad_award")
+        if expected:
+            ranking = replica_ranking(announce.task_id, alloc.scored, award.excluded)
+            grown = add_replicas(expected, [int(a["of"]) for a in added], ranking)
+            expected = grown if grown is not None else []
+        if sorted(map(_shard_key, expected)) != sorted(map(_shard_key, shards)):
+            raise RemoteProtocolError("re-award replicas do not follow the replica rule", reason="bad_award")
+        return
     if sorted(map(_shard_key, expected)) != sorted(map(_shard_key, shards)):
         raise RemoteProtocolError("re-award does not follow the replacement rule", reason="bad_award")
 

@@ -67,7 +67,7 @@ _SHA = "ab" * 32
 
 def sample_messages(now_ms: int = T0, seq: int = 1) -> list[Message]:
     """One valid message of every kind, issued at ``now_ms`` (mutation seeds and test fixtures)."""
-    t = {"seq": seq, "issued_at": now_ms, "expires_at": now_ms + 30_000}
+    t: dict[str, Any] = {"seq": seq, "issued_at": now_ms, "expires_at": now_ms + 30_000}
     pid = _SIGNER.peer_id
     ref = {"sha256": _SHA, "size": 10}
     net = {"k": 0.2, "dc_min": 0.0, "dc_max": None}

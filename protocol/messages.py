@@ -27,6 +27,10 @@ M = TypeVar("M", bound="Message")
 #: sleep, python); the others merge arrays in a signed aggregation round (docs/design.md §6).
 AGGREGATION_RULES = ("none", "sum", "weighted_mean", "trimmed_mean", "median")
 TASK_KINDS = ("echo", "sleep", "python", "keras-train", "keras-predict")
+#: ``verify`` modes of a plain task's announce (SPEC §7.8).
+VERIFY_MODES = ("replicate",)
+#: Most copies a replicated shard starts with (more are added only on disagreement).
+MAX_REPLICAS = 5
 
 # Bounds that make a value "absurd" (dropped and counted). Generous on purpose: an
 # H100 is ~6e4 GFLOP/s in fp32, so 1e6 GFLOP/s from one machine is already a lie.
@@ -195,9 +199,28 @@ class TaskAnnounce(Message):
     inputs: dict[str, Any] = _f(s.map_of(s.NAME, OUTPUT_REF, 64))
     bid_window_ms: int = _f(s.integer(1, 60_000))
     net: dict[str, Any] = _f(ANNOUNCE_NET)
+    #: How a plain task's results are checked (SPEC §7.8, issue 8 item 5): absent (None) =
+    #: ``none``, each shard believed from its one holder, the bytes of an announce from before
+    #: replication existed; ``{"mode": "replicate", "replicas": k}``: every shard runs on k
+    #: distinct peers and counts only where a strict majority of them signed the same output.
+    verify: dict[str, Any] | None = dataclasses.field(
+        default=None,
+        metadata={
+            "conv": s.optional(
+                s.struct({"mode": s.one_of(*VERIFY_MODES), "replicas": s.integer(2, MAX_REPLICAS)})
+            )
+        },
+    )
+
+    OMITTABLE: ClassVar[frozenset[str]] = frozenset({"verify"})
 
     def scope(self) -> str:
         return self.task_id
+
+    @property
+    def replicas(self) -> int:
+        """Copies of each shard the first award runs (1 unless ``verify`` replicates)."""
+        return int(self.verify["replicas"]) if self.verify is not None else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +271,11 @@ class Award(Message):
                     # Per-shard inputs (e.g. this shard's slice of the training data),
                     # on top of the task's own inputs from the announce.
                     "inputs": s.map_of(s.NAME, OUTPUT_REF, 16),
-                }
+                    # A replica (SPEC §7.8): the shard whose work this one repeats; absent
+                    # on a shard that is its own.
+                    "of": s.integer(0, 63),
+                },
+                optional_keys=frozenset({"of"}),
             ),
             64,
         )

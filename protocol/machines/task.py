@@ -49,7 +49,17 @@ from typing import Any
 from protocol import trust as tr
 from protocol.allocation import Award as Allocation
 from protocol.allocation import Candidate, effective_capacity, validate_candidate
-from protocol.awards import allocate, assignments_of, net_params, quotable_bids, reassign
+from protocol.awards import (
+    add_replicas,
+    allocate,
+    assignments_of,
+    first_replicas,
+    logical_shard,
+    net_params,
+    quotable_bids,
+    reassign,
+    replica_ranking,
+)
 from protocol.certificate import Certificate
 from protocol.envelope import Signed
 from protocol.errors import LocalProtocolError, RemoteProtocolError
@@ -72,11 +82,14 @@ ANNOUNCE_FIELDS = (
     "inputs",
     "bid_window_ms",
     "net",
+    "verify",
 )
 #: How long the submitter's cancel stays valid (as ``Submitter.cancel``).
 CANCEL_TTL_MS = 3_600_000
 #: The reason a ``pending`` task gives (docs/tasks.md).
 NO_BIDS_REASON = "no eligible peer has bid (kind, resources, policy or sandbox)"
+#: The reason a replicated task waits with bids in hand (SPEC §7.8).
+FEW_BIDS_REASON = "fewer eligible peers have bid than the task's replicas"
 
 T_BID_WINDOW = "bid_window"
 T_BACKOFF = "backoff"
@@ -261,6 +274,10 @@ class TaskMachine:
         #: shard → when its current holder got it (its overdue clock, SPEC §7.6).
         self.held_since: dict[int, int] = {}
         self._why_lost: dict[str, str] = {}
+        #: Replicated tasks (SPEC §7.8): shard → signer → its OK result for that copy, every
+        #: holder's (a backup's too); and per work (logical shard) the quorum decided.
+        self.copies: dict[int, dict[str, Signed]] = {}
+        self.quorum: dict[int, dict[str, Any]] = {}
         if restored is not None:
             self._restore(restored)
 
@@ -407,16 +424,30 @@ class TaskMachine:
     def _applied_caps(alloc: Allocation) -> dict[str, float] | None:
         return {b.peer_id: b.cap for b in alloc.scored if b.cap is not None} or None
 
+    def _can_award(self) -> bool:
+        """Some usable bid, and for a replicated task as many bidders as it has replicas: no
+        two copies of one shard may share a peer (SPEC §7.8)."""
+        usable = self.usable()
+        return bool(usable) and len({b.signer for b in usable}) >= self.announce.replicas
+
     def _window_closed(self, now: int) -> list[act.Action]:
-        if self.usable():
+        if self._can_award():
             return self._award0(now)
         self.attempt += 1
         self.state = TaskState.BACKOFF
-        out = self._set_state(
-            "pending",
-            f"no eligible bids yet ({self.alive_peers} peers known); waiting, then re-announcing",
-            reason=NO_BIDS_REASON,
-        )
+        bidders = len({b.signer for b in self.usable()})
+        if bidders:
+            msg = (
+                f"{bidders} eligible peer(s) bid, {self.announce.replicas} needed for the replicas;"
+                " waiting, then re-announcing"
+            )
+            out = self._set_state("pending", msg, reason=FEW_BIDS_REASON)
+        else:
+            out = self._set_state(
+                "pending",
+                f"no eligible bids yet ({self.alive_peers} peers known); waiting, then re-announcing",
+                reason=NO_BIDS_REASON,
+            )
         out.append(self.timers.set(T_BACKOFF, now + min(2_000 * self.attempt, 10_000)))
         return out
 
@@ -426,6 +457,18 @@ class TaskMachine:
         self.cap_why = why  # peerctl explain (task.explain)
         alloc = allocate(self.announce, bids, caps)
         assignments = assignments_of(alloc)
+        if self.announce.replicas > 1:
+            # Each chosen shard, then its copies on other peers (SPEC §7.8); _can_award
+            # made sure there are enough bidders.
+            ranking = replica_ranking(self.task_id, alloc.scored)
+            grown = add_replicas(
+                assignments, first_replicas(len(assignments), self.announce.replicas), ranking
+            )
+            if grown is None:
+                raise LocalProtocolError(
+                    "TaskMachine: replicas without enough bidders", reason="illegal_event"
+                )
+            assignments = grown
         out = self.timers.cancel(T_BACKOFF) + self.timers.cancel(T_BID_WINDOW)
         for peer, reason in sorted(why.items()):
             # peerctl explain: when and why a bid's C was capped (docs/allocation.md "Caps").
@@ -559,7 +602,7 @@ class TaskMachine:
             ]
         if stream:
             out.append(act.Reply(ok=True))
-        if self.state is TaskState.BACKOFF and self.usable():
+        if self.state is TaskState.BACKOFF and self._can_award():
             # A bid that arrives just after a short window is taken at once.
             out += self._award0(event.now_ms)
         return out
@@ -642,6 +685,7 @@ class TaskMachine:
                 )
             )
         ]
+        self._keep_copy(signed, m)
         if self._keep_result(signed, m):
             out.append(act.Count(name="results.received"))
             self._result_at.setdefault((m.round, m.shard, signed.signer), event.now_ms)
@@ -652,6 +696,15 @@ class TaskMachine:
         if self.state is TaskState.RUNNING:
             out += self._supervise(event.now_ms)
         return out
+
+    def _keep_copy(self, signed: Signed, m: Result) -> None:
+        """A replicated task keeps every holder's OK result of each copy (its latest), not
+        just the first: the quorum counts peers (SPEC §7.8)."""
+        if self.announce.verify is None or not m.ok:
+            return
+        cur = self.copies.setdefault(m.shard, {}).get(signed.signer)
+        if cur is None or cur.message.seq < m.seq:
+            self.copies[m.shard][signed.signer] = signed
 
     def _keep_result(self, signed: Signed, m: Result) -> bool:
         """Per (round, shard) one result: the current holder's over an earlier holder's (a
@@ -916,6 +969,8 @@ class TaskMachine:
     def _check_plain(self, now: int) -> list[act.Action]:
         """aggregation = none: done when every shard has an OK result whose outputs we hold.
         Shards are checked in order, and outputs fetched one at a time, as today."""
+        if self.announce.verify is not None:
+            return self._check_replicated(now)
         merged: dict[int, Signed] = {}
         for rnd in sorted(self.results):
             merged.update(self.results[rnd])
@@ -970,6 +1025,212 @@ class TaskMachine:
             )
         )
         return out + self._finish(now, TaskState.DONE, f"{len(shards)} shard result(s) received")
+
+    # -- replicated tasks (SPEC §7.8) -------------------------------------------------------------
+    @staticmethod
+    def _value(m: Result) -> tuple[Any, ...]:
+        """What copies of one shard must agree on: each output's name, hash and size, and
+        the metrics (a replicable kind's metrics are a function of its inputs too)."""
+        outs = tuple(sorted((n, r["sha256"], r["size"]) for n, r in m.outputs.items()))
+        return (outs, tuple(sorted(m.metrics.items())))
+
+    def max_copies(self) -> int:
+        """Most copies of one shard: the replicas, then one more per disagreement, up to
+        2 × replicas + 1 (a strict majority stays reachable against one liar per copy)."""
+        return 2 * self.announce.replicas + 1
+
+    def _decide(self, work: int, group: list[dict[str, Any]]) -> bool:
+        """Every copy of ``work`` has an OK result: a strict majority of the peers that sent
+        one, and at least ⌊replicas / 2⌋ + 1 of them, signed the same value — decided (kept in
+        ``quorum``) — or not. A peer is counted once, under its latest result of its copy."""
+        votes: dict[tuple[Any, ...], set[str]] = {}
+        first: dict[tuple[Any, ...], tuple[int, Signed]] = {}
+        for a in sorted(group, key=lambda a: a["shard"]):
+            for signer, sv in sorted(self.copies[a["shard"]].items()):
+                m = sv.message
+                assert isinstance(m, Result)
+                v = self._value(m)
+                votes.setdefault(v, set()).add(signer)
+                first.setdefault(v, (int(a["shard"]), sv))
+        peers: set[str] = set().union(*votes.values())
+        best = max(votes, key=lambda v: (len(votes[v]), -first[v][0]))
+        agreed = votes[best]
+        if 2 * len(agreed) <= len(peers) or len(agreed) < self.announce.replicas // 2 + 1:
+            return False
+        self.quorum[work] = {
+            "shard": work,
+            "agreed": sorted(agreed),
+            "disagreed": sorted(peers - agreed),
+            "copies": sorted(int(a["shard"]) for a in group),
+            "result": first[best][1],
+        }
+        return True
+
+    def _check_replicated(self, now: int) -> list[act.Action]:
+        """A replicated plain task: done when every shard's copies have reached a quorum
+        (``_decide``) and the agreed outputs are fetched. Copies that disagree get one more
+        copy each on another peer (``_add_copies``), up to ``max_copies``; past it the task
+        fails (``replicas_disagree``). Peers on the losing side are observed ``disagreed``."""
+        merged: dict[int, Signed] = {}
+        for rnd in sorted(self.results):
+            merged.update(self.results[rnd])
+        groups: dict[int, list[dict[str, Any]]] = {}
+        for a in self.assignments():
+            groups.setdefault(logical_shard(a), []).append(a)
+        out: list[act.Action] = []
+        waiting = False
+        split: list[int] = []
+        for work, group in sorted(groups.items()):
+            if work in self.quorum:
+                continue
+            complete = True
+            for a in group:
+                if self.copies.get(a["shard"]):
+                    continue
+                complete = False
+                sv = merged.get(a["shard"])
+                if sv is not None and sv.signer == a["peer_id"] and not sv.message.ok:  # type: ignore[attr-defined]
+                    msg = sv.message
+                    assert isinstance(msg, Result)
+                    return out + self._shard_failed(now, sv, msg)
+            if not complete:
+                waiting = True
+                continue
+            if not self._decide(work, group):
+                split.append(work)
+                continue
+            q = self.quorum[work]
+            for a in group:
+                for signer, sv in sorted(self.copies[a["shard"]].items()):
+                    m = sv.message
+                    assert isinstance(m, Result)
+                    if signer in q["disagreed"]:
+                        out += self._observe(tr.DISAGREED, int(a["shard"]), signer, f"shard {work}", None)
+                    else:
+                        out += self._observe(
+                            tr.DONE,
+                            int(a["shard"]),
+                            signer,
+                            "",
+                            self._result_at.get((m.round, m.shard, signer)),
+                        )
+        if split:
+            return out + self._add_copies(now, split, groups)
+        if waiting:
+            return out
+        for work in sorted(groups):
+            sv = self.quorum[work]["result"]
+            for ref in sv.message.outputs.values():
+                if ref["sha256"] not in self.fetched:
+                    if self._fetching is None and T_REFETCH not in self.timers:
+                        self._fetching = f"output:{ref['sha256']}"
+                        out.append(
+                            act.FetchBlob(
+                                digest=ref["sha256"], size=ref["size"], source=sv.signer, tag=self._fetching
+                            )
+                        )
+                    return out
+        outputs = []
+        metrics: dict[str, float] = {}
+        replicas = []
+        for work in sorted(groups):
+            q = self.quorum[work]
+            msg = q["result"].message
+            assert isinstance(msg, Result)
+            for name, ref in sorted(msg.outputs.items()):
+                outputs.append({"name": f"shard-{work}/{name}", "sha256": ref["sha256"], "size": ref["size"]})
+            for k, v in msg.metrics.items():
+                metrics[f"shard-{work}.{k}"] = v
+            replicas.append({k: q[k] for k in ("shard", "copies", "agreed", "disagreed")})
+            for shard in q["copies"]:
+                if shard not in self.shards_done:
+                    self.shards_done.add(shard)
+                    out.append(
+                        act.Persist(
+                            record=act.ShardStateRecord(task_id=self.task_id, shard=shard, state="done")
+                        )
+                    )
+        result = {"outputs": outputs, "metrics": metrics, "certificate": None, "replicas": replicas}
+        out.append(act.Persist(record=act.TaskResultRecord(task_id=self.task_id, result=result)))
+        agreed = min(len(r["agreed"]) for r in replicas)
+        return out + self._finish(
+            now, TaskState.DONE, f"{len(groups)} shard result(s) received, each agreed by ≥ {agreed} peers"
+        )
+
+    def _add_copies(
+        self, now: int, works: list[int], groups: Mapping[int, list[dict[str, Any]]]
+    ) -> list[act.Action]:
+        """The copies of ``works`` disagree: a re-award adds one more copy of each on a peer
+        that holds none (``awards.add_replicas`` after ``reassign``, as receivers check it)."""
+        award = self.latest_award()
+        assert award is not None
+        full = [w for w in works if len(groups[w]) >= self.max_copies()]
+        if full or len(award.assignments) + len(works) > 64:
+            w = (full or works)[0]
+            return self._finish(
+                now,
+                TaskState.FAILED,
+                f"shard {w}: its {len(groups[w])} copies reach no majority ({self._split_story(groups[w])})",
+                reason="replicas_disagree",
+            )
+        usable = self.usable()
+        alloc = allocate(self.announce, usable, self._caps(usable, now)[0])
+        costs = [(b.peer_id, b.cost) for b in alloc.scored]
+        base = reassign(list(award.assignments), set(award.excluded), costs)
+        ranking = replica_ranking(self.task_id, alloc.scored, award.excluded)
+        grown = add_replicas(base, works, ranking) if base else None
+        if grown is None:
+            w = works[0]
+            return self._finish(
+                now,
+                TaskState.FAILED,
+                f"shard {w}: its copies disagree ({self._split_story(groups[w])}) and no other peer"
+                " has bid for another copy",
+                reason="replicas_disagree",
+            )
+        epoch = award.epoch + 1
+        signed = self.sealer.seal(
+            Award,
+            now_ms=now,
+            ttl_ms=Award.MAX_TTL_MS,
+            task_id=self.task_id,
+            epoch=epoch,
+            bids=[b.raw for b in usable],
+            assignments=grown,
+            under_capacity=award.under_capacity,
+            excluded=list(award.excluded),
+            certified=None,
+            caps=self._applied_caps(alloc),
+        )
+        self.awards[epoch] = signed
+        added = grown[len(base) :]
+        for a in added:
+            self.heartbeats[a["peer_id"]] = now
+            self._awarded_at[a["shard"]] = (a["peer_id"], now)
+            self.held_since[int(a["shard"])] = now
+        moved = ", ".join(f"shard {a['of']} → {short(a['peer_id'])}" for a in added)
+        out: list[act.Action] = [
+            act.Persist(
+                record=act.AwardRecord(
+                    task_id=self.task_id, epoch=epoch, raw=signed.raw, assignments=tuple(grown)
+                )
+            ),
+            act.Count(name="tasks.replicas_added"),
+        ]
+        out += self._set_state("running", f"copies disagree; one more copy of {moved}")
+        out.append(act.Publish(signed=signed))
+        return out
+
+    def _split_story(self, group: list[dict[str, Any]]) -> str:
+        """``2 × a1b2…, 1 × c3d4…``: how many peers signed which output (its first hash)."""
+        counts: dict[str, set[str]] = {}
+        for a in group:
+            for signer, sv in self.copies.get(a["shard"], {}).items():
+                m = sv.message
+                assert isinstance(m, Result)
+                outs = sorted(r["sha256"] for r in m.outputs.values())
+                counts.setdefault(outs[0][:8] if outs else "no output", set()).add(signer)
+        return ", ".join(f"{len(p)} × {h}" for h, p in sorted(counts.items(), key=lambda kv: -len(kv[1])))
 
     def _shard_failed(self, now: int, sv: Signed, msg: Result) -> list[act.Action]:
         """A plain task's shard returned ``ok = false`` from its current holder: it moves to
@@ -1295,6 +1556,8 @@ class TaskMachine:
         for res in r.results:
             assert isinstance(res.message, Result)
             self._keep_result(res, res.message)
+            if self.holder(res.message.shard, res.message.epoch) == res.signer:
+                self._keep_copy(res, res.message)
         self.certificates.update(r.certificates)
         self.reported.update(r.reported_rounds)
         self.public_state, self.reason = r.public_state, r.reason
