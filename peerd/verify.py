@@ -38,7 +38,7 @@ from typing import Any
 
 from peerd.bundle import DIR_PATTERN, BundleName, parse_name
 from protocol.aggregation import aggregate
-from protocol.awards import check_award
+from protocol.awards import check_award, logical_shard, replica_value
 from protocol.certificate import Certificate, check_certificate, input_key
 from protocol.envelope import Signed, open_envelope
 from protocol.errors import ProtocolError
@@ -518,6 +518,17 @@ def _verify_plain(
                 "cannot place: a plain task (aggregation none) has no aggregation round",
             )
     final = awards[max(awards)]
+    quorum: list[dict[str, Any]] = []
+    if ann.verify is not None:
+        results = _replicated_results(rep, ann, final, rounds, quorum)
+    else:
+        results = _plain_results(rep, b, final, rounds)
+    _check_plain_outputs(rep, b, manifest, results, quorum)
+
+
+def _plain_results(
+    rep: VerifyReport, b: BundleDir, final: Award, rounds: dict[int, _Round]
+) -> dict[int, Result]:
     # Each shard's result: the latest (highest seq) commit of its holder under the last award —
     # or, with a backup holder (SPEC §7.6: the first valid result wins), an OK commit of an
     # earlier holder of the shard (placed at an epoch where it held it) whose outputs are the
@@ -546,6 +557,70 @@ def _verify_plain(
         )
         if isinstance(m, Result) and m.ok:
             results[shard] = m
+    return results
+
+
+def _replicated_results(
+    rep: VerifyReport,
+    ann: TaskAnnounce,
+    final: Award,
+    rounds: dict[int, _Round],
+    quorum: list[dict[str, Any]],
+) -> dict[int, Result]:
+    """SPEC §7.8 from the signed files alone: per shard, every copy of the last award has an OK
+    result signed by a peer that held it, and a strict majority of the peers that signed one,
+    at least ⌊replicas / 2⌋ + 1, signed the same value. That value is the shard's result."""
+    groups: dict[int, list[int]] = {}
+    for a in final.assignments:
+        groups.setdefault(logical_shard(a), []).append(int(a["shard"]))
+    need = ann.replicas // 2 + 1
+    results: dict[int, Result] = {}
+    for work, shards in sorted(groups.items()):
+        latest: dict[tuple[str, int], Signed] = {}
+        for rd in rounds.values():
+            for (peer, shard), s in rd.placed.items():
+                m = s.message
+                if shard in shards and isinstance(m, Result) and m.ok:
+                    cur = latest.get((peer, shard))
+                    if cur is None or cur.message.seq < m.seq:
+                        latest[(peer, shard)] = s
+        missing = sorted(set(shards) - {shard for _, shard in latest})
+        votes: dict[tuple[Any, ...], set[str]] = {}
+        first: dict[tuple[Any, ...], tuple[int, Result]] = {}
+        for (peer, shard), s in sorted(latest.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            m = s.message
+            assert isinstance(m, Result)
+            votes.setdefault(replica_value(m), set()).add(peer)
+            first.setdefault(replica_value(m), (shard, m))
+        peers: set[str] = set().union(*votes.values()) if votes else set()
+        best = max(votes, key=lambda v: (len(votes[v]), -first[v][0])) if votes else None
+        agreed = votes[best] if best is not None else set()
+        ok = not missing and 2 * len(agreed) > len(peers) and len(agreed) >= need
+        outvoted = sorted(peers - agreed)
+        rep.check(
+            f"quorum shard {work}",
+            ok,
+            f"{len(agreed)} of {len(peers)} peers signed the same output over {len(shards)} copies"
+            + (f"; outvoted: {', '.join(outvoted)}" if outvoted else ""),
+            f"copies {missing} have no signed OK result from a holder"
+            if missing
+            else f"no strict majority of at least {need}: {sorted(map(len, votes.values()))} per output",
+        )
+        if ok and best is not None:
+            results[work] = first[best][1]
+            quorum.append(
+                {"shard": work, "copies": sorted(shards), "agreed": sorted(agreed), "disagreed": outvoted}
+            )
+    return results
+
+
+def _check_plain_outputs(
+    rep: VerifyReport,
+    b: BundleDir,
+    manifest: dict[str, Any],
+    results: dict[int, Result],
+    quorum: list[dict[str, Any]],
+) -> None:
     expected: dict[str, dict[str, Any]] = {
         f"shard-{shard}/{name}": ref for shard, m in results.items() for name, ref in m.outputs.items()
     }
@@ -606,7 +681,14 @@ def _verify_plain(
             if metrics.get(k) != signed.get(k)
         ]
         rep.check("manifest metrics", not diff, "as the signed results report", "; ".join(diff)[:2000])
-    for key in sorted(set(result) - {"outputs", "metrics", "certificate"}):
+    if "replicas" in result or quorum:
+        rep.check(
+            "manifest replicas",
+            result.get("replicas") == quorum,
+            f"{len(quorum)} shard quorum(s), as the signed results show",
+            f"the manifest claims {result.get('replicas')!r}; the signed results show {quorum!r}"[:2000],
+        )
+    for key in sorted(set(result) - {"outputs", "metrics", "certificate", "replicas"}):
         rep.ignore(f"manifest result.{key}", "ignored: not a manifest field (SPEC §15.3)")
     if result.get("certificate") is not None:
         rep.add("manifest certificate", False, "a plain task has no certificate, the manifest claims one")

@@ -38,7 +38,7 @@ from protocol.allocation import (
 )
 from protocol.envelope import Signed, open_envelope
 from protocol.errors import RemoteProtocolError
-from protocol.messages import Award, Bid, TaskAnnounce
+from protocol.messages import Award, Bid, Result, TaskAnnounce
 
 
 def net_params(net: Mapping[str, Any]) -> NetworkParams:
@@ -208,6 +208,20 @@ def add_replicas(
         copy = {"shard": len(out), "peer_id": peer, "share": base["share"], "inputs": dict(base["inputs"])}
         out.append({**copy, "of": w})
     return out
+
+
+#: Metrics a worker measures on its own host (peerd/executor/pool.py, worker.py): they differ
+#: between honest copies, so replicas are not compared on them (SPEC §7.8).
+HOST_METRICS = frozenset(
+    {"wall_seconds", "worker_seconds", "cpu_seconds", "worker_jobs", "memory_peak_bytes", "pids_peak"}
+)
+
+
+def replica_value(m: Result) -> tuple[Any, ...]:
+    """What copies of one shard must agree on (SPEC §7.8): each output's name, hash and size,
+    and the kind's metrics (not the host's measurements, ``HOST_METRICS``)."""
+    outs = tuple(sorted((n, r["sha256"], r["size"]) for n, r in m.outputs.items()))
+    return (outs, tuple(sorted((k, v) for k, v in m.metrics.items() if k not in HOST_METRICS)))
 
 
 def first_replicas(n: int, replicas: int) -> list[int]:

@@ -59,6 +59,7 @@ from protocol.awards import (
     quotable_bids,
     reassign,
     replica_ranking,
+    replica_value,
 )
 from protocol.certificate import Certificate
 from protocol.envelope import Signed
@@ -1027,13 +1028,6 @@ class TaskMachine:
         return out + self._finish(now, TaskState.DONE, f"{len(shards)} shard result(s) received")
 
     # -- replicated tasks (SPEC §7.8) -------------------------------------------------------------
-    @staticmethod
-    def _value(m: Result) -> tuple[Any, ...]:
-        """What copies of one shard must agree on: each output's name, hash and size, and
-        the metrics (a replicable kind's metrics are a function of its inputs too)."""
-        outs = tuple(sorted((n, r["sha256"], r["size"]) for n, r in m.outputs.items()))
-        return (outs, tuple(sorted(m.metrics.items())))
-
     def max_copies(self) -> int:
         """Most copies of one shard: the replicas, then one more per disagreement, up to
         2 × replicas + 1 (a strict majority stays reachable against one liar per copy)."""
@@ -1049,7 +1043,7 @@ class TaskMachine:
             for signer, sv in sorted(self.copies[a["shard"]].items()):
                 m = sv.message
                 assert isinstance(m, Result)
-                v = self._value(m)
+                v = replica_value(m)
                 votes.setdefault(v, set()).add(signer)
                 first.setdefault(v, (int(a["shard"]), sv))
         peers: set[str] = set().union(*votes.values())
