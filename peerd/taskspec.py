@@ -61,7 +61,7 @@ TOP_KEYS = {
     "verify",
     "replicas",
 }
-#: ``verify`` values (SPEC §7.8): ``none`` believes each shard's one holder.
+#: ``verify`` values (SPEC §7.10): ``none`` believes each shard's one holder.
 VERIFY_CHOICES = ("none", "replicate")
 
 
@@ -85,7 +85,7 @@ class TaskSpec:
     name: str = ""
     #: What a result may carry in all, MiB (docs/tasks.md "Outputs"); None: the kind's default.
     max_output_mb: int | None = None
-    #: How results are checked (docs/tasks.md "Replicated results", SPEC §7.8).
+    #: How results are checked (docs/tasks.md "Replicated results", SPEC §7.10).
     verify: str = "none"
     #: Copies of each shard under ``verify = "replicate"`` (1 otherwise).
     replicas: int = 1
@@ -241,7 +241,7 @@ def parse_spec(obj: Any, *, base_dir: Path | None = None) -> TaskSpec:
     else:
         replicas = _int(obj, "replicas", 2, MAX_REPLICAS, 2)
         if max_shards * replicas > 64:
-            # An award holds at most 64 shards, replicas included (SPEC §7.8).
+            # An award holds at most 64 shards, replicas included (SPEC §7.10).
             raise SpecError(
                 f"replicas: max_shards × replicas must be at most 64, got {max_shards} × {replicas}"
             )
@@ -298,7 +298,7 @@ def _check_kind(spec: TaskSpec, base_dir: Path | None) -> None:
             f"aggregation: {spec.kind} tasks take {', '.join(kind.aggregations)}, got {spec.aggregation!r}"
         )
     if spec.verify != "none" and not replicable(kind, spec.aggregation):
-        # Replicas are compared byte for byte (SPEC §7.8): only a kind whose output is a
+        # Replicas are compared byte for byte (SPEC §7.10): only a kind whose output is a
         # function of its inputs on every machine can be checked so. Aggregated tasks are
         # checked by their committee already; keras kinds' floats differ across CPUs.
         ok = ", ".join(k.name for k in kinds.KINDS.values() if replicable(k, "none"))
@@ -306,5 +306,5 @@ def _check_kind(spec: TaskSpec, base_dir: Path | None) -> None:
 
 
 def replicable(kind: kinds.Kind, aggregation: str) -> bool:
-    """Whether replicas of a ``kind`` task can be compared byte for byte (SPEC §7.8)."""
+    """Whether replicas of a ``kind`` task can be compared byte for byte (SPEC §7.10)."""
     return aggregation == "none" and kind.deterministic and not kind.multi_round and not kind.trusted_only

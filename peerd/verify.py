@@ -567,7 +567,7 @@ def _replicated_results(
     rounds: dict[int, _Round],
     quorum: list[dict[str, Any]],
 ) -> dict[int, Result]:
-    """SPEC §7.8 from the signed files alone: per shard, every copy of the last award has an OK
+    """SPEC §7.10 from the signed files alone: per shard, every copy of the last award has an OK
     result signed by a peer that held it, and a strict majority of the peers that signed one,
     at least ⌊replicas / 2⌋ + 1, signed the same value. That value is the shard's result."""
     groups: dict[int, list[int]] = {}

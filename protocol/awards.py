@@ -8,7 +8,7 @@ the listed bidders and no excluded peer keeps a shard. A receiver that also hold
 previous epoch's award checks it exactly: the same shards and shares, nobody excluded
 before is forgiven, and every shard where :func:`reassign` puts it.
 
-A replicated task (``verify`` in the announce, SPEC §7.8) runs each of the n shards the rule
+A replicated task (``verify`` in the announce, SPEC §7.10) runs each of the n shards the rule
 chooses ``replicas`` times: epoch 0 appends the copies as shards n, n+1, … (``of`` names the
 shard each repeats), each placed by :func:`add_replicas`; a later epoch may append more copies
 (a disagreement) after :func:`reassign` has moved the lost ones.
@@ -144,7 +144,7 @@ def reassign(
     lost and holds no shard yet (ties by peer ID); if there is none, to the cheapest
     holder that is not lost — a peer given a shard earlier in this same re-award counts
     as a holder. Never to a peer that holds another copy of the same work (a replica,
-    SPEC §7.8): two copies on one peer would agree by construction. Returns [] when no
+    SPEC §7.10): two copies on one peer would agree by construction. Returns [] when no
     bidder can take a lost shard."""
     holders = {a["peer_id"] for a in assignments if a["peer_id"] not in lost}
     spare = sorted((c, p) for p, c in bidders if p not in lost and p not in holders)
@@ -174,7 +174,7 @@ def reassign(
 
 
 def replica_ranking(task_id: str, scored: Sequence[ScoredBid], excluded: Sequence[str] = ()) -> list[str]:
-    """Who takes replicas first (SPEC §7.8): the largest capacity C as the award counted it
+    """Who takes replicas first (SPEC §7.10): the largest capacity C as the award counted it
     (capped by trust, so an unproven or failing peer comes last), then the smaller cost C·L,
     then H(task_id ‖ peer_id). Not cost first: an idle liar (L = 0) costs nothing, and a
     replica exists to check such a peer, not to be given to it."""
@@ -211,14 +211,14 @@ def add_replicas(
 
 
 #: Metrics a worker measures on its own host (peerd/executor/pool.py, worker.py): they differ
-#: between honest copies, so replicas are not compared on them (SPEC §7.8).
+#: between honest copies, so replicas are not compared on them (SPEC §7.10).
 HOST_METRICS = frozenset(
     {"wall_seconds", "worker_seconds", "cpu_seconds", "worker_jobs", "memory_peak_bytes", "pids_peak"}
 )
 
 
 def replica_value(m: Result) -> tuple[Any, ...]:
-    """What copies of one shard must agree on (SPEC §7.8): each output's name, hash and size,
+    """What copies of one shard must agree on (SPEC §7.10): each output's name, hash and size,
     and the kind's metrics (not the host's measurements, ``HOST_METRICS``)."""
     outs = tuple(sorted((n, r["sha256"], r["size"]) for n, r in m.outputs.items()))
     return (outs, tuple(sorted((k, v) for k, v in m.metrics.items() if k not in HOST_METRICS)))
@@ -302,7 +302,7 @@ def check_award(
     expected = reassign(list(previous.assignments), set(award.excluded), costs)
     added = shards[len(previous.assignments) :]
     if added:
-        # More copies of some work (replicas that disagreed, SPEC §7.8): each placed by the
+        # More copies of some work (replicas that disagreed, SPEC §7.10): each placed by the
         # replica rule after the moves. Whether the disagreement was real is checked from
         # the signed results (peerd/verify.py), not here.
         if announce.verify is None or any("of" not in a for a in added):

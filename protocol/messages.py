@@ -27,7 +27,7 @@ M = TypeVar("M", bound="Message")
 #: sleep, python); the others merge arrays in a signed aggregation round (docs/design.md §6).
 AGGREGATION_RULES = ("none", "sum", "weighted_mean", "trimmed_mean", "median")
 TASK_KINDS = ("echo", "sleep", "python", "keras-train", "keras-predict")
-#: ``verify`` modes of a plain task's announce (SPEC §7.8).
+#: ``verify`` modes of a plain task's announce (SPEC §7.10).
 VERIFY_MODES = ("replicate",)
 #: Most copies a replicated shard starts with (more are added only on disagreement).
 MAX_REPLICAS = 5
@@ -199,7 +199,7 @@ class TaskAnnounce(Message):
     inputs: dict[str, Any] = _f(s.map_of(s.NAME, OUTPUT_REF, 64))
     bid_window_ms: int = _f(s.integer(1, 60_000))
     net: dict[str, Any] = _f(ANNOUNCE_NET)
-    #: How a plain task's results are checked (SPEC §7.8, issue 8 item 5): absent (None) =
+    #: How a plain task's results are checked (SPEC §7.10, issue 8 item 5): absent (None) =
     #: ``none``, each shard believed from its one holder, the bytes of an announce from before
     #: replication existed; ``{"mode": "replicate", "replicas": k}``: every shard runs on k
     #: distinct peers and counts only where a strict majority of them signed the same output.
@@ -271,7 +271,7 @@ class Award(Message):
                     # Per-shard inputs (e.g. this shard's slice of the training data),
                     # on top of the task's own inputs from the announce.
                     "inputs": s.map_of(s.NAME, OUTPUT_REF, 16),
-                    # A replica (SPEC §7.8): the shard whose work this one repeats; absent
+                    # A replica (SPEC §7.10): the shard whose work this one repeats; absent
                     # on a shard that is its own.
                     "of": s.integer(0, 63),
                 },

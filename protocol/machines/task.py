@@ -89,7 +89,7 @@ ANNOUNCE_FIELDS = (
 CANCEL_TTL_MS = 3_600_000
 #: The reason a ``pending`` task gives (docs/tasks.md).
 NO_BIDS_REASON = "no eligible peer has bid (kind, resources, policy or sandbox)"
-#: The reason a replicated task waits with bids in hand (SPEC §7.8).
+#: The reason a replicated task waits with bids in hand (SPEC §7.10).
 FEW_BIDS_REASON = "fewer eligible peers have bid than the task's replicas"
 
 T_BID_WINDOW = "bid_window"
@@ -275,7 +275,7 @@ class TaskMachine:
         #: shard → when its current holder got it (its overdue clock, SPEC §7.6).
         self.held_since: dict[int, int] = {}
         self._why_lost: dict[str, str] = {}
-        #: Replicated tasks (SPEC §7.8): shard → signer → its OK result for that copy, every
+        #: Replicated tasks (SPEC §7.10): shard → signer → its OK result for that copy, every
         #: holder's (a backup's too); and per work (logical shard) the quorum decided.
         self.copies: dict[int, dict[str, Signed]] = {}
         self.quorum: dict[int, dict[str, Any]] = {}
@@ -427,7 +427,7 @@ class TaskMachine:
 
     def _can_award(self) -> bool:
         """Some usable bid, and for a replicated task as many bidders as it has replicas: no
-        two copies of one shard may share a peer (SPEC §7.8)."""
+        two copies of one shard may share a peer (SPEC §7.10)."""
         usable = self.usable()
         return bool(usable) and len({b.signer for b in usable}) >= self.announce.replicas
 
@@ -459,7 +459,7 @@ class TaskMachine:
         alloc = allocate(self.announce, bids, caps)
         assignments = assignments_of(alloc)
         if self.announce.replicas > 1:
-            # Each chosen shard, then its copies on other peers (SPEC §7.8); _can_award
+            # Each chosen shard, then its copies on other peers (SPEC §7.10); _can_award
             # made sure there are enough bidders.
             ranking = replica_ranking(self.task_id, alloc.scored)
             grown = add_replicas(
@@ -700,7 +700,7 @@ class TaskMachine:
 
     def _keep_copy(self, signed: Signed, m: Result) -> None:
         """A replicated task keeps every holder's OK result of each copy (its latest), not
-        just the first: the quorum counts peers (SPEC §7.8)."""
+        just the first: the quorum counts peers (SPEC §7.10)."""
         if self.announce.verify is None or not m.ok:
             return
         cur = self.copies.setdefault(m.shard, {}).get(signed.signer)
@@ -1027,7 +1027,7 @@ class TaskMachine:
         )
         return out + self._finish(now, TaskState.DONE, f"{len(shards)} shard result(s) received")
 
-    # -- replicated tasks (SPEC §7.8) -------------------------------------------------------------
+    # -- replicated tasks (SPEC §7.10) -------------------------------------------------------------
     def max_copies(self) -> int:
         """Most copies of one shard: the replicas, then one more per disagreement, up to
         2 × replicas + 1 (a strict majority stays reachable against one liar per copy)."""

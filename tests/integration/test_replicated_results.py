@@ -1,4 +1,4 @@
-"""Quorum-checked results for plain tasks (issue 8 item 5, SPEC §7.8), on real daemons.
+"""Quorum-checked results for plain tasks (issue 8 item 5, SPEC §7.10), on real daemons.
 
 Node 3 runs a patched launcher: it executes its jobs, then delivers a *wrong* output (the
 honest bytes, case swapped: the size the kind declares), signed and committed as if genuine.

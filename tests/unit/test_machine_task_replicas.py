@@ -1,4 +1,4 @@
-"""Replicated plain tasks (issue 8 item 5, SPEC §7.8) in the TaskMachine, driven directly with
+"""Replicated plain tasks (issue 8 item 5, SPEC §7.10) in the TaskMachine, driven directly with
 real signatures and the receivers' real award check: copies on distinct peers, a quorum of
 identical signed outputs, one more copy per disagreement, the losing side observed, and the
 task failing with ``replicas_disagree`` when no majority can be reached."""

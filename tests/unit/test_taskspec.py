@@ -184,3 +184,21 @@ def test_max_output_mb_is_optional_bounded_and_round_trips() -> None:
     assert spec.max_output_mb == 8 and parse_spec(json.loads(json.dumps(spec.to_json()))) == spec
     with pytest.raises(SpecError, match=r"^max_output_mb: must be an integer from 0 to 32768"):
         parse_spec({**base, "max_output_mb": 1 << 20})
+
+
+def test_verify_replicate_is_for_replicable_plain_kinds_only() -> None:
+    spec = parse_spec({"kind": "echo", "params": {"data": "x"}, "verify": "replicate", "max_shards": 2})
+    assert (spec.verify, spec.replicas) == ("replicate", 2)
+    assert spec.announce_verify() == {"mode": "replicate", "replicas": 2}
+    assert spec.to_json()["verify"] == "replicate" and spec.to_json()["replicas"] == 2
+    assert parse_spec({"kind": "echo"}).announce_verify() is None
+    bad = [
+        ({"kind": "echo", "verify": "vote"}, "verify: must be one of none, replicate"),
+        ({"kind": "echo", "replicas": 3}, 'replicas: only with verify = "replicate"'),
+        ({"kind": "echo", "verify": "replicate", "replicas": 6}, "replicas: must be an integer from 2 to 5"),
+        ({"kind": "echo", "verify": "replicate", "replicas": 2, "max_shards": 33}, "max_shards × replicas"),
+        ({"kind": "python", "verify": "replicate", "inputs": {"script": "/x.py"}}, "python tasks cannot be"),
+    ]
+    for obj, msg in bad:
+        with pytest.raises(SpecError, match=msg.replace("(", r"\(")):
+            parse_spec(obj)
