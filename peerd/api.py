@@ -193,7 +193,8 @@ class Api:
             "created_at": row.created_at,
             "updated_at": row.updated_at,
             "deadline_at": row.deadline_at,
-            "spec": spec if row.role == "submitter" else None,
+            # A spot check's salt is secret until the task ends (SPEC §7.10); then the result shows it.
+            "spec": {k: v for k, v in spec.items() if k != "spot_salt"} if row.role == "submitter" else None,
             "demand": dem,
             "under_capacity": under,
             "shards": shards,

@@ -140,6 +140,9 @@ class Submitter(OwnedScope):
             # market.t_max rides in the announce (SPEC §10.2): every peer recomputes the award
             # under the same bound. Unbounded (or beyond any set's cost) it is left out.
             net["t_max"] = cfg.t_max
+        # A spot check's salt stays ours until the task ends (SPEC §7.10): kept in the task's
+        # local record (never published) so a restarted submitter draws the same shards.
+        salt = secrets.token_bytes(32) if spec.verify == "spot-check" else None
         try:
             raw, signed = self.node.seal(
                 TaskAnnounce,
@@ -156,7 +159,7 @@ class Submitter(OwnedScope):
                 inputs=shared,
                 bid_window_ms=spec.bid_window_ms or cfg.bid_window_ms,
                 net=net,
-                verify=spec.announce_verify(),
+                verify=spec.announce_verify(salt),
             )
         except ProtocolError as exc:
             # parse_spec admits only what an announce can carry, but one limit is on the whole:
@@ -180,6 +183,8 @@ class Submitter(OwnedScope):
         assert isinstance(msg, TaskAnnounce)
         record = spec.to_json()
         record["input_refs"] = refs
+        if salt is not None:
+            record["spot_salt"] = salt.hex()
         self.node.store.add_task(
             task_id=task_id,
             role="submitter",
@@ -236,6 +241,7 @@ class Submitter(OwnedScope):
             backup_after=market.backup_after,
             backup_min_ms=int(market.backup_min_s * 1000),
             outputs=DeclaredOutputs(*kinds.declared_outputs(kind, ann.params, spec.get("max_output_mb"))),
+            spot_salt=bytes.fromhex(spec["spot_salt"]) if "spot_salt" in spec else None,
         )
         task_id = ann.task_id
         driver = MachineDriver(
@@ -534,7 +540,9 @@ class Submitter(OwnedScope):
                 rec.peer,
                 rec.raw,
                 seq=msg.seq,
-                certified=rec.round in machine.certificates,
+                # A compared task's first result per peer and copy is final (SPEC §7.10), so
+                # the bundle holds what the quorum counted; a certified round's are too.
+                certified=rec.round in machine.certificates or machine.announce.verify is not None,
             )
         elif isinstance(rec, act.RoundRecord):
             store.set_round(rec.task_id, rec.round, dict(rec.info))

@@ -32,6 +32,7 @@ from typing import Any
 
 from peerd import kinds
 from protocol import schema
+from protocol.awards import spot_commit
 from protocol.errors import ProtocolError
 from protocol.messages import AGGREGATION_RULES, MAX_REPLICAS, TASK_KINDS
 
@@ -60,9 +61,10 @@ TOP_KEYS = {
     "max_output_mb",
     "verify",
     "replicas",
+    "spot_fraction",
 }
 #: ``verify`` values (SPEC §7.10): ``none`` believes each shard's one holder.
-VERIFY_CHOICES = ("none", "replicate")
+VERIFY_CHOICES = ("none", "replicate", "spot-check")
 
 
 class SpecError(ValueError):
@@ -89,6 +91,8 @@ class TaskSpec:
     verify: str = "none"
     #: Copies of each shard under ``verify = "replicate"`` (1 otherwise).
     replicas: int = 1
+    #: Under ``verify = "spot-check"``: the chance each shard gets a second copy.
+    spot_fraction: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -106,15 +110,23 @@ class TaskSpec:
         }
         if self.max_output_mb is not None:
             out["max_output_mb"] = self.max_output_mb
-        if self.verify != "none":
+        if self.verify == "replicate":
             out["verify"] = self.verify
             out["replicas"] = self.replicas
+        elif self.verify == "spot-check":
+            out["verify"] = self.verify
+            out["spot_fraction"] = self.spot_fraction
         return out
 
-    def announce_verify(self) -> dict[str, Any] | None:
-        """The announce's ``verify`` field (protocol/messages.py ``TaskAnnounce``)."""
+    def announce_verify(self, salt: bytes | None = None) -> dict[str, Any] | None:
+        """The announce's ``verify`` field (protocol/messages.py ``TaskAnnounce``); a spot
+        check commits to ``salt``, the submitter's secret (SPEC §7.10)."""
         if self.verify == "none":
             return None
+        if self.verify == "spot-check":
+            if salt is None:
+                raise ValueError("a spot-checked task needs its salt")
+            return {"mode": self.verify, "fraction": self.spot_fraction, "commit": spot_commit(salt)}
         return {"mode": self.verify, "replicas": self.replicas}
 
 
@@ -234,11 +246,16 @@ def parse_spec(obj: Any, *, base_dir: Path | None = None) -> TaskSpec:
     verify = obj.get("verify", "none")
     if verify not in VERIFY_CHOICES:
         raise SpecError(f"verify: must be one of {', '.join(VERIFY_CHOICES)}, got {verify!r}")
-    if verify == "none":
-        if "replicas" in obj:
-            raise SpecError('replicas: only with verify = "replicate"')
-        replicas = 1
-    else:
+    if verify != "replicate" and "replicas" in obj:
+        raise SpecError('replicas: only with verify = "replicate"')
+    if verify != "spot-check" and "spot_fraction" in obj:
+        raise SpecError('spot_fraction: only with verify = "spot-check"')
+    replicas, spot_fraction = 1, None
+    if verify == "spot-check":
+        spot_fraction = _num(obj, "spot_fraction", 1e-6, 1.0, 0.1)
+        if max_shards * 2 > 64:
+            raise SpecError(f"max_shards: at most 32 with verify = \"spot-check\", got {max_shards}")
+    elif verify == "replicate":
         replicas = _int(obj, "replicas", 2, MAX_REPLICAS, 2)
         if max_shards * replicas > 64:
             # An award holds at most 64 shards, replicas included (SPEC §7.10).
@@ -261,6 +278,7 @@ def parse_spec(obj: Any, *, base_dir: Path | None = None) -> TaskSpec:
         max_output_mb=max_output_mb,
         verify=verify,
         replicas=replicas,
+        spot_fraction=spot_fraction,
     )
     _check_kind(spec, base_dir)
     return spec

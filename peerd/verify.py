@@ -38,7 +38,7 @@ from typing import Any
 
 from peerd.bundle import DIR_PATTERN, BundleName, parse_name
 from protocol.aggregation import aggregate
-from protocol.awards import check_award, logical_shard, replica_value
+from protocol.awards import check_award, logical_shard, quorum_need, replica_value, spot_checked, spot_commit
 from protocol.certificate import Certificate, check_certificate, input_key
 from protocol.envelope import Signed, open_envelope
 from protocol.errors import ProtocolError
@@ -520,7 +520,8 @@ def _verify_plain(
     final = awards[max(awards)]
     quorum: list[dict[str, Any]] = []
     if ann.verify is not None:
-        results = _replicated_results(rep, ann, final, rounds, quorum)
+        checked = _spot_checked(rep, manifest, ann, awards[0]) if ann.verify_mode == "spot-check" else []
+        results = _replicated_results(rep, ann, final, rounds, quorum, checked)
     else:
         results = _plain_results(rep, b, final, rounds)
     _check_plain_outputs(rep, b, manifest, results, quorum)
@@ -560,30 +561,54 @@ def _plain_results(
     return results
 
 
+def _spot_checked(rep: VerifyReport, manifest: dict[str, Any], ann: TaskAnnounce, first: Award) -> list[int]:
+    """A spot-checked task's drawn shards (SPEC §7.10): the manifest shows the salt, the
+    signed announce commits to it, and the draw is recomputed from it."""
+    spot = manifest.get("result", {}).get("spot")
+    salt_hex = spot.get("salt") if isinstance(spot, dict) else None
+    try:
+        salt = bytes.fromhex(salt_hex) if isinstance(salt_hex, str) else None
+    except ValueError:
+        salt = None
+    assert ann.verify is not None
+    if salt is None or spot_commit(salt) != ann.verify["commit"]:
+        rep.add("spot-check salt", False, "the manifest shows no salt that the signed announce commits to")
+        return list(range(len(first.assignments)))  # unknown draw: every shard must show two peers
+    drawn = spot_checked(ann.task_id, salt, len(first.assignments), float(ann.verify["fraction"]))
+    rep.check(
+        "spot-check salt",
+        isinstance(spot, dict) and spot.get("checked") == drawn,
+        f"matches the announce's commit; it draws shard(s) {drawn}",
+        f"the manifest says shards {spot.get('checked') if isinstance(spot, dict) else None!r} were drawn;"
+        f" the salt draws {drawn}",
+    )
+    return drawn
+
+
 def _replicated_results(
     rep: VerifyReport,
     ann: TaskAnnounce,
     final: Award,
     rounds: dict[int, _Round],
     quorum: list[dict[str, Any]],
+    checked: list[int],
 ) -> dict[int, Result]:
     """SPEC §7.10 from the signed files alone: per shard, every copy of the last award has an OK
     result signed by a peer that held it, and a strict majority of the peers that signed one,
-    at least ⌊replicas / 2⌋ + 1, signed the same value. That value is the shard's result."""
+    at least ``quorum_need`` of them, signed the same value. That value is the shard's result.
+    Each peer counts with its one stored result per copy (its first is final)."""
     groups: dict[int, list[int]] = {}
     for a in final.assignments:
         groups.setdefault(logical_shard(a), []).append(int(a["shard"]))
-    need = ann.replicas // 2 + 1
     results: dict[int, Result] = {}
     for work, shards in sorted(groups.items()):
+        need = quorum_need(ann, work, checked)
         latest: dict[tuple[str, int], Signed] = {}
         for rd in rounds.values():
             for (peer, shard), s in rd.placed.items():
                 m = s.message
                 if shard in shards and isinstance(m, Result) and m.ok:
-                    cur = latest.get((peer, shard))
-                    if cur is None or cur.message.seq < m.seq:
-                        latest[(peer, shard)] = s
+                    latest[(peer, shard)] = s
         missing = sorted(set(shards) - {shard for _, shard in latest})
         votes: dict[tuple[Any, ...], set[str]] = {}
         first: dict[tuple[Any, ...], tuple[int, Result]] = {}
@@ -688,7 +713,7 @@ def _check_plain_outputs(
             f"{len(quorum)} shard quorum(s), as the signed results show",
             f"the manifest claims {result.get('replicas')!r}; the signed results show {quorum!r}"[:2000],
         )
-    for key in sorted(set(result) - {"outputs", "metrics", "certificate", "replicas"}):
+    for key in sorted(set(result) - {"outputs", "metrics", "certificate", "replicas", "spot"}):
         rep.ignore(f"manifest result.{key}", "ignored: not a manifest field (SPEC §15.3)")
     if result.get("certificate") is not None:
         rep.add("manifest certificate", False, "a plain task has no certificate, the manifest claims one")

@@ -21,6 +21,7 @@ the rule would choose over its own bids: the shards are fixed by epoch 0.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -222,6 +223,32 @@ def replica_value(m: Result) -> tuple[Any, ...]:
     and the kind's metrics (not the host's measurements, ``HOST_METRICS``)."""
     outs = tuple(sorted((n, r["sha256"], r["size"]) for n, r in m.outputs.items()))
     return (outs, tuple(sorted((k, v) for k, v in m.metrics.items() if k not in HOST_METRICS)))
+
+
+def spot_commit(salt: bytes) -> str:
+    """What a spot-checked announce carries of its secret salt: sha256(salt), hex (SPEC §7.10)."""
+    return hashlib.sha256(salt).hexdigest()
+
+
+def spot_checked(task_id: str, salt: bytes, n: int, fraction: float) -> list[int]:
+    """The shards of 0..n-1 the salt draws for a second copy (SPEC §7.10): shard s when the
+    first 8 bytes of sha256(salt ‖ task_id ‖ s as 4 bytes big-endian), read as a big-endian
+    integer u, give u / 2⁶⁴ < fraction (in IEEE double). Nobody can tell which shards are
+    drawn before the salt is shown, and the announce's commit binds the submitter to it."""
+    out = []
+    for shard in range(n):
+        h = hashlib.sha256(salt + task_id.encode("ascii") + shard.to_bytes(4, "big")).digest()
+        if int.from_bytes(h[:8], "big") / 2**64 < fraction:
+            out.append(shard)
+    return out
+
+
+def quorum_need(announce: TaskAnnounce, work: int, checked: Sequence[int] = ()) -> int:
+    """How many peers must sign a shard's value (SPEC §7.10): ⌊k/2⌋ + 1 of a replicated
+    task's k copies; 2 for a spot-checked shard the salt drew, else its one holder."""
+    if announce.verify_mode == "replicate":
+        return announce.replicas // 2 + 1
+    return 2 if work in checked else 1
 
 
 def first_replicas(n: int, replicas: int) -> list[int]:

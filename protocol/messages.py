@@ -28,7 +28,7 @@ M = TypeVar("M", bound="Message")
 AGGREGATION_RULES = ("none", "sum", "weighted_mean", "trimmed_mean", "median")
 TASK_KINDS = ("echo", "sleep", "python", "keras-train", "keras-predict")
 #: ``verify`` modes of a plain task's announce (SPEC §7.10).
-VERIFY_MODES = ("replicate",)
+VERIFY_MODES = ("replicate", "spot-check")
 #: Most copies a replicated shard starts with (more are added only on disagreement).
 MAX_REPLICAS = 5
 
@@ -179,6 +179,28 @@ class Advert(Message):
     version: str = _f(s.text(32))
 
 
+_VERIFY_FIELDS = s.struct(
+    {
+        "mode": s.one_of(*VERIFY_MODES),
+        "replicas": s.integer(2, MAX_REPLICAS),
+        "fraction": s.real(1e-6, 1.0),
+        "commit": s.SHA256,
+    },
+    optional_keys=frozenset({"replicas", "fraction", "commit"}),
+)
+#: The keys each ``verify`` mode takes, exactly.
+_VERIFY_KEYS = {"replicate": {"mode", "replicas"}, "spot-check": {"mode", "fraction", "commit"}}
+
+
+def _verify(v: Any) -> dict[str, Any]:
+    """An announce's ``verify`` (SPEC §7.10): one mode with exactly its keys."""
+    out: dict[str, Any] = _VERIFY_FIELDS(v)
+    if set(out) != _VERIFY_KEYS[out["mode"]]:
+        want = ", ".join(sorted(_VERIFY_KEYS[out["mode"]]))
+        raise s.FieldError(f"{out['mode']} takes exactly {want}", reason="malformed")
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskAnnounce(Message):
     """Seed §3.2 step 2: a submitter announces task j with its work W_j and deadline D_j."""
@@ -202,15 +224,10 @@ class TaskAnnounce(Message):
     #: How a plain task's results are checked (SPEC §7.10, issue 8 item 5): absent (None) =
     #: ``none``, each shard believed from its one holder, the bytes of an announce from before
     #: replication existed; ``{"mode": "replicate", "replicas": k}``: every shard runs on k
-    #: distinct peers and counts only where a strict majority of them signed the same output.
-    verify: dict[str, Any] | None = dataclasses.field(
-        default=None,
-        metadata={
-            "conv": s.optional(
-                s.struct({"mode": s.one_of(*VERIFY_MODES), "replicas": s.integer(2, MAX_REPLICAS)})
-            )
-        },
-    )
+    #: distinct peers and counts only where a strict majority of them signed the same output;
+    #: ``{"mode": "spot-check", "fraction": f, "commit": sha256(salt)}``: the shards a secret
+    #: salt draws (each with probability f) get a second copy, the salt shown afterwards.
+    verify: dict[str, Any] | None = dataclasses.field(default=None, metadata={"conv": s.optional(_verify)})
 
     OMITTABLE: ClassVar[frozenset[str]] = frozenset({"verify"})
 
@@ -220,7 +237,11 @@ class TaskAnnounce(Message):
     @property
     def replicas(self) -> int:
         """Copies of each shard the first award runs (1 unless ``verify`` replicates)."""
-        return int(self.verify["replicas"]) if self.verify is not None else 1
+        return int(self.verify.get("replicas", 1)) if self.verify is not None else 1
+
+    @property
+    def verify_mode(self) -> str:
+        return str(self.verify["mode"]) if self.verify is not None else "none"
 
 
 @dataclasses.dataclass(frozen=True)

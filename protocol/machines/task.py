@@ -56,10 +56,13 @@ from protocol.awards import (
     first_replicas,
     logical_shard,
     net_params,
+    quorum_need,
     quotable_bids,
     reassign,
     replica_ranking,
     replica_value,
+    spot_checked,
+    spot_commit,
 )
 from protocol.certificate import Certificate
 from protocol.envelope import Signed
@@ -210,6 +213,7 @@ class TaskMachine:
         backup_after: float = DEFAULT_BACKUP_AFTER,
         outputs: DeclaredOutputs | None = None,
         backup_min_ms: int = DEFAULT_BACKUP_MIN_MS,
+        spot_salt: bytes | None = None,
     ) -> None:
         if not isinstance(announce.message, TaskAnnounce):
             raise LocalProtocolError("TaskMachine needs a signed announce", reason="illegal_event")
@@ -217,6 +221,14 @@ class TaskMachine:
             raise LocalProtocolError("TaskMachine: the announce is not ours", reason="illegal_event")
         self.announce: TaskAnnounce = announce.message
         self.announce_signed = announce
+        if self.announce.verify_mode == "spot-check" and (
+            spot_salt is None or spot_commit(spot_salt) != self.announce.verify["commit"]  # type: ignore[index]
+        ):
+            raise LocalProtocolError(
+                "TaskMachine: a spot-checked task needs its salt", reason="illegal_event"
+            )
+        #: The secret the announce commits to (SPEC §7.10): it draws the spot-checked shards.
+        self.spot_salt = spot_salt
         self.task_id = self.announce.task_id
         self.me = sealer.peer_id
         self.sealer = sealer
@@ -278,6 +290,7 @@ class TaskMachine:
         #: Replicated tasks (SPEC §7.10): shard → signer → its OK result for that copy, every
         #: holder's (a backup's too); and per work (logical shard) the quorum decided.
         self.copies: dict[int, dict[str, Signed]] = {}
+        self._copy_seen: set[tuple[int, str]] = set()
         self.quorum: dict[int, dict[str, Any]] = {}
         if restored is not None:
             self._restore(restored)
@@ -429,7 +442,12 @@ class TaskMachine:
         """Some usable bid, and for a replicated task as many bidders as it has replicas: no
         two copies of one shard may share a peer (SPEC §7.10)."""
         usable = self.usable()
-        return bool(usable) and len({b.signer for b in usable}) >= self.announce.replicas
+        return bool(usable) and len({b.signer for b in usable}) >= self.peers_needed()
+
+    def peers_needed(self) -> int:
+        """Distinct bidders before the first award: the replicas; 2 for a spot-checked task
+        (whichever shards the salt draws, their second copy has a peer; nothing is told)."""
+        return 2 if self.announce.verify_mode == "spot-check" else self.announce.replicas
 
     def _window_closed(self, now: int) -> list[act.Action]:
         if self._can_award():
@@ -439,7 +457,7 @@ class TaskMachine:
         bidders = len({b.signer for b in self.usable()})
         if bidders:
             msg = (
-                f"{bidders} eligible peer(s) bid, {self.announce.replicas} needed for the replicas;"
+                f"{bidders} eligible peer(s) bid, {self.peers_needed()} needed for the copies;"
                 " waiting, then re-announcing"
             )
             out = self._set_state("pending", msg, reason=FEW_BIDS_REASON)
@@ -699,13 +717,19 @@ class TaskMachine:
         return out
 
     def _keep_copy(self, signed: Signed, m: Result) -> None:
-        """A replicated task keeps every holder's OK result of each copy (its latest), not
-        just the first: the quorum counts peers (SPEC §7.10)."""
-        if self.announce.verify is None or not m.ok:
+        """A compared task keeps every holder's result of each copy, not just the first
+        holder's: the quorum counts peers (SPEC §7.10). A peer's first result for a copy is
+        final: results are gossiped, and a liar that could re-commit after seeing the others'
+        hashes would never be outvoted (the store keeps the first too, ``Submitter``)."""
+        if self.announce.verify is None:
             return
-        cur = self.copies.setdefault(m.shard, {}).get(signed.signer)
-        if cur is None or cur.message.seq < m.seq:
-            self.copies[m.shard][signed.signer] = signed
+        by = self.copies.setdefault(m.shard, {})
+        key = (m.shard, signed.signer)
+        if key in self._copy_seen:
+            return
+        self._copy_seen.add(key)
+        if m.ok:
+            by[signed.signer] = signed
 
     def _keep_result(self, signed: Signed, m: Result) -> bool:
         """Per (round, shard) one result: the current holder's over an earlier holder's (a
@@ -1030,8 +1054,20 @@ class TaskMachine:
     # -- replicated tasks (SPEC §7.10) -------------------------------------------------------------
     def max_copies(self) -> int:
         """Most copies of one shard: the replicas, then one more per disagreement, up to
-        2 × replicas + 1 (a strict majority stays reachable against one liar per copy)."""
-        return 2 * self.announce.replicas + 1
+        2 × replicas + 1 (a strict majority stays reachable against one liar per copy); a
+        spot-checked task's shards as if they had 2 replicas (an undrawn shard gets a second
+        copy only when a backup's result disagrees with its holder's)."""
+        replicas = 2 if self.announce.verify_mode == "spot-check" else self.announce.replicas
+        return 2 * replicas + 1
+
+    def checked(self) -> list[int]:
+        """The shards the salt draws for a second copy (spot-check; [] before the award)."""
+        if self.spot_salt is None or 0 not in self.awards:
+            return []
+        first = self.awards[0].message
+        assert isinstance(first, Award) and self.announce.verify is not None
+        n = len(first.assignments)
+        return spot_checked(self.task_id, self.spot_salt, n, float(self.announce.verify["fraction"]))
 
     def _decide(self, work: int, group: list[dict[str, Any]]) -> bool:
         """Every copy of ``work`` has an OK result: a strict majority of the peers that sent
@@ -1049,7 +1085,7 @@ class TaskMachine:
         peers: set[str] = set().union(*votes.values())
         best = max(votes, key=lambda v: (len(votes[v]), -first[v][0]))
         agreed = votes[best]
-        if 2 * len(agreed) <= len(peers) or len(agreed) < self.announce.replicas // 2 + 1:
+        if 2 * len(agreed) <= len(peers) or len(agreed) < quorum_need(self.announce, work, self.checked()):
             return False
         self.quorum[work] = {
             "shard": work,
@@ -1144,7 +1180,16 @@ class TaskMachine:
                             record=act.ShardStateRecord(task_id=self.task_id, shard=shard, state="done")
                         )
                     )
-        result = {"outputs": outputs, "metrics": metrics, "certificate": None, "replicas": replicas}
+        result: dict[str, Any] = {
+            "outputs": outputs,
+            "metrics": metrics,
+            "certificate": None,
+            "replicas": replicas,
+        }
+        if self.spot_salt is not None:
+            # Shown now (SPEC §7.10): anyone checks it against the announce's commit and
+            # recomputes which shards it drew.
+            result["spot"] = {"salt": self.spot_salt.hex(), "checked": self.checked()}
         out.append(act.Persist(record=act.TaskResultRecord(task_id=self.task_id, result=result)))
         agreed = min(len(r["agreed"]) for r in replicas)
         return out + self._finish(
@@ -1203,6 +1248,7 @@ class TaskMachine:
             self._awarded_at[a["shard"]] = (a["peer_id"], now)
             self.held_since[int(a["shard"])] = now
         moved = ", ".join(f"shard {a['of']} → {short(a['peer_id'])}" for a in added)
+        first_check = all(len(groups[w]) == 1 for w in works)
         out: list[act.Action] = [
             act.Persist(
                 record=act.AwardRecord(
@@ -1211,7 +1257,8 @@ class TaskMachine:
             ),
             act.Count(name="tasks.replicas_added"),
         ]
-        out += self._set_state("running", f"copies disagree; one more copy of {moved}")
+        what = "spot-check: a second copy" if first_check else "copies disagree; one more copy"
+        out += self._set_state("running", f"{what} of {moved}")
         out.append(act.Publish(signed=signed))
         return out
 

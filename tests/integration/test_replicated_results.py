@@ -11,7 +11,9 @@ task ``done``. Here:
 * ``peerctl result`` writes a bundle that ``peerctl verify`` accepts, quorum included, and a
   manifest edited to credit the liar fails it;
 * with ``replicas = 2`` the output is still the honest one (a copy on the liar is outvoted
-  by one more copy on the other honest peer).
+  by one more copy on the other honest peer);
+* a spot check with ``spot_fraction = 1`` (every shard drawn) gets a second copy after the
+  first result; the output is the honest one, and the bundle's salt verifies.
 
 Node 0 submits and runs no echo. Outcomes and counters are asserted, never timings.
 """
@@ -72,9 +74,11 @@ def start_liar(net: TestNet, tmp_path: Path) -> None:
     (d / "peerd.pid").write_text(str(proc.pid))
 
 
-def echo(i: int, replicas: int) -> dict[str, Any]:
-    return {"kind": "echo", "params": {"data": f"honest work {i}"}, "work": 1.0, "deadline_s": 120,
-            "verify": "replicate", "replicas": replicas}
+def echo(i: int, replicas: int = 0, spot: float = 0.0) -> dict[str, Any]:
+    spec = {"kind": "echo", "params": {"data": f"honest work {i}"}, "work": 1.0, "deadline_s": 120}
+    if replicas:
+        return {**spec, "verify": "replicate", "replicas": replicas}
+    return {**spec, "verify": "spot-check", "spot_fraction": spot}
 
 
 def stdout_of(net: TestNet, task: dict[str, Any]) -> bytes:
@@ -134,3 +138,20 @@ def test_a_wrong_result_is_outvoted_by_the_replicas_and_the_bundle_proves_it(
     assert stdout_of(net, task) == b"honest work 2"
     (q,) = task["result"]["replicas"]
     assert liar not in q["agreed"] and len(q["agreed"]) == 2
+
+    # 4. A spot check drawing every shard: a second copy once the first result is in.
+    tid = submit(net, 0, echo(3, spot=1.0))
+    task = wait_done(net, 0, tid, timeout=110)
+    assert stdout_of(net, task) == b"honest work 3"
+    assert task["result"]["spot"]["checked"] == [0]
+    assert "spot-check: a second copy" in " ".join(e["message"] for e in task["events"])
+    (q,) = task["result"]["replicas"]
+    assert liar not in q["agreed"] and len(q["agreed"]) == 2
+    assert "spot_salt" not in task["spec"]  # the salt stays ours; the result shows it
+    out = tmp_path / "spot"
+    res = peerctl(net, 0, "result", tid, "-o", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    ok = peerctl(net, 0, "verify", str(out), "--json")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    checks = {c["name"]: c for c in json.loads(ok.stdout)["checks"]}
+    assert checks["spot-check salt"]["ok"] and checks["quorum shard 0"]["ok"]

@@ -13,6 +13,7 @@ from test_machine_task import (
     NOW,
     SHA,
     SUB,
+    TASK,
     TIMES,
     W,
     announce,
@@ -27,9 +28,9 @@ from test_machine_task import (
 )
 
 from protocol import trust as tr
-from protocol.awards import add_replicas, check_award, open_quoted_bids, reassign
+from protocol.awards import add_replicas, check_award, open_quoted_bids, reassign, spot_checked, spot_commit
 from protocol.envelope import Signed
-from protocol.errors import RemoteProtocolError
+from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.machines import actions as act
 from protocol.machines import events as ev
 from protocol.machines.task import FEW_BIDS_REASON, Restored, TaskMachine, TaskState
@@ -231,3 +232,90 @@ def test_a_restored_machine_keeps_the_copies() -> None:
     back.handle(ev.Start(now_ms=NOW + 600))
     out = deliver(back, result(by[1], 1, NOW + 700, rnd=0), NOW + 700)
     assert of(out, act.FetchBlob)  # both copies count: the quorum is reached
+
+
+# -- spot-check ------------------------------------------------------------------------------------
+
+
+def salt_drawing(n: int, fraction: float, want: list[int]) -> bytes:
+    """A salt whose draw over n shards is exactly ``want`` (searched, bounded)."""
+    for i in range(10_000):
+        salt = i.to_bytes(32, "big")
+        if spot_checked(TASK, salt, n, fraction) == want:
+            return salt
+    raise AssertionError(f"no salt draws {want} in 10,000 tries")
+
+
+def spot(salt: bytes, fraction: float = 0.5, **over: Any) -> tuple[TaskMachine, Award]:
+    ann = announce(verify={"mode": "spot-check", "fraction": fraction, "commit": spot_commit(salt)}, **over)
+    m = TaskMachine(ann, sealer=SUB, times=TIMES, spot_salt=salt)
+    m.handle(ev.Start(now_ms=NOW))
+    for w in (W[0], W[1], W[2]):
+        deliver(m, bid(w), NOW + 10)
+    m.handle(ev.TimerFired(now_ms=NOW + 300, name="bid_window"))
+    return m, assert_award_checks(m, 0)
+
+
+def test_the_draw_is_a_function_of_the_salt_and_near_its_fraction() -> None:
+    drawn = [len(spot_checked(TASK, i.to_bytes(4, "big"), 10, 0.2)) for i in range(500)]
+    assert 0.15 < sum(drawn) / (500 * 10) < 0.25
+    assert spot_checked(TASK, b"x", 10, 0.2) == spot_checked(TASK, b"x", 10, 0.2)
+    assert spot_checked(TASK, b"x", 10, 1.0) == list(range(10))
+
+
+def test_a_spot_checked_task_needs_its_salt() -> None:
+    ann = announce(verify={"mode": "spot-check", "fraction": 0.5, "commit": spot_commit(b"s" * 32)})
+    with pytest.raises(LocalProtocolError, match="salt"):
+        TaskMachine(ann, sealer=SUB, times=TIMES)
+    with pytest.raises(LocalProtocolError, match="salt"):
+        TaskMachine(ann, sealer=SUB, times=TIMES, spot_salt=b"t" * 32)
+
+
+def test_an_undrawn_shard_is_believed_and_the_salt_shown() -> None:
+    salt = salt_drawing(2, 0.5, [1])
+    m, award = spot(salt, max_shards=2, work=30.0, deadline_ms=1000)
+    assert len(award.assignments) == 2 and all("of" not in a for a in award.assignments)
+    by = copies(award)
+    out = deliver(m, result(by[0], 0, NOW + 500, rnd=0), NOW + 500)
+    assert not m.awards.get(1)  # shard 0 was not drawn: one copy is enough
+    out = deliver(m, result(by[1], 1, NOW + 600, rnd=0), NOW + 600)
+    # Shard 1 was drawn: a second copy, on a peer that holds no shard, as receivers check.
+    grown = assert_award_checks(m, 1)
+    extra = next(a for a in grown.assignments if a["shard"] == 2)
+    assert extra["of"] == 1 and extra["peer_id"] == W[2].peer_id
+    assert "spot-check: a second copy" in record(out, act.TaskState).message
+    out = deliver(m, result(W[2], 2, NOW + 700, rnd=0, epoch=1), NOW + 700)
+    out = fetch_all(m, out, NOW + 800)
+    assert m.state is TaskState.DONE
+    res = record(out, act.TaskResultRecord).result
+    assert res["spot"] == {"salt": salt.hex(), "checked": [1]}
+    assert [q["agreed"] for q in res["replicas"]] == [[by[0].peer_id], sorted([by[1].peer_id, W[2].peer_id])]
+
+
+def test_a_drawn_shard_that_lied_is_outvoted() -> None:
+    salt = salt_drawing(1, 0.5, [0])
+    m, award = spot(salt)
+    by = copies(award)
+    wrong = {"out": {"sha256": WRONG, "size": 5}}
+    deliver(m, result(by[0], 0, NOW + 500, rnd=0, outputs=wrong), NOW + 500)
+    second = next(a for a in m.latest_award().assignments if a["shard"] == 1)  # type: ignore[union-attr]
+    out = deliver(m, result(BY_ID[second["peer_id"]], 1, NOW + 600, rnd=0, epoch=1), NOW + 600)
+    assert act.Count(name="tasks.replicas_added") in out  # 1 against 1: a third copy
+    third = next(a for a in m.latest_award().assignments if a["shard"] == 2)  # type: ignore[union-attr]
+    out = deliver(m, result(BY_ID[third["peer_id"]], 2, NOW + 700, rnd=0, epoch=2), NOW + 700)
+    assert (tr.DISAGREED, by[0].peer_id) in observed(out)
+    out = fetch_all(m, out, NOW + 800)
+    res = record(out, act.TaskResultRecord).result
+    assert res["outputs"][0]["sha256"] == SHA and res["replicas"][0]["disagreed"] == [by[0].peer_id]
+
+
+def test_a_peers_first_result_for_a_copy_is_final() -> None:
+    m, award = replicated()
+    by = copies(award)
+    deliver(m, result(by[0], 0, NOW + 500, rnd=0), NOW + 500)
+    deliver(m, result(by[1], 1, NOW + 600, rnd=0, outputs={"out": {"sha256": WRONG, "size": 5}}), NOW + 600)
+    # Having seen the others' hashes (results are gossiped), the liar re-commits the honest one:
+    # too late, its first result counts and it is outvoted by the added copy.
+    deliver(m, result(by[1], 1, NOW + 650, rnd=0), NOW + 650)
+    out = deliver(m, result(W[2], 2, NOW + 900, rnd=0, epoch=1), NOW + 900)
+    assert (tr.DISAGREED, by[1].peer_id) in observed(out)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tomllib
 from pathlib import Path
@@ -202,3 +203,18 @@ def test_verify_replicate_is_for_replicable_plain_kinds_only() -> None:
     for obj, msg in bad:
         with pytest.raises(SpecError, match=msg.replace("(", r"\(")):
             parse_spec(obj)
+
+
+def test_spot_check_commits_to_a_salt_and_takes_its_fraction() -> None:
+    spec = parse_spec(
+        {"kind": "sleep", "params": {"seconds": 0}, "verify": "spot-check", "spot_fraction": 0.25}
+    )
+    assert (spec.verify, spec.spot_fraction, spec.replicas) == ("spot-check", 0.25, 1)
+    v = spec.announce_verify(b"\x01" * 32)
+    assert v is not None and v["mode"] == "spot-check" and v["fraction"] == 0.25
+    assert v["commit"] == hashlib.sha256(b"\x01" * 32).hexdigest()
+    assert parse_spec({"kind": "echo", "verify": "spot-check"}).spot_fraction == 0.1
+    with pytest.raises(SpecError, match='spot_fraction: only with verify = "spot-check"'):
+        parse_spec({"kind": "echo", "spot_fraction": 0.5})
+    with pytest.raises(SpecError, match="spot_fraction: must be a number"):
+        parse_spec({"kind": "echo", "verify": "spot-check", "spot_fraction": 0})
