@@ -26,7 +26,8 @@ Phases:
    where the award capped it) is about 3 s, and ``market.backup_min_s`` = 1 s (the default,
    60 s, would make the floor and not ``backup_after`` × expected time set the hold limit).
    Extra time per affected task = its award → done minus the median award → done of the
-   tasks the liar did not hold; budget ≤ 3 × the expected shard time, and no task fails.
+   holders that delivered (the backups' included); budget ≤ 3 × the expected shard time, and
+   no task fails.
 4. *replicate* (wrong-result liar): 20 plain echo tasks, then the same 20 with
    ``{"verify": "replicate", "replicas": 2}``, each batch submitted at once; tasks/s = done /
    (last done − first submit) from the submitter's stamps; the ratio plain / replicated
@@ -116,8 +117,9 @@ async def wrong_execute(self, ann, action):
     result = await honest_execute(self, ann, action)
     if not result.ok:
         return result
-    # Other bytes under the same names: the contractor stores them and commits their digest.
-    outputs = {name: b"forged: " + data for name, data in result.outputs.items()}
+    # Other bytes of the same size under the same names (a size over the declared one is
+    # refused, SPEC §7.7): the contractor stores them and commits their digest.
+    outputs = {name: bytes(b ^ 1 for b in data) for name, data in result.outputs.items()}
     return JobResult(ok=True, outputs=outputs, metrics=result.metrics)
 
 if MODE == "silent":
@@ -277,22 +279,29 @@ def hold_limit_s(
     return max(backup_after * expected_s, floor, lease_ttl_s + 0.001)
 
 
-def award_to_done(o: Outcome) -> float | None:
-    a = o.first_award
-    if o.state != "done" or o.done_at is None or a is None or a.at is None:
+def award_to_done(o: Outcome, *, last: bool = False) -> float | None:
+    """Award → done of a done task: from its first award, or (``last``) from the award of the
+    holder that delivered (the backup's, when the shard moved)."""
+    timed = [a for a in o.awards if a.at is not None]
+    if o.state != "done" or o.done_at is None or not timed:
         return None
+    a = timed[-1] if last else timed[0]
+    assert a.at is not None
     return o.done_at - a.at
 
 
+def backup_delay(o: Outcome) -> float | None:
+    """How long the first holder kept the shard before the next award (None: never moved)."""
+    timed = [a.at for a in o.awards if a.at is not None]
+    return timed[1] - timed[0] if len(timed) >= 2 else None
+
+
 def extra_times(outcomes: Sequence[Outcome], liar: str) -> tuple[float, list[tuple[int, float]]]:
-    """(baseline, [(task index, extra s)]): the tasks the liar held first, each one's award →
-    done minus the median award → done of the tasks it did not hold (NaN baseline: none)."""
-    clean = [
-        d
-        for o in outcomes
-        if (d := award_to_done(o)) is not None and o.first_award is not None and o.first_award.peer != liar
-    ]
-    base = median(clean) if clean else float("nan")
+    """(baseline, [(task index, extra s)]) for the tasks the liar held first: each one's award →
+    done minus the baseline, the median award → done of the holders that delivered (an
+    unaffected task's only holder, an affected task's backup). NaN baseline: nothing done."""
+    delivered = [d for o in outcomes if (d := award_to_done(o, last=True)) is not None]
+    base = median(delivered) if delivered else float("nan")
     hit = [
         (o.index, d - base)
         for o in outcomes
@@ -673,6 +682,7 @@ def _heartbeat_phase(res: AreaResult, count: int) -> None:
                 "expected shard time s",
                 "hold limit s",
                 "tasks held by liar",
+                "liar award → backup award s p50",
                 "baseline award→done s",
                 "extra s p50",
                 "extra s max",
@@ -683,12 +693,14 @@ def _heartbeat_phase(res: AreaResult, count: int) -> None:
             ],
         )
         xs = [x for _, x in extras]
+        held = [d for o in hit if (d := backup_delay(o)) is not None]
         c = counts(outcomes)
         table.add(
             c_eff,
             expected,
             hold,
             ", ".join(str(o.index) for o in hit) or "none",
+            median(held) if held else float("nan"),
             base,
             median(xs) if xs else float("nan"),
             max(xs) if xs else float("nan"),

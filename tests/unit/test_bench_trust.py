@@ -17,6 +17,7 @@ from scripts.benchmarks.trust import (
     Award,
     Outcome,
     awarded_in,
+    backup_delay,
     counts,
     epoch0_cap,
     extra_times,
@@ -159,22 +160,26 @@ def test_hold_limit_follows_spec_7_6() -> None:
     assert hold_limit_s(0.001, 3.0, 1.0, 120.0, 6.0) == pytest.approx(6.001)
 
 
-def test_extra_time_is_against_the_median_of_the_tasks_the_liar_did_not_hold() -> None:
+def test_extra_time_is_against_the_median_award_to_done_of_the_holders_that_delivered() -> None:
     outcomes = [
-        _o(0, [(0.0, LIAR), (9.0, A)], done_at=9.5),
+        _o(0, [(0.0, LIAR), (9.0, A)], done_at=9.5),  # the backup delivered 0.5 s after its award
         _o(1, [(1.0, A)], done_at=1.4),
         _o(2, [(2.0, B)], done_at=2.6),
         _o(3, [(3.0, A)], done_at=3.5),
-        _o(4, [(4.0, LIAR), (14.0, B)], done_at=14.5),
+        _o(4, [(4.0, LIAR), (14.0, B)], done_at=14.7),
         _o(5, [(5.0, LIAR)], state="failed"),  # never done: no extra time to measure
     ]
     base, extras = extra_times(outcomes, LIAR)
-    assert base == pytest.approx(0.5)
-    assert extras == [(0, pytest.approx(9.0)), (4, pytest.approx(10.0))]
+    assert base == pytest.approx(0.5)  # median of 0.5, 0.4, 0.6, 0.5, 0.7
+    assert extras == [(0, pytest.approx(9.0)), (4, pytest.approx(10.2))]
     check = heartbeat_check(extras, 3.0)
-    assert check.met is False and check.value.startswith("3.33")
+    assert check.met is False and check.value.startswith("3.40")
     assert heartbeat_check([(0, 8.9)], 3.0).met is True
     assert heartbeat_check([], 3.0).met is None
+    assert backup_delay(outcomes[0]) == pytest.approx(9.0) and backup_delay(outcomes[1]) is None
+    # Every task held by the liar first: the backups alone give the baseline.
+    base, extras = extra_times([outcomes[0], outcomes[4]], LIAR)
+    assert base == pytest.approx(0.6) and extras == [(0, pytest.approx(8.9)), (4, pytest.approx(10.1))]
 
 
 def test_rate_counts_done_tasks_from_first_submit_to_last_done() -> None:
