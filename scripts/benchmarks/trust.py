@@ -237,6 +237,8 @@ class LiarShare:
     first_tasks: int  # tasks first awarded at or before its first fault (all, if none)
     first_wins: int  # … of which the liar won the first award
     wins_after: tuple[int, ...]  # tasks whose award to the liar came after its first fault
+    #: … of those, the tasks submitted before that fault (their machines' trust records predate it)
+    after_but_older: tuple[int, ...] = ()
 
     @property
     def share(self) -> float:
@@ -267,6 +269,11 @@ def liar_share(outcomes: Sequence[Outcome], liar: str) -> LiarShare:
         first_tasks=len(first),
         first_wins=sum(1 for o in first if o.first_award is not None and o.first_award.peer == liar),
         wins_after=after,
+        after_but_older=tuple(
+            o.index
+            for o in outcomes
+            if o.index in after and first_at is not None and o.submitted_at <= first_at
+        ),
     )
 
 
@@ -338,13 +345,11 @@ def share_checks(phase: str, s: LiarShare, probation_share: float) -> list[Check
     if s.first_fault_at is None:
         after = Check(f"{phase}: liar's wins after its first detected fault", "no fault detected", "0", None)
     else:
-        after = Check(
-            f"{phase}: liar's wins after its first detected fault",
-            f"{len(s.wins_after)}"
-            + (f" (tasks {', '.join(map(str, s.wins_after))})" if s.wins_after else ""),
-            "0",
-            not s.wins_after,
-        )
+        value = f"{len(s.wins_after)}"
+        if s.wins_after:
+            tasks = ", ".join(map(str, s.wins_after))
+            value += f" (tasks {tasks}; {len(s.after_but_older)} submitted before the fault)"
+        after = Check(f"{phase}: liar's wins after its first detected fault", value, "0", not s.wins_after)
     return [first, after]
 
 
@@ -604,6 +609,18 @@ def _add_award_row(table: Table, phase: str, outcomes: Sequence[Outcome], s: Lia
     )
 
 
+def _wins_note(s: LiarShare, outcomes: Sequence[Outcome]) -> str:
+    t0 = min((o.submitted_at for o in outcomes), default=0.0)
+    fault = (
+        "no fault detected"
+        if s.first_fault_at is None
+        else f"first fault detected on task {s.first_fault_task}, "
+        f"{s.first_fault_at - t0:.1f} s after the first submit"
+    )
+    won = ", ".join(map(str, s.won)) or "none"
+    return f"the liar held tasks {won} ({len(s.won_first)} at their first award); {fault}"
+
+
 def _probation_share() -> float:
     from peerd.config import PolicyConfig
 
@@ -720,6 +737,7 @@ def _heartbeat_phase(res: AreaResult, count: int) -> None:
             )
         )
         res.checks += share_checks(phase, s, _probation_share())
+        res.notes.append(f"heartbeat: {_wins_note(s, outcomes)}")
         if extras:
             res.notes.append(
                 "heartbeat: extra time per affected task (task #: s): "
@@ -771,7 +789,17 @@ def _replicate_phase(res: AreaResult, count: int) -> None:
             r_plain,
             f"{l0:.1f}-{l1:.1f}",
         )
-        res.checks.append(correct_check("plain (verify none) outputs correct, wrong-result liar", plain))
+        # Not a budget: nothing checks a plain task's output, this shows what the liar gets away with.
+        good = sum(1 for o in plain if o.output_ok)
+        res.checks.append(
+            Check(
+                "plain (verify none) outputs correct, wrong-result liar",
+                f"{good}/{len(plain)} correct",
+                "none (verify = none checks nothing)",
+                None,
+            )
+        )
+        res.notes.append(f"replicate, plain batch: {_wins_note(s, plain)}")
         rep_specs = [echo_spec(f"replicated {k}", verify="replicate", replicas=2) for k in range(count)]
         reps, err = _run_tasks(net, rep_specs, 0.0)
         l2 = loadavg()
@@ -803,6 +831,7 @@ def _replicate_phase(res: AreaResult, count: int) -> None:
                 r_rep,
                 f"{l1:.1f}-{l2:.1f}",
             )
+            res.notes.append(f"replicate, replicated batch: {_wins_note(sr, reps)}")
             res.checks.append(ratio_check(r_plain, r_rep))
             res.checks.append(correct_check("replicate: outputs correct, wrong-result liar", reps))
             res.checks.append(complete_check("replicate", reps))

@@ -120,10 +120,10 @@ def test_the_liar_share_counts_first_awards_up_to_its_first_fault() -> None:
     assert s.first_fault_at == 8.0 and s.first_fault_task == 0
     assert s.won == (0, 1, 5) and s.won_first == (0, 1, 5)
     assert (s.first_wins, s.first_tasks) == (2, 4) and s.share == 0.5
-    assert s.wins_after == (5,)
+    assert s.wins_after == (5,) and s.after_but_older == (5,)  # task 5 was submitted at 5.0 s
     first, after = share_checks("cold", s, 0.25)
     assert first.met is False and "2/4" in first.value
-    assert after.met is False and "5" in after.value
+    assert after.met is False and after.value == "1 (tasks 5; 1 submitted before the fault)"
     # Capped to its share, and nothing after: both met.
     fine = liar_share([*outcomes[:4], _o(4, [(10.0, A)])], LIAR)
     assert fine.share == 0.5  # still 2 of 4 first tasks
@@ -148,6 +148,8 @@ def test_a_move_to_the_liar_after_its_fault_counts_as_a_win_after() -> None:
     ]
     s = liar_share(outcomes, LIAR)
     assert s.wins_after == (1,) and s.won == (0, 1) and s.won_first == (0,)
+    late = liar_share([outcomes[0], _o(9, [(12.0, LIAR)])], LIAR)  # submitted at 9.0 s, after the fault
+    assert late.wins_after == (9,) and late.after_but_older == ()
 
 
 def test_hold_limit_follows_spec_7_6() -> None:
