@@ -175,24 +175,29 @@ _MOVED = re.compile(r"→ ([^\s,;()]+)")
 FAULT_WORDS = ("lease lost", "failed on", "overdue", "disagree", "refused", "wrong", "minority", "mismatch")
 
 
+#: What follows these in a task event names the peers just given a shard (or a copy).
+_GIVEN = re.compile(r"(?:re-awarded|one more copy of) ")
+
+
 def awarded_in(message: str) -> list[str]:
     """Short IDs a task event says were awarded a shard: the first award ("awarded N
-    shard(s) to A, B") or a move ("…; re-awarded shard 0 → C")."""
+    shard(s) to A, B"), a move ("…; re-awarded shard 0 → C") or a replica added after a
+    disagreement ("copies disagree; one more copy of shard 0 → D", SPEC §7.10)."""
     m = _AWARDED.match(message)
     if m:
         return [p.strip() for p in m.group(1).split(",") if p.strip()]
-    if "re-awarded" in message:
-        return _MOVED.findall(message.split("re-awarded", 1)[1])
-    return []
+    parts = _GIVEN.split(message, maxsplit=1)
+    return _MOVED.findall(parts[1]) if len(parts) == 2 else []
 
 
 def fault_peers(message: str, shorts: Sequence[str]) -> list[str]:
-    """Which of ``shorts`` a task event blames: the clause before "; re-awarded" (or the
-    whole event) when it speaks of a fault. Cap notes ("C of X capped: … failed before
-    delivering") restate an old fault, and awards blame nobody."""
+    """Which of ``shorts`` a task event blames: the clause before the peers it gives a shard
+    to (or the whole event) when it speaks of a fault. Cap notes ("C of X capped: … failed
+    before delivering") restate an old fault, and awards blame nobody. A disagreement's
+    losers are not named in its event: :func:`outcome_of` reads them from the result."""
     if message.startswith(("C of ", "awarded ")):
         return []
-    clause = message.split("; re-awarded", 1)[0]
+    clause = _GIVEN.split(message, maxsplit=1)[0]
     if not any(w in clause.lower() for w in FAULT_WORDS):
         return []
     return sorted(s for s in shorts if s in clause)
@@ -214,6 +219,16 @@ def outcome_of(index: int, submitted_at: float, task: Mapping[str, Any], shorts:
         out.faults += [(at, p) for p in fault_peers(msg, shorts)]
         if e["state"] == "done" and out.done_at is None:
             out.done_at = at
+    # Replicated tasks (SPEC §7.10): the result lists each shard's losing copies; their fault
+    # was detected when the copies were found to disagree (else, at the latest, when done).
+    disagreed_at = next(
+        (float(e["at"]) for e in task.get("events", []) if "disagree" in str(e["message"])), None
+    )
+    for rep in (task.get("result") or {}).get("replicas") or []:
+        seen = disagreed_at if disagreed_at is not None else out.done_at
+        for p in rep.get("disagreed") or []:
+            if seen is not None and (seen, short(str(p))) not in out.faults:
+                out.faults.append((seen, short(str(p))))
     named = {a.peer for a in out.awards}
     for s in task.get("shards", []):
         p = short(str(s["peer_id"]))

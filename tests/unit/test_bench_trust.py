@@ -42,6 +42,7 @@ def test_awards_are_read_from_the_first_award_and_from_moves() -> None:
     assert awarded_in(f"awarded 2 shard(s) to {A}, {B} (under capacity: no set of bids covers R)") == [A, B]
     assert awarded_in(f"lease lost by {LIAR}; re-awarded shard 0 → {A}") == [A]
     assert awarded_in(f"shard failed on {LIAR} (overdue); re-awarded shard 0 → {A}, shard 1 → {B}") == [A, B]
+    assert awarded_in(f"copies disagree; one more copy of shard 0 → {B}") == [B]
     assert awarded_in("lost 1 peer(s); asking for fresh bids") == []
     assert awarded_in(f"C of {LIAR} capped: no history: probation floor: 12 GFLOP/s") == []
 
@@ -61,6 +62,8 @@ def test_faults_name_the_blamed_holder_only() -> None:
     assert fault_peers(f"awarded 1 shard(s) to {LIAR}", SHORTS) == []
     assert fault_peers(f"shard 0: replicas disagree; {LIAR} in the minority", SHORTS) == [LIAR]
     assert fault_peers("done", SHORTS) == []
+    # A disagreement names the new copy's holder, who is not at fault.
+    assert fault_peers(f"copies disagree; one more copy of shard 0 → {B}", SHORTS) == []
 
 
 def _task(events: list[tuple[float, str, str]], holder: str, state: str = "done") -> dict[str, Any]:
@@ -91,6 +94,35 @@ def test_an_outcome_reads_awards_faults_and_done_time_from_task_get() -> None:
     # A final holder no event names is still counted as awarded (time unknown).
     o2 = outcome_of(0, 99.0, _task([(100.0, "done", "done")], B), SHORTS)
     assert o2.awards == [Award(None, B)]
+
+
+def test_a_replicated_outcome_blames_the_losing_copies_when_they_disagreed() -> None:
+    task = {
+        "task_id": "t",
+        "state": "done",
+        "updated_at": 105.0,
+        "events": [
+            {"at": 101.0, "state": "running", "message": f"awarded 2 shard(s) to {A}, {LIAR}"},
+            {"at": 102.5, "state": "running", "message": f"copies disagree; one more copy of shard 0 → {B}"},
+            {"at": 104.0, "state": "done", "message": "1 shard result(s) received, each agreed by ≥ 2 peers"},
+        ],
+        "result": {
+            "outputs": [],
+            "replicas": [
+                {
+                    "shard": 0,
+                    "copies": [0, 1, 2],
+                    "agreed": ["12D3" + A, "12D3" + B],
+                    "disagreed": ["12D3" + LIAR],
+                }
+            ],
+        },
+        "shards": [{"peer_id": "12D3" + p, "epoch": 1} for p in (A, LIAR, B)],
+    }
+    o = outcome_of(0, 100.0, task, SHORTS)
+    assert [a.peer for a in o.awards] == [A, LIAR, B]
+    assert o.faults == [(102.5, LIAR)]
+    assert liar_share([o], LIAR).first_fault_at == 102.5
 
 
 def _o(
