@@ -48,7 +48,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
@@ -867,11 +867,21 @@ def run(quick: bool = False) -> AreaResult:
     awards = _award_table(
         f"Capacity liar (silent after its award) among 4 peers: {count} echo tasks, 1 submitted a second"
     )
-    _award_phase(res, awards, "cold", "silent", count, warmup=0)
-    _award_phase(res, awards, "warm", "silent", count, warmup=WARMUP)
-    res.tables.append(awards)
-    _heartbeat_phase(res, count)
-    _replicate_phase(res, count)
+    phases: list[tuple[str, Callable[[], object]]] = [
+        ("cold", lambda: _award_phase(res, awards, "cold", "silent", count, warmup=0)),
+        ("warm", lambda: _award_phase(res, awards, "warm", "silent", count, warmup=WARMUP)),
+        ("heartbeat", lambda: _heartbeat_phase(res, count)),
+        ("replicate", lambda: _replicate_phase(res, count)),
+    ]
+    for name, phase in phases:
+        try:
+            phase()
+        except Exception as exc:  # one phase failing must not lose the others' figures
+            log(f"trust: {name} failed: {type(exc).__name__}: {exc}")
+            res.notes.append(f"{name}: FAILED: {type(exc).__name__}: {exc}")
+            res.error = res.error or f"{name}: {type(exc).__name__}: {exc}"
+        if name == "warm":
+            res.tables.append(awards)
     res.notes.append(
         f"Devnets: 4 daemons on 127.0.0.1 (node 0 submits and runs no echo, 2 honest, 1 liar); "
         f"bid window {BID_WINDOW_MS} ms, lease TTL {LEASE_TTL_S:g} s, heartbeat {HEARTBEAT_S:g} s, "
