@@ -15,7 +15,7 @@ from pathlib import Path
 
 from scripts.benchmarks.common import ROOT, AreaResult, log, machine_info
 
-AREAS = ("adverts", "tasks", "blobs", "worker", "training", "flower", "sim")
+AREAS = ("adverts", "tasks", "blobs", "worker", "training", "flower", "sim", "trust")
 DOC = ROOT / "docs" / "benchmarks.md"
 LATEST = "<!-- bench:latest -->"
 HISTORY = "<!-- bench:history -->"
