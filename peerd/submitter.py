@@ -83,6 +83,7 @@ class Submitter(OwnedScope):
         self.drivers: dict[str, MachineDriver] = {}
         self._jobs: dict[str, trio.CancelScope] = {}
         self._peers_loop = False
+        self._refresh_due = False  # a trust refresh after an observation is scheduled
         node.on_gossip.append(self._own_gossip)
 
     # -- trust (docs/allocation.md "Caps"; peerd/reputation.py) --------------------------
@@ -95,10 +96,21 @@ class Submitter(OwnedScope):
         return ev.TrustKnown(now_ms=now, records=records, policy=self.reputation.policy, banned=banned)
 
     def refresh_trust(self) -> None:
-        """A ban or unban: tell every live machine (bids are refused from the next one)."""
-        for d in self.drivers.values():
-            if not d.closed and _machine(d).public_state not in TERMINAL:
-                d.feed(self.trust_event(d.now_ms()))
+        """A ban or unban, or a new observation: tell every live machine (bids are refused,
+        and caps computed, from the next award on)."""
+        live = [d for d in self.drivers.values() if not d.closed and _machine(d).public_state not in TERMINAL]
+        if not live:
+            return
+        event = self.trust_event(live[0].now_ms())
+        for d in live:
+            d.feed(event)
+
+    async def _refresh_after_observing(self) -> None:
+        # Out of the observing driver's perform (no machine is fed inside another's
+        # actions), and once for a burst of observations.
+        await trio.sleep(0)
+        self._refresh_due = False
+        self.refresh_trust()
 
     # -- submission ---------------------------------------------------------------------
     async def submit(self, spec_obj: Any) -> str:
@@ -493,6 +505,11 @@ class Submitter(OwnedScope):
         if isinstance(action, act.Observe):
             self.reputation.observe(action.peer, action.outcome, wall_ms(), action.work_gflop, action.wall_ms)
             self.node.counters.inc(f"trust.observed.{action.outcome}")
+            # Tasks still bidding learn it now, not only tasks submitted later: a liar caught
+            # on one task loses the next award of every other (bench trust, docs/benchmarks.md).
+            if not self._refresh_due:
+                self._refresh_due = True
+                self.nursery.start_soon(self._refresh_after_observing)
             return True
         if isinstance(action, act.Reply):
             return True  # read from the actions by accept_bid / accept_result

@@ -503,3 +503,24 @@ def test_a_result_sent_again_after_the_task_ended_and_the_daemon_restarted_is_ac
         assert p.state(task_id) == "done"
 
     run(tmp_path, after)
+
+
+def test_what_one_task_observes_of_a_peer_reaches_the_tasks_still_bidding(tmp_path: Path) -> None:
+    # bench trust: with a snapshot of the records at each task's start, a liar caught on one
+    # task still won every task announced before (docs/benchmarks.md "Trust").
+    async def body(nursery: trio.Nursery) -> None:
+        p = await Parts.started(tmp_path, nursery)
+        first = await submit(p, tmp_path)
+        await award_to_peer(p, first)
+        second = await submit(p, tmp_path)  # bidding, then pending: nobody bids on it
+        machine = p.submitter.drivers[second].machine
+        assert PEER.peer_id not in machine.trust_records  # type: ignore[attr-defined]
+        failed = result_raw(p, first, PEER, 5, ok=False)
+        assert p.submitter.accept_result(failed, PEER.peer_id)["ok"] is True
+        await until(
+            lambda: PEER.peer_id in machine.trust_records,  # type: ignore[attr-defined]
+            "the second task learns what the first observed",
+        )
+        assert machine.trust_records[PEER.peer_id].failed > 0  # type: ignore[attr-defined]
+
+    run(tmp_path, body)
