@@ -116,7 +116,7 @@ class MarketConfig:
     retries: int = 2
     #: A shard held past this multiple of its expected time gets a backup holder (0: never;
     #: protocol/SPEC.md §7.6, docs/tasks.md).
-    backup_after: float = 3.0
+    backup_after: float = 2.5
     #: ... but a holder always gets min(backup_min_s, deadline / (1 + backup_after)) (W is only
     #: the submitter's estimate).
     backup_min_s: float = 60.0
@@ -128,9 +128,12 @@ class PolicyConfig:
     require_sandbox: bool = True
     max_blob_mb: int = 512
     # Trust (docs/allocation.md "Caps", protocol/trust.py): what a submitter believes of a bid.
+    #: New peers' claims are capped (false: believed, for a network of one's own machines).
+    probation: bool = True
     #: Most of a task's demand that peers without history may cover together.
     probation_share: float = 0.25
-    #: The probation cap (GFLOP/s) on a new peer's C while no peer has history (1e6: none).
+    #: At most this (GFLOP/s) for a new peer's C while no peer has history, under the
+    #: task's middle claim (1e6: no bound beyond that).
     probation_floor: float = 1e6
     #: A peer whose trust score falls below this has its bids refused; 0 never bans.
     ban_threshold: float = 0.2
@@ -141,6 +144,7 @@ class PolicyConfig:
 
     def trust_policy(self) -> TrustPolicy:
         return TrustPolicy(
+            probation=self.probation,
             probation_share=self.probation_share,
             probation_floor=self.probation_floor,
             ban_threshold=self.ban_threshold,
@@ -526,6 +530,7 @@ def _build(raw: dict[str, Any], *, source: Path | None, env: Mapping[str, str], 
         trusted_submitters=s.get("trusted_submitters", list_of(peer_id), ()),
         require_sandbox=s.get("require_sandbox", boolean, True),
         max_blob_mb=s.get("max_blob_mb", positive_int, PolicyConfig.max_blob_mb),
+        probation=s.get("probation", boolean, PolicyConfig.probation),
         probation_share=s.get("probation_share", non_negative_float, PolicyConfig.probation_share),
         probation_floor=s.get("probation_floor", positive_float, PolicyConfig.probation_floor),
         ban_threshold=s.get("ban_threshold", non_negative_float, PolicyConfig.ban_threshold),

@@ -8,7 +8,8 @@ The award then counts each bid for at most what its bidder has shown:
     effective C = min(advertised C, shown capacity)
 
 A peer with no history is on **probation**: its C is capped at the median shown capacity of
-the peers with history (or ``probation_floor`` when nobody has any), and peers without
+the peers with history (or the task's middle claim, at most ``probation_floor``, when nobody
+has any), and peers without
 history *together* get at most ``probation_share`` of a task's demand R — identities are free
 to make, so the bound must hold for all of them at once — unless the peers with history
 cannot cover the rest (then the new ones get what is missing: a task nobody else can serve
@@ -26,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from statistics import median
+from statistics import median, median_low
 
 from protocol.errors import LocalProtocolError
 
@@ -45,10 +46,14 @@ MAX_CAP = 1e6
 class TrustPolicy:
     """The ``[policy]`` knobs (docs/config.md) the rules below need."""
 
+    #: Whether peers without history are on probation at all (False: a private network of
+    #: the operator's own machines, where a new peer's claim is believed; history still caps).
+    probation: bool = True
     #: Most of a task's demand R that peers without history may cover together.
     probation_share: float = 0.25
-    #: The probation cap (GFLOP/s) when no peer has history yet.
-    probation_floor: float = MAX_CAP  # no cap at all until some peer has history
+    #: The most a new bid's C counts for when no peer has history yet (GFLOP/s), on top of
+    #: the task's middle claim (``caps_for``); 10⁶: no bound beyond that.
+    probation_floor: float = MAX_CAP
     #: A peer whose trust falls below this is banned (its bids refused); 0 never bans.
     ban_threshold: float = 0.2
     #: Counts halve every ``half_life_ms`` without news (old sins fade, so do old merits).
@@ -238,11 +243,16 @@ def caps_for(
             why[p] = (
                 f"its claim × reliability {reliability(rec):.2f} (trust {trust(rec):.2f}; not measured yet)"
             )
-    if new:
+    if new and policy.probation:
         base = probation_cap(records.values(), policy)
         reason = "no history: probation cap (median shown capacity of peers with history)"
         if not any(has_history(r) for r in records.values()):
-            reason = "no history: probation floor (no peer has history yet)"
+            # A fresh network: nobody has shown anything, so no claim is worth more than the
+            # middle one of this task's bidders — the largest lie buys nothing over an honest
+            # median peer (bench trust: without this a liar won every task until its first
+            # fault). ``probation_floor`` bounds it further.
+            base = min(policy.probation_floor, float(median_low(bids[p] for p in new)))
+            reason = "no history: the middle claim of the task's bidders (no peer has history yet)"
         per_peer = base
         if known:
             covered = sum(effective(bids[p], limit[p]) for p in known)

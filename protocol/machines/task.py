@@ -104,7 +104,7 @@ T_REFETCH = "refetch"
 #: How many times a shard may move to another peer after failing there (``[market] retries``).
 DEFAULT_RETRIES = 2
 #: A shard held this many times its expected time gets a backup holder (``[market] backup_after``).
-DEFAULT_BACKUP_AFTER = 3.0
+DEFAULT_BACKUP_AFTER = 2.5
 #: ... but never before this long (``[market] backup_min_s``): W is the submitter's estimate.
 DEFAULT_BACKUP_MIN_MS = 60_000
 

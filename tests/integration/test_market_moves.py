@@ -155,8 +155,11 @@ def moves(devnet: Callable[..., TestNet], tmp_path: Path) -> Iterator[Net]:
     # here) the same lie is refused as implausible_c0 and the liar never holds a shard.
     net = devnet(3, {**BASE, "adverts": {"calibrate": False}}, start=False)
     # A short floor for the hold limit: the silent liar's shard moves after backup_after × its
-    # expected time, not after the default minute.
-    patch_config(net, SUBMITTER, {"offer": {"accept_kinds": ["sleep"]}, "market": {"backup_min_s": 5.0}})
+    # expected time, not after the default minute. Probation off: on a fresh network it would
+    # cap the liar's claim at the honest one (docs/allocation.md "Caps"), and these tests are
+    # about what happens once a liar holds a shard (test_trust_liar_daemons.py: the caps).
+    patch_config(net, SUBMITTER, {"offer": {"accept_kinds": ["sleep"]}, "market": {"backup_min_s": 5.0},
+                                  "policy": {"probation": False}})
     for i in (EVIL, HONEST):
         patch_config(net, i, {"offer": {"accept_kinds": ["echo"]}})
     n = Net(net, {SUBMITTER: scripts_dir / "replayer.py", EVIL: scripts_dir / "evil.py"})

@@ -147,9 +147,11 @@ def test_new_peers_get_what_peers_with_history_cannot_cover() -> None:
 
 
 def test_nobody_has_history_uses_the_floor_and_no_group_bound() -> None:
+    d = caps_for({"a": 100.0, "b": 50.0, "c": 60.0}, {}, demand=1000.0, policy=POLICY)
+    assert d.caps == {"a": 10.0, "b": 10.0, "c": 10.0}  # the floor (10) is below the middle claim
+    assert "no peer has history" in d.why["a"]
     d = caps_for({"a": 100.0, "b": 5.0}, {}, demand=1000.0, policy=POLICY)
-    assert d.caps == {"a": 10.0}  # b's claim is below the floor: not capped, not listed
-    assert "floor" in d.why["a"]
+    assert d.caps == {"a": 5.0}  # b's claim is the lower middle: not capped, not listed
 
 
 def test_a_new_peer_that_failed_before_delivering_is_capped_lower_with_each_failure() -> None:
@@ -182,8 +184,20 @@ def test_a_peer_that_delivered_unmeasured_has_history_and_keeps_its_claim_times_
     assert "not measured" in d.why["h"]
 
 
-def test_the_default_policy_caps_nobody_while_nobody_has_history() -> None:
-    assert caps_for({"a": 5e5, "b": 3.0}, {}, demand=1e5, policy=TrustPolicy()).caps == {}
+def test_probation_off_believes_new_peers_but_still_caps_history() -> None:
+    off = TrustPolicy(probation=False)
+    assert caps_for({"liar": 5e5, "a": 3.0}, {}, demand=1e5, policy=off).caps == {}
+    d = caps_for({"h": 25.0, "new": 1e6}, {"h": _shown("h", 20.0)}, demand=20.0, policy=off)
+    assert d.caps == {"h": 20.0}
+
+
+def test_a_fresh_network_caps_every_claim_at_the_bidders_middle_one() -> None:
+    # Nobody has history: the largest lie buys nothing over the (lower) middle claim, so it
+    # ties with an honest peer instead of taking every task (bench trust, cold start).
+    d = caps_for({"liar": 5e5, "a": 3.0, "b": 4.0}, {}, demand=1e5, policy=TrustPolicy())
+    assert d.caps == {"liar": 4.0}
+    assert caps_for({"liar": 5e5, "a": 3.0}, {}, demand=1e5, policy=TrustPolicy()).caps == {"liar": 3.0}
+    assert caps_for({"a": 3.0}, {}, demand=1e5, policy=TrustPolicy()).caps == {}
 
 
 def test_a_peer_that_showed_more_than_it_claims_is_not_capped() -> None:
