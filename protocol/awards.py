@@ -24,6 +24,7 @@ import bisect
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from protocol.allocation import Award as Allocation
@@ -174,26 +175,37 @@ def reassign(
     return out
 
 
-def replica_ranking(task_id: str, scored: Sequence[ScoredBid], excluded: Sequence[str] = ()) -> list[str]:
-    """Who takes replicas first (SPEC §7.10): the largest capacity C as the award counted it
-    (capped by trust, so an unproven or failing peer comes last), then the smaller cost C·L,
-    then H(task_id ‖ peer_id). Not cost first: an idle liar (L = 0) costs nothing, and a
-    replica exists to check such a peer, not to be given to it."""
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    """A bidder as the replica rule sees it: its capacity C as the award counted it (capped)
+    and its cost C·L."""
+
+    peer_id: str
+    capacity: float
+    cost: float
+
+
+def replica_ranking(task_id: str, scored: Sequence[ScoredBid], excluded: Sequence[str] = ()) -> list[Ranked]:
+    """The bidders that may take copies (SPEC §7.10), cheapest first — the cost C·L, as the
+    award rule itself ranks them, so copies spread over idle peers rather than pile onto one
+    — then H(task_id ‖ peer_id); excluded ones and those with no capacity left out."""
     gone = set(excluded)
     ranked = sorted(
         (b for b in scored if b.peer_id not in gone and b.capacity > 0),
-        key=lambda b: (-b.capacity, b.cost, tie_key(task_id, b.peer_id)),
+        key=lambda b: (b.cost, tie_key(task_id, b.peer_id)),
     )
-    return [b.peer_id for b in ranked]
+    return [Ranked(b.peer_id, b.capacity, b.cost) for b in ranked]
 
 
 def add_replicas(
-    assignments: Sequence[Mapping[str, Any]], works: Sequence[int], ranking: Sequence[str]
+    assignments: Sequence[Mapping[str, Any]], works: Sequence[int], ranking: Sequence[Ranked], demand: float
 ) -> list[dict[str, Any]] | None:
     """``assignments`` plus one new shard for each shard number in ``works`` (in order),
     numbered on from the last, ``of`` that shard, with its share and inputs. Each goes to
-    the first peer of ``ranking`` that holds no shard yet, else the first that holds no
-    copy of that work. None when some copy has nobody to go to."""
+    the first peer of ``ranking`` that holds no copy of that work, preferring (in this order)
+    one whose C covers the copy's part of the demand (share × R: a copy on a weaker peer
+    cannot meet the deadline), then one that holds no shard yet. None when some copy has
+    nobody to go to."""
     out = [{**a, "inputs": dict(a["inputs"])} for a in sorted(assignments, key=lambda a: a["shard"])]
     for w in works:
         base = next((a for a in out if a["shard"] == w and "of" not in a), None)
@@ -201,13 +213,15 @@ def add_replicas(
             return None
         holders = {a["peer_id"] for a in out}
         same = {a["peer_id"] for a in out if logical_shard(a) == w}
-        peer = next((p for p in ranking if p not in holders), None)
-        if peer is None:
-            peer = next((p for p in ranking if p not in same), None)
-        if peer is None:
+        need = float(base["share"]) * demand
+        order = sorted(
+            (i for i, r in enumerate(ranking) if r.peer_id not in same),
+            key=lambda i: (ranking[i].capacity < need, ranking[i].peer_id in holders, i),
+        )
+        if not order:
             return None
-        copy = {"shard": len(out), "peer_id": peer, "share": base["share"], "inputs": dict(base["inputs"])}
-        out.append({**copy, "of": w})
+        copy = {"shard": len(out), "peer_id": ranking[order[0]].peer_id, "share": base["share"]}
+        out.append({**copy, "inputs": dict(base["inputs"]), "of": w})
     return out
 
 
@@ -306,7 +320,7 @@ def check_award(
             raise RemoteProtocolError("first award excludes peers", reason="bad_award")
         if copies:
             ranking = replica_ranking(announce.task_id, alloc.scored)
-            expected = add_replicas(own, first_replicas(n, announce.replicas), ranking)
+            expected = add_replicas(own, first_replicas(n, announce.replicas), ranking, alloc.demand)
             if expected is None or sorted(map(_shard_key, expected)) != sorted(map(_shard_key, shards)):
                 raise RemoteProtocolError("award replicas do not follow the replica rule", reason="bad_award")
         return
@@ -336,7 +350,7 @@ def check_award(
             raise RemoteProtocolError("re-award adds shards to a task without replicas", reason="bad_award")
         if expected:
             ranking = replica_ranking(announce.task_id, alloc.scored, award.excluded)
-            grown = add_replicas(expected, [int(a["of"]) for a in added], ranking)
+            grown = add_replicas(expected, [int(a["of"]) for a in added], ranking, alloc.demand)
             expected = grown if grown is not None else []
         if sorted(map(_shard_key, expected)) != sorted(map(_shard_key, shards)):
             raise RemoteProtocolError("re-award replicas do not follow the replica rule", reason="bad_award")

@@ -57,6 +57,9 @@ def parse(argv: list[str] | None) -> tuple[SimConfig, Options]:
     ap.add_argument("--arrival-rate", type=float, default=2.0, help="tasks per virtual second")
     ap.add_argument("--aggregated", type=float, default=0.5, help="fraction of tasks with aggregation rounds")
     ap.add_argument(
+        "--replicated", type=float, default=0.0, help="fraction of plain tasks with verify = replicate"
+    )
+    ap.add_argument(
         "--data-mb", default="0", help="keras-train data size, MB: 'X' or 'LO-HI' (split over shards)"
     )
     ap.add_argument("--cancel", type=float, default=0.0, help="fraction of tasks their submitter cancels")
@@ -104,6 +107,7 @@ def parse(argv: list[str] | None) -> tuple[SimConfig, Options]:
         bidders=args.bidders,
         arrival_rate=args.arrival_rate,
         aggregated=args.aggregated,
+        replicated=args.replicated,
         keep_trace=args.trace is not None,
         planted_bug=args.plant_bug,
         data_mb=data_mb,

@@ -24,7 +24,7 @@ import hashlib
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +103,9 @@ class SimConfig:
     #: ``Observe`` updates), as the daemon does: docs/allocation.md "Caps". Off by default
     #: so existing runs keep their traces.
     trust: bool = False
+    #: Fraction of plain tasks whose results are replicated (``verify = replicate``, 2 or 3
+    #: copies; SPEC §7.10): liars are then outvoted instead of believed.
+    replicated: float = 0.0
     #: Test-only: passed to every RoundMachine (``RoundMachine.PLANTED_BUGS``); never the default.
     planted_bug: str | None = None
 
@@ -129,7 +132,12 @@ def shard_output(task_id: str, round_no: int, shard: int, run: tuple[int, int], 
 
 
 def plain_output(task_id: str, shard: int, run: tuple[int, int], liar: bool) -> bytes:
-    return _digest("out", task_id, shard, run, "liar" if liar else "honest") * 8
+    """A plain (``sleep``) shard's output: a function of the task and the shard's work on
+    every honest peer — copies of one shard agree (SPEC §7.10) — and, for a liar, of its
+    run: two liars do not agree by accident."""
+    if liar:
+        return _digest("out", task_id, shard, run, "liar") * 8
+    return _digest("out", task_id, shard, "honest") * 8
 
 
 # -- one peer -----------------------------------------------------------------------------------
@@ -330,6 +338,8 @@ class Peer:
                 w.counters["tasks.resumed"] += 1
             if isinstance(a.record, act.TaskState):
                 w.last_state[a.record.task_id] = a.record
+            if isinstance(a.record, act.TaskResultRecord) and "replicas" in a.record.result:
+                w.check_replicated(a.record.task_id, a.record.result)
             if isinstance(a.record, act.AwardRecord) and a.record.epoch == 0:
                 # How much of the work the liars were given at first (``liars=``, --trust).
                 liars = {p.sealer.peer_id for p in w.peers if p.liar}
@@ -378,6 +388,7 @@ class Peer:
         ann = w.announces[a.task_id].message
         assert isinstance(ann, TaskAnnounce)
         share = 1.0
+        work_of = a.shard  # the shard whose work this is: a copy's ``of`` (SPEC §7.10)
         if a.purpose != "shard":
             # The submitter scores a certified model on its held-out input: a short local job.
             share = 0.01
@@ -386,6 +397,9 @@ class Peer:
             aw = w.invariants.tasks[a.task_id].awards.get(a.epoch)
             if aw is not None:
                 share = next((x["share"] for x in aw.assignments if x["shard"] == a.shard), 1.0)
+                work_of = next(
+                    (int(x.get("of", a.shard)) for x in aw.assignments if x["shard"] == a.shard), a.shard
+                )
         noise = w.rng("work").lognormvariate(0.0, w.cfg.work_noise) if w.cfg.work_noise > 0 else 1.0
         work = ann.work * share / max(1, ann.rounds) * noise
         self.runs += 1
@@ -402,7 +416,7 @@ class Peer:
                     now_ms=self.now_ms(), job_id=a.job_id, ok=True, metrics={"accuracy": 0.5}
                 )
             if ann.aggregation == "none":
-                data = plain_output(a.task_id, a.shard, run, liar)
+                data = plain_output(a.task_id, work_of, run, liar)
                 name = "out"
             else:
                 data = shard_output(a.task_id, a.round, a.shard, run, liar)
@@ -1207,6 +1221,31 @@ class World:
                 peer.machines.pop(task_id, None)
                 self.unfollow(task_id, i)
 
+    def check_replicated(self, task_id: str, result: Mapping[str, Any]) -> None:
+        """A replicated task's accepted outputs are the honest ones, unless the liars were the
+        majority of a shard's copies (what replication cannot catch; counted, not a fault)."""
+        liars = {p.sealer.peer_id for p in self.peers if p.liar}
+        for q in result["replicas"]:
+            work = q["shard"]
+            honest = hashlib.sha256(plain_output(task_id, work, (0, 0), False)).hexdigest()
+            got = next(o["sha256"] for o in result["outputs"] if o["name"] == f"shard-{work}/out")
+            self.counters["replicas.shards"] += 1
+            self.counters["replicas.outvoted"] += len(q["disagreed"])
+            if 2 * len(q["agreed"]) <= len(q["agreed"]) + len(q["disagreed"]):
+                self.invariants.fail(
+                    f"task {task_id[:8]} shard {work}: accepted without a strict majority"
+                    f" (agreed {len(q['agreed'])}, outvoted {len(q['disagreed'])})"
+                )
+            elif got != honest and set(q["agreed"]) <= liars:
+                self.counters["replicas.liar_majority"] += 1
+            elif got != honest:
+                self.invariants.fail(
+                    f"task {task_id[:8]} shard {work}: a replicated shard accepted a wrong output"
+                    f" (agreed {len(q['agreed'])}, outvoted {len(q['disagreed'])})"
+                )
+            else:
+                self.counters["replicas.correct"] += 1
+
     def task_ended(self, peer: Peer, task_id: str, state: str, message: str) -> None:
         rec = self.last_state.get(task_id)
         reason = (rec.reason if rec is not None else None) or message
@@ -1237,7 +1276,7 @@ def make_tasks(
         demand = rng.uniform(10.0, 150.0)  # R, GFLOP/s
         deadline_s = rng.uniform(60.0, 180.0)
         rule = rng.choice(("weighted_mean", "median", "trimmed_mean", "sum")) if aggregated else "none"
-        spec = {
+        spec: dict[str, Any] = {
             "task_id": hashlib.sha256(f"{cfg.seed}/{j}".encode()).hexdigest()[:32],
             "kind": "keras-train" if aggregated else "sleep",
             "work": round(demand * deadline_s * rng.uniform(0.1, 0.4), 3),
@@ -1255,6 +1294,8 @@ def make_tasks(
             spec["_data_bytes"] = int(extra.uniform(*cfg.data_mb) * 1e6)
         if cfg.cancel > 0 and extra.random() < cfg.cancel:
             spec["_cancel_after"] = extra.uniform(0.0, deadline_s)
+        if cfg.replicated > 0 and not aggregated and extra.random() < cfg.replicated:
+            spec["verify"] = {"mode": "replicate", "replicas": extra.choice((2, 3))}
         out.append((t, submitter, spec))
     return out
 

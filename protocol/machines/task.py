@@ -481,7 +481,7 @@ class TaskMachine:
             # made sure there are enough bidders.
             ranking = replica_ranking(self.task_id, alloc.scored)
             grown = add_replicas(
-                assignments, first_replicas(len(assignments), self.announce.replicas), ranking
+                assignments, first_replicas(len(assignments), self.announce.replicas), ranking, alloc.demand
             )
             if grown is None:
                 raise LocalProtocolError(
@@ -1217,7 +1217,7 @@ class TaskMachine:
         costs = [(b.peer_id, b.cost) for b in alloc.scored]
         base = reassign(list(award.assignments), set(award.excluded), costs)
         ranking = replica_ranking(self.task_id, alloc.scored, award.excluded)
-        grown = add_replicas(base, works, ranking) if base else None
+        grown = add_replicas(base, works, ranking, alloc.demand) if base else None
         if grown is None:
             w = works[0]
             return self._finish(

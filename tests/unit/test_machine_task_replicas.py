@@ -28,7 +28,15 @@ from test_machine_task import (
 )
 
 from protocol import trust as tr
-from protocol.awards import add_replicas, check_award, open_quoted_bids, reassign, spot_checked, spot_commit
+from protocol.awards import (
+    Ranked,
+    add_replicas,
+    check_award,
+    open_quoted_bids,
+    reassign,
+    spot_checked,
+    spot_commit,
+)
 from protocol.envelope import Signed
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.machines import actions as act
@@ -192,7 +200,13 @@ def test_reassign_never_puts_two_copies_of_one_work_on_a_peer() -> None:
     moved = reassign(shards, {b}, [(a, 0.0), (c, 5.0)])
     assert moved[1]["peer_id"] == c and moved[1]["of"] == 0
     assert reassign(shards, {b}, [(a, 0.0)]) == []
-    assert add_replicas(shards, [0], [a, b]) is None
+    assert add_replicas(shards, [0], [Ranked(a, 10.0, 0.0), Ranked(b, 10.0, 0.0)], demand=1.0) is None
+    # A copy goes to a peer whose C covers its part of R before a spare but weaker one.
+    ranking = [Ranked(c, 1.0, 0.0), Ranked(b, 50.0, 9.0)]
+    grown = add_replicas(shards[:1], [0], ranking, demand=20.0)
+    assert grown is not None and grown[1]["peer_id"] == b
+    grown = add_replicas(shards[:1], [0], ranking, demand=0.5)  # both cover it: the cheaper
+    assert grown is not None and grown[1]["peer_id"] == c
 
 
 def test_a_forged_replica_placement_is_refused() -> None:
