@@ -21,7 +21,8 @@ Phases:
    after.
 2. *warm* (silent liar): the honest peers first finish 3 tasks (they have history), then the
    liar joins; the same 20 tasks and figures.
-3. *heartbeat* (cold start): 20 tasks one a second, ``work`` chosen so that the expected
+3. *heartbeat* (cold start, ``policy.probation = false`` so the liar's claim wins shards to
+   attack: the cold phase measures probation): 20 tasks one a second, ``work`` chosen so that the expected
    shard time on the liar's C (share × work / C, SPEC §7.6; C = its bid's C⁰ + ΔC, capped
    where the award capped it) is about 3 s, and ``market.backup_min_s`` = 1 s (the default,
    60 s, would make the floor and not ``backup_after`` × expected time set the hold limit).
@@ -426,7 +427,7 @@ def _start_liar(net: Any, mode: str, script: Path) -> None:
     (d / "peerd.pid").write_text(str(proc.pid))  # Devnet.down() stops it with the rest
 
 
-def _config(backup_min_s: float) -> dict[str, dict[str, Any]]:
+def _config(backup_min_s: float, probation: bool = True) -> dict[str, dict[str, Any]]:
     return {
         "offer": {"accept_kinds": ["echo", "sleep"]},
         "market": {
@@ -435,13 +436,17 @@ def _config(backup_min_s: float) -> dict[str, dict[str, Any]]:
             "bid_window_ms": BID_WINDOW_MS,
             "backup_min_s": backup_min_s,
         },
+        "policy": {"probation": probation},
     }
 
 
 @contextlib.contextmanager
-def liar_net(name: str, mode: str, *, warmup: int = 0, backup_min_s: float = BACKUP_MIN_S) -> Iterator[Any]:
+def liar_net(
+    name: str, mode: str, *, warmup: int = 0, backup_min_s: float = BACKUP_MIN_S, probation: bool = True
+) -> Iterator[Any]:
     """Submitter, 2 honest contractors and the liar in ``mode``; with ``warmup``, the honest
-    peers first finish that many tasks (they have history) and the liar joins after."""
+    peers first finish that many tasks (they have history) and the liar joins after. With
+    ``probation`` off the submitter believes new peers' claims (``policy.probation``)."""
     from peerd.devnet import Devnet
     from scripts.benchmarks.common import _override_node
 
@@ -450,7 +455,7 @@ def liar_net(name: str, mode: str, *, warmup: int = 0, backup_min_s: float = BAC
     script = d / "liar.py"
     script.write_text(LAUNCHER)
     try:
-        net.configure(N, _config(backup_min_s))
+        net.configure(N, _config(backup_min_s, probation))
         _override_node(net.node_dir(SUBMITTER) / "peerd.toml", {"offer": {"accept_kinds": ["sleep"]}})
         net.start(SUBMITTER)
         net.wait_ready(SUBMITTER)
@@ -680,7 +685,10 @@ def _heartbeat_phase(res: AreaResult, count: int) -> None:
         f"trust: {phase}: heartbeat-but-silent liar, {count} echo tasks one a second, "
         f"backup_min_s {BACKUP_MIN_S}"
     )
-    with liar_net(phase, "heartbeat") as net:
+    # Probation off: on a fresh network it caps the liar's claim at the honest peers' (the
+    # cold phase measures that), and this phase measures what the attack costs once the
+    # liar holds shards.
+    with liar_net(phase, "heartbeat", probation=False) as net:
         from peerd.probes import cpu_info
         from protocol.plausibility import CPU_GFLOPS_PER_CORE
 
