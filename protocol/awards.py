@@ -139,18 +139,23 @@ def logical_shard(a: Mapping[str, Any]) -> int:
 
 
 def reassign(
-    assignments: Sequence[Mapping[str, Any]], lost: set[str], bidders: Sequence[tuple[str, float]]
+    assignments: Sequence[Mapping[str, Any]],
+    lost: set[str],
+    bidders: Sequence[tuple[str, float]],
+    *,
+    task_id: str,
 ) -> list[dict[str, Any]]:
     """Move the shards of ``lost`` peers. ``bidders`` are (peer, cost C·L) of every
     usable bid. Each lost shard, in shard order, goes to the cheapest bidder that is not
-    lost and holds no shard yet (ties by peer ID); if there is none, to the cheapest
+    lost and holds no shard yet (ties by H(task_id ‖ peer_id), which a key generator cannot
+    grind as it could the smallest peer ID; SPEC §10.2); if there is none, to the cheapest
     holder that is not lost — a peer given a shard earlier in this same re-award counts
     as a holder. Never to a peer that holds another copy of the same work (a replica,
     SPEC §7.10): two copies on one peer would agree by construction. Returns [] when no
     bidder can take a lost shard."""
     holders = {a["peer_id"] for a in assignments if a["peer_id"] not in lost}
-    spare = sorted((c, p) for p, c in bidders if p not in lost and p not in holders)
-    live = sorted((c, p) for p, c in bidders if p not in lost and p in holders)
+    spare = sorted((c, tie_key(task_id, p), p) for p, c in bidders if p not in lost and p not in holders)
+    live = sorted((c, tie_key(task_id, p), p) for p, c in bidders if p not in lost and p in holders)
     ordered = sorted(assignments, key=lambda a: a["shard"])
     now = {a["shard"]: a["peer_id"] for a in ordered}
     out: list[dict[str, Any]] = []
@@ -160,18 +165,18 @@ def reassign(
             continue
         work = logical_shard(a)
         taken = {now[b["shard"]] for b in ordered if logical_shard(b) == work and b["shard"] != a["shard"]}
-        pick = next((x for x in spare if x[1] not in taken), None)
+        pick = next((x for x in spare if x[2] not in taken), None)
         if pick is not None:
             spare.remove(pick)
             # Two lost shards and one spare: the second must not be stranded (it used to
             # make the whole re-award fail and the task wait for a fresh bid round forever).
             bisect.insort(live, pick)
         else:
-            pick = next((x for x in live if x[1] not in taken), None)
+            pick = next((x for x in live if x[2] not in taken), None)
             if pick is None:
                 return []
-        now[a["shard"]] = pick[1]
-        out.append({**a, "peer_id": pick[1]})
+        now[a["shard"]] = pick[2]
+        out.append({**a, "peer_id": pick[2]})
     return out
 
 
@@ -340,7 +345,7 @@ def check_award(
     if award.under_capacity != previous.under_capacity:
         raise RemoteProtocolError("re-award changes under_capacity", reason="bad_award")
     costs = [(s.peer_id, s.cost) for s in alloc.scored]
-    expected = reassign(list(previous.assignments), set(award.excluded), costs)
+    expected = reassign(list(previous.assignments), set(award.excluded), costs, task_id=announce.task_id)
     added = shards[len(previous.assignments) :]
     if added:
         # More copies of some work (replicas that disagreed, SPEC §7.10): each placed by the

@@ -922,7 +922,7 @@ class TaskMachine:
         alloc = allocate(self.announce, usable, self._caps(usable, now)[0])
         costs = [(s.peer_id, s.cost) for s in alloc.scored]
         excluded = sorted(set(award.excluded) | lost)
-        new = reassign(list(award.assignments), set(excluded), costs)
+        new = reassign(list(award.assignments), set(excluded), costs, task_id=self.task_id)
         self._lost_now -= lost
         if not new:
             ended = self._give_up(now, lost, no_bidder=True)
@@ -1215,7 +1215,7 @@ class TaskMachine:
         usable = self.usable()
         alloc = allocate(self.announce, usable, self._caps(usable, now)[0])
         costs = [(b.peer_id, b.cost) for b in alloc.scored]
-        base = reassign(list(award.assignments), set(award.excluded), costs)
+        base = reassign(list(award.assignments), set(award.excluded), costs, task_id=self.task_id)
         ranking = replica_ranking(self.task_id, alloc.scored, award.excluded)
         grown = add_replicas(base, works, ranking, alloc.demand) if base else None
         if grown is None:

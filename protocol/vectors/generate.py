@@ -1122,7 +1122,7 @@ def award_vectors() -> dict[str, Any]:
 
     def reaward(prev: dict[str, Any], lost: list[str], epoch: int) -> dict[str, Any]:
         excluded = sorted(set(prev["excluded"]) | {pid[n] for n in lost})
-        moved = reassign(prev["assignments"], set(excluded), bidders)
+        moved = reassign(prev["assignments"], set(excluded), bidders, task_id=TASK_ID)
         return {**prev, "epoch": epoch, "seq": 4 + epoch, "excluded": excluded, "assignments": moved}
 
     epoch1 = reaward(base, ["node3"], 1)  # node3 lost: its shard goes to the spare bidder node2

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import codec
-from protocol.allocation import Candidate, NetworkParams, choose
+from protocol.allocation import Candidate, NetworkParams, choose, tie_key
 from protocol.awards import allocate, assignments_of, check_award, net_params, reassign, usable_bids
 from protocol.envelope import Signed, Signer, open_envelope
 from protocol.errors import RemoteProtocolError
@@ -269,7 +269,7 @@ def re_award(
 ) -> Award:
     """What Submitter._reaward seals."""
     excluded = sorted(set(previous.excluded) | lost)
-    new = reassign(list(previous.assignments), set(excluded), costs_of(ann, bids))
+    new = reassign(list(previous.assignments), set(excluded), costs_of(ann, bids), task_id=ann.task_id)
     assert new, "the replacement rule found nobody"
     fields: dict[str, Any] = {
         "assignments": new, "under_capacity": previous.under_capacity, "excluded": excluded
@@ -282,18 +282,25 @@ def re_award(
 def test_reassign_moves_only_the_lost_shard_to_the_cheapest_spare() -> None:
     shards = [{"shard": 0, "peer_id": "a", "share": 0.6, "inputs": {}},
               {"shard": 1, "peer_id": "b", "share": 0.4, "inputs": {}}]
-    out = reassign(shards, {"a"}, [("a", 0.0), ("b", 0.0), ("c", 5.0), ("d", 1.0)])
+    out = reassign(shards, {"a"}, [("a", 0.0), ("b", 0.0), ("c", 5.0), ("d", 1.0)], task_id=TASK)
     assert out == [{"shard": 0, "peer_id": "d", "share": 0.6, "inputs": {}}, shards[1]]
 
 
-def test_reassign_ties_go_to_the_smaller_peer_id() -> None:
+def test_reassign_ties_go_by_the_task_and_peer_hash_not_the_peer_id() -> None:
+    # Equal costs: the smaller H(task_id ‖ peer_id) wins (SPEC §10.2), so no key ground for a
+    # small peer ID takes every re-award; which one wins changes with the task.
     shards = [{"shard": 0, "peer_id": "a", "share": 1.0, "inputs": {}}]
-    assert reassign(shards, {"a"}, [("a", 0.0), ("z", 1.0), ("m", 1.0)])[0]["peer_id"] == "m"
+    bidders = [("a", 0.0), ("z", 1.0), ("m", 1.0)]
+    for task in ("t1", "t2", "t3", "t4", "t5", "t6"):
+        want = min(("z", "m"), key=lambda p: tie_key(task, p))
+        assert reassign(shards, {"a"}, bidders, task_id=task)[0]["peer_id"] == want
+    tasks = ("t1", "t2", "t3", "t4", "t5", "t6")
+    assert {reassign(shards, {"a"}, bidders, task_id=t)[0]["peer_id"] for t in tasks} == {"m", "z"}
 
 
 def test_reassign_without_spares_goes_to_the_cheapest_holder() -> None:
     shards = [{"shard": i, "peer_id": p, "share": 1 / 3, "inputs": {}} for i, p in enumerate("abc")]
-    out = reassign(shards, {"b"}, [("a", 3.0), ("b", 0.0), ("c", 2.0)])
+    out = reassign(shards, {"b"}, [("a", 3.0), ("b", 0.0), ("c", 2.0)], task_id=TASK)
     assert [s["peer_id"] for s in out] == ["a", "c", "c"]
 
 
@@ -302,13 +309,13 @@ def test_reassign_two_lost_shards_one_spare_both_go_to_it() -> None:
     # not give up (it used to return [] here, and the task waited on fresh bid rounds).
     shards = [{"shard": 0, "peer_id": "a", "share": 0.5, "inputs": {}},
               {"shard": 1, "peer_id": "b", "share": 0.5, "inputs": {}}]
-    out = reassign(shards, {"a", "b"}, [("a", 0.0), ("b", 0.0), ("c", 1.0)])
+    out = reassign(shards, {"a", "b"}, [("a", 0.0), ("b", 0.0), ("c", 1.0)], task_id=TASK)
     assert [s["peer_id"] for s in out] == ["c", "c"]
 
 
 def test_reassign_with_every_bidder_lost_is_empty() -> None:
     shards = [{"shard": 0, "peer_id": "a", "share": 1.0, "inputs": {}}]
-    assert reassign(shards, {"a"}, [("a", 0.0)]) == []
+    assert reassign(shards, {"a"}, [("a", 0.0)], task_id=TASK) == []
 
 
 def test_an_honest_re_award_passes_with_and_without_the_previous_epoch() -> None:
@@ -423,7 +430,7 @@ def test_every_honest_re_award_checks_exactly(
     award0, _ = seal_award(ann, bids)
     holders = sorted({a["peer_id"] for a in award0.assignments})
     lost = set(data.draw(st.lists(st.sampled_from(holders), min_size=1, unique=True)))
-    new = reassign(list(award0.assignments), lost, costs_of(ann, bids))
+    new = reassign(list(award0.assignments), lost, costs_of(ann, bids), task_id=ann.task_id)
     if not new:
         assert {b.signer for b in bids} <= lost  # only when every bidder is lost
         return

@@ -300,8 +300,8 @@ def reaward(net: Net, lost: str, certified: dict[str, Any] | None) -> Signed:
     costs = [(s.peer_id, s.cost) for s in allocate(ann, open_quoted_bids(aw)).scored]
     return SUB.seal(
         Award, now_ms=net.now, ttl_ms=Award.MAX_TTL_MS, task_id=TASK, epoch=1, bids=list(aw.bids),
-        assignments=reassign(list(aw.assignments), {lost}, costs), under_capacity=aw.under_capacity,
-        excluded=[lost], certified=certified,
+        assignments=reassign(list(aw.assignments), {lost}, costs, task_id=TASK),
+        under_capacity=aw.under_capacity, excluded=[lost], certified=certified,
     )  # fmt: skip
 
 

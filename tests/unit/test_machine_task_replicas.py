@@ -197,9 +197,9 @@ def test_reassign_never_puts_two_copies_of_one_work_on_a_peer() -> None:
         {"shard": 1, "peer_id": b, "share": 1.0, "inputs": {}, "of": 0},
     ]
     # b is lost; the cheapest bidder is a, but a holds the other copy: c takes it.
-    moved = reassign(shards, {b}, [(a, 0.0), (c, 5.0)])
+    moved = reassign(shards, {b}, [(a, 0.0), (c, 5.0)], task_id=TASK)
     assert moved[1]["peer_id"] == c and moved[1]["of"] == 0
-    assert reassign(shards, {b}, [(a, 0.0)]) == []
+    assert reassign(shards, {b}, [(a, 0.0)], task_id=TASK) == []
     assert add_replicas(shards, [0], [Ranked(a, 10.0, 0.0), Ranked(b, 10.0, 0.0)], demand=1.0) is None
     # A copy goes to a peer whose C covers its part of R before a spare but weaker one.
     ranking = [Ranked(c, 1.0, 0.0), Ranked(b, 50.0, 9.0)]

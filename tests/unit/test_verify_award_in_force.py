@@ -40,8 +40,8 @@ def with_reaward(task: SyntheticTask, d: Path, quote_round: int | None) -> dict[
                      "signers": signers}  # fmt: skip
     raw = task.forge.seal(
         task.submitter, Award, ttl_ms=600_000, task_id=task.task_id, epoch=1, bids=task.bids,
-        assignments=reassign(list(aw.assignments), {lost}, costs), under_capacity=False, excluded=[lost],
-        certified=certified,
+        assignments=reassign(list(aw.assignments), {lost}, costs, task_id=task.task_id),
+        under_capacity=False, excluded=[lost], certified=certified,
     )  # fmt: skip
     (d / "award-1.msg").write_bytes(raw)
     m = json.loads((d / "manifest.json").read_text())
