@@ -247,7 +247,11 @@ class Api:
             raise RpcError(ErrorCode.NOT_FOUND, f"task {task_id} has no announce here")
         driver = self.submitter.drivers.get(task_id)
         machine = getattr(driver, "machine", None)
-        return explain(self.node, view, getattr(machine, "cap_why", {}))
+        # Why each excluded peer lost its shard, as the machine recorded it (a lost lease, an
+        # ok = false result, a refused result, an overdue hold: docs/tasks.md).
+        failures: dict[int, dict[str, str]] = getattr(machine, "failures", {})
+        excluded_why = {peer: why for by in failures.values() for peer, why in by.items()}
+        return explain(self.node, view, getattr(machine, "cap_why", {}), excluded_why)
 
     async def task_bundle(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any]:
         from peerd.bundle import bundle_files
@@ -282,7 +286,9 @@ def _trust(view: PeerTrust | None) -> dict[str, Any] | None:
     return None if view is None else view.to_json()
 
 
-def explain(node: Node, view: TaskView, cap_why: Any = None) -> dict[str, Any]:
+def explain(
+    node: Node, view: TaskView, cap_why: Any = None, excluded_why: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Every bid with its C, L, cost and why it was or was not chosen (docs/design.md §4);
     a capped bid also says its cap and why (``cap_why``: the submitter's machine's reasons;
     docs/allocation.md "Caps")."""
@@ -325,7 +331,9 @@ def explain(node: Node, view: TaskView, cap_why: Any = None) -> dict[str, Any]:
     for sb in alloc.scored:
         why = alloc.reasons.get(sb.peer_id, "")
         if award is not None and award.epoch > 0 and sb.peer_id in award.excluded:
-            why += " — later excluded: lease lost"
+            # Unknown after a restart: the machine's record of failures lives in memory.
+            reason = (excluded_why or {}).get(sb.peer_id, "reason not kept across a restart")
+            why += f" — later excluded: {reason}"
         out["bids"].append(
             {
                 "peer_id": sb.peer_id,

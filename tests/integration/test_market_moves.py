@@ -215,6 +215,10 @@ def test_a_peer_returning_ok_false_loses_the_shard_and_the_task_completes_elsewh
     assert_moved_to_the_honest_peer(net, task, data, tmp_path)
     messages = [e["message"] for e in task["events"]]
     assert any("ok = false: crashed" in m and "re-awarded" in m for m in messages), messages
+    # peerctl explain says why the liar was excluded (it used to say "lease lost" for any cause).
+    explained = net.rpc(SUBMITTER, "task.explain", {"task_id": task_id})
+    liar_bid = next(b for b in explained["bids"] if b["peer_id"] == net.peer_id(EVIL))
+    assert "later excluded: ok = false: crashed" in liar_bid["why"], liar_bid["why"]
     after = counters(net, SUBMITTER)
     assert after.get("tasks.reawarded", 0) == before.get("tasks.reawarded", 0) + 1
     assert counters(net, EVIL).get("jobs.failed.crashed", 0) >= 1
