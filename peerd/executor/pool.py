@@ -178,6 +178,8 @@ class _Worker:
     dead: bool = False
     #: Tasks whose jobs this worker ran: it may hold resident entries for them (forget_task).
     tasks: set[str] = field(default_factory=set)
+    #: Tasks that ended and whose resident entries this worker has not been told to free yet.
+    forget: set[str] = field(default_factory=set)
     #: Serialises writes to the worker's stdin (a job frame and a forget frame may overlap).
     write_lock: trio.Lock = field(default_factory=trio.Lock)
 
@@ -340,22 +342,22 @@ class WorkerPool:
     def forget_task(self, task: str) -> None:
         """``task`` ended: every worker that ran a job of it frees what it keeps resident for it
         (decoded data, compiled models; peerd.executor.kinds._resident). Safe to call for any
-        task, at any time; a worker busy with a job reads the request after that job."""
-        if self._nursery is None:
-            return
+        task, at any time: an idle worker is told at once, a busy one with its next job (it
+        then forgets before running that job), and a reclaimed one has nothing left."""
         for w in list(self._workers):
             if task in w.tasks and w.alive:
                 w.tasks.discard(task)
-                self._nursery.start_soon(self._send_forget, w, task)
+                w.forget.add(task)
+                if self._nursery is not None and w in self._idle.values():
+                    self._nursery.start_soon(self._send_forget, w)
 
-    async def _send_forget(self, w: _Worker, task: str) -> None:
-        frame = encode_frame(
-            msgpack.packb({"op": "forget", "task": task}, use_bin_type=True), max_frame=MAX_JOB_FRAME
-        )
+    async def _send_forget(self, w: _Worker) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             async with w.write_lock:
-                if w.alive:
-                    await w.proc.stdin.send_all(frame)
+                while w.forget and w.alive:
+                    task = w.forget.pop()
+                    msg = msgpack.packb({"op": "forget", "task": task}, use_bin_type=True)
+                    await w.proc.stdin.send_all(encode_frame(msg, max_frame=MAX_JOB_FRAME))
 
     # ---------------------------------------------------------------- policy
 
@@ -644,7 +646,10 @@ class WorkerPool:
             "as_backstop": None if self._cg.memory else as_backstop(limits.memory_bytes),
             "input_ids": {name: content_id(Path(path)) for name, path in job.inputs.items()},
             "task": job.task,
+            # Ended tasks not yet forgotten: the worker frees their entries before this job.
+            "forget": sorted(w.forget),
         }
+        w.forget.clear()
         if job.task is not None:
             w.tasks.add(job.task)
         try:

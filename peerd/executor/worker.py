@@ -9,7 +9,8 @@ Protocol on the pipes (length-prefixed msgpack frames, protocol.framing):
 
     worker -> pool  {"op": "ready", "pid", "class", "kinds", "error"}
     pool -> worker  {"op": "job", "job_id", "kind", "params", "inputs": [names], "limits", "trusted",
-                     "as_backstop", "input_ids": {name: content id}, "task": str | None}
+                     "as_backstop", "input_ids": {name: content id}, "task": str | None,
+                     "forget": [ended tasks]}
     worker -> pool  {"op": "result", "ok", "outputs", "metrics", "error", "detail"}
     pool -> worker  {"op": "forget", "task"}   (between jobs, no reply: free the task's
                                                  resident entries, peerd.executor.kinds._resident)
@@ -159,6 +160,9 @@ class Worker:
         t0 = time.perf_counter()
         cpu0 = _cpu_self()
         kind = msg.get("kind")
+        for task in msg.get("forget") or ():
+            if isinstance(task, str):
+                resident.CACHE.forget_task(task)
         try:
             if kind not in self.kinds:
                 raise TaskFailed("refused", f"kind {kind!r} is not served by a {self.wclass} worker")

@@ -221,8 +221,8 @@ def data_for(
     x, y = load_data(ctx, need_y=need_y)
     if "range" in ctx.params:
         # A slice is a view that would keep the whole decoded blob alive.
-        x = np.ascontiguousarray(x)
-        y = np.ascontiguousarray(y) if y is not None else None
+        x = x.copy()
+        y = y.copy() if y is not None else None
     for arr in (x, y):
         if arr is not None:
             arr.flags.writeable = False  # shared by every round that hits this entry

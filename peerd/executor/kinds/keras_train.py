@@ -51,15 +51,15 @@ def run(ctx: TaskContext) -> Outcome:
     t_load = time.perf_counter()
     x, y, data_hit = _keras.data_for(ctx, need_y=True, cache=cache)
     t_build = time.perf_counter()
-    model, key, model_hit = _keras.train_model(
+    model, model_key, model_hit = _keras.train_model(
         ctx, default_metrics=["accuracy"], cache=None if deterministic else cache
     )
     t0 = time.perf_counter()
     try:
         history = model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=shuffle, verbose=0)
     except (ValueError, TypeError) as e:  # shape/dtype mismatch between model, loss and data
-        if key is not None:
-            cache.discard(key)
+        if model_key is not None:
+            cache.discard(model_key)
         raise TaskFailed("task_error", f"training failed: {type(e).__name__}: {e}") from None
     train_seconds = time.perf_counter() - t0
     metrics = {
@@ -80,11 +80,11 @@ def run(ctx: TaskContext) -> Outcome:
                 metrics["accuracy"] = metrics[alias]
                 break
     if not math.isfinite(metrics.get("loss", 0.0)):
-        if key is not None:
-            cache.discard(key)
+        if model_key is not None:
+            cache.discard(model_key)
         raise TaskFailed("task_error", "training diverged (loss is not finite)", metrics=metrics)
-    if key is not None and not model_hit:
-        _keras.remember(cache, key, model, _keras._model_bytes(model), ctx)
+    if model_key is not None and not model_hit:
+        _keras.remember(cache, model_key, model, _keras._model_bytes(model), ctx)
     t_enc = time.perf_counter()
     weights = encode_arrays(model.get_weights())
     metrics["encode_seconds"] = time.perf_counter() - t_enc
