@@ -90,9 +90,10 @@ for r in range(rounds):
         for a, b in zip(model.optimizer.variables, opt.variables):
             a.assign(keras.ops.convert_to_numpy(b))
     ph["build_s"] = time.perf_counter() - t
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     h = model.fit(data[0], data[1], epochs=1, batch_size=32, shuffle=True, verbose=0)
     ph["train_s"] = time.perf_counter() - t
+    ph["train_cpu_s"] = time.process_time() - c
     t = time.perf_counter()
     weights = encode_arrays(model.get_weights())
     ph["encode_s"] = time.perf_counter() - t
@@ -171,6 +172,8 @@ class PeerdRunner:
                     "wall_s": m["wall_seconds"],
                     "worker_s": m["worker_seconds"],
                     "train_s": m["train_seconds"],
+                    "train_cpu_s": m.get("train_cpu_seconds", float("nan")),
+                    "job_cpu_s": m.get("cpu_seconds", float("nan")),
                     "load_s": m.get("load_seconds", float("nan")),
                     "build_s": m.get("build_seconds", float("nan")),
                     "encode_s": m.get("encode_seconds", float("nan")),
@@ -184,7 +187,17 @@ class PeerdRunner:
 
 
 def summarize(samples: dict[str, list[dict[str, Any]]]) -> str:
-    keys = ("execute_s", "worker_s", "load_s", "build_s", "train_s", "encode_s", "accuracy")
+    keys = (
+        "execute_s",
+        "worker_s",
+        "load_s",
+        "build_s",
+        "train_s",
+        "train_cpu_s",
+        "job_cpu_s",
+        "encode_s",
+        "accuracy",
+    )
     lines = [
         "| variant | round | " + " | ".join(keys) + " |",
         "| --- | --- | " + " | ".join("---" for _ in keys) + " |",
@@ -243,7 +256,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]
     }
     samples: dict[str, list[dict[str, Any]]] = {}
     runner = PeerdRunner(tmp, params)
-    pool = WorkerPool(tmp / "work", warm_classes=("tf",), reuse_idle_seconds=3600)
+    # No warm spares: a spare's replacement would import TensorFlow beside the rounds being
+    # measured. A new submitter's first job starts its worker cold (in execute_s, not train_s).
+    pool = WorkerPool(tmp / "work", warm_classes=("tf",), warm_spares=0, reuse_idle_seconds=3600)
     async with trio.open_nursery() as nursery:
         await nursery.start(pool.run)
         await pool.wait_warm()
@@ -251,9 +266,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]
             for variant in args.variants:
                 log(f"rep {rep + 1}/{args.reps}: {variant} (load {loadavg()})")
                 if variant.startswith("peerd"):
-                    # One submitter per peerd variant: switching variants takes the warm spare
-                    # (a fresh worker, so round 1 is a task's first round on that peer).
-                    await pool.wait_warm()
+                    # One submitter per peerd variant: switching variants starts a fresh worker
+                    # (so round 1 is a task's first round on that peer).
                     extra = {"deterministic": True} if variant == "peerd-det" else {}
                     res = await runner.rounds(pool, shard, w0, args.rounds, variant, extra)
                 else:

@@ -129,10 +129,27 @@ async def test_rounds_reuse_shard_and_model_with_a_fresh_optimizer(
     a3 = await train("alice", saved(a2, "a2.bin"), "task-c")
     assert (a3.metrics["worker_jobs"], a3.metrics["resident_data"], a3.metrics["resident_model"]) == (3, 0, 0)
 
+    # keras-predict (the submitter's per-round validation) keeps its model too, and each job's
+    # weights really go into it: two rounds' models give two different predictions.
+    ev = {"model_config": params["model_config"]}
+    p1 = await pool.execute(Job("p1", "alice", "keras-predict", ev, {"data": shard, "weights": w1}, LIMITS))
+    p2 = await pool.execute(
+        Job("p2", "alice", "keras-predict", ev, {"data": shard, "weights": saved(a3, "a3.bin")}, LIMITS)
+    )
+    assert p1.ok and p2.ok, (p1, p2)
+    assert (p1.metrics["resident_model"], p2.metrics["resident_model"], p2.metrics["resident_data"]) == (
+        0,
+        1,
+        1,
+    )
+    assert not np.allclose(
+        decode_arrays(p1.outputs["predictions"])[0], decode_arrays(p2.outputs["predictions"])[0]
+    )
+
     # deterministic = true: a model built anew, bit-identical in the reused worker and a fresh one.
     det = {**params, "deterministic": True}
     d1 = await pool.execute(Job("d1", "alice", "keras-train", det, {"data": shard, "weights": w1}, LIMITS))
     d2 = await pool.execute(Job("d2", "carol", "keras-train", det, {"data": shard, "weights": w1}, LIMITS))
     assert d1.ok and d2.ok, (d1, d2)
-    assert (d1.metrics["worker_jobs"], d1.metrics["resident_model"], d2.metrics["worker_jobs"]) == (4, 0, 1)
+    assert (d1.metrics["worker_jobs"], d1.metrics["resident_model"], d2.metrics["worker_jobs"]) == (6, 0, 1)
     assert d1.outputs["weights"] == d2.outputs["weights"]

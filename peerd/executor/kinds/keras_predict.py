@@ -28,8 +28,8 @@ def run(ctx: TaskContext) -> Outcome:
     # its metrics, which evaluate() resets.
     compiled = _keras.compile_key_parts(ctx.params, default_metrics=["accuracy"]) if y is not None else None
     raw = param(ctx.params, "model_config", (str, dict))
-    key = content_key("predict-model", config=raw, compiled=compiled)
-    entry = CACHE.get(key, ctx.task)
+    model_key = content_key("predict-model", config=raw, compiled=compiled)
+    entry = CACHE.get(model_key, ctx.task)
     if entry is not None:
         model = entry.value
         _keras.load_weights(ctx, model)
@@ -52,8 +52,8 @@ def run(ctx: TaskContext) -> Outcome:
                 if "accuracy" not in metrics and alias in metrics:
                     metrics["accuracy"] = metrics[alias]
     except (ValueError, TypeError) as e:
-        CACHE.discard(key)
+        CACHE.discard(model_key)
         raise TaskFailed("task_error", f"prediction failed: {type(e).__name__}: {e}") from None
     if entry is None:
-        _keras.remember(CACHE, key, model, _keras._model_bytes(model), ctx)
+        _keras.remember(CACHE, model_key, model, _keras._model_bytes(model), ctx)
     return Outcome(outputs={"predictions": encode_arrays([predictions])}, metrics=metrics)

@@ -9,8 +9,9 @@ default sparse_categorical_crossentropy), ``metrics`` (allow-list, default ["acc
 inputs: ``data`` (.npz with x, y), ``weights`` (optional: encoded arrays, the round's starting model).
 outputs: ``weights`` (encoded arrays of the trained model). metrics: ``loss``, ``accuracy`` (when
 computed), ``num_samples`` (the FedAvg weight), ``epochs``, ``train_seconds`` (the fit),
-``load_seconds``, ``build_seconds``, ``encode_seconds``, ``resident_data`` / ``resident_model``
-(1 when this worker reused the decoded shard / the compiled model).
+``train_cpu_seconds`` (its CPU time), ``load_seconds``, ``build_seconds``, ``encode_seconds``,
+``resident_data`` / ``resident_model`` (1 when this worker reused the decoded shard / the
+compiled model).
 
 Resident (the default, docs/tasks.md): a warm worker keeps the decoded shard and the compiled
 model between rounds (peerd.executor.kinds._resident); each round loads the job's weights into
@@ -54,7 +55,7 @@ def run(ctx: TaskContext) -> Outcome:
     model, model_key, model_hit = _keras.train_model(
         ctx, default_metrics=["accuracy"], cache=None if deterministic else cache
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         history = model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=shuffle, verbose=0)
     except (ValueError, TypeError) as e:  # shape/dtype mismatch between model, loss and data
@@ -62,10 +63,13 @@ def run(ctx: TaskContext) -> Outcome:
             cache.discard(model_key)
         raise TaskFailed("task_error", f"training failed: {type(e).__name__}: {e}") from None
     train_seconds = time.perf_counter() - t0
+    train_cpu = time.process_time() - c0
     metrics = {
         "num_samples": float(len(x)),
         "epochs": float(epochs),
         "train_seconds": train_seconds,
+        # CPU time of the fit: with one thread per slot, what the fit costs whatever the load.
+        "train_cpu_seconds": train_cpu,
         "load_seconds": t_build - t_load,
         "build_seconds": t0 - t_build,
         "resident_data": float(data_hit),
