@@ -70,12 +70,18 @@ def set_determinism(on: bool) -> None:
     if keras.backend.backend() != "tensorflow":
         return
     import tensorflow as tf
-    from tensorflow.python.framework import config as tf_config
 
     if on:
         tf.config.experimental.enable_op_determinism()
-    else:
-        tf_config.disable_op_determinism()
+        return
+    try:
+        # Not exported by TensorFlow 2.21 (only enable is); present since 2.9.
+        from tensorflow.python.framework import config as tf_config
+    except ImportError:
+        return
+    disable = getattr(tf_config, "disable_op_determinism", None)
+    if disable is not None:
+        disable()
 
 
 def check_model_config(cfg: Any, depth: int = 0) -> None:
