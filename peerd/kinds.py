@@ -232,6 +232,10 @@ KINDS: dict[str, Kind] = {
                 # seed · 1000 + round must stay a valid seed (below 2³²).
                 "seed": Param("int", lo=0, hi=4_000_000, doc="default 0; also seeds the data split"),
                 "shuffle": Param("bool", doc="default true"),
+                "deterministic": Param(
+                    "bool",
+                    doc="default false; true: bit-identical weights (op determinism, a model built anew)",
+                ),
                 "round_timeout_s": Param(
                     "number", lo=1, hi=86400, doc="how long a committee waits for commits"
                 ),

@@ -78,6 +78,9 @@ class Job:
     inputs: Mapping[str, Path]  # name -> host file (content-addressed blob); exposed read-only
     limits: Limits = field(default_factory=Limits)
     trusted: bool = False  # kinds marked trusted_only (peerd/kinds.py) run only when True
+    #: The task the job belongs to: a warm worker's resident entries (decoded data, compiled
+    #: models) are tagged with it and freed by WorkerPool.forget_task when the task ends.
+    task: str | None = None
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,12 @@ class _Worker:
     jobs: int = 0
     idle_since: float = 0.0
     dead: bool = False
+    #: Tasks whose jobs this worker ran: it may hold resident entries for them (forget_task).
+    tasks: set[str] = field(default_factory=set)
+    #: Tasks that ended and whose resident entries this worker has not been told to free yet.
+    forget: set[str] = field(default_factory=set)
+    #: Serialises writes to the worker's stdin (a job frame and a forget frame may overlap).
+    write_lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
     def alive(self) -> bool:
@@ -332,6 +338,26 @@ class WorkerPool:
             self._free_slots.append(slot)
             self._sem.release()
             self._changed()
+
+    def forget_task(self, task: str) -> None:
+        """``task`` ended: every worker that ran a job of it frees what it keeps resident for it
+        (decoded data, compiled models; peerd.executor.kinds._resident). Safe to call for any
+        task, at any time: an idle worker is told at once, a busy one with its next job (it
+        then forgets before running that job), and a reclaimed one has nothing left."""
+        for w in list(self._workers):
+            if task in w.tasks and w.alive:
+                w.tasks.discard(task)
+                w.forget.add(task)
+                if self._nursery is not None and w in self._idle.values():
+                    self._nursery.start_soon(self._send_forget, w)
+
+    async def _send_forget(self, w: _Worker) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            async with w.write_lock:
+                while w.forget and w.alive:
+                    task = w.forget.pop()
+                    msg = msgpack.packb({"op": "forget", "task": task}, use_bin_type=True)
+                    await w.proc.stdin.send_all(encode_frame(msg, max_frame=MAX_JOB_FRAME))
 
     # ---------------------------------------------------------------- policy
 
@@ -618,7 +644,14 @@ class WorkerPool:
             "limits": limits.to_wire(),
             "trusted": job.trusted,
             "as_backstop": None if self._cg.memory else as_backstop(limits.memory_bytes),
+            "input_ids": {name: content_id(Path(path)) for name, path in job.inputs.items()},
+            "task": job.task,
+            # Ended tasks not yet forgotten: the worker frees their entries before this job.
+            "forget": sorted(w.forget),
         }
+        w.forget.clear()
+        if job.task is not None:
+            w.tasks.add(job.task)
         try:
             payload = encode_frame(msgpack.packb(msg, use_bin_type=True), max_frame=MAX_JOB_FRAME)
         except (TypeError, ValueError, OverflowError, ProtocolError) as e:
@@ -627,7 +660,8 @@ class WorkerPool:
         state = _RunState()
         frame: bytes | None = None
         try:
-            await w.proc.stdin.send_all(payload)
+            async with w.write_lock:
+                await w.proc.stdin.send_all(payload)
             decoder = FrameDecoder(max_frame=limits.max_output_bytes + RESULT_OVERHEAD)
             # The monitor runs in the pool's nursery, not a nursery of our own: a nursery here
             # would wrap a caller's Cancelled in an ExceptionGroup, and execute() promises a plain
@@ -833,6 +867,24 @@ class WorkerPool:
         log.warning("cgroup of worker %s still busy after kill", w.wid)
 
 
+_DIGEST_NAME = re.compile(r"^[0-9a-f]{64}$")
+
+
+def content_id(path: Path) -> str:
+    """What the worker's resident cache keys an input's decoded form by.
+
+    A blob from the store is named by its SHA-256 (peerd.blobs), so that is its id. Any other
+    file (tests, benchmarks) is identified by device, inode, size and mtime: the same file
+    unchanged gives the same id, a rewritten or replaced one a new id."""
+    if _DIGEST_NAME.match(path.name):
+        return f"sha256:{path.name}"
+    try:
+        st = path.stat()
+    except OSError:
+        return f"missing:{uuid.uuid4().hex}"
+    return f"file:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def _tree_usage(w: _Worker) -> tuple[float, int]:
     """CPU seconds (including reaped children) and RSS of the worker's processes."""
     pids: list[int] = w.cgroup.pids() if w.cgroup is not None else []
@@ -885,4 +937,4 @@ def _parse_result(frame: bytes) -> JobResult:
     return JobResult(ok=ok, outputs=outputs, metrics=clean_metrics, error=error, detail=detail[-MAX_DETAIL:])
 
 
-__all__ = ["WorkerPool", "as_backstop"]
+__all__ = ["WorkerPool", "as_backstop", "content_id"]

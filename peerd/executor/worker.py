@@ -9,8 +9,11 @@ Protocol on the pipes (length-prefixed msgpack frames, protocol.framing):
 
     worker -> pool  {"op": "ready", "pid", "class", "kinds", "error"}
     pool -> worker  {"op": "job", "job_id", "kind", "params", "inputs": [names], "limits", "trusted",
-                     "as_backstop"}
+                     "as_backstop", "input_ids": {name: content id}, "task": str | None,
+                     "forget": [ended tasks]}
     worker -> pool  {"op": "result", "ok", "outputs", "metrics", "error", "detail"}
+    pool -> worker  {"op": "forget", "task"}   (between jobs, no reply: free the task's
+                                                 resident entries, peerd.executor.kinds._resident)
     pool -> worker  {"op": "exit"}
 
 The real stdout fd is kept for the protocol and fd 1 / ``sys.stdout`` point at stderr, so a stray
@@ -40,6 +43,7 @@ from typing import Any
 import msgpack
 
 from peerd.executor.kinds import KIND_CLASS, Outcome, TaskContext, TaskFailed, load_kind
+from peerd.executor.kinds import _resident as resident
 from protocol.framing import encode_frame
 
 #: Largest job frame the worker accepts (params carry echo data or a script's source).
@@ -156,6 +160,9 @@ class Worker:
         t0 = time.perf_counter()
         cpu0 = _cpu_self()
         kind = msg.get("kind")
+        for task in msg.get("forget") or ():
+            if isinstance(task, str):
+                resident.CACHE.forget_task(task)
         try:
             if kind not in self.kinds:
                 raise TaskFailed("refused", f"kind {kind!r} is not served by a {self.wclass} worker")
@@ -182,6 +189,8 @@ class Worker:
                 limits=limits,
                 trusted=bool(msg.get("trusted")),
                 as_backstop=msg.get("as_backstop"),
+                input_ids=_str_map(msg.get("input_ids")),
+                task=msg["task"] if isinstance(msg.get("task"), str) else None,
             )
             with _cpu_limit(float(limits["cpu_seconds"])):
                 outcome = load_kind(kind)(ctx)
@@ -228,6 +237,11 @@ class Worker:
             msg = msgpack.unpackb(frame, raw=False)
             if msg.get("op") == "exit":
                 return 0
+            if msg.get("op") == "forget":
+                # A task ended: free what this worker kept resident for it (no reply).
+                if isinstance(msg.get("task"), str):
+                    resident.CACHE.forget_task(msg["task"])
+                continue
             if msg.get("op") != "job":
                 print(f"unknown op {msg.get('op')!r}", file=sys.stderr)
                 return 2
@@ -247,6 +261,12 @@ class Worker:
                     use_bin_type=True,
                 )
             write_frame(self.out_fd, payload, max_frame)
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def _cpu_self() -> float:

@@ -120,11 +120,14 @@ async def test_keras_train_and_predict_on_digits(tmp_path: Path, nursery: trio.N
     assert after.metrics["accuracy"] > 0.85
     assert after.metrics["accuracy"] > before.metrics["accuracy"] + 0.5
 
-    # Determinism: same seed -> bit-identical weights, in the same (reused) worker and in a fresh one.
-    digest = hashlib.sha256(trained.outputs["weights"]).hexdigest()
-    again = await run("alice", "keras-train", train_params, {"weights": w0, "data": train})
+    # Determinism (deterministic = true, a task option): same seed -> bit-identical weights, in the
+    # same (reused) worker and in a fresh one.
+    det_params = {**train_params, "deterministic": True}
+    first = await run("alice", "keras-train", det_params, {"weights": w0, "data": train})
+    digest = hashlib.sha256(first.outputs["weights"]).hexdigest()
+    again = await run("alice", "keras-train", det_params, {"weights": w0, "data": train})
     assert again.metrics["worker_jobs"] > 1
-    fresh = await run("bob", "keras-train", train_params, {"weights": w0, "data": train})
+    fresh = await run("bob", "keras-train", det_params, {"weights": w0, "data": train})
     assert fresh.metrics["worker_jobs"] == 1
     assert hashlib.sha256(again.outputs["weights"]).hexdigest() == digest
     assert hashlib.sha256(fresh.outputs["weights"]).hexdigest() == digest

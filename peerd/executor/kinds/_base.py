@@ -18,6 +18,11 @@ class TaskContext:
     trusted: bool = False
     #: Address-space cap for child processes when there is no memory cgroup (None: the cgroup caps memory).
     as_backstop: int | None = None
+    #: name -> content id of that input (the blob's sha256 when the pool knows it): what the
+    #: resident cache keys decoded data by (peerd.executor.kinds._resident). Absent: no caching.
+    input_ids: Mapping[str, str] = field(default_factory=dict)
+    #: The task this job belongs to, when the pool was told (frees resident entries at its end).
+    task: str | None = None
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from peerd.executor.kinds._base import TaskContext, TaskFailed, param
+from peerd.executor.kinds._resident import ResidentCache, budget_for, content_key
 from protocol.errors import ProtocolError
 from protocol.tensors import decode_arrays
 
@@ -49,15 +50,38 @@ def get_keras() -> Any:
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 
-            # One thread per slot (docs/design.md appendix B.3) and bit-identical results for a
-            # given seed; both must be set before TensorFlow runs its first op.
+            # One thread per slot (docs/design.md appendix B.3); set before TensorFlow runs its
+            # first op. Op determinism is not set here: it is a per-job option (set_determinism).
             tf.config.threading.set_intra_op_parallelism_threads(1)
             tf.config.threading.set_inter_op_parallelism_threads(1)
-            tf.config.experimental.enable_op_determinism()
             for gpu in tf.config.list_physical_devices("GPU"):
                 tf.config.experimental.set_memory_growth(gpu, True)
         _keras = keras
     return _keras
+
+
+def set_determinism(on: bool) -> None:
+    """TensorFlow's op determinism for this job only (``deterministic = true``, docs/tasks.md).
+
+    Off by default: nothing in a round relies on training being bit-identical (committees
+    recompute the aggregate from the committed weights, protocol/SPEC.md §11), and a submitter
+    that wants reproducible runs asks for it per task."""
+    keras = get_keras()
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    if on:
+        tf.config.experimental.enable_op_determinism()
+        return
+    try:
+        # Not exported by TensorFlow 2.21 (only enable is); present since 2.9.
+        from tensorflow.python.framework import config as tf_config
+    except ImportError:
+        return
+    disable = getattr(tf_config, "disable_op_determinism", None)
+    if disable is not None:
+        disable()
 
 
 def check_model_config(cfg: Any, depth: int = 0) -> None:
@@ -94,8 +118,7 @@ def check_model_config(cfg: Any, depth: int = 0) -> None:
         check_model_config(value, depth + 1)
 
 
-def build_model(ctx: TaskContext) -> Any:
-    keras = get_keras()
+def _model_config(ctx: TaskContext) -> Any:
     raw = param(ctx.params, "model_config", (str, dict))
     if isinstance(raw, str):
         if len(raw) > MAX_CONFIG_BYTES:
@@ -107,6 +130,12 @@ def build_model(ctx: TaskContext) -> Any:
     else:
         cfg = raw
     check_model_config(cfg)
+    return cfg
+
+
+def build_model(ctx: TaskContext) -> Any:
+    keras = get_keras()
+    cfg = _model_config(ctx)
     try:
         model = keras.saving.deserialize_keras_object(cfg, safe_mode=True)
     except Exception as e:  # Keras raises ValueError/TypeError/KeyError for bad configs
@@ -114,18 +143,38 @@ def build_model(ctx: TaskContext) -> Any:
     if not isinstance(model, keras.Model):
         raise TaskFailed("task_error", f"model_config built a {type(model).__name__}, not a keras.Model")
     if "weights" in ctx.inputs:
-        try:
-            weights = decode_arrays(Path(ctx.inputs["weights"]).read_bytes())
-            model.set_weights(weights)
-        except (ProtocolError, ValueError, TypeError, KeyError) as e:
-            raise TaskFailed(
-                "task_error", f"input 'weights' is not encoded arrays fitting the model: {e}"
-            ) from None
+        load_weights(ctx, model)
     return model
 
 
+def load_weights(ctx: TaskContext, model: Any) -> None:
+    try:
+        weights = decode_arrays(Path(ctx.inputs["weights"]).read_bytes())
+        model.set_weights(weights)
+    except (ProtocolError, ValueError, TypeError, KeyError) as e:
+        raise TaskFailed(
+            "task_error", f"input 'weights' is not encoded arrays fitting the model: {e}"
+        ) from None
+
+
 def compile_args(params: Mapping[str, Any], *, default_metrics: list[str]) -> dict[str, Any]:
-    keras = get_keras()
+    opt_name, lr, loss, metrics = _compile_params(params, default_metrics)
+    return {"optimizer": make_optimizer(opt_name, lr), "loss": loss, "metrics": metrics}
+
+
+def compile_key_parts(params: Mapping[str, Any], *, default_metrics: list[str]) -> list[Any]:
+    """What of the compile params shapes a compiled model (for resident-cache keys)."""
+    return list(_compile_params(params, default_metrics))
+
+
+def make_optimizer(opt_name: str, lr: float) -> Any:
+    # A fresh optimizer per round: each FedAvg round starts from fresh optimizer state (docs/design.md §6).
+    return getattr(get_keras().optimizers, OPTIMIZERS[opt_name])(learning_rate=lr)
+
+
+def _compile_params(
+    params: Mapping[str, Any], default_metrics: list[str]
+) -> tuple[str, float, str, list[str]]:
     opt_name = param(params, "optimizer", str, "adam").lower()
     if opt_name not in OPTIMIZERS:
         raise TaskFailed("task_error", f"optimizer {opt_name!r} not in {sorted(OPTIMIZERS)}")
@@ -139,9 +188,96 @@ def compile_args(params: Mapping[str, Any], *, default_metrics: list[str]) -> di
     for m in metrics:
         if m not in METRICS:
             raise TaskFailed("task_error", f"metric {m!r} not in {sorted(METRICS)}")
-    # A fresh optimizer per job: each FedAvg round starts from fresh optimizer state (docs/design.md §6).
-    optimizer = getattr(keras.optimizers, OPTIMIZERS[opt_name])(learning_rate=lr)
-    return {"optimizer": optimizer, "loss": loss, "metrics": list(metrics)}
+    return opt_name, lr, loss, list(metrics)
+
+
+def _model_bytes(model: Any) -> int:
+    # Weights plus, for training, up to two optimizer slots per weight (Adam's m and v).
+    return 3 * sum(int(np.asarray(w).nbytes) for w in model.get_weights())
+
+
+def remember(cache: ResidentCache, key: str, value: Any, nbytes: int, ctx: TaskContext) -> bool:
+    """Keep ``value`` resident if it fits this job's share of memory (see _resident.BUDGET_SHARE),
+    dropping the least recently used entries to make room."""
+    budget = budget_for(int(ctx.limits.get("memory_bytes", 0)))
+    if nbytes > budget:
+        cache.discard(key)
+        return False
+    cache.put(key, value, nbytes, ctx.task)
+    cache.trim(budget, keep=(key,))
+    return True
+
+
+def data_for(
+    ctx: TaskContext, *, need_y: bool, cache: ResidentCache | None = None
+) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """``load_data``, through the worker's resident cache when the pool named the data's content:
+    a multi-round task decodes its shard once per worker, not once per round. Returns (x, y, hit)."""
+    data_id = ctx.input_ids.get("data")
+    if cache is None or data_id is None or "data" not in ctx.inputs:
+        x, y = load_data(ctx, need_y=need_y)
+        return x, y, False
+    key = content_key("data", data=data_id, range=ctx.params.get("range"))
+    entry = cache.get(key, ctx.task)
+    if entry is not None:
+        x, y = entry.value
+        if need_y and y is None:
+            raise TaskFailed("task_error", "input 'data' has no array 'y'")
+        return x, y, True
+    x, y = load_data(ctx, need_y=need_y)
+    if "range" in ctx.params:
+        # A slice is a view that would keep the whole decoded blob alive.
+        x = x.copy()
+        y = y.copy() if y is not None else None
+    for arr in (x, y):
+        if arr is not None:
+            arr.flags.writeable = False  # shared by every round that hits this entry
+    remember(cache, key, (x, y), x.nbytes + (y.nbytes if y is not None else 0), ctx)
+    return x, y, False
+
+
+def train_model(
+    ctx: TaskContext, *, default_metrics: list[str], cache: ResidentCache | None = None
+) -> tuple[Any, str | None, bool]:
+    """A compiled model for a keras-train job: the worker's resident one for this model config
+    and compile params when there is one (and the job brings the round's weights), with the
+    job's weights loaded and the optimizer state reset to a fresh optimizer's; else a new one.
+    Returns (model, key to keep it under or None, hit)."""
+    opt_name, lr, loss, metrics = _compile_params(ctx.params, default_metrics)
+    key = None
+    if cache is not None:
+        raw = param(ctx.params, "model_config", (str, dict))
+        key = content_key("train-model", config=raw, optimizer=opt_name, lr=lr, loss=loss, metrics=metrics)
+        entry = cache.get(key, ctx.task) if "weights" in ctx.inputs else None
+        if entry is not None:
+            model = entry.value
+            load_weights(ctx, model)
+            if reset_optimizer(model, opt_name, lr):
+                return model, key, True
+            cache.discard(key)
+    model = build_model(ctx)
+    model.compile(optimizer=make_optimizer(opt_name, lr), loss=loss, metrics=metrics)
+    return model, key, False
+
+
+def reset_optimizer(model: Any, opt_name: str, lr: float) -> bool:
+    """Give ``model``'s optimizer the state of a fresh one (iterations 0, slots as a new optimizer
+    initialises them: zeros for Adam, 0.1 for Adagrad), in place: the compiled train step keeps
+    its variables, so it is not traced again. False if the states do not line up."""
+    keras = get_keras()
+    old = getattr(model, "optimizer", None)
+    if old is None or not getattr(old, "built", False):
+        return False
+    fresh = make_optimizer(opt_name, lr)
+    fresh.build(model.trainable_variables)
+    before, after = list(old.variables), list(fresh.variables)
+    if len(before) != len(after) or any(
+        tuple(a.shape) != tuple(b.shape) for a, b in zip(before, after, strict=True)
+    ):
+        return False
+    for a, b in zip(before, after, strict=True):
+        a.assign(keras.ops.convert_to_numpy(b))
+    return True
 
 
 def load_data(ctx: TaskContext, *, need_y: bool) -> tuple[np.ndarray, np.ndarray | None]:

@@ -1,0 +1,52 @@
+"""Data once (issue 9 item 4): a peer that already holds a shard's bytes fetches nothing, and the
+same data split the same way gives the same bytes — so the same digest — in every task.
+
+Guards what peerd already does (peerd/node.py fetch_blob and fetch_from_any return the local
+copy; blobs are content-addressed, peerd/blobs.py), and which the worker's resident cache
+relies on: its data key is the blob's digest (peerd/executor/kinds/_resident.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import trio
+
+from peerd.blobs import BlobStore
+from peerd.executor.pool import content_id
+from peerd.node import Node
+from peerd.submitter import _split_npz
+
+
+class _NoNetwork:
+    async def open_stream(self, *args: Any) -> Any:
+        raise AssertionError("a held blob must not be fetched")
+
+
+def test_a_held_blob_is_never_fetched_again(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs", max_blob_bytes=1 << 20)
+    digest = store.put_bytes(b"a shard's bytes")
+    node = SimpleNamespace(blobs=store, p2p=_NoNetwork(), peer_id="me", config=None)
+    path = trio.run(lambda: Node.fetch_blob(node, "some-peer", digest))  # type: ignore[arg-type]
+    assert path == store.path(digest)
+    path = trio.run(lambda: Node.fetch_from_any(node, digest, ["p1", "p2"]))  # type: ignore[arg-type]
+    assert path == store.path(digest)
+    # The worker's resident cache keys the decoded shard by that same digest.
+    assert content_id(path) == f"sha256:{digest}"
+
+
+def test_the_same_split_gives_the_same_shard_bytes(tmp_path: Path) -> None:
+    data = tmp_path / "train.npz"
+    rng = np.random.default_rng(5)
+    np.savez(data, x=rng.random((90, 3), dtype=np.float32), y=rng.integers(0, 4, 90))
+    first = _split_npz(data, [1.0, 2.0, 1.0], seed=7)
+    again = _split_npz(data, [1.0, 2.0, 1.0], seed=7)  # another task, later: same data, seed, shares
+    digests = [hashlib.sha256(b).hexdigest() for b in first]
+    assert digests == [hashlib.sha256(b).hexdigest() for b in again]
+    assert len(set(digests)) == 3
+    other_seed = _split_npz(data, [1.0, 2.0, 1.0], seed=8)
+    assert [hashlib.sha256(b).hexdigest() for b in other_seed] != digests
