@@ -380,6 +380,9 @@ class Contractor(OwnedScope):
             if not self._tasks.get(task_id):
                 self._tasks.pop(task_id, None)
                 self._announces.pop(task_id, None)
+                # No machine of ours follows the task any more: the workers free the model and
+                # data they kept resident for its rounds (issue 9 item 2).
+                self.node.pool.forget_task(task_id)
                 return
             view = self.book.get(task_id)
             if view is not None:
@@ -610,4 +613,6 @@ class Contractor(OwnedScope):
             ),
             trusted=action.submitter in self.node.config.policy.trusted_submitters
             or action.submitter == self.me,
+            # Tags what a warm worker keeps resident for this task (peerd/executor/kinds/_resident.py).
+            task=ann.task_id,
         )

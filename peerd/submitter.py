@@ -585,6 +585,9 @@ class Submitter(OwnedScope):
         view = self.book.get(n.task_id)
         if view is not None and n.final:
             view.pulse()
+        if n.final and self.node.pool is not None:  # None: component tests without a pool
+            # Its evaluation models, kept resident between rounds, go (issue 9 item 2).
+            self.node.pool.forget_task(n.task_id)
 
     def _own_message(self, driver: MachineDriver, signed: Signed) -> None:
         m = signed.message
@@ -680,6 +683,7 @@ class Submitter(OwnedScope):
             inputs={name: self.node.blobs.path(ref["sha256"]) for name, ref in a.inputs.items()},
             limits=Limits(memory_bytes=self.node.config.limits.memory_mb << 20),
             trusted=True,
+            task=a.task_id,
         )
         with trio.CancelScope() as scope:
             self._jobs[a.job_id] = scope

@@ -90,9 +90,13 @@ class FakePool:
         self.release = trio.Event()
         self.block = False
         self.cancelled = 0
+        self.forgotten: list[str] = []
 
     def slots(self) -> int:
         return 1
+
+    def forget_task(self, task: str) -> None:
+        self.forgotten.append(task)
 
     def load(self) -> float:
         return 0.0
@@ -393,6 +397,21 @@ async def test_an_awarded_shard_runs_persists_publishes_and_delivers_its_result(
         assert rig.me in view.heartbeats
         assert rig.node.active_shards == 0 and rig.adverts == 2
         assert rig.count("jobs.started") == 1 and rig.count("jobs.ok") == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_task_past_its_deadline_is_let_go_and_its_resident_state_freed(tmp: Path) -> None:
+    # Issue 9 item 2: what a warm worker keeps resident for a task's rounds (decoded data, a
+    # compiled model) is freed once no machine of ours follows the task.
+    async with trio.open_nursery() as nursery:
+        rig = await Rig.started(tmp, nursery)
+        await bid_and_award(rig, deadline_ms=3_000)
+        await wait_until(lambda: rig.count("results.delivered") == 1, "the result delivered")
+        [job] = rig.pool.jobs
+        assert job.task == TASK  # the worker tags what it keeps with the task
+        assert rig.pool.forgotten == []
+        await wait_until(lambda: rig.contractor.machines(TASK) == [], "the task let go after its deadline")
+        await wait_until(lambda: rig.pool.forgotten == [TASK], "the pool told to forget the task")
         nursery.cancel_scope.cancel()
 
 
