@@ -144,18 +144,23 @@ def reassign(
     bidders: Sequence[tuple[str, float]],
     *,
     task_id: str,
+    capacity: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Move the shards of ``lost`` peers. ``bidders`` are (peer, cost C·L) of every
-    usable bid. Each lost shard, in shard order, goes to the cheapest bidder that is not
-    lost and holds no shard yet (ties by H(task_id ‖ peer_id), which a key generator cannot
-    grind as it could the smallest peer ID; SPEC §10.2); if there is none, to the cheapest
+    usable bid, ``capacity`` their C as the award counted it. Each lost shard, in shard
+    order, goes to the cheapest bidder that is not lost and holds no shard yet (equal costs —
+    idle peers all cost 0 — by the larger C, then the smaller H(task_id ‖ peer_id), which a
+    key generator cannot grind as it could the smallest peer ID; SPEC §10.2, as the award
+    rule breaks its ties); if there is none, to the cheapest
     holder that is not lost — a peer given a shard earlier in this same re-award counts
     as a holder. Never to a peer that holds another copy of the same work (a replica,
     SPEC §7.10): two copies on one peer would agree by construction. Returns [] when no
     bidder can take a lost shard."""
     holders = {a["peer_id"] for a in assignments if a["peer_id"] not in lost}
-    spare = sorted((c, tie_key(task_id, p), p) for p, c in bidders if p not in lost and p not in holders)
-    live = sorted((c, tie_key(task_id, p), p) for p, c in bidders if p not in lost and p in holders)
+    cap = capacity or {}
+    keyed = [(c, -cap.get(p, 0.0), tie_key(task_id, p), p) for p, c in bidders if p not in lost]
+    spare = sorted(k for k in keyed if k[3] not in holders)
+    live = sorted(k for k in keyed if k[3] in holders)
     ordered = sorted(assignments, key=lambda a: a["shard"])
     now = {a["shard"]: a["peer_id"] for a in ordered}
     out: list[dict[str, Any]] = []
@@ -165,18 +170,18 @@ def reassign(
             continue
         work = logical_shard(a)
         taken = {now[b["shard"]] for b in ordered if logical_shard(b) == work and b["shard"] != a["shard"]}
-        pick = next((x for x in spare if x[2] not in taken), None)
+        pick = next((x for x in spare if x[3] not in taken), None)
         if pick is not None:
             spare.remove(pick)
             # Two lost shards and one spare: the second must not be stranded (it used to
             # make the whole re-award fail and the task wait for a fresh bid round forever).
             bisect.insort(live, pick)
         else:
-            pick = next((x for x in live if x[2] not in taken), None)
+            pick = next((x for x in live if x[3] not in taken), None)
             if pick is None:
                 return []
-        now[a["shard"]] = pick[2]
-        out.append({**a, "peer_id": pick[2]})
+        now[a["shard"]] = pick[3]
+        out.append({**a, "peer_id": pick[3]})
     return out
 
 
@@ -345,7 +350,13 @@ def check_award(
     if award.under_capacity != previous.under_capacity:
         raise RemoteProtocolError("re-award changes under_capacity", reason="bad_award")
     costs = [(s.peer_id, s.cost) for s in alloc.scored]
-    expected = reassign(list(previous.assignments), set(award.excluded), costs, task_id=announce.task_id)
+    expected = reassign(
+        list(previous.assignments),
+        set(award.excluded),
+        costs,
+        task_id=announce.task_id,
+        capacity={s.peer_id: s.capacity for s in alloc.scored},
+    )
     added = shards[len(previous.assignments) :]
     if added:
         # More copies of some work (replicas that disagreed, SPEC §7.10): each placed by the

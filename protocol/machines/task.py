@@ -328,10 +328,19 @@ class TaskMachine:
                 self.network_up = True
             return []
         if isinstance(event, ev.TrustKnown):
+            newly = frozenset(event.banned) - self.banned
             self.trust_records = dict(event.records)
             self.trust_policy = event.policy
             self.banned = frozenset(event.banned)
             self._trust_known = True
+            # A holder banned meanwhile (by hand, or over the threshold for what it did on
+            # another task) holds its unfinished shard no longer: it moves now, as a lost one's.
+            held = {a["peer_id"] for a in self.assignments() if not self._shard_finished(a["shard"])}
+            if s is TaskState.RUNNING and newly & held:
+                for peer in newly & held:
+                    self._lost_now.add(peer)
+                    self._why_lost.setdefault(peer, "banned")
+                return self._check_leases(event.now_ms)
             return []
         if isinstance(event, ev.PeerLost):
             self._lost_now.add(event.peer)
@@ -785,9 +794,9 @@ class TaskMachine:
             last = max(self.heartbeats.get(peer, self.lease_start), self.lease_start)
             if peer in self._lost_now or now - last > self.times.lease_ttl_ms:
                 lost.add(peer)
-                self.failures.setdefault(int(a["shard"]), {})[peer] = "lease lost"
-                self.fail_codes[int(a["shard"])] = "lease_lost"
-                self._why_lost.setdefault(peer, "lease lost")
+                why = self._why_lost.setdefault(peer, "lease lost")  # or "banned" (TrustKnown)
+                self.failures.setdefault(int(a["shard"]), {})[peer] = why
+                self.fail_codes[int(a["shard"])] = why.replace(" ", "_")
                 continue
             due = self._overdue_at(a)
             if due is not None and now >= due:
@@ -800,8 +809,10 @@ class TaskMachine:
 
     def capacity_of(self, peer: str) -> float:
         """The capacity C the award used for ``peer``: C⁰ + ΔC of its quoted bid. Issue 8
-        item 1 (an effective, measured capacity) replaces this, and only this."""
-        for b in self.usable():
+        item 1 (an effective, measured capacity) replaces this, and only this. A banned
+        peer's bid counts here too: without it a banned holder's hold limit was infinite,
+        and its heartbeats held the shard to the deadline (bench trust, heartbeat phase)."""
+        for b in quotable_bids(self.announce, list(self.bids.values())):
             if b.signer == peer:
                 m = b.message
                 assert isinstance(m, Bid)
@@ -896,7 +907,7 @@ class TaskMachine:
                 continue
             # An overdue holder has not failed (it may still deliver first): a backup costs
             # no retry. Backups are bounded by the bidders (each overdue holder is excluded).
-            failed = [p for p, w in seen.items() if not w.startswith("overdue")]
+            failed = [p for p, w in seen.items() if not w.startswith(("overdue", "banned"))]
             if len(failed) > self.retries:
                 why = f"retry budget ({self.retries}) spent"
             elif no_bidder and a["peer_id"] in self._definitive:
@@ -922,7 +933,9 @@ class TaskMachine:
         alloc = allocate(self.announce, usable, self._caps(usable, now)[0])
         costs = [(s.peer_id, s.cost) for s in alloc.scored]
         excluded = sorted(set(award.excluded) | lost)
-        new = reassign(list(award.assignments), set(excluded), costs, task_id=self.task_id)
+        new = reassign(
+            list(award.assignments), set(excluded), costs, task_id=self.task_id, capacity=_capacities(alloc)
+        )
         self._lost_now -= lost
         if not new:
             ended = self._give_up(now, lost, no_bidder=True)
@@ -1215,7 +1228,13 @@ class TaskMachine:
         usable = self.usable()
         alloc = allocate(self.announce, usable, self._caps(usable, now)[0])
         costs = [(b.peer_id, b.cost) for b in alloc.scored]
-        base = reassign(list(award.assignments), set(award.excluded), costs, task_id=self.task_id)
+        base = reassign(
+            list(award.assignments),
+            set(award.excluded),
+            costs,
+            task_id=self.task_id,
+            capacity=_capacities(alloc),
+        )
         ranking = replica_ranking(self.task_id, alloc.scored, award.excluded)
         grown = add_replicas(base, works, ranking, alloc.demand) if base else None
         if grown is None:
@@ -1614,6 +1633,11 @@ class TaskMachine:
                     self.failures.setdefault(int(held["shard"]), {}).setdefault(
                         str(held["peer_id"]), "failed or lost before a restart"
                     )
+
+
+def _capacities(alloc: Allocation) -> dict[str, float]:
+    """Each bidder's C as the award counted it (``reassign`` breaks cost ties by it)."""
+    return {s.peer_id: s.capacity for s in alloc.scored}
 
 
 def deadline_ms(announce: TaskAnnounce) -> int:

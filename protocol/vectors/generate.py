@@ -1116,13 +1116,14 @@ def award_vectors() -> dict[str, Any]:
 
     alloc = allocate(st["announce"], open_quoted_bids(st["award"]))
     bidders = [(b.peer_id, b.cost) for b in alloc.scored]
+    capacity = {b.peer_id: b.capacity for b in alloc.scored}
 
     def fields(**over: Any) -> dict[str, Any]:
         return {**base, **over}
 
     def reaward(prev: dict[str, Any], lost: list[str], epoch: int) -> dict[str, Any]:
         excluded = sorted(set(prev["excluded"]) | {pid[n] for n in lost})
-        moved = reassign(prev["assignments"], set(excluded), bidders, task_id=TASK_ID)
+        moved = reassign(prev["assignments"], set(excluded), bidders, task_id=TASK_ID, capacity=capacity)
         return {**prev, "epoch": epoch, "seq": 4 + epoch, "excluded": excluded, "assignments": moved}
 
     epoch1 = reaward(base, ["node3"], 1)  # node3 lost: its shard goes to the spare bidder node2

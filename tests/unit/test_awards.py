@@ -264,12 +264,22 @@ def costs_of(ann: TaskAnnounce, bids: list[Signed]) -> list[tuple[str, float]]:
     return [(s.peer_id, s.cost) for s in allocate(ann, usable_bids(ann, bids)).scored]
 
 
+def capacity_of(ann: TaskAnnounce, bids: list[Signed]) -> dict[str, float]:
+    return {s.peer_id: s.capacity for s in allocate(ann, usable_bids(ann, bids)).scored}
+
+
 def re_award(
     ann: TaskAnnounce, bids: list[Signed], previous: Award, lost: set[str], **override: Any
 ) -> Award:
     """What Submitter._reaward seals."""
     excluded = sorted(set(previous.excluded) | lost)
-    new = reassign(list(previous.assignments), set(excluded), costs_of(ann, bids), task_id=ann.task_id)
+    new = reassign(
+        list(previous.assignments),
+        set(excluded),
+        costs_of(ann, bids),
+        task_id=ann.task_id,
+        capacity=capacity_of(ann, bids),
+    )
     assert new, "the replacement rule found nobody"
     fields: dict[str, Any] = {
         "assignments": new, "under_capacity": previous.under_capacity, "excluded": excluded
@@ -284,6 +294,14 @@ def test_reassign_moves_only_the_lost_shard_to_the_cheapest_spare() -> None:
               {"shard": 1, "peer_id": "b", "share": 0.4, "inputs": {}}]
     out = reassign(shards, {"a"}, [("a", 0.0), ("b", 0.0), ("c", 5.0), ("d", 1.0)], task_id=TASK)
     assert out == [{"shard": 0, "peer_id": "d", "share": 0.6, "inputs": {}}, shards[1]]
+
+
+def test_reassign_cost_ties_go_to_the_larger_capacity_first() -> None:
+    shards = [{"shard": 0, "peer_id": "a", "share": 1.0, "inputs": {}}]
+    bidders = [("a", 0.0), ("z", 0.0), ("m", 0.0)]  # idle peers: every cost is 0
+    for task in ("t1", "t2", "t3"):
+        out = reassign(shards, {"a"}, bidders, task_id=task, capacity={"z": 50.0, "m": 10.0})
+        assert out[0]["peer_id"] == "z"
 
 
 def test_reassign_ties_go_by_the_task_and_peer_hash_not_the_peer_id() -> None:
@@ -430,7 +448,8 @@ def test_every_honest_re_award_checks_exactly(
     award0, _ = seal_award(ann, bids)
     holders = sorted({a["peer_id"] for a in award0.assignments})
     lost = set(data.draw(st.lists(st.sampled_from(holders), min_size=1, unique=True)))
-    new = reassign(list(award0.assignments), lost, costs_of(ann, bids), task_id=ann.task_id)
+    costs, capacity = costs_of(ann, bids), capacity_of(ann, bids)
+    new = reassign(list(award0.assignments), lost, costs, task_id=ann.task_id, capacity=capacity)
     if not new:
         assert {b.signer for b in bids} <= lost  # only when every bidder is lost
         return

@@ -297,10 +297,12 @@ def reaward(net: Net, lost: str, certified: dict[str, Any] | None) -> Signed:
 
     aw, ann = net.award.message, net.ann.message
     assert isinstance(aw, Award) and isinstance(ann, TaskAnnounce)
-    costs = [(s.peer_id, s.cost) for s in allocate(ann, open_quoted_bids(aw)).scored]
+    scored = allocate(ann, open_quoted_bids(aw)).scored
+    costs = [(s.peer_id, s.cost) for s in scored]
+    capacity = {s.peer_id: s.capacity for s in scored}
     return SUB.seal(
         Award, now_ms=net.now, ttl_ms=Award.MAX_TTL_MS, task_id=TASK, epoch=1, bids=list(aw.bids),
-        assignments=reassign(list(aw.assignments), {lost}, costs, task_id=TASK),
+        assignments=reassign(list(aw.assignments), {lost}, costs, task_id=TASK, capacity=capacity),
         under_capacity=aw.under_capacity, excluded=[lost], certified=certified,
     )  # fmt: skip
 

@@ -174,3 +174,22 @@ def test_observe_timed_out_when_the_holder_is_lost() -> None:
     assert [(o.peer, o.outcome) for o in of(out, act.Observe)] == [(holder, tr.TIMED_OUT)]
     assert m.latest_award() is not None and m.latest_award().epoch == 1  # type: ignore[union-attr]
     checked(m)
+
+
+def test_a_holder_banned_meanwhile_loses_its_shard_at_once_and_keeps_a_finite_hold_limit() -> None:
+    # bench trust: a heartbeating liar banned for its faults on other tasks kept every shard it
+    # held to the deadline — without its (now unusable) bid its hold limit was infinite.
+    m, _ = run_award([(H1, 15.0, 0.5), (LIAR, 1e6, 0.0)], None, max_shards=1)
+    assert [a["peer_id"] for a in checked(m).assignments] == [LIAR.peer_id]
+    a = m.assignments()[0]
+    limit = m.hold_limit_ms(a)
+    m.handle(ev.TrustKnown(now_ms=NOW + 400, records={}, banned=frozenset()))
+    assert m.hold_limit_ms(a) == limit
+    out = m.handle(ev.TrustKnown(now_ms=NOW + 500, records={}, banned=frozenset({LIAR.peer_id})))
+    assert m.hold_limit_ms(a) == limit  # the banned holder's quoted bid still counts here
+    award = checked(m)
+    assert award.epoch == 1 and award.excluded == (LIAR.peer_id,)
+    assert [x["peer_id"] for x in award.assignments] == [H1.peer_id]
+    assert m.failures[0][LIAR.peer_id] == "banned" and m.state is TaskState.RUNNING
+    states = [p.record.message for p in of(out, act.Persist) if isinstance(p.record, act.TaskState)]
+    assert any("banned" in msg for msg in states), states

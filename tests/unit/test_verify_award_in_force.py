@@ -31,7 +31,9 @@ def with_reaward(task: SyntheticTask, d: Path, quote_round: int | None) -> dict[
     ann, aw = task.announce, task.award
     assert isinstance(ann, TaskAnnounce) and isinstance(aw, Award)
     lost = task.peers[2].peer_id
-    costs = [(s.peer_id, s.cost) for s in allocate(ann, open_quoted_bids(aw)).scored]
+    scored = allocate(ann, open_quoted_bids(aw)).scored
+    costs = [(s.peer_id, s.cost) for s in scored]
+    capacity = {s.peer_id: s.capacity for s in scored}
     certified: dict[str, Any] | None = None
     if quote_round is not None:
         out = task.outputs[quote_round]
@@ -40,7 +42,7 @@ def with_reaward(task: SyntheticTask, d: Path, quote_round: int | None) -> dict[
                      "signers": signers}  # fmt: skip
     raw = task.forge.seal(
         task.submitter, Award, ttl_ms=600_000, task_id=task.task_id, epoch=1, bids=task.bids,
-        assignments=reassign(list(aw.assignments), {lost}, costs, task_id=task.task_id),
+        assignments=reassign(list(aw.assignments), {lost}, costs, task_id=task.task_id, capacity=capacity),
         under_capacity=False, excluded=[lost], certified=certified,
     )  # fmt: skip
     (d / "award-1.msg").write_bytes(raw)
