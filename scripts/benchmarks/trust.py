@@ -759,8 +759,9 @@ def _heartbeat_phase(res: AreaResult, count: int) -> None:
                 c["failed"] + c["unfinished"] == 0,
             )
         )
-        res.checks += share_checks(phase, s, _probation_share())
-        res.notes.append(f"heartbeat: {_wins_note(s, outcomes)}")
+        # No share budget here: probation is off in this phase (the liar must hold shards for
+        # the attack to be measured); the cold and warm phases measure the share.
+        res.notes.append(f"heartbeat (policy.probation = false): {_wins_note(s, outcomes)}")
         if extras:
             res.notes.append(
                 "heartbeat: extra time per affected task (task #: s): "
