@@ -1024,16 +1024,9 @@ class TaskMachine:
                 if sv.signer != a["peer_id"]:
                     return out  # an earlier holder's failure: the shard moved, wait for its new holder
                 return out + self._shard_failed(now, sv, msg)
-            for ref in msg.outputs.values():
-                if ref["sha256"] not in self.fetched:
-                    if self._fetching is None and T_REFETCH not in self.timers:
-                        self._fetching = f"output:{ref['sha256']}"
-                        out.append(
-                            act.FetchBlob(
-                                digest=ref["sha256"], size=ref["size"], source=sv.signer, tag=self._fetching
-                            )
-                        )
-                    return out
+            missing = self._fetch_missing(sv)
+            if missing is not None:
+                return out + missing
             if a["shard"] not in self.shards_done:
                 self.shards_done.add(a["shard"])
                 out += self._observe(
@@ -1162,17 +1155,9 @@ class TaskMachine:
         if waiting:
             return out
         for work in sorted(groups):
-            sv = self.quorum[work]["result"]
-            for ref in sv.message.outputs.values():
-                if ref["sha256"] not in self.fetched:
-                    if self._fetching is None and T_REFETCH not in self.timers:
-                        self._fetching = f"output:{ref['sha256']}"
-                        out.append(
-                            act.FetchBlob(
-                                digest=ref["sha256"], size=ref["size"], source=sv.signer, tag=self._fetching
-                            )
-                        )
-                    return out
+            missing = self._fetch_missing(self.quorum[work]["result"])
+            if missing is not None:
+                return out + missing
         outputs = []
         metrics: dict[str, float] = {}
         replicas = []
@@ -1291,6 +1276,22 @@ class TaskMachine:
                 outs = sorted(r["sha256"] for r in m.outputs.values())
                 counts.setdefault(outs[0][:8] if outs else "no output", set()).add(signer)
         return ", ".join(f"{len(p)} × {h}" for h, p in sorted(counts.items(), key=lambda kv: -len(kv[1])))
+
+    def _fetch_missing(self, sv: Signed) -> list[act.Action] | None:
+        """None when every output of ``sv`` is fetched; else the fetch of the first one
+        missing (one at a time, and none while a refetch waits), or [] while one is in flight."""
+        msg = sv.message
+        assert isinstance(msg, Result)
+        for ref in msg.outputs.values():
+            if ref["sha256"] in self.fetched:
+                continue
+            if self._fetching is not None or T_REFETCH in self.timers:
+                return []
+            self._fetching = f"output:{ref['sha256']}"
+            return [
+                act.FetchBlob(digest=ref["sha256"], size=ref["size"], source=sv.signer, tag=self._fetching)
+            ]
+        return None
 
     def _shard_failed(self, now: int, sv: Signed, msg: Result) -> list[act.Action]:
         """A plain task's shard returned ``ok = false`` from its current holder: it moves to

@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,8 +29,8 @@ from typing import Any
 import pytest
 from conftest import TestNet, wait_for
 from test_market import BASE, patch_config, peerctl, submit, wait_done
+from test_market_moves import start_with
 
-ROOT = Path(__file__).resolve().parents[2]
 LIAR = 3
 HONEST = (1, 2)
 CONFIG = {**BASE, "market": {**BASE["market"], "bid_window_ms": 2000}}
@@ -62,16 +59,7 @@ daemon.main()
 def start_liar(net: TestNet, tmp_path: Path) -> None:
     script = tmp_path / "wrong_result.py"
     script.write_text(WRONG_RESULT_LAUNCHER)
-    d = net.node_dir(LIAR)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("NOTIFY_SOCKET", None)
-    with open(d / "peerd.log", "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(script), "--config", str(d / "peerd.toml")],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-        )
-    net.procs[LIAR] = proc  # torn down with the net
-    (d / "peerd.pid").write_text(str(proc.pid))
+    start_with(net, LIAR, script)
 
 
 def echo(i: int, replicas: int = 0, spot: float = 0.0) -> dict[str, Any]:
