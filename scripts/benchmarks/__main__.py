@@ -1,19 +1,23 @@
 """``scripts/bench [AREA ...]``: run benchmark areas, print tables, record them in docs/benchmarks.md.
 
 Each run is written as a dated section under "Latest run" in docs/benchmarks.md; the section it
-replaces moves to the top of "History", so earlier runs are kept.
+replaces moves to the top of "History", so earlier runs are kept. ``--json FILE`` also writes
+every checked figure with its budget and verdict, machine-readable (issues 9 and 10).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
-from scripts.benchmarks.common import ROOT, AreaResult, log, machine_info
+from scripts.benchmarks.common import ROOT, AreaResult, Check, log, machine_info
 
 AREAS = ("adverts", "tasks", "blobs", "worker", "training", "flower", "sim", "trust")
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -51,6 +55,42 @@ def render(results: list[AreaResult], machine: dict[str, str], label: str, quick
     return "\n".join(out).rstrip() + "\n"
 
 
+def _check_json(c: Check) -> dict[str, Any]:
+    verdict = {True: "met", False: "missed", None: "no budget or no figure"}[c.met]
+    return {"figure": c.what, "measured": c.value, "budget": c.budget, "met": c.met, "verdict": verdict}
+
+
+def as_json(results: list[AreaResult], machine: dict[str, str], label: str, quick: bool) -> dict[str, Any]:
+    """The run, machine-readable: every area's checked figures with budget and verdict, and
+    its error if it failed. ``missed`` counts the budgets missed in all."""
+    areas = [
+        {
+            "area": r.area,
+            "seconds": round(r.seconds, 1),
+            "error": r.error,
+            "checks": [_check_json(c) for c in r.checks],
+            "notes": list(r.notes),
+        }
+        for r in results
+    ]
+    return {
+        "machine": machine,
+        "label": label,
+        "quick": quick,
+        "areas": areas,
+        "missed": sum(1 for r in results for c in r.checks if c.met is False),
+        "failed_areas": [r.area for r in results if r.error],
+    }
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    """Whole or not at all: written beside, then renamed over ``path`` (a kill never leaves
+    half a file for a reader)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
 def record(section: str, doc: Path) -> None:
     text = (
         doc.read_text()
@@ -76,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-doc", action="store_true", help="print only; do not write docs/benchmarks.md")
     ap.add_argument("--doc", type=Path, default=DOC, help="where to record the run")
     ap.add_argument("--label", default="", help="a note for the run's heading")
+    ap.add_argument(
+        "--json", type=Path, metavar="FILE", help="also write every figure, budget and verdict as JSON"
+    )
     args = ap.parse_args(argv)
     unknown = [a for a in args.areas if a not in AREAS]
     if unknown:
@@ -103,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  FAILED: {res.error}")
         sys.stdout.flush()
     section = render(results, machine, args.label, args.quick)
+    if args.json is not None:
+        write_json(as_json(results, machine, args.label, args.quick), args.json)
+        log(f"figures written to {args.json}")
     if not args.no_doc:
         record(section, args.doc)
         log(f"recorded in {args.doc}")
