@@ -31,6 +31,11 @@ become a thin driver:
   a shard wins. An aggregated task fails when
   as many results failed as there are shards ("every shard failed"); the deadline
   (``issued_at + deadline_ms``) fails any unfinished task, with the last reason given.
+* **Compared results** (``verify`` in the announce, SPEC §7.10). A replicated task's first
+  award puts each shard's copies on distinct peers; a spot check adds a second copy of each
+  shard its secret salt draws once the shard's first result is in. A shard is decided when
+  every copy has a result and a strict majority of the peers signed one value
+  (``_check_replicated``); otherwise a re-award adds a copy (``_add_copies``).
 * **Cancel.** The local user's cancel publishes a signed ``cancel`` (SPEC §7.9).
 
 Issue 8: ``_shard_failed`` and ``_move`` move a failed shard, ``_lost_holders`` and
@@ -1078,7 +1083,8 @@ class TaskMachine:
     def _decide(self, work: int, group: list[dict[str, Any]]) -> bool:
         """Every copy of ``work`` has an OK result: a strict majority of the peers that sent
         one, and at least ⌊replicas / 2⌋ + 1 of them, signed the same value — decided (kept in
-        ``quorum``) — or not. A peer is counted once, under its latest result of its copy."""
+        ``quorum``) — or not. A peer is counted once, under its first result for its copy
+        (``_keep_copy``)."""
         votes: dict[tuple[Any, ...], set[str]] = {}
         first: dict[tuple[Any, ...], tuple[int, Signed]] = {}
         for a in sorted(group, key=lambda a: a["shard"]):
