@@ -934,13 +934,8 @@ class TaskMachine:
         spent = self._give_up(now, lost, no_bidder=False)
         if spent is not None:
             return spent
-        usable = self.usable()
-        alloc = allocate(self.announce, usable, self._caps(usable, now)[0])
-        costs = [(s.peer_id, s.cost) for s in alloc.scored]
         excluded = sorted(set(award.excluded) | lost)
-        new = reassign(
-            list(award.assignments), set(excluded), costs, task_id=self.task_id, capacity=_capacities(alloc)
-        )
+        usable, alloc, new = self._reallocate(now, award, excluded)
         self._lost_now -= lost
         if not new:
             ended = self._give_up(now, lost, no_bidder=True)
@@ -952,21 +947,7 @@ class TaskMachine:
             out += self._publish_announce(now, fresh=True)
             out.append(self.timers.set(T_BID_WINDOW, now + self.announce.bid_window_ms))
             return out
-        epoch = award.epoch + 1
-        signed = self.sealer.seal(
-            Award,
-            now_ms=now,
-            ttl_ms=Award.MAX_TTL_MS,
-            task_id=self.task_id,
-            epoch=epoch,
-            bids=[b.raw for b in usable],
-            assignments=[{**a, "inputs": dict(a["inputs"])} for a in new],
-            under_capacity=award.under_capacity,
-            excluded=excluded,
-            certified=self._certified_quote(),
-            caps=self._applied_caps(alloc),
-        )
-        self.awards[epoch] = signed
+        signed, persist = self._seal_next(now, award, usable, alloc, new, excluded)
         before = {x["shard"]: x["peer_id"] for x in award.assignments}
         for p in lost:
             self.heartbeats[p] = now  # not re-detected before the new award lands
@@ -979,14 +960,7 @@ class TaskMachine:
         moved = ", ".join(
             f"shard {a['shard']} → {short(a['peer_id'])}" for a in new if a["peer_id"] != before[a["shard"]]
         )
-        out = [
-            act.Persist(
-                record=act.AwardRecord(
-                    task_id=self.task_id, epoch=epoch, raw=signed.raw, assignments=tuple(new)
-                )
-            ),
-            act.Count(name="tasks.reawarded"),
-        ]
+        out = [persist, act.Count(name="tasks.reawarded")]
         whys = sorted({self._why_lost.pop(p, "lease lost") for p in lost})
         if whys == ["lease lost"]:
             what = f"lease lost by {join_short(sorted(lost))}"
@@ -995,6 +969,49 @@ class TaskMachine:
         out += self._set_state("running", f"{what}; re-awarded {moved}")
         out.append(act.Publish(signed=signed))
         return out
+
+    def _reallocate(
+        self, now: int, award: Award, excluded: Sequence[str]
+    ) -> tuple[list[Signed], Allocation, list[dict[str, Any]]]:
+        """The usable bids, their allocation under today's caps, and ``award``'s shards with
+        those of ``excluded`` moved by the replacement rule, as receivers recompute it (§10.3)."""
+        usable = self.usable()
+        alloc = allocate(self.announce, usable, self._caps(usable, now)[0])
+        costs = [(b.peer_id, b.cost) for b in alloc.scored]
+        moved = reassign(
+            list(award.assignments), set(excluded), costs, task_id=self.task_id, capacity=_capacities(alloc)
+        )
+        return usable, alloc, moved
+
+    def _seal_next(
+        self,
+        now: int,
+        award: Award,
+        usable: list[Signed],
+        alloc: Allocation,
+        assignments: list[dict[str, Any]],
+        excluded: Sequence[str],
+    ) -> tuple[Signed, act.Persist]:
+        """Seal and keep the award after ``award`` with ``assignments``; and its record."""
+        epoch = award.epoch + 1
+        signed = self.sealer.seal(
+            Award,
+            now_ms=now,
+            ttl_ms=Award.MAX_TTL_MS,
+            task_id=self.task_id,
+            epoch=epoch,
+            bids=[b.raw for b in usable],
+            assignments=[{**a, "inputs": dict(a["inputs"])} for a in assignments],
+            under_capacity=award.under_capacity,
+            excluded=list(excluded),
+            certified=self._certified_quote(),
+            caps=self._applied_caps(alloc),
+        )
+        self.awards[epoch] = signed
+        record = act.AwardRecord(
+            task_id=self.task_id, epoch=epoch, raw=signed.raw, assignments=tuple(assignments)
+        )
+        return signed, act.Persist(record=record)
 
     def _certified_quote(self) -> dict[str, Any] | None:
         """The last round certified so far, as a re-award quotes it (SPEC §7.5, §11.1 "The
@@ -1216,16 +1233,7 @@ class TaskMachine:
                 f"shard {w}: its {len(groups[w])} copies reach no majority ({self._split_story(groups[w])})",
                 reason="replicas_disagree",
             )
-        usable = self.usable()
-        alloc = allocate(self.announce, usable, self._caps(usable, now)[0])
-        costs = [(b.peer_id, b.cost) for b in alloc.scored]
-        base = reassign(
-            list(award.assignments),
-            set(award.excluded),
-            costs,
-            task_id=self.task_id,
-            capacity=_capacities(alloc),
-        )
+        usable, alloc, base = self._reallocate(now, award, award.excluded)
         ranking = replica_ranking(self.task_id, alloc.scored, award.excluded)
         grown = add_replicas(base, works, ranking, alloc.demand) if base else None
         if grown is None:
@@ -1237,21 +1245,7 @@ class TaskMachine:
                 " has bid for another copy",
                 reason="replicas_disagree",
             )
-        epoch = award.epoch + 1
-        signed = self.sealer.seal(
-            Award,
-            now_ms=now,
-            ttl_ms=Award.MAX_TTL_MS,
-            task_id=self.task_id,
-            epoch=epoch,
-            bids=[b.raw for b in usable],
-            assignments=grown,
-            under_capacity=award.under_capacity,
-            excluded=list(award.excluded),
-            certified=None,
-            caps=self._applied_caps(alloc),
-        )
-        self.awards[epoch] = signed
+        signed, persist = self._seal_next(now, award, usable, alloc, grown, award.excluded)
         added = grown[len(base) :]
         for a in added:
             self.heartbeats[a["peer_id"]] = now
@@ -1259,14 +1253,7 @@ class TaskMachine:
             self.held_since[int(a["shard"])] = now
         moved = ", ".join(f"shard {a['of']} → {short(a['peer_id'])}" for a in added)
         first_check = all(len(groups[w]) == 1 for w in works)
-        out: list[act.Action] = [
-            act.Persist(
-                record=act.AwardRecord(
-                    task_id=self.task_id, epoch=epoch, raw=signed.raw, assignments=tuple(grown)
-                )
-            ),
-            act.Count(name="tasks.replicas_added"),
-        ]
+        out: list[act.Action] = [persist, act.Count(name="tasks.replicas_added")]
         what = "spot-check: a second copy" if first_check else "copies disagree; one more copy"
         out += self._set_state("running", f"{what} of {moved}")
         out.append(act.Publish(signed=signed))

@@ -32,8 +32,7 @@ Phases:
 4. *replicate* (wrong-result liar): 20 plain echo tasks, then the same 20 with
    ``{"verify": "replicate", "replicas": 2}``, each batch submitted at once; tasks/s = done /
    (last done − first submit) from the submitter's stamps; the ratio plain / replicated
-   (budget ≤ 2.2×) and the share of correct outputs (budget: 100 % with replicate). A daemon
-   whose task spec refuses ``verify`` makes this part report "not available".
+   (budget ≤ 2.2×) and the share of correct outputs (budget: 100 % with replicate).
 
 Everything is bounded; a benchmark reports and never fails a build. Events and ``updated_at``
 stamps are the submitter's wall clock; the client clock (same machine) marks submissions.
@@ -88,7 +87,6 @@ SUBMIT_EVERY_S = 1.0
 #: Bounds on the waits (safety only; nothing is asserted on a time).
 PHASE_TIMEOUT_S = 300.0
 TERMINAL = ("done", "failed", "cancelled")
-NOT_AVAILABLE = "not available (task spec refuses verify)"
 
 LAUNCHER = """
 import sys
@@ -796,23 +794,22 @@ def _replicate_phase(res: AreaResult, count: int) -> None:
     )
     with liar_net(phase, "wrong") as net:
         liar = short(net.peer_id(LIAR))
-        l0 = loadavg()
-        plain, err = _run_tasks(net, [echo_spec(f"plain {k}") for k in range(count)], 0.0)
-        if err:
-            raise RuntimeError(f"{phase}: task.submit refused a plain task: {err}")
-        l1 = loadavg()
-        r_plain = rate(plain)
-        s = liar_share(plain, liar)
-        c = counts(plain)
-        table.add(
-            "plain",
-            c["done"],
-            c["failed"],
-            sum(1 for o in plain if o.output_ok),
-            ", ".join(map(str, s.won)) or "none",
-            r_plain,
-            f"{l0:.1f}-{l1:.1f}",
-        )
+
+        def batch(label: str, specs: list[dict[str, Any]]) -> tuple[list[Any], LiarShare, float]:
+            """Run one batch at once; a row of the table: done, failed, correct, the liar's tasks."""
+            l0 = loadavg()
+            outcomes, err = _run_tasks(net, specs, 0.0)
+            if err:
+                raise RuntimeError(f"{phase}: task.submit refused a {label} task: {err}")
+            share = liar_share(outcomes, liar)
+            c = counts(outcomes)
+            good = sum(1 for o in outcomes if o.output_ok)
+            won = ", ".join(map(str, share.won)) or "none"
+            per_s = rate(outcomes)
+            table.add(label, c["done"], c["failed"], good, won, per_s, f"{l0:.1f}-{loadavg():.1f}")
+            return outcomes, share, per_s
+
+        plain, s, r_plain = batch("plain", [echo_spec(f"plain {k}") for k in range(count)])
         # Not a budget: nothing checks a plain task's output, this shows what the liar gets away with.
         good = sum(1 for o in plain if o.output_ok)
         res.checks.append(
@@ -825,43 +822,14 @@ def _replicate_phase(res: AreaResult, count: int) -> None:
         )
         res.notes.append(f"replicate, plain batch: {_wins_note(s, plain)}")
         rep_specs = [echo_spec(f"replicated {k}", verify="replicate", replicas=2) for k in range(count)]
-        reps, err = _run_tasks(net, rep_specs, 0.0)
-        l2 = loadavg()
-        if err is not None:
-            why = err if "verify" in err or "replica" in err else f"{err} (not about verify?)"
-            table.add("replicas = 2", "-", "-", "-", "-", NOT_AVAILABLE, "-")
-            res.checks.append(
-                Check(
-                    "replicas = 2: single-copy tasks/s ÷ replicated tasks/s",
-                    NOT_AVAILABLE,
-                    f"≤ {REPLICATION_BUDGET:g} ×",
-                    None,
-                )
-            )
-            res.checks.append(
-                Check("replicate: outputs correct, wrong-result liar", NOT_AVAILABLE, "100 %", None)
-            )
-            res.notes.append(f"replicate: the daemon refused the spec: {why}")
-        else:
-            r_rep = rate(reps)
-            sr = liar_share(reps, liar)
-            cr = counts(reps)
-            table.add(
-                "replicas = 2",
-                cr["done"],
-                cr["failed"],
-                sum(1 for o in reps if o.output_ok),
-                ", ".join(map(str, sr.won)) or "none",
-                r_rep,
-                f"{l1:.1f}-{l2:.1f}",
-            )
-            res.notes.append(f"replicate, replicated batch: {_wins_note(sr, reps)}")
-            res.checks.append(ratio_check(r_plain, r_rep))
-            res.checks.append(correct_check("replicate: outputs correct, wrong-result liar", reps))
-            res.checks.append(complete_check("replicate", reps))
-            for o in reps:
-                if o.state != "done":
-                    res.notes.append(f"replicate: task {o.index} {o.state}: {o.reason}")
+        reps, sr, r_rep = batch("replicas = 2", rep_specs)
+        res.notes.append(f"replicate, replicated batch: {_wins_note(sr, reps)}")
+        res.checks.append(ratio_check(r_plain, r_rep))
+        res.checks.append(correct_check("replicate: outputs correct, wrong-result liar", reps))
+        res.checks.append(complete_check("replicate", reps))
+        for o in reps:
+            if o.state != "done":
+                res.notes.append(f"replicate: task {o.index} {o.state}: {o.reason}")
         res.notes.append(f"{phase}: submitter counters: {_trust_counters(_counters(net, SUBMITTER))}")
         res.notes.append(
             "replicate: the plain batch runs first, then the replicated one, on the same devnet; "

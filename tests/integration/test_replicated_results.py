@@ -20,7 +20,6 @@ Node 0 submits and runs no echo. Outcomes and counters are asserted, never timin
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 import pytest
 from conftest import TestNet, wait_for
-from test_market import BASE, patch_config, peerctl, submit, wait_done
+from test_market import BASE, output, patch_config, peerctl, submit, wait_done
 from test_market_moves import start_with
 
 LIAR = 3
@@ -70,9 +69,7 @@ def echo(i: int, replicas: int = 0, spot: float = 0.0) -> dict[str, Any]:
 
 
 def stdout_of(net: TestNet, task: dict[str, Any]) -> bytes:
-    ref = next(o for o in task["result"]["outputs"] if o["name"] == "shard-0/stdout")
-    chunk = net.rpc(0, "blob.read", {"sha256": ref["sha256"], "offset": 0, "length": 1 << 16})
-    return base64.b64decode(chunk["data_b64"])
+    return output(net, 0, task, "shard-0/stdout")
 
 
 @pytest.mark.slow
