@@ -198,11 +198,13 @@ class Ranked:
 def replica_ranking(task_id: str, scored: Sequence[ScoredBid], excluded: Sequence[str] = ()) -> list[Ranked]:
     """The bidders that may take copies (SPEC §7.10), cheapest first — the cost C·L, as the
     award rule itself ranks them, so copies spread over idle peers rather than pile onto one
-    — then H(task_id ‖ peer_id); excluded ones and those with no capacity left out."""
+    — then, as ``reassign`` breaks its ties, the larger C (capped by trust: idle peers all
+    cost 0, and a peer outvoted before then comes after those that delivered), then
+    H(task_id ‖ peer_id); excluded ones and those with no capacity left out."""
     gone = set(excluded)
     ranked = sorted(
         (b for b in scored if b.peer_id not in gone and b.capacity > 0),
-        key=lambda b: (b.cost, tie_key(task_id, b.peer_id)),
+        key=lambda b: (b.cost, -b.capacity, tie_key(task_id, b.peer_id)),
     )
     return [Ranked(b.peer_id, b.capacity, b.cost) for b in ranked]
 

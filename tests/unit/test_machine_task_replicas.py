@@ -28,12 +28,14 @@ from test_machine_task import (
 )
 
 from protocol import trust as tr
+from protocol.allocation import ScoredBid
 from protocol.awards import (
     Ranked,
     add_replicas,
     check_award,
     open_quoted_bids,
     reassign,
+    replica_ranking,
     spot_checked,
     spot_commit,
 )
@@ -333,3 +335,14 @@ def test_a_peers_first_result_for_a_copy_is_final() -> None:
     deliver(m, result(by[1], 1, NOW + 650, rnd=0), NOW + 650)
     out = deliver(m, result(W[2], 2, NOW + 900, rnd=0, epoch=1), NOW + 900)
     assert (tr.DISAGREED, by[1].peer_id) in observed(out)
+
+
+def test_idle_bidders_take_copies_by_their_capped_capacity_first() -> None:
+    # Every idle peer costs 0: the larger C (capped by trust) goes first, so a peer outvoted
+    # before (its cap fallen) comes after those that delivered, whatever its claim.
+    def scored(peer: str, capacity: float) -> ScoredBid:
+        return ScoredBid(peer, c0=capacity, load=0.0, delta_c=0.0, capacity=capacity, cost=0.0)
+
+    bids = [scored("liar", 4.0), scored("h1", 20.0), scored("h2", 30.0)]
+    assert [r.peer_id for r in replica_ranking(TASK, bids)] == ["h2", "h1", "liar"]
+    assert [r.peer_id for r in replica_ranking(TASK, bids, excluded=["h2"])] == ["h1", "liar"]
