@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -32,7 +32,7 @@ import msgpack
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from peerd.p2p import GossipMessage, P2PConfig, P2PNode
+from peerd.p2p import P2PConfig, P2PNode
 from peerd.streams import FrameStream
 from protocol import PROTOCOL_VERSION, codec
 from protocol.envelope import Signer, signing_bytes
@@ -172,25 +172,21 @@ class HostilePeer:
             # Only the peers a test connects it to: no DHT lookups, which would also keep
             # redialling the dead hostile peers of earlier tests that the daemons still know.
             self.node._discovery_loop = trio.sleep_forever  # type: ignore[method-assign]
-        #: Every gossip message this peer received, per topic (honest adverts included).
-        self.heard: dict[str, list[GossipMessage]] = {ADVERTS: [], TASKS: []}
-        for topic in (ADVERTS, TASKS):
-            self.node.add_validator(topic, self._recorder(topic))
+        # The peer subscribes to nothing, so it publishes through gossipsub's fanout: every
+        # message goes straight to the subscribed peers it is connected to, and it never
+        # takes part in the mesh (GRAFT/PRUNE). When it did subscribe, py-libp2p 0.8.1's
+        # GRAFT-flood rule could make it PRUNE the victim and both sides then back off each
+        # other for 60 s, so its gossip reached nobody (a CI failure in
+        # test_a_barrage_leaves_the_victim_serving). An attacker needs no mesh either:
+        # whatever a connected peer publishes reaches the victim's validators. Not
+        # subscribing also means it relays nothing: the only traffic it writes is what a
+        # test tells it to send (py-libp2p 0.8.1 interleaves the yamux frames of concurrent
+        # writes to one pubsub stream, so an RPC above ~64 KiB written while a relay was in
+        # flight reached the victim corrupted).
 
     @property
     def peer_id(self) -> str:
         return self.signer.peer_id
-
-    def _recorder(self, topic: str) -> Callable[[GossipMessage], Any]:
-        async def record(message: GossipMessage) -> bool:
-            self.heard[topic].append(message)
-            # Never relay: the only traffic this peer writes is what a test tells it to send.
-            # (py-libp2p 0.8.1 interleaves the yamux frames of concurrent writes to one
-            # pubsub stream, so an RPC above ~64 KiB written while a relay is in flight
-            # reaches the victim corrupted.)
-            return False
-
-        return record
 
     # -- joining ---------------------------------------------------------------------------
     @classmethod
@@ -215,8 +211,8 @@ class HostilePeer:
     async def wait_reaches(self, net: Any, victim: int, *, timeout: float = 20.0) -> None:
         """Publish probes on both topics until ``victim`` has judged one of each.
 
-        Gossipsub puts a new neighbour into its mesh on a heartbeat (1 s); until then a
-        publish goes nowhere. A probe is a correctly signed message of a kind the topic does
+        Until the victim's subscriptions have reached this peer, a fanout publish goes
+        nowhere. A probe is a correctly signed message of a kind the topic does
         not carry, so the victim counts it as ``dropped.unexpected_kind`` and nothing else.
         """
         for topic, kind_of_probe in ((ADVERTS, "bid"), (TASKS, "advert")):
