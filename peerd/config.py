@@ -13,6 +13,7 @@ plain ``peerd`` works with no file at all.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import math
 import os
@@ -30,6 +31,8 @@ from protocol.trust import TrustPolicy
 DEFAULT_CONFIG_PATH = Path("/etc/peerd/peerd.toml")
 #: Every kind of the registry (peerd/kinds.py), in its order: offer.accept_kinds' default.
 KNOWN_TASK_KINDS = tuple(KINDS)
+#: Keras 3 backends a worker may run (docs/config.md [offer] keras_backend).
+KERAS_BACKENDS = ("tensorflow", "jax")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -100,6 +103,9 @@ class OfferConfig:
     gpus: tuple[int, ...] | None = None
     accept_kinds: tuple[str, ...] = KNOWN_TASK_KINDS
     draining: bool = False
+    #: Keras 3's backend in this peer's workers: "tensorflow" or "jax" (the ``[jax]`` extra).
+    #: Weights are plain arrays, so peers of either backend train the same rounds (docs/config.md).
+    keras_backend: str = "tensorflow"
 
 
 @dataclass(frozen=True)
@@ -494,7 +500,10 @@ def _build(raw: dict[str, Any], *, source: Path | None, env: Mapping[str, str], 
         memory_mb=s.get("memory_mb", positive_int, _total_memory_mb() * 3 // 4),
         accept_kinds=s.get("accept_kinds", list_of(one_of(*KNOWN_TASK_KINDS)), KNOWN_TASK_KINDS),
         draining=s.get("draining", boolean, False),
+        keras_backend=s.get("keras_backend", one_of(*KERAS_BACKENDS), OfferConfig.keras_backend),
     )
+    if offer.keras_backend == "jax" and importlib.util.find_spec("jax") is None:
+        s.problem("keras_backend", "JAX is not installed here: pip install 'peerd[jax]'")
     if offer.cores > cpus:
         s.problem("cores", f"{offer.cores} is more than the {cpus} cores this process may use")
     if offer.gpus is not None and len(set(offer.gpus)) != len(offer.gpus):

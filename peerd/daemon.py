@@ -98,6 +98,8 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
         require_sandbox=cfg.policy.require_sandbox,
         warm_classes=("light", "tf") if "tf" in classes else ("light",),
         hide=(state,),
+        # Keras 3 reads its backend at import, in the worker (docs/config.md [offer] keras_backend).
+        env={"KERAS_BACKEND": cfg.offer.keras_backend},
     )
     p2p = P2PNode(
         identity.seed,

@@ -38,7 +38,7 @@ ensure_venv() {
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     say "installing peerd and its dependencies (TensorFlow takes a minute the first time)"
     local log="$VENV/pip-install.log"
-    if ! { "$PY" -m pip install -q -U pip && "$PY" -m pip install -q -e "$ROOT[tf,test]"; } >"$log" 2>&1; then
+    if ! { "$PY" -m pip install -q -U pip && "$PY" -m pip install -q -e "$ROOT[tf,jax,test]"; } >"$log" 2>&1; then
       tail -30 "$log" >&2
       say "pip install failed (full log: $log)"
       return 1

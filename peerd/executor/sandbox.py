@@ -193,6 +193,10 @@ def sandbox_env(
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "TF_ENABLE_ONEDNN_OPTS": "0",
         "TF_FORCE_GPU_ALLOW_GROWTH": "true",  # a slot holds only the GPU memory it uses
+        # The same two for Keras on JAX ([offer] keras_backend = "jax"): no 75% preallocation
+        # of the card, and one XLA CPU thread per slot.
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+        "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
         # A CPU slot must not grab a GPU; a GPU slot sees exactly its own card.
         "CUDA_VISIBLE_DEVICES": "" if gpu is None else str(gpu),
     }

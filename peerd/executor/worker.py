@@ -56,6 +56,8 @@ _HEADER = struct.Struct(">I")
 #: pandas when they are installed (+770 modules, +70 MiB, a font cache written to HOME) for wrappers
 #: and plots no keras job uses (docs/design.md appendix B.3).
 TF_BLOCKED = frozenset({"sklearn", "scipy", "matplotlib", "pandas", "narwhals"})
+#: JAX itself imports SciPy, so a worker whose Keras runs on JAX may.
+JAX_BLOCKED = TF_BLOCKED - {"scipy"}
 
 
 class _ImportBlocker(importlib.abc.MetaPathFinder):
@@ -310,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _make_undumpable()
     _set_base_rlimits(args.nofile, args.as_bytes)
     if args.wclass == "tf":
-        sys.meta_path.insert(0, _ImportBlocker(TF_BLOCKED))
+        jax = os.environ.get("KERAS_BACKEND") == "jax"
+        sys.meta_path.insert(0, _ImportBlocker(JAX_BLOCKED if jax else TF_BLOCKED))
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(args.workdir)
     home = os.environ.get("HOME")

@@ -1,6 +1,7 @@
 """Decentralized training end to end: 3 real daemons on 127.0.0.1 train the seed's model on
 scikit-learn's digits in 3 shards × 3 rounds, merged by FedAvg in a signed aggregation
-round each round (docs/design.md §6, issue 4). Then the result bundle is checked like an outsider
+round each round (docs/design.md §6, issue 4). One of the three runs Keras on JAX, the others on
+TensorFlow. Then the result bundle is checked like an outsider
 would (``peerctl verify``), and a tampered copy of it is not.
 
 Waits are bounded polling loops; nothing asserts on how long anything took. The test
@@ -38,11 +39,21 @@ MIN_TEST_ACCURACY = 0.8
 TERMINAL = ("done", "failed", "cancelled")
 
 
+#: The devnet node whose workers run Keras on JAX (``[offer] keras_backend``, docs/config.md):
+#: peers of both backends train the same rounds, and the committees certify their mean.
+JAX_NODE = 2
+
+
 @pytest.fixture
 def devnet(tmp_path: Path) -> Iterator[Devnet]:
     net = Devnet(tmp_path / "net")
     try:
-        net.up(3)
+        net.configure(3)
+        with open(net.node_dir(JAX_NODE) / "peerd.toml", "a") as toml:
+            toml.write('\n[offer]\nkeras_backend = "jax"\n')
+        for i in range(3):
+            net.start(i)
+            net.wait_ready(i, 90.0)
         assert net.wait_peers(3, timeout=60), "the 3 daemons did not all see each other's adverts"
         yield net
     finally:
@@ -99,6 +110,11 @@ def test_three_peers_train_digits_with_certified_fedavg_rounds(devnet: Devnet, t
     assert {f"round {r} recomputed" for r in range(1, ROUNDS + 1)} <= {c.name for c in report.checks if c.ok}
     award = open_envelope((bundle / "award-0.msg").read_bytes()).message
     assert isinstance(award, Award)
+    # Every signed result says which backend trained it: JAX on node 2, TensorFlow elsewhere.
+    for path in sorted(bundle.glob("round-*/result-*.msg")):
+        commit = open_envelope(path.read_bytes())
+        on_jax = commit.signer == devnet.peer_id(JAX_NODE)
+        assert commit.message.metrics["jax_backend"] == float(on_jax), (path.name, commit.message.metrics)
     participants = sorted(set(holders_of(award).values()))
     for rnd in range(1, ROUNDS + 1):
         votes = [p.read_bytes() for p in sorted((bundle / f"round-{rnd}").glob("vote-*.msg"))]

@@ -4,6 +4,7 @@ that name the key, and the documentation (docs/config.md, examples/peerd.toml) k
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 from pathlib import Path
@@ -291,3 +292,26 @@ def test_policy_trust_keys_are_read_and_become_a_trust_policy(tmp_path: Path) ->
     assert (tp.probation_share, tp.probation_floor, tp.ban_threshold) == (0.5, 42.0, 0.0)
     assert tp.half_life_ms == 2 * 3_600_000
     assert load_config(None, env=ROOT_ENV, uid=0).policy.trust_policy().probation_share == 0.25
+
+
+# --- [offer] keras_backend ----------------------------------------------------------------------
+
+
+def test_keras_backend_defaults_to_tensorflow_and_accepts_jax(tmp_path: Path) -> None:
+    assert load_config(None, env=ROOT_ENV, uid=0).offer.keras_backend == "tensorflow"
+    cfg = load_config(write(tmp_path, '[offer]\nkeras_backend = "jax"\n'), env=ROOT_ENV, uid=0)
+    assert cfg.offer.keras_backend == "jax"
+
+
+def test_an_unknown_keras_backend_is_refused_by_name(tmp_path: Path) -> None:
+    (problem,) = problems(tmp_path, '[offer]\nkeras_backend = "torch"\n')
+    assert problem.startswith("offer.keras_backend:") and "jax" in problem and "tensorflow" in problem
+
+
+def test_jax_without_jax_installed_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "jax" else real(name, *a)
+    )
+    (problem,) = problems(tmp_path, '[offer]\nkeras_backend = "jax"\n')
+    assert problem == "offer.keras_backend: JAX is not installed here: pip install 'peerd[jax]'"

@@ -60,6 +60,19 @@ def get_keras() -> Any:
     return _keras
 
 
+def on_gpu() -> bool:
+    """Whether this worker's Keras backend computes on a GPU (a gpu:N slot with a working CUDA
+    stack; a CPU slot sees none: CUDA_VISIBLE_DEVICES is empty there)."""
+    keras = get_keras()
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return bool(jax.default_backend() == "gpu")
+    import tensorflow as tf
+
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
 def set_determinism(on: bool) -> None:
     """TensorFlow's op determinism for this job only (``deterministic = true``, docs/tasks.md).
 

@@ -11,7 +11,8 @@ outputs: ``weights`` (encoded arrays of the trained model). metrics: ``loss``, `
 computed), ``num_samples`` (the FedAvg weight), ``epochs``, ``train_seconds`` (the fit),
 ``train_cpu_seconds`` (its CPU time), ``load_seconds``, ``build_seconds``, ``encode_seconds``,
 ``resident_data`` / ``resident_model`` (1 when this worker reused the decoded shard / the
-compiled model).
+compiled model), ``jax_backend`` (1 when Keras ran on JAX, the contributor's
+``[offer] keras_backend``; 0 on TensorFlow), ``on_gpu`` (1 when it computed on a GPU).
 
 Resident (the default, docs/tasks.md): a warm worker keeps the decoded shard and the compiled
 model between rounds (peerd.executor.kinds._resident); each round loads the job's weights into
@@ -74,6 +75,9 @@ def run(ctx: TaskContext) -> Outcome:
         "build_seconds": t0 - t_build,
         "resident_data": float(data_hit),
         "resident_model": float(model_hit),
+        # Which Keras backend trained it ([offer] keras_backend): peers of both train one round.
+        "jax_backend": float(keras.backend.backend() == "jax"),
+        "on_gpu": float(_keras.on_gpu()),
     }
     for key, values in history.history.items():
         if values:
