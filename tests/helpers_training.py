@@ -310,3 +310,48 @@ class SyntheticTask:
         }
         (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         return directory
+
+
+# --- a tiny problem for worker-level keras tests ----------------------------------------------
+
+
+def dense_model_json(inputs: int, hidden: int, classes: int) -> str:
+    """Input → Dense(relu) → Dense(softmax) as Keras 3 JSON, written by hand (no Dropout, so a
+    round depends only on its starting weights, data and optimizer)."""
+    layer = lambda cls, cfg: {"module": "keras.layers", "class_name": cls, "config": cfg}  # noqa: E731
+    return json.dumps(
+        {
+            "module": "keras",
+            "class_name": "Sequential",
+            "config": {
+                "name": "tiny",
+                "layers": [
+                    layer("InputLayer", {"batch_shape": [None, inputs], "dtype": "float32"}),
+                    layer("Dense", {"units": hidden, "activation": "relu"}),
+                    layer("Dense", {"units": classes, "activation": "softmax"}),
+                ],
+            },
+        }
+    )
+
+
+def tiny_problem(directory: Path, seed: int) -> tuple[Path, Path]:
+    """400 samples of 8 features in 3 linearly separable classes (``shard.npz``), and starting
+    weights for ``dense_model_json(8, 16, 3)`` (``w0.bin``)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((400, 8)).astype("float32")
+    y = np.argmax(x @ rng.standard_normal((8, 3)), axis=1).astype("int64")
+    shard = directory / "shard.npz"
+    np.savez(shard, x=x, y=y)
+    w0 = directory / "w0.bin"
+    w0.write_bytes(
+        encode_arrays(
+            [
+                (rng.standard_normal((8, 16)) * 0.3).astype("float32"),
+                np.zeros(16, "float32"),
+                (rng.standard_normal((16, 3)) * 0.3).astype("float32"),
+                np.zeros(3, "float32"),
+            ]
+        )
+    )
+    return shard, w0

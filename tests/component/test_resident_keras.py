@@ -11,7 +11,6 @@ worker's.
 from __future__ import annotations
 
 import importlib.util
-import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,8 @@ import pytest
 import trio
 
 from peerd.executor import Job, JobResult, Limits, WorkerPool, probe_sandbox
-from protocol.tensors import decode_arrays, encode_arrays
+from protocol.tensors import decode_arrays
+from tests.helpers_training import dense_model_json, tiny_problem
 
 pytestmark = [
     pytest.mark.tf,
@@ -33,45 +33,12 @@ pytestmark = [
 LIMITS = Limits(memory_bytes=2 << 30, cpu_seconds=300, wall_seconds=600)
 
 
-def config(inputs: int, hidden: int, classes: int) -> str:
-    layer = lambda cls, cfg: {"module": "keras.layers", "class_name": cls, "config": cfg}  # noqa: E731
-    return json.dumps(
-        {
-            "module": "keras",
-            "class_name": "Sequential",
-            "config": {
-                "name": "tiny",
-                "layers": [
-                    layer("InputLayer", {"batch_shape": [None, inputs], "dtype": "float32"}),
-                    layer("Dense", {"units": hidden, "activation": "relu"}),
-                    layer("Dense", {"units": classes, "activation": "softmax"}),
-                ],
-            },
-        }
-    )
-
-
 async def test_rounds_reuse_shard_and_model_with_a_fresh_optimizer(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((400, 8)).astype("float32")
-    y = np.argmax(x @ rng.standard_normal((8, 3)), axis=1).astype("int64")
-    shard = tmp_path / "shard.npz"
-    np.savez(shard, x=x, y=y)
-    w0 = tmp_path / "w0.bin"
-    w0.write_bytes(
-        encode_arrays(
-            [
-                (rng.standard_normal((8, 16)) * 0.3).astype("float32"),
-                np.zeros(16, "float32"),
-                (rng.standard_normal((16, 3)) * 0.3).astype("float32"),
-                np.zeros(3, "float32"),
-            ]
-        )
-    )
+    shard, w0 = tiny_problem(tmp_path, seed=3)
     params: dict[str, Any] = {
-        "model_config": config(8, 16, 3),
+        "model_config": dense_model_json(8, 16, 3),
         "optimizer": "adam",
         "learning_rate": 0.05,
         "epochs": 2,
