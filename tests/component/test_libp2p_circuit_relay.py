@@ -1,4 +1,4 @@
-"""A fact peerd's reachability plan relies on (docs/design.md §10.5 "Reachability"): py-libp2p
+"""A fact peerd's reachability plan relies on (docs/design.md §10.7 "Reachability"): py-libp2p
 0.8.1's circuit relay v2, wired by hand, lets a peer that accepts no inbound connection be
 reached through a public relay peer.
 
