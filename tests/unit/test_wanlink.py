@@ -105,3 +105,25 @@ def test_state_file_round_trips(tmp_path: Path) -> None:
     state = json.loads((tmp_path / "wan.json").read_text())
     assert LinkParams(**state["params"]) == p and state["generation"] == 3
     assert Relay(tmp_path).nodes == {0: {"daemon": 10, "relay": 11}}
+
+
+def test_a_wan_devnet_announces_and_bootstraps_only_through_relay_ports(tmp_path: Path) -> None:
+    import tomllib
+
+    from peerd.devnet import Devnet
+
+    net = Devnet(tmp_path / "net")
+    net.configure(3, wan=LinkParams())
+    ports = net.wan_ports()
+    assert len({p for v in ports.values() for p in v.values()}) == 6  # six distinct ports
+    for i in range(3):
+        cfg = tomllib.loads((net.node_dir(i) / "peerd.toml").read_text())["network"]
+        assert cfg["listen"] == [f"/ip4/127.0.0.1/tcp/{ports[i]['daemon']}"]
+        assert cfg["announce"] == [f"/ip4/127.0.0.1/tcp/{ports[i]['relay']}"]
+        for addr in cfg["bootstrap"]:
+            assert addr.startswith(f"/ip4/127.0.0.1/tcp/{ports[0]['relay']}/p2p/")
+    # Without --wan nothing of the emulator is configured.
+    plain = Devnet(tmp_path / "plain")
+    plain.configure(2)
+    assert "announce" not in tomllib.loads((plain.node_dir(1) / "peerd.toml").read_text())["network"]
+    assert not (plain.dir / "wan.json").exists()
