@@ -402,7 +402,11 @@ def main(argv: list[str] | None = None) -> int:
                 groups = [[int(x) for x in g.split(",") if x] for g in args.groups]
             except ValueError:
                 ap.error("groups are comma-separated node numbers, e.g. partition 0,1 2")
-        net.partition(groups)
+        try:
+            net.partition(groups)
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            print(f"devnet {args.cmd}: {exc}", file=sys.stderr)
+            return 1
         print(f"{args.cmd}: {' | '.join(','.join(map(str, g)) for g in groups) or 'every link up'}")
         return 0
     if args.cmd == "down":
