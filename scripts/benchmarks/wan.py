@@ -8,7 +8,10 @@ devnet and on the WAN devnet.
 Latency. 3 daemons; node 0 submits ``echo`` tasks one at a time and does not offer ``echo``,
 so each crosses the network (bids, award, result: at least three one-way trips plus the
 stream set-ups). Client clock from before ``task.submit`` to ``task.end`` on ``task.watch``;
-the bid window is the default 300 ms.
+the bid window is the default 300 ms. Then the one-way latency of adverts between daemons
+(``received_at − issued_at`` in ``peers.list``): on the WAN it should sit one link delay
+above loopback, which shows the emulator is in the path; and the emulator's own CPU time over
+the phase.
 
 Training. The demo's task (examples/fashion-mnist.toml: 3 peers, 5 rounds × 1 epoch, FedAvg
 aggregation rounds) on 3 daemons; wall time from submit to ``task.end``. The budget: on the
@@ -72,6 +75,31 @@ def _latency(net: Any, count: int) -> dict[str, list[float]]:
     return out
 
 
+def _advert_delays(net: Any, reads: int) -> list[float]:
+    """One-way advert latency (ms) between distinct daemons: ``received_at − issued_at`` from
+    ``peers.list`` (one machine clock, 1 ms resolution), one sample per (origin, receiver, advert)."""
+    seen: dict[tuple[str, str, float], float] = {}
+    ids = {i: net.peer_id(i) for i in net.nodes()}
+    for _ in range(reads):
+        for i, me in ids.items():
+            with RpcClient(net.socket(i)) as rpc:
+                for p in rpc.call("peers.list", {})["peers"]:
+                    if p["peer_id"] != me:
+                        key = (p["peer_id"], me, float(p["issued_at"]))
+                        seen[key] = (float(p["received_at"]) - float(p["issued_at"])) * 1000
+        time.sleep(2.0)  # the devnet's advert interval
+    return list(seen.values())
+
+
+def _cpu_s(pid: int | None) -> float:
+    import psutil
+
+    if pid is None:
+        return float("nan")
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
 def _training(wan: LinkParams | None, spec: dict[str, Any]) -> dict[str, Any]:
     name = "trw" if wan is not None else "trl"
     with devnet(name, 3, wan=wan) as net:
@@ -113,7 +141,10 @@ def run(quick: bool = False) -> AreaResult:
             "mean",
             "announce→award p50",
             "award→done p50",
+            "advert one-way p50",
+            "advert one-way min",
             "segments lost",
+            "emulator CPU",
             "load avg",
         ],
     )
@@ -125,7 +156,10 @@ def run(quick: bool = False) -> AreaResult:
             time.sleep(3.0)
             _latency(net, 3)  # warm up: first streams, workers parked
             l0 = loadavg()
+            cpu0, t0 = _cpu_s(net.wan_pid()), time.monotonic()
             m = _latency(net, count)
+            adverts = _advert_delays(net, 3 if quick else 6)
+            relay_cpu = (_cpu_s(net.wan_pid()) - cpu0) / (time.monotonic() - t0)
             lost = net.wan_stats().get("segments_lost", 0) if wan is not None else "-"
         p50[label] = pct(m["total"], 50)
         lat.add(
@@ -135,7 +169,10 @@ def run(quick: bool = False) -> AreaResult:
             sum(m["total"]) / max(1, len(m["total"])),
             pct(m["window"], 50),
             pct(m["run"], 50),
+            pct(adverts, 50),
+            min(adverts, default=float("nan")),
             lost,
+            f"{relay_cpu:.1%} of a core" if wan is not None else "-",
             f"{l0:.1f}-{loadavg():.1f}",
         )
     res.tables.append(lat)
