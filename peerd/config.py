@@ -81,6 +81,8 @@ class NodeConfig:
 class NetworkConfig:
     listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)
     bootstrap: tuple[str, ...] = ()
+    #: Addresses peers learn instead of ``listen`` (docs/config.md); empty: ``listen``.
+    announce: tuple[str, ...] = ()
     mdns: bool = False
     max_msgs_per_origin_per_s: float = 200.0
     #: Peer table size, this node not counted (peerd/peertable.py has the eviction rule).
@@ -474,6 +476,7 @@ def _build(raw: dict[str, Any], *, source: Path | None, env: Mapping[str, str], 
     network = NetworkConfig(
         listen=s.get("listen", list_of(multiaddr), NetworkConfig.listen),
         bootstrap=s.get("bootstrap", list_of(bootstrap_addr), ()),
+        announce=s.get("announce", list_of(multiaddr), ()),
         mdns=s.get("mdns", boolean, False),
         max_msgs_per_origin_per_s=s.get("max_msgs_per_origin_per_s", positive_float, 200.0),
         max_peers=s.get("max_peers", positive_int, NetworkConfig.max_peers),

@@ -106,6 +106,7 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
         P2PConfig(
             listen=tuple(cfg.network.listen),
             bootstrap=tuple(cfg.network.bootstrap),
+            announce=tuple(cfg.network.announce),
             mdns=cfg.network.mdns,
             max_msgs_per_origin_per_s=cfg.network.max_msgs_per_origin_per_s,
             max_gossip_bytes=MAX_GOSSIP_BYTES,

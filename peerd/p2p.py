@@ -229,6 +229,11 @@ StreamHandler = Callable[[FrameStream], Awaitable[None]]
 class P2PConfig:
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     bootstrap: tuple[str, ...] = ()  # full multiaddrs with /p2p/<id>
+    # What peers learn as our addresses (identify, signed peer records, DHT, adverts) in
+    # place of the listen addresses; empty: the listen addresses (wildcards expanded).
+    # For a NAT or port forward, and for the emulated WAN (docs/devnet.md), where peers
+    # must only ever learn the link emulator's address.
+    announce: tuple[str, ...] = ()
     mdns: bool = False  # opt-in only; never used in tests
     heartbeat_s: float = 1.0  # gossipsub heartbeat (trap 3)
     max_msgs_per_origin_per_s: float = 200.0  # per-ORIGIN token bucket per topic (trap 4); burst = 2x
@@ -717,6 +722,7 @@ class P2PNode:
         self._listen = [_parse_multiaddr(a) for a in config.listen]
         for addr in config.bootstrap:
             _parse_p2p_addr(addr)  # fail at construction, not in a background task
+        self._announce = [_parse_multiaddr(a) for a in config.announce]
         self._key_pair: KeyPair = create_new_key_pair(bytes(seed))
         self._id = ID.from_pubkey(self._key_pair.public_key)
         self._max_gossip = min(config.max_gossip_bytes, _LIBP2P_MAX_GOSSIP)
@@ -822,7 +828,7 @@ class P2PNode:
                 enable_circuit_breaker=False,
                 enable_graceful_degradation=False,
             ),
-            addrs_factory=_advertised_addrs,
+            addrs_factory=self._announced if self._announce else _advertised_addrs,
             # Observed addresses of outbound TCP connections are ephemeral ports nobody can dial.
             disable_identify_address_discovery=True,
         )
@@ -833,6 +839,9 @@ class P2PNode:
         network.register_notifee(self._watcher)
         self._handshakes.install(network)
         return host
+
+    def _announced(self, _candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+        return list(self._announce)
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, join gossip and the DHT, keep bootstrap peers connected; until cancelled.

@@ -176,6 +176,7 @@ def devnet(
     per_node: dict[int, dict[str, dict[str, Any]]] | None = None,
     keep: bool = False,
     peers_timeout: float = 90.0,
+    wan: Any = None,
 ) -> Iterator[Any]:
     """N daemons on loopback (peerd.devnet), every peer table full before yielding; always torn down."""
     from peerd.devnet import Devnet
@@ -185,7 +186,9 @@ def devnet(
     try:
         if per_node:
             # Devnet.up() gives every node the same overrides; start them by hand instead.
-            net.configure(n, overrides)
+            net.configure(n, overrides, wan)
+            if wan is not None:  # an emulated WAN (peerd/wanlink.py) runs before the daemons
+                net.start_wan()
             for i, extra in per_node.items():
                 _override_node(net.node_dir(i) / "peerd.toml", extra)
             net.start(0)
@@ -195,7 +198,7 @@ def devnet(
             for i in range(1, n):
                 net.wait_ready(i)
         else:
-            net.up(n, overrides)
+            net.up(n, overrides, wan=wan)
         if not net.wait_peers(n, peers_timeout):
             raise RuntimeError(
                 f"{n}-daemon devnet: peer tables not full after {peers_timeout:.0f} s (logs in {d})"

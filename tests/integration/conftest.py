@@ -39,6 +39,7 @@ import pytest
 
 from peerd.devnet import Devnet
 from peerd.rpc.client import RpcClient
+from peerd.wanlink import LinkParams
 
 T = TypeVar("T")
 
@@ -229,13 +230,16 @@ class _Factory:
         *,
         start: bool = True,
         timeout: float = 90.0,
+        wan: LinkParams | None = None,
     ) -> TestNet:
         net = TestNet(_net_dir(self._base(f"net{len(self.nets)}"), self._owned))
         self.nets.append(net)
         if start:
-            net.up(n, overrides, timeout=timeout)
+            net.up(n, overrides, timeout=timeout, wan=wan)
         else:
-            net.configure(n, overrides)
+            net.configure(n, overrides, wan)
+            if wan is not None:
+                net.start_wan(timeout)
         return net
 
     def close(self, failed: bool) -> None:
@@ -243,6 +247,7 @@ class _Factory:
             if failed:
                 print(f"\n===== devnet {net.dir}: log tails =====\n{net.log_tails()}")
             net.close()
+            net.stop_wan()
         for path in self._owned:
             shutil.rmtree(path, ignore_errors=True)
 

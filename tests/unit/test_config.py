@@ -54,6 +54,15 @@ def test_no_file_gives_documented_defaults() -> None:
     assert cfg.limits.memory_mb == 2048 and cfg.rpc.allowed_uids == ()
 
 
+def test_network_announce_replaces_what_peers_learn(tmp_path: Path) -> None:
+    # docs/config.md: network.announce; the emulated WAN (docs/devnet.md) relies on it.
+    assert load_config(None, env=ROOT_ENV, uid=0).network.announce == ()
+    cfg = load_config(
+        write(tmp_path, '[network]\nannounce = ["/ip4/127.0.0.1/tcp/4100"]'), env=ROOT_ENV, uid=0
+    )
+    assert cfg.network.announce == ("/ip4/127.0.0.1/tcp/4100",)
+
+
 def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, ""), env=ROOT_ENV, uid=0)
     assert dataclasses.replace(cfg, source=None) == load_config(None, env=ROOT_ENV, uid=0)
@@ -165,6 +174,8 @@ def test_config_is_frozen() -> None:
         ('[node]\nsocket = "/' + "s" * 120 + '"', "node.socket: path is longer than 107 bytes"),
         ('[network]\nlisten = "/ip4/0.0.0.0/tcp/1"', "network.listen: expected an array"),
         ('[network]\nlisten = ["0.0.0.0:4001"]', "network.listen[0]: expected a multiaddr"),
+        ('[network]\nannounce = ["127.0.0.1:4001"]', "network.announce[0]: expected a multiaddr"),
+        ('[network]\nannounce = "/ip4/127.0.0.1/tcp/1"', "network.announce: expected an array"),
         (
             '[network]\nbootstrap = ["/ip4/192.0.2.1/tcp/4001"]',
             'network.bootstrap[0]: expected a multiaddr ending in "/p2p/',
