@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -299,4 +300,32 @@ def test_results_share_one_stream_and_an_old_style_single_exchange_still_works(t
 
 
 def run_parts(body: Callable[[trio.Nursery], Awaitable[None]]) -> None:
+    run(body)
+
+
+def test_the_contractors_bids_to_one_submitter_share_one_stream(tmp_path: Path) -> None:
+    """Three tasks from one submitter: three bids, one stream (fails on one stream per bid)."""
+    from tests.component.test_contractor_driver import TASK, Rig, announce
+
+    async def body(nursery: trio.Nursery) -> None:
+        rig = await Rig.started(tmp_path, nursery)
+        opened: list[str] = []
+        real_open = rig.p2p.open_stream
+
+        async def counting_open(peer: str, protocol: str) -> Any:
+            opened.append(protocol)
+            return await real_open(peer, protocol)
+
+        rig.p2p.open_stream = counting_open  # type: ignore[method-assign]
+        rig.contractor.streams = StreamPool(rig.p2p.open_stream, counters=rig.node.counters)
+        for n in range(3):
+            ann, view = announce(rig, task_id=TASK[:-2] + f"{n:02x}")
+            await rig.contractor.on_announce(view, ann)
+            with trio.fail_after(30):
+                while len(rig.p2p.sent_of(BID)) < n + 1:
+                    await trio.sleep(0.01)
+        assert opened == [BID]
+        assert rig.count("streams.pool_opened") == 1
+        assert rig.count("streams.pool_reused") == 2
+
     run(body)
