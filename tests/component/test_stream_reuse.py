@@ -303,21 +303,23 @@ def run_parts(body: Callable[[trio.Nursery], Awaitable[None]]) -> None:
     run(body)
 
 
-def test_the_contractors_bids_to_one_submitter_share_one_stream(tmp_path: Path) -> None:
+def test_the_contractors_bids_to_one_submitter_share_one_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Three tasks from one submitter: three bids, one stream (fails on one stream per bid)."""
-    from tests.component.test_contractor_driver import TASK, Rig, announce
+    from tests.component.test_contractor_driver import TASK, FakeP2P, Rig, announce
+
+    opened: list[str] = []
+    real_open = FakeP2P.open_stream
+
+    async def counting_open(self: FakeP2P, peer: str, protocol: str) -> Any:
+        opened.append(protocol)
+        return await real_open(self, peer, protocol)
+
+    monkeypatch.setattr(FakeP2P, "open_stream", counting_open)
 
     async def body(nursery: trio.Nursery) -> None:
         rig = await Rig.started(tmp_path, nursery)
-        opened: list[str] = []
-        real_open = rig.p2p.open_stream
-
-        async def counting_open(peer: str, protocol: str) -> Any:
-            opened.append(protocol)
-            return await real_open(peer, protocol)
-
-        rig.p2p.open_stream = counting_open  # type: ignore[method-assign]
-        rig.contractor.streams = StreamPool(rig.p2p.open_stream, counters=rig.node.counters)
         for n in range(3):
             ann, view = announce(rig, task_id=TASK[:-2] + f"{n:02x}")
             await rig.contractor.on_announce(view, ann)
