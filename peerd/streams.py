@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from protocol.errors import TransportError
+from protocol.framing import MAX_FRAME
 
 if TYPE_CHECKING:
     from peerd.counters import Counters
-from protocol.framing import MAX_FRAME
 
 
 class FrameStream(Protocol):
@@ -120,6 +120,7 @@ class StreamPool:
         self._max_idle = max_idle
         #: (peer, protocol) → idle streams with the time each came back, most recent last
         self._idle: dict[tuple[str, str], list[tuple[FrameStream, float]]] = {}
+        self._pruned_at = trio.current_time()
 
     def _count(self, name: str) -> None:
         if self._counters is not None:
@@ -136,10 +137,35 @@ class StreamPool:
             if now - since <= self._idle_s:
                 return stream
             await stream.aclose()  # too old: the server may be closing it (SERVE_IDLE_S)
-        self._idle.pop(key, None)
+        if not self._idle.get(key):  # (another request may have given one back meanwhile)
+            self._idle.pop(key, None)
         return None
 
+    async def _prune(self) -> None:
+        """Close streams idle too long for every peer (peers that left keep nothing open)."""
+        now = trio.current_time()
+        if now - self._pruned_at < self._idle_s:
+            return
+        self._pruned_at = now
+        # Take the stale streams out first, then close them: closing awaits, and another
+        # request may take or give back a stream meanwhile.
+        stale: list[FrameStream] = []
+        for key in list(self._idle):
+            keep = []
+            for stream, since in self._idle[key]:
+                if now - since <= self._idle_s:
+                    keep.append((stream, since))
+                else:
+                    stale.append(stream)
+            if keep:
+                self._idle[key][:] = keep  # in place: a request in _take holds this list
+            else:
+                del self._idle[key]
+        for stream in stale:
+            await stream.aclose()
+
     async def _give_back(self, key: tuple[str, str], stream: FrameStream) -> None:
+        await self._prune()
         idle = self._idle.setdefault(key, [])
         if len(idle) >= self._max_idle:
             await stream.aclose()

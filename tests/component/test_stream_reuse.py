@@ -331,3 +331,17 @@ def test_the_contractors_bids_to_one_submitter_share_one_stream(
         assert rig.count("streams.pool_reused") == 2
 
     run(body)
+
+
+def test_streams_to_a_peer_gone_quiet_are_closed_when_another_peer_is_served() -> None:
+    async def body(nursery: trio.Nursery) -> None:
+        opener = Opener(nursery, serve_echo)
+        pool = StreamPool(opener.open, idle_s=0.05)
+        await pool.request("left", BID, b"a", 5)
+        assert pool.idle_streams("left", BID) == 1
+        await trio.sleep(0.2)
+        await pool.request("other", BID, b"b", 5)
+        assert pool.idle_streams("left", BID) == 0
+        assert pool.idle_streams("other", BID) == 1
+
+    run(body)
