@@ -123,6 +123,10 @@ class PartialBlob:
         self._hash.update(data)
         self.offset += len(data)
 
+    def flush(self) -> None:
+        """Push the bytes written so far to disk (fdatasync); finalize still fsyncs them all."""
+        os.fdatasync(self._f().fileno())
+
     def reset(self) -> None:
         """Throw away the bytes held so far (they are not a prefix of the blob)."""
         f = self._f()

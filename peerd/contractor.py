@@ -33,6 +33,7 @@ from peerd.executor import Job, JobResult, Limits
 from peerd.inbox import wall_ms
 from peerd.node import BID_PROTOCOL, RESULT_PROTOCOL, Node
 from peerd.scope import OwnedScope
+from peerd.streams import StreamPool
 from peerd.taskbook import TaskBook, TaskView
 from protocol import codec
 from protocol.awards import check_award
@@ -87,6 +88,8 @@ class Contractor(OwnedScope):
         self._announces: dict[str, Signed] = {}
         #: Exactly once per node (issue 8 item 6): awards executed and replay marks, durable.
         self.executed = ExecutedAwards(node.store.db)
+        #: Bid and result streams to submitters, reused per peer (SPEC §8.4).
+        self.streams = StreamPool(node.p2p.open_stream, counters=node.counters)
 
     def _started(self) -> None:
         self.nursery.start_soon(self._forget_expired)
@@ -475,15 +478,15 @@ class Contractor(OwnedScope):
                 reply = self.local_submitter.accept_result(action.signed.raw, self.me)
         else:
             try:
-                stream = await self.node.p2p.open_stream(
-                    action.peer, BID_PROTOCOL if bid else RESULT_PROTOCOL
+                # One reused stream per submitter and protocol (SPEC §8.4), not one per message.
+                reply = codec.unpack(
+                    await self.streams.request(
+                        action.peer,
+                        BID_PROTOCOL if bid else RESULT_PROTOCOL,
+                        action.signed.raw,
+                        BID_REPLY_S if bid else RESULT_REPLY_S,
+                    )
                 )
-                try:
-                    await stream.send(action.signed.raw)
-                    with trio.fail_after(BID_REPLY_S if bid else RESULT_REPLY_S):
-                        reply = codec.unpack(await stream.receive())
-                finally:
-                    await stream.aclose()
             except (ProtocolError, trio.TooSlowError) as exc:
                 log.info("%s for %s to %s failed: %s", action.tag, driver.key, action.peer, exc)
                 return ev.SendCompleted(now_ms=driver.now_ms(), tag=action.tag, ok=False, reason="transport")

@@ -282,6 +282,8 @@ async def test_an_ineligible_task_gets_no_machine_and_a_refused_bid_is_counted(t
         ann, view = announce(rig)
         await rig.contractor.on_announce(view, ann)
         await wait_until(lambda: rig.count("bids.refused") == 1, "the refusal counted")
+        # Bid streams are reused (SPEC §8.4): drop the idle one, so the next bid opens a stream.
+        await rig.contractor.streams.aclose()
         rig.p2p.refuse[BID_PROTOCOL] = 1
         again = SUB.seal(
             TaskAnnounce,
