@@ -48,6 +48,12 @@ Found while building this (appendix B.1 lists them too; measured on this machine
   silently dropped by libp2p's outbound RPC queue; we refuse it (LocalProtocolError).
 * trap 19: a DHT lookup costs ~15 ms of CPU per neighbour here; lookups are rare once joined
   (see ``_DISCOVERY_*``).
+* trap 20: py-libp2p 0.8.1 attaches our signed peer record (``senderRecord``) to every pubsub
+  RPC it sends, rebuilding our address list for it each time, and on every RPC it receives
+  re-parses and re-verifies the sender's record, twice when the RPC carries control
+  messages, then rewrites that peer's addresses in the peer store. Neither can be turned
+  off. :func:`_install_sender_record_caches` makes a host verify each (peer, record) once
+  and re-use its own record for a few seconds (issue 10: an idle daemon near zero).
 * libp2p validates a message again when a duplicate arrives while the first copy is still
   being validated (it marks messages seen only afterwards): validators therefore go through
   our own verdict cache, so each unique message reaches a validator exactly once.
@@ -171,6 +177,15 @@ _DISCOVERY_MAX_DIALS = 8
 #: end up fully meshed, large ones stop well below the connection manager's watermarks.
 _DISCOVERY_TARGET_PEERS = 48
 _KAD_PROTOCOL = "/ipfs/kad/1.0.0"
+#: trap 20. A (peer, signed record) a host verified is trusted this long before it is
+#: verified again (so the peer store's copy of its addresses, which libp2p files for 2 h,
+#: is refreshed while the peer talks to us); at most this many are kept per host.
+_SENDER_RECORD_RECHECK_S = 600.0
+_SENDER_RECORDS_MAX = 4_096
+#: trap 20. How long a host re-uses its own signed record on outgoing RPCs. A listen address
+#: that changes reaches peers' peer stores this much later; discovery and our adverts carry
+#: addresses of their own.
+_OWN_RECORD_REUSE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -633,6 +648,62 @@ def _configure_libp2p_process() -> None:
     logging.getLogger("libp2p.network.swarm").addFilter(_Demote("failed to upgrade security"))
     # Logs its state at INFO on every cycle; warnings and errors still pass.
     logging.getLogger("libp2p.network.auto_connector").setLevel(logging.WARNING)
+    _install_sender_record_caches()
+
+
+def _install_sender_record_caches() -> None:
+    """trap 20: verify a peer's signed record once, not on every pubsub RPC; re-use our own.
+
+    py-libp2p 0.8.1 has no option for either. On an idle 10-daemon devnet the record work was
+    the largest single part of libp2p's share of the CPU after forwarding itself: every
+    duplicate of a gossiped message and every IHAVE/GRAFT carries a record, each one was
+    unmarshalled and its Ed25519 signature checked (twice for control RPCs), and each one
+    we sent rebuilt our address list (~2 ms on the loaded dev machine). The semantics stay:
+    a record is still verified before it is believed, bytes that failed verification from a
+    peer still get its RPC ignored, and a new record from a peer (its addresses changed) is
+    verified at once. Only repeats of bytes already judged skip the work.
+    """
+    import weakref
+
+    from libp2p.pubsub import gossipsub as gossipsub_module
+    from libp2p.pubsub import pubsub as pubsub_module
+
+    consume = pubsub_module.maybe_consume_signed_record
+    own_record = pubsub_module.env_to_send_in_RPC
+    judged: weakref.WeakKeyDictionary[IHost, OrderedDict[tuple[bytes, bytes], tuple[float, bool]]]
+    judged = weakref.WeakKeyDictionary()
+    ours: weakref.WeakKeyDictionary[IHost, tuple[float, tuple[bytes, bool]]] = weakref.WeakKeyDictionary()
+
+    def consume_once(msg: rpc_pb2.RPC, host: IHost, peer_id: ID) -> bool:
+        if not msg.HasField("senderRecord"):
+            return True
+        now = time.monotonic()
+        seen = judged.get(host)
+        if seen is None:
+            seen = judged[host] = OrderedDict()
+        key = (peer_id.to_bytes(), bytes(msg.senderRecord))
+        hit = seen.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        ok = bool(consume(msg, host, peer_id))
+        seen[key] = (now + _SENDER_RECORD_RECHECK_S, ok)
+        seen.move_to_end(key)
+        while len(seen) > _SENDER_RECORDS_MAX:
+            seen.popitem(last=False)
+        return ok
+
+    def own_record_reused(host: IHost) -> tuple[bytes, bool]:
+        now = time.monotonic()
+        hit = ours.get(host)
+        if hit is not None and hit[0] > now:
+            return hit[1][0], False
+        out = own_record(host)
+        ours[host] = (now + _OWN_RECORD_REUSE_S, out)
+        return out
+
+    for module in (pubsub_module, gossipsub_module):
+        module.maybe_consume_signed_record = consume_once  # type: ignore[attr-defined]
+        module.env_to_send_in_RPC = own_record_reused  # type: ignore[attr-defined]
 
 
 _ADDRS_CACHE_S = 60.0
