@@ -571,6 +571,8 @@ class _ConnectionWatcher(INotifee):
 
     def __init__(self) -> None:
         self.changed = trio.Event()
+        #: Told of every new connection (the advert service re-advertises for newcomers).
+        self.on_connected: list[Callable[[], None]] = []
 
     def _pulse(self) -> None:
         self.changed.set()
@@ -578,6 +580,11 @@ class _ConnectionWatcher(INotifee):
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
         self._pulse()
+        for callback in self.on_connected:
+            try:
+                callback()
+            except Exception:  # trap 7: nothing may reach libp2p's notifee dispatch
+                log.exception("a connection listener raised")
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
         self._pulse()
@@ -672,7 +679,7 @@ def _install_sender_record_caches() -> None:
     own_record = pubsub_module.env_to_send_in_RPC
     judged: weakref.WeakKeyDictionary[IHost, OrderedDict[tuple[bytes, bytes], tuple[float, bool]]]
     judged = weakref.WeakKeyDictionary()
-    ours: weakref.WeakKeyDictionary[IHost, tuple[float, tuple[bytes, bool]]] = weakref.WeakKeyDictionary()
+    ours: weakref.WeakKeyDictionary[IHost, tuple[float, object, bytes]] = weakref.WeakKeyDictionary()
 
     def consume_once(msg: rpc_pb2.RPC, host: IHost, peer_id: ID) -> bool:
         if not msg.HasField("senderRecord"):
@@ -693,12 +700,16 @@ def _install_sender_record_caches() -> None:
         return ok
 
     def own_record_reused(host: IHost) -> tuple[bytes, bool]:
+        # Only while the peer store's current record is the one we cached: identify issues
+        # records too, and a peer that has seen a newer one rejects an older one (lower seq)
+        # and with it the whole RPC.
         now = time.monotonic()
+        current = host.get_peerstore().get_local_record()
         hit = ours.get(host)
-        if hit is not None and hit[0] > now:
-            return hit[1][0], False
+        if hit is not None and hit[0] > now and hit[1] is current:
+            return hit[2], False
         out = own_record(host)
-        ours[host] = (now + _OWN_RECORD_REUSE_S, out)
+        ours[host] = (now + _OWN_RECORD_REUSE_S, host.get_peerstore().get_local_record(), out[0])
         return out
 
     for module in (pubsub_module, gossipsub_module):
@@ -864,6 +875,10 @@ class P2PNode:
         if topic in self._validators:
             raise LocalProtocolError(f"topic {topic!r} already has a validator", reason="misuse")
         self._validators[topic] = validator
+
+    def on_peer_connected(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (synchronously, must not block) whenever a connection opens."""
+        self._watcher.on_connected.append(callback)
 
     def add_stream_handler(self, protocol_id: str, handler: StreamHandler) -> None:
         if self._running:
