@@ -92,6 +92,11 @@ def measure_capacity(offer_cores: int, *, calibrate: bool, seconds: float) -> Ca
     return Capacity(cpu_gflops=round(per_core * max(offer_cores, 0), 3), gpus=tuple(probes.gpu_info()))
 
 
+async def _off_loop(fn: Callable[[], Any]) -> Any:
+    """Run a probe off the event loop (NVML and psutil may block briefly); tests replace it."""
+    return await trio.to_thread.run_sync(fn)
+
+
 #: An advert's content without its sequence number and timestamps: what is compared to
 #: decide whether a new advert is worth sending.
 State = dict[str, Any]
@@ -231,7 +236,7 @@ class AdvertService:
 
     async def publish(self, state: State | None = None) -> None:
         if state is None:
-            state = await trio.to_thread.run_sync(self.snapshot)  # NVML and psutil may block briefly
+            state = await _off_loop(self.snapshot)
         advert = self._sealable(state)
         self._advertised = state
         self._published_at = trio.current_time()
@@ -265,7 +270,7 @@ class AdvertService:
 
         Returns why it advertised (``refresh``, ``joined``, ``changed``), or None.
         """
-        state = await trio.to_thread.run_sync(self.snapshot)  # NVML and psutil may block briefly
+        state = await _off_loop(self.snapshot)
         now = trio.current_time()
         if now - self._published_at >= self._refresh:
             why = "refresh"
