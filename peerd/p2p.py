@@ -137,10 +137,18 @@ log = logging.getLogger(__name__)
 #: also carries topic, sender, seqno, signature, key and a signed peer record, so a payload
 #: must leave headroom; 16 KiB is far more than those fields take.
 _LIBP2P_MAX_GOSSIP = (1 << 20) - (16 << 10)
-#: Gossipsub mesh degree. The note's star-topology finding: in small networks every peer
-#: should be a direct mesh neighbour so gossip takes one hop; 8/6/12 keeps a 10-node devnet
-#: fully meshed while staying at go-libp2p's D_high for larger ones.
-_MESH_D, _MESH_D_LOW, _MESH_D_HIGH = 8, 6, 12
+#: Gossipsub mesh degree, sized to the network (:func:`_mesh_degrees`, issue 10). The
+#: star-topology finding: in small networks every peer should be a direct mesh neighbour so
+#: gossip takes one hop. Up to _FULL_MESH_PEERS neighbours the mesh is full, which is also
+#: the cheapest there: with no peer outside the mesh no IHAVE gossip goes out at all. Beyond
+#: it the mesh is kept small, because every mesh neighbour sends us a copy of every message:
+#: an idle node's cost is (adverts/s in the network) x D, plus the IHAVE of each heartbeat to
+#: _GOSSIP_LAZY peers outside the mesh (py-libp2p's own figure is at least 6, trap 21).
+_FULL_MESH_PEERS = 10
+_MESH_D, _MESH_D_LOW, _MESH_D_HIGH = 5, 4, 8
+_GOSSIP_LAZY = 3
+#: How often the mesh size is revisited besides every connect/disconnect.
+_MESH_RESIZE_S = 30.0
 #: Gossipsub v1.1 only. v1.2 adds IDONTWANT: every receiver sends a control RPC to every
 #: mesh peer for every message, and py-libp2p attaches a signed peer record to each RPC that
 #: the receiver verifies twice. In a small full mesh the IDONTWANT never arrives before the
@@ -220,6 +228,15 @@ _STREAM_POLICIES = (
     # peerd's own protocols time out in 10-30 s in their handlers; this is the backstop.
     _StreamPolicy("", max_per_peer=64, idle_s=120.0),
 )
+
+
+def _mesh_degrees(peers: int) -> tuple[int, int, int]:
+    """(D, D_low, D_high) for a node with ``peers`` neighbours: a full mesh while it is
+    small, a small mesh beyond (see _FULL_MESH_PEERS)."""
+    if peers <= _FULL_MESH_PEERS:
+        full = max(1, peers)
+        return full, full, _FULL_MESH_PEERS
+    return _MESH_D, _MESH_D_LOW, _MESH_D_HIGH
 
 
 def _policy_for(protocol: str) -> _StreamPolicy:
@@ -826,6 +843,7 @@ class P2PNode:
                 "streams_capped",
                 "streams_idle_closed",
                 "handshakes_refused",
+                "mesh_resized",
             ),
             0,
         )
@@ -933,15 +951,22 @@ class P2PNode:
         host = self._build_host()
         gossipsub = GossipSub(
             protocols=_GOSSIP_PROTOCOLS,
-            degree=_MESH_D,
-            degree_low=_MESH_D_LOW,
-            degree_high=_MESH_D_HIGH,
+            # Resized to the network as peers come and go (_size_mesh).
+            degree=_FULL_MESH_PEERS,
+            degree_low=_FULL_MESH_PEERS,
+            degree_high=_FULL_MESH_PEERS,
             # trap 3. (Typed int in libp2p; it is only ever passed to trio.sleep.)
             heartbeat_interval=cast(int, self._config.heartbeat_s),
             adaptive_gossip_enabled=False,
             # trap 4: per-neighbour limit off (it also throttles our own publishes);
             # _TokenBucket limits per origin.
             spam_protection_enabled=False,
+        )
+        # trap 21: py-libp2p 0.8.1 sends IHAVE to max(6, a quarter of the peers outside the
+        # mesh) on every heartbeat, with no option; each is an RPC both ends pay for. Gossip
+        # only repairs losses here (adverts are refreshed, the market retries), so a few do.
+        gossipsub._get_adaptive_gossip_peers_count = (  # type: ignore[method-assign]
+            lambda topic, total_peers: max(0, min(total_peers, _GOSSIP_LAZY))
         )
         pubsub = Pubsub(
             host,
@@ -997,12 +1022,29 @@ class P2PNode:
                             for addr in self._config.bootstrap:
                                 nursery.start_soon(self._keep_connected, addr)
                             nursery.start_soon(self._discovery_loop)
+                            nursery.start_soon(self._size_mesh, gossipsub)
                             log.info("p2p node %s listening on %s", self.peer_id, self.listen_addrs())
                             task_status.started()
                             await trio.sleep_forever()
                     finally:
                         # trap 8, before host.run()'s own exit path runs.
                         await self._close_host(host)
+
+    async def _size_mesh(self, gossipsub: GossipSub) -> None:
+        """Keep the mesh degree fitted to the number of neighbours (:func:`_mesh_degrees`);
+        the next gossipsub heartbeat grafts or prunes to it."""
+        while True:
+            changed = self._watcher.changed
+            host = self._host
+            peers = len(host.get_connected_peers()) if host is not None else 0
+            d, low, high = _mesh_degrees(peers)
+            if (gossipsub.degree, gossipsub.degree_low, gossipsub.degree_high) != (d, low, high):
+                gossipsub.degree, gossipsub.degree_low, gossipsub.degree_high = d, low, high
+                # Read instead of degree_low/high when adaptive gossip is on (it is off, trap 3).
+                gossipsub.adaptive_degree_low, gossipsub.adaptive_degree_high = low, high
+                self._stats["mesh_resized"] += 1
+            with trio.move_on_after(_MESH_RESIZE_S):
+                await changed.wait()
 
     @staticmethod
     async def _close_host(host: IHost) -> None:
