@@ -171,7 +171,8 @@ _CLOSE_TIMEOUT_S = 5.0
 _STREAM_CLOSE_TIMEOUT_S = 1.0
 _READ_CHUNK = 64 << 10
 #: DHT discovery: a self-lookup as soon as we (re)join through a bootstrap peer or an
-#: explicit connect(), repeated after 2, 4, 8 ... s, settling at once every 5 minutes.
+#: explicit connect(), repeated after 2, 4, 8 ... s (x4 after a round that found nobody
+#: new), settling at once every 5 minutes.
 #: A lookup opens a stream to every neighbour and costs ~15 ms of CPU per neighbour on the
 #: 2-core dev machine (multiselect, noise and yamux in Python, a signed record per entry),
 #: so lookups are rare once joined and are NOT triggered by inbound connections (in an
@@ -1207,12 +1208,14 @@ class P2PNode:
         """Kademlia self-lookups; dial every peer found so small networks become a full mesh.
 
         A lookup runs as soon as we (re)connect to a bootstrap peer or connect() is called,
-        then after 2, 4, 8 ... s, settling at once every 5 minutes. Two peers joining at once
+        then after 2, 4, 8 ... s (four times longer after a round that connected nobody new),
+        settling at once every 5 minutes. Two peers joining at once
         through the same bootstrap peer still find each other on their first lookups: the
         bootstrap peer adds a querier to its routing table before answering it, so at least
         one of the two answers names the other peer. The repeats catch anything missed.
         """
         delay = _DISCOVERY_MAX_S
+        newly = 0
         while True:
             kick = self._discovery_kick
             with trio.move_on_after(delay):
@@ -1221,9 +1224,13 @@ class P2PNode:
                 self._discovery_kick = trio.Event()
                 delay = _DISCOVERY_REPEAT_S
             else:
-                delay = min(delay * 2, _DISCOVERY_MAX_S)
+                # A round that found nobody new backs off twice as fast: on an idle, already
+                # meshed network the lookups (each ~15 ms of CPU per neighbour, trap 19) were
+                # most of a daemon's CPU in its first minutes (issue 10).
+                delay = min(delay * (2 if newly else 4), _DISCOVERY_MAX_S)
+            newly = 0
             try:
-                await self._discover_once()
+                newly = await self._discover_once()
             except Exception as exc:
                 # Discovery is best effort. Whatever one peer's answer or one dial does,
                 # it must not end the p2p task (issue 11: it took whole devnets down).
