@@ -1,15 +1,27 @@
 """Signed capacity and load adverts: build, sign, gossip, receive (seed §3.2 step 1).
 
-Each daemon re-advertises every ``interval_s`` and at once (coalesced to at most one
-per ``MIN_GAP_S``) when its load changes — that is how the freed capacity of a
-finished shard reaches the network within a second (seed §3.2 step 5). Received
-adverts go through the inbox (signature, signer = gossip origin, replay, expiry) and
-only then into the peer table.
+A daemon advertises when something a peer would act on has changed, and otherwise only
+refreshes its advert well before it expires (protocol/SPEC.md §7.2, docs/design.md §3.3):
+
+* at once (coalesced to at most one per ``MIN_GAP_S``) when its load or offer changes —
+  :meth:`AdvertService.poke`; that is how the freed capacity of a finished shard reaches the
+  network within a second (seed §3.2 step 5);
+* every ``interval_s`` it looks at its own state (memory, GPUs) and advertises only if it
+  moved beyond the thresholds of :func:`significant_change`;
+* every ``refresh_s`` (by default a third of the advert's TTL, so two lost refreshes in a row
+  still do not expire it) whatever happened: the TTL is the staleness bound;
+* ``JOIN_DELAY_S`` after a new connection, so a peer that just joined learns of us without
+  waiting for a refresh (it is in a gossip mesh by then, see peerd/p2p.py).
+
+An idle network thus carries one advert per peer per ``refresh_s`` instead of one per
+``interval_s`` (issue 10: an idle daemon near zero). Received adverts go through the inbox
+(signature, signer = gossip origin, replay, expiry) and only then into the peer table.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +45,17 @@ TOPIC = "peerd/adverts/2"
 #: Coalescing gap for change-triggered adverts: at 100 tasks/s the load changes
 #: constantly, and one advert per change would flood gossip for no benefit.
 MIN_GAP_S = 0.2
+#: After a new connection, re-advertise this much later: the newcomer is then grafted into
+#: a gossip mesh (one gossipsub heartbeat, peerd/p2p.py) and receives the advert; joins
+#: within the delay share one advert.
+JOIN_DELAY_S = 1.5
+#: What counts as a change worth an advert (:func:`significant_change`). Load moves in steps
+#: of 1/slots, so any real change passes; memory and GPU figures drift all the time and are
+#: informative only (nothing allocates on them), so only large moves count.
+LOAD_STEP = 0.05
+MEMORY_STEP = 0.10  # of total memory
+VRAM_STEP = 0.10  # of the GPU's memory
+UTIL_STEP_PCT = 25.0
 _KINDS = frozenset({"advert"})
 
 
@@ -69,6 +92,50 @@ def measure_capacity(offer_cores: int, *, calibrate: bool, seconds: float) -> Ca
     return Capacity(cpu_gflops=round(per_core * max(offer_cores, 0), 3), gpus=tuple(probes.gpu_info()))
 
 
+async def _off_loop(fn: Callable[[], Any]) -> Any:
+    """Run a probe off the event loop (NVML and psutil may block briefly); tests replace it."""
+    return await trio.to_thread.run_sync(fn)
+
+
+#: An advert's content without its sequence number and timestamps: what is compared to
+#: decide whether a new advert is worth sending.
+State = dict[str, Any]
+
+
+def significant_change(old: State | None, new: State) -> bool:
+    """Whether ``new`` differs from the last advertised ``old`` enough to advertise now.
+
+    Capacity, hardware, offer (slots, busy, draining, kinds ...), parameters, addresses and
+    version count on any change; load from :data:`LOAD_STEP`; available memory, free VRAM and
+    GPU utilisation only beyond their steps.
+    """
+    if old is None:
+        return True
+    drifting = ("load", "memory", "gpus")
+    if any(old.get(k) != new.get(k) for k in set(old) | set(new) if k not in drifting):
+        return True
+    if abs(float(new["load"]) - float(old["load"])) >= LOAD_STEP:
+        return True
+    mem_old, mem_new = old["memory"], new["memory"]
+    if mem_old["total_mb"] != mem_new["total_mb"]:
+        return True
+    if abs(mem_new["available_mb"] - mem_old["available_mb"]) >= MEMORY_STEP * max(1, mem_new["total_mb"]):
+        return True
+    gpus_old = {g["index"]: g for g in old["gpus"]}
+    gpus_new = {g["index"]: g for g in new["gpus"]}
+    if gpus_old.keys() != gpus_new.keys():
+        return True
+    for index, g in gpus_new.items():
+        was = gpus_old[index]
+        if any(was[k] != g[k] for k in ("model", "vram_total_mb", "gflops")):
+            return True
+        if abs(g["vram_free_mb"] - was["vram_free_mb"]) >= VRAM_STEP * max(1, g["vram_total_mb"]):
+            return True
+        if abs(g["util_pct"] - was["util_pct"]) >= UTIL_STEP_PCT:
+            return True
+    return False
+
+
 class AdvertService:
     def __init__(
         self,
@@ -84,6 +151,7 @@ class AdvertService:
         load: Callable[[], tuple[float, int, int]],
         interval_s: float,
         ttl_s: float,
+        refresh_s: float | None = None,
     ) -> None:
         self._p2p = p2p
         self._signer = signer
@@ -96,26 +164,47 @@ class AdvertService:
         self._load = load
         self._interval = interval_s
         self._ttl_ms = int(ttl_s * 1000)
-        self._changed = trio.Event()
+        #: The longest we stay silent: a refresh comfortably before the TTL (docs/config.md).
+        self._refresh = refresh_s if refresh_s is not None else ttl_s / 3
+        self._wake = trio.Event()  # a poke or a newcomer
+        self._poked = False
+        self._published_at = -math.inf  # trio clock
+        self._join_due = math.inf  # trio clock: re-advertise for a newcomer
+        self._advertised: State | None = None
         self.current: Advert | None = None
         p2p.add_validator(TOPIC, self._on_gossip)
+        p2p.on_peer_connected(self.peer_joined)
 
     def poke(self) -> None:
-        """Something significant changed (load, draining): advertise at once."""
-        self._changed.set()
+        """Something significant may have changed (load, draining): look at once."""
+        self._poked = True
+        self._wake.set()
+
+    def peer_joined(self) -> None:
+        """A peer connected: advertise soon, so it need not wait for our refresh."""
+        try:
+            due = trio.current_time() + JOIN_DELAY_S
+        except RuntimeError:  # called outside trio (never by p2p); nothing to schedule
+            return
+        self._join_due = min(self._join_due, due)
+        self._wake.set()  # the loop's next wake-up may now be earlier
 
     def build(self) -> Advert:
+        return self._sealable(self.snapshot())
+
+    def _sealable(self, state: State) -> Advert:
+        now = wall_ms()
+        return Advert(seq=self._seq.next(), issued_at=now, expires_at=now + self._ttl_ms, **state)
+
+    def snapshot(self) -> State:
+        """What we would advertise now, without sequence number and timestamps."""
         offer = self._offer()
         load, slots, busy = self._load()
         cpu = probes.cpu_info()
         total_mb, avail_mb = probes.memory_mb()
         gpus = [g for g in probes.gpu_info() if g.index in offer.gpus] if offer.gpus else []
         rated = {g.index: g.gflops for g in self.capacity.gpus}
-        now = wall_ms()
-        return Advert(
-            seq=self._seq.next(),
-            issued_at=now,
-            expires_at=now + self._ttl_ms,
+        return dict(
             c0=self.capacity.c0(offer),
             load=round(min(load, 1000.0), 4),
             cpu={"cores": cpu.cores, "model": cpu.model, "gflops": self.capacity.cpu_gflops},
@@ -145,8 +234,13 @@ class AdvertService:
             version=__version__,
         )
 
-    async def publish(self) -> None:
-        advert = await trio.to_thread.run_sync(self.build)  # NVML and psutil may block briefly
+    async def publish(self, state: State | None = None) -> None:
+        if state is None:
+            state = await _off_loop(self.snapshot)
+        advert = self._sealable(state)
+        self._advertised = state
+        self._published_at = trio.current_time()
+        self._join_due = math.inf
         raw = self._signer.seal(advert)
         signed = self._inbox.admit(raw, sender=self._signer.peer_id, kinds=_KINDS)
         if signed is not None:
@@ -171,13 +265,39 @@ class AdvertService:
         self.table.upsert(signed, wall_ms())
         return True
 
+    async def check(self) -> str | None:
+        """Advertise if a refresh or a newcomer is due, or our state changed significantly.
+
+        Returns why it advertised (``refresh``, ``joined``, ``changed``), or None.
+        """
+        state = await _off_loop(self.snapshot)
+        now = trio.current_time()
+        if now - self._published_at >= self._refresh:
+            why = "refresh"
+        elif now >= self._join_due:
+            why = "joined"
+        elif significant_change(self._advertised, state):
+            why = "changed"
+        else:
+            return None
+        await self.publish(state)
+        self._counters.inc(f"adverts.{why}")
+        return why
+
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         await self.publish()
         task_status.started()
+        next_look = trio.current_time() + self._interval
         while True:
-            with trio.move_on_after(self._interval):
-                await self._changed.wait()
+            with trio.move_on_at(min(next_look, self._published_at + self._refresh, self._join_due)):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            now = trio.current_time()
+            if self._poked:
+                self._poked = False
                 await trio.sleep(MIN_GAP_S)  # coalesce bursts of changes
-            self._changed = trio.Event()
+            elif now < min(next_look, self._published_at + self._refresh, self._join_due):
+                continue  # woken to reschedule (a newcomer's advert is due sooner)
+            next_look = trio.current_time() + self._interval
             self.table.prune(wall_ms())
-            await self.publish()
+            await self.check()

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from peerd.kinds import KINDS
 from protocol.errors import ProtocolError
+from protocol.messages import Advert
 from protocol.peerid import public_key_from_peer_id
 from protocol.trust import TrustPolicy
 
@@ -91,8 +92,12 @@ class NetworkConfig:
 
 @dataclass(frozen=True)
 class AdvertsConfig:
-    interval_s: float = 2.0
-    ttl_s: float = 10.0
+    #: How often the daemon looks at its own state (memory, GPUs) for a change worth an
+    #: advert; load and offer changes are advertised at once anyway (peerd/adverts.py).
+    interval_s: float = 5.0
+    ttl_s: float = 60.0
+    #: The longest the daemon stays silent; None: a third of ``ttl_s`` (issue 10).
+    refresh_s: float | None = None
     calibrate: bool = True
     calibration_s: float = 0.5
 
@@ -486,12 +491,19 @@ def _build(raw: dict[str, Any], *, source: Path | None, env: Mapping[str, str], 
     adverts = AdvertsConfig(
         interval_s=s.get("interval_s", positive_float, AdvertsConfig.interval_s),
         ttl_s=s.get("ttl_s", positive_float, AdvertsConfig.ttl_s),
+        refresh_s=s.get("refresh_s", positive_float, None),
         calibrate=s.get("calibrate", boolean, True),
         calibration_s=s.get("calibration_s", positive_float, AdvertsConfig.calibration_s),
     )
     if adverts.ttl_s <= adverts.interval_s:
         # Peers would drop us between two adverts and see us flap in and out of the table.
         s.problem("ttl_s", f"must be greater than adverts.interval_s ({adverts.interval_s:g})")
+    if adverts.ttl_s > Advert.MAX_TTL_MS / 1000:
+        # Every receiver, this node included, would drop the advert as absurd (SPEC §6).
+        s.problem("ttl_s", f"must be at most {Advert.MAX_TTL_MS // 1000} seconds (an advert's MAX_TTL)")
+    if adverts.refresh_s is not None and adverts.refresh_s > adverts.ttl_s / 2:
+        # One lost refresh would let peers expire a live node.
+        s.problem("refresh_s", f"must be at most half of adverts.ttl_s ({adverts.ttl_s:g})")
     if adverts.calibration_s > 60:
         s.problem("calibration_s", "must be at most 60 seconds")
 

@@ -135,6 +135,7 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
                 load=advert_load,
                 interval_s=cfg.adverts.interval_s,
                 ttl_s=cfg.adverts.ttl_s,
+                refresh_s=cfg.adverts.refresh_s,
             )
             pool.on_change(adverts.poke)
             node = Node(

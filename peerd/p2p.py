@@ -48,6 +48,12 @@ Found while building this (appendix B.1 lists them too; measured on this machine
   silently dropped by libp2p's outbound RPC queue; we refuse it (LocalProtocolError).
 * trap 19: a DHT lookup costs ~15 ms of CPU per neighbour here; lookups are rare once joined
   (see ``_DISCOVERY_*``).
+* trap 20: py-libp2p 0.8.1 attaches our signed peer record (``senderRecord``) to every pubsub
+  RPC it sends, rebuilding our address list for it each time, and on every RPC it receives
+  re-parses and re-verifies the sender's record, twice when the RPC carries control
+  messages, then rewrites that peer's addresses in the peer store. Neither can be turned
+  off. :func:`_install_sender_record_caches` makes a host verify each (peer, record) once
+  and re-use its own record for a few seconds (issue 10: an idle daemon near zero).
 * libp2p validates a message again when a duplicate arrives while the first copy is still
   being validated (it marks messages seen only afterwards): validators therefore go through
   our own verdict cache, so each unique message reaches a validator exactly once.
@@ -131,10 +137,18 @@ log = logging.getLogger(__name__)
 #: also carries topic, sender, seqno, signature, key and a signed peer record, so a payload
 #: must leave headroom; 16 KiB is far more than those fields take.
 _LIBP2P_MAX_GOSSIP = (1 << 20) - (16 << 10)
-#: Gossipsub mesh degree. The note's star-topology finding: in small networks every peer
-#: should be a direct mesh neighbour so gossip takes one hop; 8/6/12 keeps a 10-node devnet
-#: fully meshed while staying at go-libp2p's D_high for larger ones.
-_MESH_D, _MESH_D_LOW, _MESH_D_HIGH = 8, 6, 12
+#: Gossipsub mesh degree, sized to the network (:func:`_mesh_degrees`, issue 10). The
+#: star-topology finding: in small networks every peer should be a direct mesh neighbour so
+#: gossip takes one hop. Up to _FULL_MESH_PEERS neighbours the mesh is full, which is also
+#: the cheapest there: with no peer outside the mesh no IHAVE gossip goes out at all. Beyond
+#: it the mesh is kept small, because every mesh neighbour sends us a copy of every message:
+#: an idle node's cost is (adverts/s in the network) x D, plus the IHAVE of each heartbeat to
+#: _GOSSIP_LAZY peers outside the mesh (py-libp2p's own figure is at least 6, trap 21).
+_FULL_MESH_PEERS = 10
+_MESH_D, _MESH_D_LOW, _MESH_D_HIGH = 5, 4, 8
+_GOSSIP_LAZY = 3
+#: How often the mesh size is revisited besides every connect/disconnect.
+_MESH_RESIZE_S = 30.0
 #: Gossipsub v1.1 only. v1.2 adds IDONTWANT: every receiver sends a control RPC to every
 #: mesh peer for every message, and py-libp2p attaches a signed peer record to each RPC that
 #: the receiver verifies twice. In a small full mesh the IDONTWANT never arrives before the
@@ -157,7 +171,8 @@ _CLOSE_TIMEOUT_S = 5.0
 _STREAM_CLOSE_TIMEOUT_S = 1.0
 _READ_CHUNK = 64 << 10
 #: DHT discovery: a self-lookup as soon as we (re)join through a bootstrap peer or an
-#: explicit connect(), repeated after 2, 4, 8 ... s, settling at once every 5 minutes.
+#: explicit connect(), repeated after 2, 4, 8 ... s (x4 after a round that found nobody
+#: new), settling at once every 5 minutes.
 #: A lookup opens a stream to every neighbour and costs ~15 ms of CPU per neighbour on the
 #: 2-core dev machine (multiselect, noise and yamux in Python, a signed record per entry),
 #: so lookups are rare once joined and are NOT triggered by inbound connections (in an
@@ -171,6 +186,15 @@ _DISCOVERY_MAX_DIALS = 8
 #: end up fully meshed, large ones stop well below the connection manager's watermarks.
 _DISCOVERY_TARGET_PEERS = 48
 _KAD_PROTOCOL = "/ipfs/kad/1.0.0"
+#: trap 20. A (peer, signed record) a host verified is trusted this long before it is
+#: verified again (so the peer store's copy of its addresses, which libp2p files for 2 h,
+#: is refreshed while the peer talks to us); at most this many are kept per host.
+_SENDER_RECORD_RECHECK_S = 600.0
+_SENDER_RECORDS_MAX = 4_096
+#: trap 20. How long a host re-uses its own signed record on outgoing RPCs. A listen address
+#: that changes reaches peers' peer stores this much later; discovery and our adverts carry
+#: addresses of their own.
+_OWN_RECORD_REUSE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -205,6 +229,15 @@ _STREAM_POLICIES = (
     # peerd's own protocols time out in 10-30 s in their handlers; this is the backstop.
     _StreamPolicy("", max_per_peer=64, idle_s=120.0),
 )
+
+
+def _mesh_degrees(peers: int) -> tuple[int, int, int]:
+    """(D, D_low, D_high) for a node with ``peers`` neighbours: a full mesh while it is
+    small, a small mesh beyond (see _FULL_MESH_PEERS)."""
+    if peers <= _FULL_MESH_PEERS:
+        full = max(1, peers)
+        return full, full, _FULL_MESH_PEERS
+    return _MESH_D, _MESH_D_LOW, _MESH_D_HIGH
 
 
 def _policy_for(protocol: str) -> _StreamPolicy:
@@ -561,6 +594,8 @@ class _ConnectionWatcher(INotifee):
 
     def __init__(self) -> None:
         self.changed = trio.Event()
+        #: Told of every new connection (the advert service re-advertises for newcomers).
+        self.on_connected: list[Callable[[], None]] = []
 
     def _pulse(self) -> None:
         self.changed.set()
@@ -568,6 +603,11 @@ class _ConnectionWatcher(INotifee):
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
         self._pulse()
+        for callback in self.on_connected:
+            try:
+                callback()
+            except Exception:  # trap 7: nothing may reach libp2p's notifee dispatch
+                log.exception("a connection listener raised")
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
         self._pulse()
@@ -638,6 +678,66 @@ def _configure_libp2p_process() -> None:
     logging.getLogger("libp2p.network.swarm").addFilter(_Demote("failed to upgrade security"))
     # Logs its state at INFO on every cycle; warnings and errors still pass.
     logging.getLogger("libp2p.network.auto_connector").setLevel(logging.WARNING)
+    _install_sender_record_caches()
+
+
+def _install_sender_record_caches() -> None:
+    """trap 20: verify a peer's signed record once, not on every pubsub RPC; re-use our own.
+
+    py-libp2p 0.8.1 has no option for either. On an idle 10-daemon devnet the record work was
+    the largest single part of libp2p's share of the CPU after forwarding itself: every
+    duplicate of a gossiped message and every IHAVE/GRAFT carries a record, each one was
+    unmarshalled and its Ed25519 signature checked (twice for control RPCs), and each one
+    we sent rebuilt our address list (~2 ms on the loaded dev machine). The semantics stay:
+    a record is still verified before it is believed, bytes that failed verification from a
+    peer still get its RPC ignored, and a new record from a peer (its addresses changed) is
+    verified at once. Only repeats of bytes already judged skip the work.
+    """
+    import weakref
+
+    from libp2p.pubsub import gossipsub as gossipsub_module
+    from libp2p.pubsub import pubsub as pubsub_module
+
+    consume = pubsub_module.maybe_consume_signed_record
+    own_record = pubsub_module.env_to_send_in_RPC
+    judged: weakref.WeakKeyDictionary[IHost, OrderedDict[tuple[bytes, bytes], tuple[float, bool]]]
+    judged = weakref.WeakKeyDictionary()
+    ours: weakref.WeakKeyDictionary[IHost, tuple[float, object, bytes]] = weakref.WeakKeyDictionary()
+
+    def consume_once(msg: rpc_pb2.RPC, host: IHost, peer_id: ID) -> bool:
+        if not msg.HasField("senderRecord"):
+            return True
+        now = time.monotonic()
+        seen = judged.get(host)
+        if seen is None:
+            seen = judged[host] = OrderedDict()
+        key = (peer_id.to_bytes(), bytes(msg.senderRecord))
+        hit = seen.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        ok = bool(consume(msg, host, peer_id))
+        seen[key] = (now + _SENDER_RECORD_RECHECK_S, ok)
+        seen.move_to_end(key)
+        while len(seen) > _SENDER_RECORDS_MAX:
+            seen.popitem(last=False)
+        return ok
+
+    def own_record_reused(host: IHost) -> tuple[bytes, bool]:
+        # Only while the peer store's current record is the one we cached: identify issues
+        # records too, and a peer that has seen a newer one rejects an older one (lower seq)
+        # and with it the whole RPC.
+        now = time.monotonic()
+        current = host.get_peerstore().get_local_record()
+        hit = ours.get(host)
+        if hit is not None and hit[0] > now and hit[1] is current:
+            return hit[2], False
+        out = own_record(host)
+        ours[host] = (now + _OWN_RECORD_REUSE_S, host.get_peerstore().get_local_record(), out[0])
+        return out
+
+    for module in (pubsub_module, gossipsub_module):
+        module.maybe_consume_signed_record = consume_once  # type: ignore[attr-defined]
+        module.env_to_send_in_RPC = own_record_reused  # type: ignore[attr-defined]
 
 
 _ADDRS_CACHE_S = 60.0
@@ -750,6 +850,7 @@ class P2PNode:
                 "streams_capped",
                 "streams_idle_closed",
                 "handshakes_refused",
+                "mesh_resized",
             ),
             0,
         )
@@ -799,6 +900,10 @@ class P2PNode:
         if topic in self._validators:
             raise LocalProtocolError(f"topic {topic!r} already has a validator", reason="misuse")
         self._validators[topic] = validator
+
+    def on_peer_connected(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (synchronously, must not block) whenever a connection opens."""
+        self._watcher.on_connected.append(callback)
 
     def add_stream_handler(self, protocol_id: str, handler: StreamHandler) -> None:
         if self._running:
@@ -856,15 +961,22 @@ class P2PNode:
         host = self._build_host()
         gossipsub = GossipSub(
             protocols=_GOSSIP_PROTOCOLS,
-            degree=_MESH_D,
-            degree_low=_MESH_D_LOW,
-            degree_high=_MESH_D_HIGH,
+            # Resized to the network as peers come and go (_size_mesh).
+            degree=_FULL_MESH_PEERS,
+            degree_low=_FULL_MESH_PEERS,
+            degree_high=_FULL_MESH_PEERS,
             # trap 3. (Typed int in libp2p; it is only ever passed to trio.sleep.)
             heartbeat_interval=cast(int, self._config.heartbeat_s),
             adaptive_gossip_enabled=False,
             # trap 4: per-neighbour limit off (it also throttles our own publishes);
             # _TokenBucket limits per origin.
             spam_protection_enabled=False,
+        )
+        # trap 21: py-libp2p 0.8.1 sends IHAVE to max(6, a quarter of the peers outside the
+        # mesh) on every heartbeat, with no option; each is an RPC both ends pay for. Gossip
+        # only repairs losses here (adverts are refreshed, the market retries), so a few do.
+        gossipsub._get_adaptive_gossip_peers_count = (  # type: ignore[method-assign]
+            lambda topic, total_peers: max(0, min(total_peers, _GOSSIP_LAZY))
         )
         pubsub = Pubsub(
             host,
@@ -920,12 +1032,29 @@ class P2PNode:
                             for addr in self._config.bootstrap:
                                 nursery.start_soon(self._keep_connected, addr)
                             nursery.start_soon(self._discovery_loop)
+                            nursery.start_soon(self._size_mesh, gossipsub)
                             log.info("p2p node %s listening on %s", self.peer_id, self.listen_addrs())
                             task_status.started()
                             await trio.sleep_forever()
                     finally:
                         # trap 8, before host.run()'s own exit path runs.
                         await self._close_host(host)
+
+    async def _size_mesh(self, gossipsub: GossipSub) -> None:
+        """Keep the mesh degree fitted to the number of neighbours (:func:`_mesh_degrees`);
+        the next gossipsub heartbeat grafts or prunes to it."""
+        while True:
+            changed = self._watcher.changed
+            host = self._host
+            peers = len(host.get_connected_peers()) if host is not None else 0
+            d, low, high = _mesh_degrees(peers)
+            if (gossipsub.degree, gossipsub.degree_low, gossipsub.degree_high) != (d, low, high):
+                gossipsub.degree, gossipsub.degree_low, gossipsub.degree_high = d, low, high
+                # Read instead of degree_low/high when adaptive gossip is on (it is off, trap 3).
+                gossipsub.adaptive_degree_low, gossipsub.adaptive_degree_high = low, high
+                self._stats["mesh_resized"] += 1
+            with trio.move_on_after(_MESH_RESIZE_S):
+                await changed.wait()
 
     @staticmethod
     async def _close_host(host: IHost) -> None:
@@ -1088,12 +1217,14 @@ class P2PNode:
         """Kademlia self-lookups; dial every peer found so small networks become a full mesh.
 
         A lookup runs as soon as we (re)connect to a bootstrap peer or connect() is called,
-        then after 2, 4, 8 ... s, settling at once every 5 minutes. Two peers joining at once
+        then after 2, 4, 8 ... s (four times longer after a round that connected nobody new),
+        settling at once every 5 minutes. Two peers joining at once
         through the same bootstrap peer still find each other on their first lookups: the
         bootstrap peer adds a querier to its routing table before answering it, so at least
         one of the two answers names the other peer. The repeats catch anything missed.
         """
         delay = _DISCOVERY_MAX_S
+        newly = 0
         while True:
             kick = self._discovery_kick
             with trio.move_on_after(delay):
@@ -1102,9 +1233,13 @@ class P2PNode:
                 self._discovery_kick = trio.Event()
                 delay = _DISCOVERY_REPEAT_S
             else:
-                delay = min(delay * 2, _DISCOVERY_MAX_S)
+                # A round that found nobody new backs off twice as fast: on an idle, already
+                # meshed network the lookups (each ~15 ms of CPU per neighbour, trap 19) were
+                # most of a daemon's CPU in its first minutes (issue 10).
+                delay = min(delay * (2 if newly else 4), _DISCOVERY_MAX_S)
+            newly = 0
             try:
-                await self._discover_once()
+                newly = await self._discover_once()
             except Exception as exc:
                 # Discovery is best effort. Whatever one peer's answer or one dial does,
                 # it must not end the p2p task (issue 11: it took whole devnets down).

@@ -11,7 +11,7 @@ so that a flood of fresh identities cannot push out the peers we rely on:
 
 * never this node, and never a peer we are connected to;
 * first the peers heard from only once (a one-shot identity costs an attacker one advert;
-  a real peer re-advertises every ``adverts.interval_s``), then the others;
+  a real peer re-advertises at least every ``adverts.refresh_s``), then the others;
 * within each group, the one heard from least recently;
 * and never one whose advert is fresher (issued later) than the newcomer's.
 

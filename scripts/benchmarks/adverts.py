@@ -1,4 +1,4 @@
-"""Adverts (issue 2): publish-to-all latency on 5- and 10-daemon devnets; idle CPU and RSS.
+"""Adverts (issues 2 and 10): publish-to-all latency and idle CPU and RSS on 5-, 10- and 20-daemon devnets.
 
 Latency method. Every daemon stamps an advert with ``issued_at`` (wall-clock ms, just before
 signing) and its peer table records when it accepted the advert (``received_at``, wall-clock ms,
@@ -10,11 +10,13 @@ polling period. "Publish-to-all" of one advert is the max over its receivers; p5
 given per (advert, receiver) pair. An advert that some receiver's poll missed (replaced by the
 next one before the poll) is left out of the per-advert figure, and the coverage is reported.
 
-Adverts go at the default 2 s interval: a smaller one saturates this 2-core machine at 10
-daemons (see the note in :func:`run`). Idle: the same devnet afterwards, with no RPC traffic,
-measured with psutil: CPU time of the daemon process itself (its threads, not its
-children) divided by wall time, and its RSS; the warm sandboxed worker it keeps (bwrap + a
-light worker; no TensorFlow because keras kinds are not offered) is reported separately.
+The devnets run the daemon's default advert settings (``[adverts]`` of peerd.config: a
+change is advertised at once, and with nothing changing each daemon refreshes its advert
+every ``refresh_s``, a third of ``ttl_s``), so latency is that of the refreshes an idle
+network carries. Idle: the same devnet afterwards, with no RPC traffic, measured with
+psutil over several refresh periods: CPU time of the daemon process itself (its threads, not
+its children) divided by wall time, and its RSS; the warm sandboxed worker it keeps (bwrap +
+a light worker; no TensorFlow because keras kinds are not offered) is reported separately.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from typing import Any
 
 import psutil
 
+from peerd.config import AdvertsConfig
 from peerd.rpc.client import RpcClient
 from scripts.benchmarks.common import AreaResult, Table, budget_le, budget_lt, devnet, loadavg, log, pct
 
 NO_TF = {"accept_kinds": ["echo", "sleep"]}
-#: The default advert interval (see the note in run()).
-INTERVAL_S = 2.0
+#: The daemon's defaults (peerd.devnet sets faster adverts for tests; the bench undoes that).
+ADVERTS = {"interval_s": AdvertsConfig.interval_s, "ttl_s": AdvertsConfig.ttl_s}
+REFRESH_S = AdvertsConfig.ttl_s / 3
+SIZES = (5, 10, 20)
 
 
 def _sample_latency(
@@ -112,10 +117,13 @@ def _idle(net: Any, n: int, seconds: float) -> dict[str, list[float]]:
 
 def run(quick: bool = False) -> AreaResult:
     res = AreaResult("adverts")
-    sample_s = 16.0 if quick else 45.0
-    idle_s = 20.0 if quick else 30.0
+    # Refreshes come every REFRESH_S: sample several per daemon, and measure idle over whole
+    # refresh periods (a shorter window would land on 0 or 2 adverts by chance).
+    sample_s = 2 * REFRESH_S if quick else 4 * REFRESH_S
+    idle_s = 2 * REFRESH_S if quick else 4 * REFRESH_S
     lat = Table(
-        f"Advert publish-to-all latency (adverts every {INTERVAL_S:.0f} s, {sample_s:.0f} s of adverts; ms)",
+        f"Advert publish-to-all latency (default adverts: refresh every {REFRESH_S:.0f} s; "
+        f"{sample_s:.0f} s of adverts; ms)",
         [
             "daemons",
             "adverts",
@@ -143,12 +151,12 @@ def run(quick: bool = False) -> AreaResult:
             "load avg",
         ],
     )
-    for n in (5, 10):
+    for n in SIZES:
         log(f"adverts: {n}-daemon devnet")
-        with devnet(f"adv{n}", n, {"offer": NO_TF, "adverts": {"interval_s": INTERVAL_S}}) as net:
+        with devnet(f"adv{n}", n, {"offer": NO_TF, "adverts": ADVERTS}) as net:
             time.sleep(8.0)  # past start-up: DHT discovery turns the bootstrap star into a mesh
             load0 = loadavg()
-            pairs, to_all, coverage = _sample_latency(net, n, sample_s, poll_s=INTERVAL_S / 3)
+            pairs, to_all, coverage = _sample_latency(net, n, sample_s, poll_s=2.0)
             load1 = loadavg()
             time.sleep(2.0)  # let the last polls' work drain before measuring idle
             m = _idle(net, n, idle_s)
@@ -179,18 +187,23 @@ def run(quick: bool = False) -> AreaResult:
         if n == 10:
             res.checks.append(budget_le("advert publish-to-all p50, 10 daemons", pct(to_all, 50), 25, "ms"))
             res.checks.append(budget_le("advert publish-to-all p99, 10 daemons", pct(to_all, 99), 100, "ms"))
+        # Issue 10 budgets the mean (an idle daemon), checked at 10 and 20; the max is kept
+        # as a figure: on this shared machine one daemon's share moves with its neighbours.
+        res.checks.append(
+            budget_lt(f"idle daemon CPU, {n} daemons (mean)", sum(m["cpu"]) / n, 0.5, "% of a core")
+        )
         res.checks.append(budget_lt(f"idle daemon CPU, {n} daemons (max)", max(m["cpu"]), 0.5, "% of a core"))
         res.checks.append(budget_lt(f"idle daemon RSS, {n} daemons (max)", max(m["rss"]), 150, "MB"))
     res.tables += [lat, idle]
     res.notes.append(
         "Latency = received_at (receiver's peer table) − issued_at (origin), both wall-clock ms on this "
         "machine: 1 ms resolution, no clock skew. 'to all' = per advert, the slowest of the other N−1 "
-        "daemons; 'pair' = every (advert, receiver). Tables polled every interval/3 via peers.list."
+        "daemons; 'pair' = every (advert, receiver). Tables polled every 2 s via peers.list."
     )
     res.notes.append(
-        f"Adverts at the default {INTERVAL_S:.0f} s interval: at 0.5 s a 10-daemon devnet saturated both "
-        "cores "
-        "(publish-to-all p50 4.4 s, 2026-11-27), which measures the CPU, not gossip."
+        f"Default advert settings (ttl_s {AdvertsConfig.ttl_s:g} s, refresh every {REFRESH_S:g} s, a "
+        "change at once): an idle network carries one advert per daemon per refresh (issue 10). Before "
+        "issue 10 adverts went every 2 s, and at 0.5 s a 10-daemon devnet saturated both cores."
     )
     res.notes.append(
         "Idle: the same devnet after the latency phase, with no RPC calls. CPU = the daemon process's own "

@@ -151,3 +151,58 @@ def test_a_killed_daemon_leaves_the_tables_and_comes_back_with_its_peer_id(devne
     assert net.peers(0)[victim_id]["seq"] > seq_before
     for i in net.nodes():
         assert not bad_drops(net.counters(i)), f"node {i}"
+
+
+def test_with_a_slow_refresh_peers_stay_listed_and_a_load_change_still_travels(devnet: Any) -> None:
+    """Issue 10: advertise on change plus a slow refresh. The daemons look at their own state
+    every second (before issue 10, one advert per look), refresh every 10 s, and adverts live
+    30 s: over two refresh periods nobody leaves a table and each sends about one advert per
+    refresh; a shard starting on one daemon still reaches the other's table as a change."""
+    ttl_s, refresh_s, interval_s = 30.0, 10.0, 1.0
+    net: TestNet = devnet(
+        2,
+        {
+            "adverts": {"ttl_s": ttl_s, "refresh_s": refresh_s, "interval_s": interval_s},
+            "offer": {"accept_kinds": ["echo", "sleep"]},
+        },
+    )
+    wait_for(lambda: everyone_sees_everyone(net), "both adverts in both tables", timeout=CONVERGENCE_CAP_S)
+    ids = set(net.ids().values())
+    before = {i: net.counters(i) for i in net.nodes()}
+    started = time.monotonic()
+    polls = 0
+    while time.monotonic() - started < 2 * refresh_s:  # bounded: two refresh periods
+        for i in net.nodes():
+            assert set(net.peers(i)) == ids, f"node {i} lost a live peer between refreshes"
+        polls += 1
+        time.sleep(0.5)
+    window = time.monotonic() - started
+    for i in net.nodes():
+        after = net.counters(i)
+        sent = after.get("adverts.published", 0) - before[i].get("adverts.published", 0)
+        refreshes = after.get("adverts.refresh", 0) - before[i].get("adverts.refresh", 0)
+        print(f"\n[measure] node {i}: {sent} adverts in {window:.1f} s ({polls} polls)")
+        assert refreshes >= 1, f"node {i} never refreshed in {window:.0f} s"
+        # One per refresh, plus room for a change on this shared machine (memory); one per
+        # interval_s, the old cadence, would be ~20.
+        assert sent <= window / refresh_s + 2, f"node {i} sent {sent} adverts in {window:.0f} s"
+
+    spec = {"kind": "sleep", "params": {"seconds": 60}, "deadline_s": 300}
+    task_id = str(net.rpc(0, "task.submit", {"spec": spec})["task_id"])
+
+    def runner() -> str | None:
+        shards = net.rpc(0, "task.get", {"task_id": task_id})["shards"]
+        return str(shards[0]["peer_id"]) if shards and shards[0]["state"] == "running" else None
+
+    busy_id = wait_for(runner, "the sleep shard running", timeout=30)
+    busy_node = {v: k for k, v in net.ids().items()}[busy_id]
+    other = 1 - busy_node
+    wait_for(
+        lambda: net.peers(other)[busy_id]["offer"]["busy"] >= 1,
+        "the other daemon seeing the runner busy",
+        timeout=30,
+    )
+    # It travelled as a change, not by a refresh's luck.
+    assert net.counters(busy_node).get("adverts.changed", 0) >= 1
+    assert net.peers(other)[busy_id]["load"] > 0
+    net.rpc(0, "task.cancel", {"task_id": task_id})

@@ -166,6 +166,8 @@ def test_config_is_frozen() -> None:
         ("[markt]\nk = 1", 'markt: unknown section (did you mean "market"?)'),
         ("market = 3", "market: expected a table, got 3"),
         ("[adverts]\ninterval_s = 5\nttl_s = 5", "adverts.ttl_s: must be greater than adverts.interval_s"),
+        ("[adverts]\nttl_s = 200", "adverts.ttl_s: must be at most 120 seconds"),
+        ("[adverts]\nttl_s = 60\nrefresh_s = 40", "adverts.refresh_s: must be at most half of adverts.ttl_s"),
         ("[adverts]\ncalibrate = 1", "adverts.calibrate: expected true or false, got 1"),
         ("[adverts]\ncalibration_s = 120", "adverts.calibration_s: must be at most 60 seconds"),
         ("[adverts]\ninterval_s = inf", "adverts.interval_s: expected a positive finite number"),
