@@ -272,6 +272,8 @@ class WorkerPool:
         #: (slot, class) → jobs waiting for its next spare; the local lanes prewarm_local asked for.
         self._spare_wanted: dict[tuple[int, str], int] = {}
         self._prewarm: set[tuple[int, str]] = set()
+        #: Set (and replaced) when a spare may be due: a job waits for one, a slot fell idle.
+        self._spare_wake = trio.Event()
         #: Local jobs started and finished (tests and metrics: the lane's use is visible).
         self.local_jobs_started = 0
         self.local_jobs_done = 0
@@ -392,6 +394,11 @@ class WorkerPool:
         key = (self._local_slots[0], KIND_CLASS[kind])
         if key in self._spares and key not in self._idle:
             self._prewarm.add(key)  # a no-op when one is ready or starting: the loop waits on it
+            self._wake_spares()
+
+    def _wake_spares(self) -> None:
+        self._spare_wake.set()
+        self._spare_wake = trio.Event()
 
     def forget_task(self, task: str) -> None:
         """``task`` ended: every worker that ran a job of it frees what it keeps resident for it
@@ -589,11 +596,15 @@ class WorkerPool:
         while True:
             if self._spare_wanted.get(key, 0) > 0 or key in self._prewarm:
                 return
+            timeout = math.inf
             if heavy_wait and slot not in self._running:
-                since = self._free_since.get(slot, -math.inf)
-                if trio.current_time() - since >= SPARE_IDLE_S:
+                left = self._free_since.get(slot, -math.inf) + SPARE_IDLE_S - trio.current_time()
+                if left <= 0:
                     return
-            await trio.sleep(0.1)
+                timeout = left
+            wake = self._spare_wake
+            with trio.move_on_after(timeout):
+                await wake.wait()
 
     async def _drain_stderr(self, w: _Worker) -> None:
         # Always drained, so a task flooding stderr never blocks on a full pipe; only a tail is kept.
@@ -628,6 +639,7 @@ class WorkerPool:
                 return JobResult.failure("crashed", f"worker failed to start: {e}")
         while True:
             self._spare_wanted[key] = self._spare_wanted.get(key, 0) + 1
+            self._wake_spares()
             try:
                 got = await recv.receive()
             except (trio.EndOfChannel, trio.ClosedResourceError):
@@ -647,6 +659,7 @@ class WorkerPool:
         finally:
             self._running.discard(slot)
             self._free_since[slot] = trio.current_time()
+            self._wake_spares()
 
     async def _run_on_slot(self, slot: int, wclass: str, job: Job) -> JobResult:
         got = await self._take_worker(slot, wclass, job.submitter)
