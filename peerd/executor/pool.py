@@ -90,12 +90,13 @@ CPU_GRACE = 2.0
 STDERR_TAIL = 16 << 10
 SPARE_DELAY = 0.05
 #: Worker classes whose start is heavy (TensorFlow's import: 4-5 s of CPU). After a job takes
-#: such a spare, its replacement waits until the slot has been idle this long, or until a job
-#: waits for it: started at once, it ran beside the job that took the spare — on a 2-core host,
-#: round 1 of a 3-peer training task paid three TensorFlow imports (docs/benchmarks.md "Where a
-#: round's time goes"). Rounds of one task reuse the worker they ran on, so they need no spare.
+#: such a spare, its replacement starts only once the slot keeps no worker of that class (the
+#: one that took the spare was reclaimed, or reaped after ``reuse_idle_seconds``), or when a
+#: job waits for it (another submitter's): started at once, it ran beside the job that took the
+#: spare — on a 2-core host, round 1 of a 3-peer training task paid three TensorFlow imports
+#: (docs/benchmarks.md "Where a round's time goes"); started after 5 s of idle slot, it landed
+#: in round 2 whenever commits were 5 s apart. Rounds of one task reuse their worker.
 HEAVY_CLASSES = frozenset({"tf"})
-SPARE_IDLE_S = 5.0
 #: Without a memory cgroup, RLIMIT_AS is only a backstop: TensorFlow reserves ~2.2 GB of address
 #: space for ~0.6 GB resident, so a tight cap would kill it long before memory runs out.
 MIN_AS_BACKSTOP = 4 << 30
@@ -266,9 +267,8 @@ class WorkerPool:
         self._local_slots = tuple(range(len(self.devices), len(self._slot_devices)))
         self._free_local = list(reversed(self._local_slots))
         self._local_sem = trio.Semaphore(max(1, n_local))
-        #: Slots running a job now, and since when each slot has been free (heavy spares).
+        #: Slots running a job now (heavy spares wait for an idle slot).
         self._running: set[int] = set()
-        self._free_since: dict[int, float] = {}
         #: (slot, class) → jobs waiting for its next spare; the local lanes prewarm_local asked for.
         self._spare_wanted: dict[tuple[int, str], int] = {}
         self._prewarm: set[tuple[int, str]] = set()
@@ -591,20 +591,15 @@ class WorkerPool:
 
     async def _spare_needed(self, key: tuple[int, str], *, heavy_wait: bool) -> None:
         """Return when the next spare for ``key`` should start: a job (or prewarm_local) waits
-        for it, or — ``heavy_wait`` — its slot has been idle for SPARE_IDLE_S (HEAVY_CLASSES)."""
+        for it, or — ``heavy_wait`` — its slot is idle and keeps no worker of its class
+        (HEAVY_CLASSES)."""
         slot = key[0]
         while True:
             if self._spare_wanted.get(key, 0) > 0 or key in self._prewarm:
                 return
-            timeout = math.inf
-            if heavy_wait and slot not in self._running:
-                left = self._free_since.get(slot, -math.inf) + SPARE_IDLE_S - trio.current_time()
-                if left <= 0:
-                    return
-                timeout = left
-            wake = self._spare_wake
-            with trio.move_on_after(timeout):
-                await wake.wait()
+            if heavy_wait and slot not in self._running and key not in self._idle:
+                return
+            await self._spare_wake.wait()
 
     async def _drain_stderr(self, w: _Worker) -> None:
         # Always drained, so a task flooding stderr never blocks on a full pipe; only a tail is kept.
@@ -658,7 +653,6 @@ class WorkerPool:
             return await self._run_on_slot(slot, wclass, job)
         finally:
             self._running.discard(slot)
-            self._free_since[slot] = trio.current_time()
             self._wake_spares()
 
     async def _run_on_slot(self, slot: int, wclass: str, job: Job) -> JobResult:
@@ -701,6 +695,7 @@ class WorkerPool:
             for key, w in list(self._idle.items()):
                 if now - w.idle_since >= self.reuse_idle_seconds:
                     del self._idle[key]
+                    self._wake_spares()
                     await self._reclaim(w)
 
     async def _link_inputs(self, w: _Worker, inputs: Mapping[str, Path]) -> None:

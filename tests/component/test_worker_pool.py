@@ -283,12 +283,11 @@ async def test_heavy_spare_is_not_replaced_beside_the_job_that_took_it(
     tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Round 1 of a training task paid a TensorFlow import per peer beside its fit: the spare's
-    # replacement started the moment the job took it. Now it waits for an idle slot (stretched
-    # here beyond the test) or for a job that needs it. "light" stands in for "tf" here.
+    # replacement started the moment the job took it. Now it waits until the slot keeps no
+    # worker (alice's is kept for her next round) or a job needs one. "light" stands in for "tf".
     import peerd.executor.pool as pool_mod
 
     monkeypatch.setattr(pool_mod, "HEAVY_CLASSES", frozenset({"light"}))
-    monkeypatch.setattr(pool_mod, "SPARE_IDLE_S", 3600.0)
     pool = WorkerPool(tmp_path / "work", warm_classes=("light",), reuse_idle_seconds=60)
     await nursery.start(pool.run)
     await pool.wait_warm()
@@ -300,3 +299,22 @@ async def test_heavy_spare_is_not_replaced_beside_the_job_that_took_it(
     other = await pool.execute(echo("bob"))  # needs a fresh worker: started on demand
     assert other.ok and other.metrics["worker_jobs"] == 1
     assert pool.workers_started == 2
+
+
+@needs_bwrap
+async def test_heavy_spare_is_replaced_once_the_slot_keeps_no_worker(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import peerd.executor.pool as pool_mod
+
+    monkeypatch.setattr(pool_mod, "HEAVY_CLASSES", frozenset({"light"}))
+    pool = WorkerPool(tmp_path / "work", warm_classes=("light",), reuse_idle_seconds=0.5)
+    await nursery.start(pool.run)
+    await pool.wait_warm()
+    assert (await pool.execute(echo("alice"))).ok
+    # alice's worker is reaped after reuse_idle_seconds: then the slot gets a warm spare again.
+    await _until(lambda: pool.workers_started == 2, "the replacement spare started")
+    await pool.wait_warm()
+    res = await pool.execute(echo("bob"))
+    assert res.ok and res.metrics["worker_jobs"] == 1
+    assert pool.workers_started == 2  # bob took the spare: no cold start
