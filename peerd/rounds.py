@@ -116,6 +116,8 @@ class Rounds(OwnedScope):
         self._starting: set[tuple[str, int]] = set()
         #: Told of every certificate (the submitter's TaskMachine takes it as RoundCertified).
         self.on_certified: list[Callable[[TaskView, Certificate], None]] = []
+        #: (task, round, output digest) already being prefetched (``_prefetch``).
+        self._prefetching: set[tuple[str, int, str]] = set()
 
     # -- inputs from the task bus and the contractor ----------------------------------------
     def on_result(self, view: TaskView, signed: Signed) -> None:
@@ -143,7 +145,43 @@ class Rounds(OwnedScope):
         view.votes.setdefault(m.round, {})[(signed.signer, m.attempt)] = signed
         view.pulse()
         self._follow(view, m.round)
+        self._prefetch(view, signed)
         return True
+
+    def _prefetch(self, view: TaskView, signed: Signed) -> None:
+        """A participant off the round's committee fetches the aggregate a member voted for
+        while the certificate is still being gathered (issue 9 item 3): the next round starts
+        from the certified output (SPEC §11), fetched by digest, so when the certificate names
+        this one the fetch finds it in the blob store. Local only: nothing on the wire changes,
+        and a vote for an output that is not certified costs one wasted fetch, at most one per
+        member and output."""
+        m = signed.message
+        assert isinstance(m, Vote)
+        me = self.node.peer_id
+        digest = str(m.output["sha256"])
+        key = (view.task_id, m.round, digest)
+        if (
+            m.round >= view.announce.rounds  # the last round's output starts no round
+            or me in m.committee  # a member computes the aggregate itself
+            or me not in view.participants()
+            or key in self._prefetching
+            or m.round in view.certificates
+            or self.node.blobs.has(digest)
+        ):
+            return
+        self._prefetching.add(key)
+        limit = min(int(m.output["size"]), self.node.config.policy.max_blob_mb << 20)
+
+        async def fetch() -> None:
+            try:
+                await self.node.fetch_blob(signed.signer, digest, max_bytes=limit)
+                self.node.counters.inc("rounds.prefetched")
+            except (ProtocolError, OSError) as exc:
+                # The certificate's fetch (ShardMachine) tries every voter again.
+                self.node.counters.inc("rounds.prefetch_failed")
+                log.info("prefetch of %s round %d output failed: %s", view.task_id, m.round, exc)
+
+        self.nursery.start_soon(fetch)
 
     def on_certificate(self, view: TaskView, cert: Certificate) -> None:
         """Forward a round's certificate to the roles that read the view (the contractor's
@@ -151,6 +189,7 @@ class Rounds(OwnedScope):
         if cert.round in view.certificates:
             return
         view.certificates[cert.round] = cert
+        self._prefetching = {k for k in self._prefetching if k[:2] != (view.task_id, cert.round)}
         view.pulse()
         log.info("task %s round %d certified by %s", view.task_id, cert.round, ", ".join(cert.signers))
         for listener in self.on_certified:

@@ -238,6 +238,10 @@ class Submitter(OwnedScope):
         held_out: dict[str, Any] = {
             n: refs[n] for n in ("validation", "test") if n in refs and kind.evaluate_with
         }
+        if held_out and kind.evaluate_with:
+            # Its evaluations run on the pool's local lane, off the training slot (issue 9
+            # item 3): start that lane's worker now, not beside round 2's training.
+            self.node.pool.prewarm_local(kind.evaluate_with)
         market = self.node.config.market
         machine = TaskMachine(
             announce,
@@ -696,7 +700,9 @@ class Submitter(OwnedScope):
         with trio.CancelScope() as scope:
             self._jobs[a.job_id] = scope
             try:
-                res = await self.node.pool.execute(job)
+                # The local lane: never on the slot this node advertises, so the next round's
+                # training job here does not wait behind it (issue 9 item 3).
+                res = await self.node.pool.execute(job, local=True)
             except Exception as exc:
                 log.warning("evaluation of %s failed: %s", a.task_id, exc)
                 return ev.JobFinished(

@@ -89,6 +89,14 @@ POLL_SECONDS = 0.5
 CPU_GRACE = 2.0
 STDERR_TAIL = 16 << 10
 SPARE_DELAY = 0.05
+#: Worker classes whose start is heavy (TensorFlow's import: 4-5 s of CPU). After a job takes
+#: such a spare, its replacement starts only once the slot keeps no worker of that class (the
+#: one that took the spare was reclaimed, or reaped after ``reuse_idle_seconds``), or when a
+#: job waits for it (another submitter's): started at once, it ran beside the job that took the
+#: spare — on a 2-core host, round 1 of a 3-peer training task paid three TensorFlow imports
+#: (docs/benchmarks.md "Where a round's time goes"); started after 5 s of idle slot, it landed
+#: in round 2 whenever commits were 5 s apart. Rounds of one task reuse their worker.
+HEAVY_CLASSES = frozenset({"tf"})
 #: Without a memory cgroup, RLIMIT_AS is only a backstop: TensorFlow reserves ~2.2 GB of address
 #: space for ~0.6 GB resident, so a tight cap would kill it long before memory runs out.
 MIN_AS_BACKSTOP = 4 << 30
@@ -213,13 +221,18 @@ class WorkerPool:
         scratch_bytes: int = 1 << 30,
         hide: Sequence[Path] = (),
         start_timeout: float = 180.0,
+        local_slots: int = 1,
     ) -> None:
         """``warm_classes``: which classes of worker to keep warm per device ("light" for
         echo/sleep/python, "tf" for the keras kinds; a class not listed is started cold).
         ``reuse_idle_seconds``: how long a worker waits for another job of the same submitter
         (0: never reuse). ``scratch_bytes``: size of the task's /job and /tmp tmpfs. ``hide``:
         paths covered inside the sandbox if a bound directory would expose them (the daemon's
-        state dir when it lives inside the venv or source tree)."""
+        state dir when it lives inside the venv or source tree). ``local_slots``: lanes for this
+        node's own jobs (``execute(local=True)``: the submitter's validation and test
+        evaluations), on the first device, apart from the advertised slots: they never make a
+        training job wait and never count in ``slots()`` or ``load()`` (issue 9 item 3). A local
+        lane keeps no warm spare until ``prewarm_local`` asks for one."""
         if not devices:
             raise ValueError("at least one device")
         for d in devices:
@@ -248,6 +261,24 @@ class WorkerPool:
         self._nursery: trio.Nursery | None = None
         self._free_slots = list(reversed(range(len(self.devices))))
         self._sem = trio.Semaphore(len(self.devices))
+        n_local = max(0, int(local_slots))
+        #: Every slot's device: the advertised slots, then the local lanes (on devices[0]).
+        self._slot_devices = self.devices + (self.devices[0],) * n_local
+        self._local_slots = tuple(range(len(self.devices), len(self._slot_devices)))
+        self._free_local = list(reversed(self._local_slots))
+        self._local_sem = trio.Semaphore(max(1, n_local))
+        #: Slots running a job now (heavy spares wait for an idle slot).
+        self._running: set[int] = set()
+        #: (slot, class) → jobs waiting for its next spare; the local lanes prewarm_local asked for.
+        self._spare_wanted: dict[tuple[int, str], int] = {}
+        self._prewarm: set[tuple[int, str]] = set()
+        #: Set (and replaced) when a spare may be due: a job waits for one, a slot fell idle.
+        self._spare_wake = trio.Event()
+        #: Local jobs started and finished (tests and metrics: the lane's use is visible).
+        self.local_jobs_started = 0
+        self.local_jobs_done = 0
+        #: Workers spawned (spares, cold starts): tests see when a spare is (not) replaced.
+        self.workers_started = 0
         self._busy = 0
         self._queued = 0
         self._workers: set[_Worker] = set()
@@ -285,7 +316,7 @@ class WorkerPool:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 if self.warm_spares > 0 and (self.sandboxed or not self.require_sandbox):
-                    for slot in range(len(self.devices)):
+                    for slot in range(len(self._slot_devices)):
                         for wclass in self.warm_classes:
                             key = (slot, wclass)
                             send, recv = trio.open_memory_channel[_Worker | _StartFailed](
@@ -307,18 +338,23 @@ class WorkerPool:
                 self._cg.cleanup()
 
     async def wait_warm(self) -> None:
-        """Wait until every (device, class) has a ready spare (tests and benchmarks)."""
-        for event in list(self._spare_ready.values()):
-            await event.wait()
+        """Wait until every (device, class) has a ready spare (tests and benchmarks); local
+        lanes start theirs only when asked (prewarm_local), so they are not waited for."""
+        for (slot, _), event in list(self._spare_ready.items()):
+            if slot not in self._local_slots:
+                await event.wait()
 
-    async def execute(self, job: Job) -> JobResult:
+    async def execute(self, job: Job, *, local: bool = False) -> JobResult:
         """Run ``job`` in a sandboxed worker. Cancellation kills the worker tree, removes its work
-        dir, frees the slot and re-raises ``Cancelled``."""
+        dir, frees the slot and re-raises ``Cancelled``. ``local``: this node's own job (the
+        submitter's evaluations) on a local lane, never on an advertised slot."""
         refusal = self._policy(job)
         if refusal is not None:
             return refusal
         if self._nursery is None:
             raise RuntimeError("WorkerPool.run() is not running")
+        if local and self._local_slots:
+            return await self._execute_local(job)
         self._queued += 1
         self._changed()
         try:
@@ -338,6 +374,31 @@ class WorkerPool:
             self._free_slots.append(slot)
             self._sem.release()
             self._changed()
+
+    async def _execute_local(self, job: Job) -> JobResult:
+        async with self._local_sem:
+            slot = self._free_local.pop()
+            self.local_jobs_started += 1
+            try:
+                return await self._run_on(slot, KIND_CLASS[job.kind], job)
+            finally:
+                self.local_jobs_done += 1
+                self._free_local.append(slot)
+
+    def prewarm_local(self, kind: str) -> None:
+        """Start a warm worker for ``kind`` on the local lane now, if none is there or starting
+        (the submitter calls it when a task that will evaluate is submitted, so the first
+        evaluation does not pay a cold start beside the next round's training)."""
+        if not self._local_slots or kind not in KIND_CLASS:
+            return
+        key = (self._local_slots[0], KIND_CLASS[kind])
+        if key in self._spares and key not in self._idle:
+            self._prewarm.add(key)  # a no-op when one is ready or starting: the loop waits on it
+            self._wake_spares()
+
+    def _wake_spares(self) -> None:
+        self._spare_wake.set()
+        self._spare_wake = trio.Event()
 
     def forget_task(self, task: str) -> None:
         """``task`` ended: every worker that ran a job of it frees what it keeps resident for it
@@ -438,7 +499,7 @@ class WorkerPool:
 
     async def _start_worker(self, slot: int, wclass: str) -> _Worker:
         assert self._nursery is not None
-        device = self.devices[slot]
+        device = self._slot_devices[slot]
         wid = f"{slot}-{device.replace(':', '')}-{wclass}-{uuid.uuid4().hex[:10]}"
         host_dir = self.work_root / wid
         inputs_dir = host_dir / "inputs"
@@ -461,6 +522,7 @@ class WorkerPool:
         if cgroup is not None:
             # The wrapper joins the cgroup and then execs bwrap, so the sandbox is born inside it.
             argv = ["/bin/sh", "-c", _JOIN_CGROUPS_SH, "sh", *map(str, cgroup.procs_files), "--", *argv]
+        self.workers_started += 1
         try:
             proc = _Proc(argv, env)
         except OSError as e:
@@ -496,6 +558,8 @@ class WorkerPool:
     ) -> None:
         backoff = 0.5
         async with send:
+            if key[0] in self._local_slots:
+                await self._spare_needed(key, heavy_wait=False)
             while True:
                 try:
                     w = await self._start_worker(*key)
@@ -507,6 +571,7 @@ class WorkerPool:
                     backoff = min(backoff * 2, 30.0)
                     continue
                 backoff = 0.5
+                self._prewarm.discard(key)
                 self._spare_ready[key].set()
                 try:
                     await send.send(w)
@@ -519,6 +584,22 @@ class WorkerPool:
                 # is built: creating namespaces and starting Python costs ~0.1 s of CPU and, on a
                 # 2-core host, took a no-op job from ~1 ms to ~15 ms when it ran concurrently.
                 await trio.sleep(SPARE_DELAY)
+                if key[0] in self._local_slots:
+                    await self._spare_needed(key, heavy_wait=False)
+                elif key[1] in HEAVY_CLASSES:
+                    await self._spare_needed(key, heavy_wait=True)
+
+    async def _spare_needed(self, key: tuple[int, str], *, heavy_wait: bool) -> None:
+        """Return when the next spare for ``key`` should start: a job (or prewarm_local) waits
+        for it, or — ``heavy_wait`` — its slot is idle and keeps no worker of its class
+        (HEAVY_CLASSES)."""
+        slot = key[0]
+        while True:
+            if self._spare_wanted.get(key, 0) > 0 or key in self._prewarm:
+                return
+            if heavy_wait and slot not in self._running and key not in self._idle:
+                return
+            await self._spare_wake.wait()
 
     async def _drain_stderr(self, w: _Worker) -> None:
         # Always drained, so a task flooding stderr never blocks on a full pipe; only a tail is kept.
@@ -539,7 +620,7 @@ class WorkerPool:
         if idle is not None:
             if idle.submitter == submitter and idle.alive:
                 return idle
-            if parse_device(self.devices[slot]) is None and self._nursery is not None:
+            if parse_device(self._slot_devices[slot]) is None and self._nursery is not None:
                 # CPU: SIGKILL now, reap in the background (keeps ~5 ms off this job's latency).
                 self._kill(idle)
                 self._nursery.start_soon(self._reclaim, idle)
@@ -552,10 +633,14 @@ class WorkerPool:
             except _StartError as e:
                 return JobResult.failure("crashed", f"worker failed to start: {e}")
         while True:
+            self._spare_wanted[key] = self._spare_wanted.get(key, 0) + 1
+            self._wake_spares()
             try:
                 got = await recv.receive()
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 return JobResult.failure("cancelled", "the worker pool is shutting down")
+            finally:
+                self._spare_wanted[key] -= 1
             if isinstance(got, _StartFailed):
                 return JobResult.failure("crashed", f"worker failed to start: {got.reason}")
             if got.alive:
@@ -563,6 +648,14 @@ class WorkerPool:
             await self._reclaim(got)
 
     async def _run_on(self, slot: int, wclass: str, job: Job) -> JobResult:
+        self._running.add(slot)
+        try:
+            return await self._run_on_slot(slot, wclass, job)
+        finally:
+            self._running.discard(slot)
+            self._wake_spares()
+
+    async def _run_on_slot(self, slot: int, wclass: str, job: Job) -> JobResult:
         got = await self._take_worker(slot, wclass, job.submitter)
         if isinstance(got, JobResult):
             return got
@@ -602,6 +695,7 @@ class WorkerPool:
             for key, w in list(self._idle.items()):
                 if now - w.idle_since >= self.reuse_idle_seconds:
                     del self._idle[key]
+                    self._wake_spares()
                     await self._reclaim(w)
 
     async def _link_inputs(self, w: _Worker, inputs: Mapping[str, Path]) -> None:

@@ -88,7 +88,9 @@ class FakeNode:
 
     def __init__(self, me: SignerSealer, tmp: Path) -> None:
         self.me = me
-        self.config = SimpleNamespace(market=SimpleNamespace(lease_ttl_s=TTL_S, heartbeat_s=2.0))
+        self.config = SimpleNamespace(
+            market=SimpleNamespace(lease_ttl_s=TTL_S, heartbeat_s=2.0), policy=SimpleNamespace(max_blob_mb=1)
+        )
         self.counters = Counters()
         self.store = Store(tmp / "state.db")
         self.blobs = BlobStore(tmp / "blobs", max_blob_bytes=1 << 20)
@@ -508,3 +510,48 @@ def test_bad_votes_are_dropped_and_the_open_round_still_certifies(tmp_path: Path
         assert set(w.view.certificates[1].signers) == {node.peer_id, other}
 
     run_world(tmp_path, MEMBER, body)
+
+
+def test_a_participant_off_the_committee_prefetches_the_voted_aggregate(tmp_path: Path) -> None:
+    # Issue 9 item 3: the next round's start model is transferred while the certificate is
+    # gathered. One member's vote (no quorum yet) is enough for an outsider to fetch it.
+    async def body(w: World) -> None:
+        node = w.node
+        w.heartbeat(*w.holders.values())
+        for shard, v in ((0, 1.0), (1, 2.0), (2, 4.0), (3, 8.0)):
+            w.commit(shard, v)
+        await until(lambda: (m := w.rounds.machine(TASK, 1)) is not None and len(m.commits) == 4)
+        r = w.rounds.machine(TASK, 1)
+        assert r is not None
+        a, b, _ = w.members()
+        data = encode_arrays([np.full((2, 2), 15.0), np.arange(3, dtype="<i4") * 4])
+        sha = hashlib.sha256(data).hexdigest()
+        node.served.setdefault(a, {})[sha] = data
+        like = BY_ID[a].seal(
+            Vote,
+            now_ms=clock(),
+            ttl_ms=Vote.MAX_TTL_MS,
+            task_id=TASK,
+            round=1,
+            rule="sum",
+            committee=w.members(),
+            inputs=[
+                {"peer_id": p, "shard": s, "sha256": committed(r.commits[s]), "weight": 1.0}
+                for s, p in sorted(w.holders.items(), key=lambda sp: input_key(sp[1], sp[0]))
+            ],
+            excluded=[],
+            output={"sha256": sha, "size": len(data)},
+            attempt=0,
+        )
+        assert not node.blobs.has(sha)
+        assert w.rounds.on_vote(w.view, like)
+        await until(lambda: node.blobs.has(sha))
+        assert 1 not in w.view.certificates  # fetched before the round was certified
+        assert (a, sha) in node.fetches
+        assert node.counters.get("rounds.prefetched") == 1
+        assert isinstance(like.message, Vote)
+        assert w.vote_as(b, like.message)  # a second vote for it fetches nothing more
+        assert w.view.certificates[1].output["sha256"] == sha
+        assert [f for f in node.fetches if f[1] == sha] == [(a, sha)]
+
+    run_world(tmp_path, OUTSIDER, body)

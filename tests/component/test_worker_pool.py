@@ -232,3 +232,89 @@ async def test_pool_shutdown_cancels_running_jobs(tmp_path: Path) -> None:
         pool_scope.cancel()
     assert [r.error for r in results] == ["cancelled"]
     assert list((tmp_path / "work").iterdir()) == []
+
+
+async def _until(cond: Any, what: str) -> None:
+    """Bounded wait for a condition on the pool (a safety bound, not a timed assertion)."""
+    with trio.fail_after(60):
+        while not cond():
+            await trio.sleep(0.02)
+    assert cond(), what
+
+
+@needs_bwrap
+async def test_local_lane_never_holds_the_advertised_slot(pool: WorkerPool) -> None:
+    # Issue 9 item 3: the submitter's evaluation (a local job) runs beside a training job on
+    # the node's only slot, and the adverts' load never counts it.
+    seen: list[float] = []
+    pool.on_change(lambda: seen.append(pool.load()))
+    local_result: list[Any] = []
+
+    async def local() -> None:
+        job = Job("eval", "me", "sleep", {"seconds": 60}, {}, Limits())
+        local_result.append(await pool.execute(job, local=True))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(local)
+        await _until(lambda: pool.local_jobs_started == 1, "the local job started")
+        res = await pool.execute(echo("alice", "train"))
+        assert res.ok and res.outputs["stdout"] == b"train"
+        # The slot's job finished while the local one still runs.
+        assert pool.local_jobs_done == 0 and not local_result
+        n.cancel_scope.cancel()
+    assert pool.local_jobs_done == 1
+    assert max(seen) == 1.0  # only the echo ever counted: never queued behind the local job
+    assert pool.load() == 0
+
+
+@needs_bwrap
+async def test_local_lane_starts_its_worker_on_prewarm(pool: WorkerPool) -> None:
+    await pool.wait_warm()
+    started = pool.workers_started
+    pool.prewarm_local("sleep")
+    await _until(lambda: pool.workers_started == started + 1, "the local lane's worker started")
+    res = await pool.execute(Job("e", "me", "sleep", {"seconds": 0}, {}, Limits()), local=True)
+    assert res.ok, res
+    assert pool.workers_started == started + 1  # the job took the prewarmed worker
+
+
+@needs_bwrap
+async def test_heavy_spare_is_not_replaced_beside_the_job_that_took_it(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Round 1 of a training task paid a TensorFlow import per peer beside its fit: the spare's
+    # replacement started the moment the job took it. Now it waits until the slot keeps no
+    # worker (alice's is kept for her next round) or a job needs one. "light" stands in for "tf".
+    import peerd.executor.pool as pool_mod
+
+    monkeypatch.setattr(pool_mod, "HEAVY_CLASSES", frozenset({"light"}))
+    pool = WorkerPool(tmp_path / "work", warm_classes=("light",), reuse_idle_seconds=60)
+    await nursery.start(pool.run)
+    await pool.wait_warm()
+    assert pool.workers_started == 1
+    first = await pool.execute(Job("s", "alice", "sleep", {"seconds": 1.0}, {}, Limits()))
+    again = await pool.execute(echo("alice"))
+    assert first.ok and again.ok and again.metrics["worker_jobs"] == 2
+    assert pool.workers_started == 1  # no replacement beside (or after) alice's jobs
+    other = await pool.execute(echo("bob"))  # needs a fresh worker: started on demand
+    assert other.ok and other.metrics["worker_jobs"] == 1
+    assert pool.workers_started == 2
+
+
+@needs_bwrap
+async def test_heavy_spare_is_replaced_once_the_slot_keeps_no_worker(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import peerd.executor.pool as pool_mod
+
+    monkeypatch.setattr(pool_mod, "HEAVY_CLASSES", frozenset({"light"}))
+    pool = WorkerPool(tmp_path / "work", warm_classes=("light",), reuse_idle_seconds=0.5)
+    await nursery.start(pool.run)
+    await pool.wait_warm()
+    assert (await pool.execute(echo("alice"))).ok
+    # alice's worker is reaped after reuse_idle_seconds: then the slot gets a warm spare again.
+    await _until(lambda: pool.workers_started == 2, "the replacement spare started")
+    await pool.wait_warm()
+    res = await pool.execute(echo("bob"))
+    assert res.ok and res.metrics["worker_jobs"] == 1
+    assert pool.workers_started == 2  # bob took the spare: no cold start
