@@ -28,26 +28,13 @@ from typing import Any
 from peerd.rpc.client import RpcClient
 from peerd.wanlink import LinkParams
 from scripts.benchmarks.common import AreaResult, Check, Table, budget_le, devnet, loadavg, log, pct
+from scripts.benchmarks.tasks import echo_spec
 
 LINK = LinkParams(delay_s=0.040, jitter_s=0.010, loss=0.01, rate_bps=100e6)
 TRAINING_BUDGET = 1.3
 #: The checked figure's name in ``scripts/bench --json``, the same whether measured or not.
 TRAINING_FIGURE = "demo training on the WAN / on loopback (wall time)"
 NO_TF = ["echo", "sleep"]
-
-
-def _echo(window_ms: int | None = None) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "name": "bench-wan",
-        "kind": "echo",
-        "work": 1.0,
-        "deadline_s": 120,
-        "max_shards": 1,
-        "params": {"data": "ok"},
-    }
-    if window_ms is not None:
-        spec["bid_window_ms"] = window_ms
-    return spec
 
 
 def _watch(net: Any, task_id: str, timeout: float) -> dict[str, Any] | None:
@@ -63,7 +50,7 @@ def _latency(net: Any, count: int) -> dict[str, list[float]]:
     with RpcClient(net.socket(0)) as rpc:
         for _ in range(count):
             t0 = time.time()
-            tid = rpc.call("task.submit", {"spec": _echo()})["task_id"]
+            tid = rpc.call("task.submit", {"spec": echo_spec(name="bench-wan")})["task_id"]
             end = _watch(net, tid, 120)
             t1 = time.time()
             if end is None or end["state"] != "done":
