@@ -52,7 +52,7 @@ from protocol.machines import MarketTimes
 from protocol.machines import actions as act
 from protocol.machines import events as ev
 from protocol.machines.task import DeclaredOutputs, Restored, TaskMachine
-from protocol.messages import MAX_T_MAX, Award, Message, Result, TaskAnnounce
+from protocol.messages import MAX_T_MAX, Award, Lease, Message, Result, TaskAnnounce
 from protocol.plausibility import check_bid
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,15 @@ class Submitter(OwnedScope):
             signed = open_envelope(raw, kinds=frozenset({"lease"}))
         except ProtocolError:
             return  # not a lease (our announce, award, cancel, result, vote)
-        driver = self._live(signed.message.task_id)  # type: ignore[attr-defined]
+        lease = signed.message
+        assert isinstance(lease, Lease)
+        view = self.book.get(lease.task_id)
+        if view is not None and view.holder(lease.shard, lease.epoch) == signed.signer:
+            # What task.get shows as the shard's state (peerd/api.py); the task bus records it
+            # for everyone else's leases, and ours never pass through it.
+            view.lease_states[(signed.signer, lease.shard)] = lease.state
+            view.pulse()
+        driver = self._live(lease.task_id)
         if driver is not None:
             driver.feed(ev.MessageVerified(now_ms=driver.now_ms(), signed=signed, via=ev.VIA_LOCAL))
 

@@ -43,5 +43,9 @@ def test_only_our_leases_are_verified_again(tmp_path: Path, monkeypatch: pytest.
         p.submitter._own_gossip(lease)
         assert opened == [lease]  # a lease is still verified before the machine sees it
         assert p.state(task_id) == "running"
+        # ...and the shard's state that task.get shows is the lease's (it stayed "awarded"
+        # while our own node ran the shard: our leases never pass the task bus).
+        view = p.submitter.book.get(task_id)
+        assert view is not None and view.lease_states == {(ME.peer_id, 0): "running"}
 
     run(tmp_path, body)
