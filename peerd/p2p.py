@@ -54,6 +54,8 @@ Found while building this (appendix B.1 lists them too; measured on this machine
   messages, then rewrites that peer's addresses in the peer store. Neither can be turned
   off. :func:`_install_sender_record_caches` makes a host verify each (peer, record) once
   and re-use its own record for a few seconds (issue 10: an idle daemon near zero).
+* trap 22: a neighbour's outbound gossip queue holds 32 RPCs and drops the rest silently;
+  raised to :data:`_OUTBOUND_QUEUE` (:func:`_configure_libp2p_process`).
 * libp2p validates a message again when a duplicate arrives while the first copy is still
   being validated (it marks messages seen only afterwards): validators therefore go through
   our own verdict cache, so each unique message reaches a validator exactly once.
@@ -110,6 +112,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.rpc_queue import DefaultMaxMessageSize, RpcQueue
 from libp2p.rcmgr import ResourceManager
 from libp2p.rcmgr.manager import ResourceLimits
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -147,6 +150,8 @@ _LIBP2P_MAX_GOSSIP = (1 << 20) - (16 << 10)
 _FULL_MESH_PEERS = 10
 _MESH_D, _MESH_D_LOW, _MESH_D_HIGH = 5, 4, 8
 _GOSSIP_LAZY = 3
+#: RPCs queued per neighbour before libp2p drops one (trap 22; its default is 32).
+_OUTBOUND_QUEUE = 128
 #: How often the mesh size is revisited besides every connect/disconnect.
 _MESH_RESIZE_S = 30.0
 #: Gossipsub v1.1 only. v1.2 adds IDONTWANT: every receiver sends a control RPC to every
@@ -661,6 +666,12 @@ def _configure_libp2p_process() -> None:
     # varint-prefixed RPCs are read byte by byte; off, yamux mostly credits once half the
     # window is consumed, as go-yamux does. Read at call time; we are the only libp2p user.
     os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+    # trap 22: each neighbour's outbound gossip queue holds 32 RPCs (go-libp2p-pubsub's
+    # default, fixed as a default argument, with no option) and drops what does not fit,
+    # silently: a burst of publishes (a busy submitter's announces, awards and leases) lost
+    # 30% of 1,000 messages to its neighbours here. 128 queued RPCs of at most
+    # max_gossip_bytes each bound a stalled neighbour's queue to ~8 MiB.
+    RpcQueue.__init__.__defaults__ = (_OUTBOUND_QUEUE, DefaultMaxMessageSize)
     root = logging.getLogger("libp2p")
     root.propagate = True
     root.setLevel(logging.WARNING)

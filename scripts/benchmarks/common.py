@@ -178,11 +178,14 @@ def devnet(
     peers_timeout: float = 90.0,
     wan: Any = None,
 ) -> Iterator[Any]:
-    """N daemons on loopback (peerd.devnet), every peer table full before yielding; always torn down."""
+    """N daemons on loopback (peerd.devnet), every peer table full before yielding; always torn
+    down. Its directory (configs, logs, stores) is removed afterwards unless ``keep`` or
+    ``PEERD_BENCH_KEEP=1``, or the run failed: a failed run's logs are what explains it."""
     from peerd.devnet import Devnet
 
     d = bench_dir(name)
     net = Devnet(d)
+    keep = keep or os.environ.get("PEERD_BENCH_KEEP") == "1"
     try:
         if per_node:
             # Devnet.up() gives every node the same overrides; start them by hand instead.
@@ -204,6 +207,9 @@ def devnet(
                 f"{n}-daemon devnet: peer tables not full after {peers_timeout:.0f} s (logs in {d})"
             )
         yield net
+    except BaseException:
+        keep = True
+        raise
     finally:
         net.down()
         if not keep:

@@ -319,6 +319,28 @@ async def test_per_origin_rate_limit_drops_the_excess_and_counts_it() -> None:
         assert a.stats()["gossip_published"] >= 1 + burst
 
 
+async def test_a_burst_of_publishes_reaches_every_neighbour() -> None:
+    """trap 22: libp2p queues 32 RPCs per neighbour and silently drops the rest; a burst of
+    publishes (a busy submitter's awards and leases) must not lose messages."""
+    recorders = [Recorder(), Recorder(), Recorder()]
+    nodes = [make_node(r, max_msgs_per_origin_per_s=10_000.0) for r in recorders]
+    async with running(*nodes):
+        await nodes[0].connect(nodes[1].listen_addrs()[0])
+        await nodes[0].connect(nodes[2].listen_addrs()[0])
+        await nodes[1].connect(nodes[2].listen_addrs()[0])
+        await full_mesh(nodes)
+        await gossip_ready(nodes[0], recorders[1:])
+        burst = 100
+        for i in range(burst):
+            await nodes[0].publish(TOPIC, b"burst-%d" % i)
+
+        def got(r: Recorder) -> set[bytes]:
+            return {m.data for m in r.seen if m.data.startswith(b"burst-")}
+
+        want = {b"burst-%d" % i for i in range(burst)}
+        await eventually(lambda: all(got(r) == want for r in recorders[1:]), "every burst message everywhere")
+
+
 async def test_oversized_gossip() -> None:
     at_b = Recorder()
     a = make_node(Recorder(), max_gossip_bytes=4096)
