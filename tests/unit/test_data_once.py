@@ -9,6 +9,7 @@ relies on: its data key is the blob's digest (peerd/executor/kinds/_resident.py)
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -50,3 +51,22 @@ def test_the_same_split_gives_the_same_shard_bytes(tmp_path: Path) -> None:
     assert len(set(digests)) == 3
     other_seed = _split_npz(data, [1.0, 2.0, 1.0], seed=8)
     assert [hashlib.sha256(b).hexdigest() for b in other_seed] != digests
+
+
+def test_split_parts_are_compressed_npz_that_hold_exactly_their_rows(tmp_path: Path) -> None:
+    # Pixels on a 1/255 grid, half of them zero, as in the seed's data: they deflate.
+    rng = np.random.default_rng(11)
+    x = (rng.integers(0, 256, (600, 64)) * (rng.random((600, 64)) < 0.5) / 255).astype(np.float32)
+    y = rng.integers(0, 10, 600)
+    data = tmp_path / "train.npz"
+    np.savez(data, x=x, y=y)
+    parts = _split_npz(data, [1.0, 1.0, 2.0], seed=3)
+    rows = []
+    for raw in parts:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            assert sorted(z.files) == ["x", "y"]
+            assert z["x"].dtype == np.float32 and z["y"].dtype == y.dtype
+            rows += [(xi.tobytes(), int(yi)) for xi, yi in zip(z["x"], z["y"], strict=True)]
+    # Every row exactly once, each with its own label.
+    assert sorted(rows) == sorted((xi.tobytes(), int(yi)) for xi, yi in zip(x, y, strict=True))
+    assert sum(len(p) for p in parts) < x.nbytes / 2  # shipped deflated, not as raw float32
