@@ -41,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from scripts.benchmarks.common import ROOT, AreaResult, Table, budget_le, devnet, loadavg, log
+from scripts.benchmarks.common import ROOT, AreaResult, Table, budget_le, devnet, loadavg, log, wait_quiet
 
 DATA_DIR = Path(os.environ.get("PEERD_BENCH_DATA", "/tmp/peerd-bench-data"))
 EXAMPLE = ROOT / "examples" / "fashion-mnist.toml"
@@ -166,8 +166,10 @@ def run_peerd(
 
     overrides = {"market": {"bid_window_ms": bid_window_ms}} if bid_window_ms else None
     with devnet(f"tr{n}", n, overrides, keep=keep) as net:
-        # Every daemon keeps a TensorFlow worker warm; wait until they are up (~3 s of import each).
-        time.sleep(5.0 + n)
+        # Every daemon keeps a TensorFlow worker warm; wait until they are up (~4-5 s of CPU
+        # importing each: a fixed 5 + n s left 8 daemons' imports running into round 1).
+        waited = wait_quiet()
+        log(f"training: waited {waited:.0f} s for the warm workers")
         l0 = loadavg()
         t0 = time.time()
         with RpcClient(net.socket(0)) as rpc:
