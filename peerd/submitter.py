@@ -272,6 +272,9 @@ class Submitter(OwnedScope):
             self.nursery.start_soon(self._report_peers)
         driver.feed(ev.Start(now_ms=driver.now_ms()))
         driver.feed(self.trust_event(driver.now_ms()))  # before the bid window closes
+        # Whom to expect bids from, before the first bid can arrive (the window closes early
+        # once every peer known to offer the kind has bid); _report_peers keeps it current.
+        driver.feed(self._peers_known(ann.kind, wall_ms()))
 
     def _driver_error(self, task_id: str, name: str) -> None:
         self.node.counters.inc(name)
@@ -292,12 +295,24 @@ class Submitter(OwnedScope):
             live = [
                 d for d in self.drivers.values() if not d.closed and _machine(d).public_state not in TERMINAL
             ]
-            if live:
-                known = len(self.node.table.alive(now))
-                connected = len(self.node.p2p.connected_peers())
-                for d in live:
-                    d.feed(ev.PeersKnown(now_ms=now, alive=known, connected=connected))
+            events: dict[str, ev.PeersKnown] = {}
+            for d in live:
+                kind = _machine(d).announce.kind
+                if kind not in events:
+                    events[kind] = self._peers_known(kind, now)
+                d.feed(events[kind])
             await trio.sleep(PEERS_EVERY_S)
+
+    def _peers_known(self, kind: str, now: int) -> ev.PeersKnown:
+        """The peer table as a task of ``kind`` sees it: every peer alive, and those whose
+        advert offers the kind and is not draining (whom to expect bids from)."""
+        alive = self.node.table.alive(now)
+        offering = frozenset(
+            e.peer_id for e in alive if kind in e.advert.offer["kinds"] and not e.advert.offer["draining"]
+        )
+        return ev.PeersKnown(
+            now_ms=now, alive=len(alive), connected=len(self.node.p2p.connected_peers()), offering=offering
+        )
 
     def on_message(
         self, signed: Signed, *, via: str = ev.VIA_GOSSIP, sender: str | None = None

@@ -1192,6 +1192,10 @@ class World:
         slot = peer.add_machine("task", task_id, m)
         peer.feed(slot, ev.Start(now_ms=now))
         self.feed_trust(peer, slot, now)
+        # As the daemon's submitter does at submit: whom to expect bids from (the bid window
+        # closes early once each has bid). Every peer that is up offers every kind here.
+        up = frozenset(p.peer_id for p, is_up in zip(self.peers, self.net.up, strict=True) if is_up)
+        peer.feed(slot, ev.PeersKnown(now_ms=now, alive=len(up), connected=1, offering=up))
         if cancel_after is not None:
             self.engine.after(cancel_after, f"cancel {task_id[:8]}", self.cancel_task, peer, task_id)
         # The deadline sweep forgets the task's idle bidders (a daemon's task book does).

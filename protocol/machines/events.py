@@ -125,10 +125,14 @@ class PeerLost(Event):
 class PeersKnown(Event):
     """What the driver's peer table says (TaskMachine): ``alive`` peers known, ``connected``
     right now. Until some peer is connected after a restart, no lease could have reached
-    us, so the TaskMachine does not count holders' silence (see TaskMachine.resume)."""
+    us, so the TaskMachine does not count holders' silence (see TaskMachine.resume).
+    ``offering``: the peers known alive whose advert offers the task's kind and is not
+    draining, ourselves included (None: not said); once each has bid, the bid window
+    closes early (SPEC §8.2)."""
 
     alive: int
     connected: int
+    offering: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,7 +5,9 @@ become a thin driver:
 
 * **Bidding.** Start publishes the announce and opens the bid window
   (``announce.bid_window_ms``). At its end the usable bids (``awards.usable_bids``) are
-  awarded by the real rule (``awards.allocate`` + ``assignments_of``). With no bid the
+  awarded by the real rule (``awards.allocate`` + ``assignments_of``). The window closes
+  early once every peer the driver knows to offer the task's kind (``PeersKnown.offering``,
+  ourselves included) has a usable bid in: nobody known is left to wait for (SPEC §8.2). With no bid the
   task is ``pending``: it waits ``min(2 s · attempt, 10 s)`` — a bid arriving meanwhile
   is awarded at once — then re-announces with a fresh sequence (gossip drops bytes it saw
   in the last 120 s) and opens another window.
@@ -256,6 +258,8 @@ class TaskMachine:
         self.shards_done: set[int] = set()
         self.attempt = 0
         self.alive_peers = 0
+        #: Peers known alive that offer the task's kind (PeersKnown.offering).
+        self.offering: frozenset[str] = frozenset()
         self.lease_start = 0
         #: Holders' silence counts only once some peer is connected (``wait_for_network``).
         self.network_up = not wait_for_network
@@ -329,6 +333,8 @@ class TaskMachine:
             return self._cancel(event.now_ms, event.reason)
         if isinstance(event, ev.PeersKnown):
             self.alive_peers = event.alive
+            if event.offering is not None:
+                self.offering = event.offering
             if event.connected > 0:
                 self.network_up = True
             return []
@@ -638,7 +644,17 @@ class TaskMachine:
         if self.state is TaskState.BACKOFF and self._can_award():
             # A bid that arrives just after a short window is taken at once.
             out += self._award0(event.now_ms)
+        elif self.state is TaskState.BIDDING and self._everyone_bid() and self._can_award():
+            out += self.timers.cancel(T_BID_WINDOW)
+            out += self._award0(event.now_ms)
         return out
+
+    def _everyone_bid(self) -> bool:
+        """Every peer known to offer the task's kind has a usable bid in (SPEC §8.2: the
+        window may close early). Not known (no ``PeersKnown.offering`` yet, or nobody) is
+        "not everyone". A set, not a count: bids from identities the table does not list
+        never stand in for a listed peer that has not bid yet."""
+        return bool(self.offering) and self.offering <= {b.signer for b in self.usable()}
 
     def _on_lease(self, event: ev.MessageVerified, m: Lease) -> list[act.Action]:
         signer = event.signed.signer

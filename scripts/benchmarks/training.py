@@ -373,6 +373,10 @@ def run(quick: bool = False) -> AreaResult:
         if len(tl) > 1:
             ratio = first["round_s"] / rt
             res.checks.append(budget_le(f"round 1 / a later round, {n} peers", ratio, 1.3, "×"))
+        # Issue 9's budget: a round's time besides the critical path's fit (start, load,
+        # encode, commit, aggregation round) ≤ 10% of the round, in the later rounds.
+        non_fit = (rt - _mean(steady, "train_s")) / rt * 100
+        res.checks.append(budget_le(f"round time other than fit, later rounds, {n} peers", non_fit, 10, "%"))
         if n == 5 and 3 in later:
             res.checks.append(budget_le("round time at 5 peers / at 3 peers", rt / later[3], 1.1, "×"))
         if any(row["participants"] < n for row in tl):

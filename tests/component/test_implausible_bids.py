@@ -21,8 +21,8 @@ ADVERT = sample_advert(issued_at=T, ttl_ms=10_000, c0=40.0, cores=2, model="x")
 
 
 class KnownTable:
-    def alive(self, now_ms: int) -> list[str]:
-        return [PEER.peer_id]
+    def alive(self, now_ms: int) -> list[Any]:
+        return [SimpleNamespace(peer_id=PEER.peer_id, advert=ADVERT)]
 
     def get(self, peer_id: str, now_ms: int) -> Any:
         return SimpleNamespace(advert=ADVERT) if peer_id == PEER.peer_id else None

@@ -44,7 +44,7 @@ class _P2P:
 
 
 class _Table:
-    def alive(self, now_ms: int) -> list[str]:
+    def alive(self, now_ms: int) -> list[Any]:
         return []
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -60,8 +61,15 @@ class FakeP2P:
 
 
 class FakeTable:
-    def alive(self, now_ms: int) -> list[str]:
-        return [PEER.peer_id]
+    """PEER alive; its advert offers ``offers`` (none by default: the bid window then runs
+    its whole length, as these tests expect)."""
+
+    def __init__(self, offers: tuple[str, ...] = ()) -> None:
+        self.offers = offers
+
+    def alive(self, now_ms: int) -> list[Any]:
+        offer = {"kinds": self.offers, "draining": False}
+        return [SimpleNamespace(peer_id=PEER.peer_id, advert=SimpleNamespace(offer=offer))]
 
     def get(self, peer_id: str, now_ms: int) -> None:
         return None  # no advert known: a bid's C⁰ is bounded by the wire only (SPEC §7.4)
@@ -71,12 +79,19 @@ class Parts:
     """One daemon's parts on ``tmp``; a second ``Parts`` on the same directory is the same
     daemon after a restart (same store, sequence and blobs; fresh memory)."""
 
-    def __init__(self, tmp: Path, *, connected: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        connected: list[str] | None = None,
+        offers: tuple[str, ...] = (),
+        bid_window_ms: int = 300,
+    ) -> None:
         path = tmp / "peerd.toml"
         path.write_text(
             f'[node]\nstate_dir = "{tmp / "state"}"\nruntime_dir = "{tmp / "run"}"\n'
             "[offer]\ncores = 1\nmemory_mb = 1024\n"
-            "[market]\nbid_window_ms = 300\nlease_ttl_s = 3.0\nheartbeat_s = 1.0\n"
+            f"[market]\nbid_window_ms = {bid_window_ms}\nlease_ttl_s = 3.0\nheartbeat_s = 1.0\n"
         )
         cfg = load_config(path, env={})
         self.counters = Counters()
@@ -92,7 +107,7 @@ class Parts:
             blobs=BlobStore(tmp / "blobs", max_blob_bytes=1 << 20),
             p2p=cast(Any, self.p2p),
             pool=cast(Any, None),
-            table=cast(Any, FakeTable()),
+            table=cast(Any, FakeTable(offers)),
         )
         self.book = TaskBook(ME.peer_id, self.counters)
         self.submitter = Submitter(self.node, self.book)
@@ -103,10 +118,12 @@ class Parts:
         self._watch: trio.MemoryReceiveChannel[dict[str, Any]] | None = None
 
     @classmethod
-    async def started(cls, tmp: Path, nursery: trio.Nursery, *, connected: list[str] | None = None) -> Parts:
+    async def started(
+        cls, tmp: Path, nursery: trio.Nursery, *, connected: list[str] | None = None, **kw: Any
+    ) -> Parts:
         """Built, with each role running in its own nursery inside ``nursery`` (as the daemon
         starts them): what a role spawns ends with the test."""
-        parts = cls(tmp, connected=connected)
+        parts = cls(tmp, connected=connected, **kw)
         for role in (parts.rounds, parts.submitter, parts.bus):
             await nursery.start(role.run)
         return parts
@@ -224,6 +241,22 @@ def test_a_task_from_announce_to_done_through_its_machine(tmp_path: Path) -> Non
         # A bid after the end is for an unknown task (as before).
         late = seal(OTHER, Bid, 2, task_id=task_id, c0=50.0, load=0.0)
         assert p.submitter.accept_bid(late, OTHER.peer_id) == {"ok": False, "reason": "unknown task"}
+
+    run(tmp_path, body)
+
+
+def test_the_bid_window_closes_once_every_peer_offering_the_kind_has_bid(tmp_path: Path) -> None:
+    # A one-minute window (the most there is): an award within the test's bounded wait can only come from the
+    # early close (SPEC §8.2), since the one peer whose advert offers echo has bid.
+    async def body(nursery: trio.Nursery) -> None:
+        p = await Parts.started(tmp_path, nursery, offers=("echo",), bid_window_ms=60_000)
+        task_id = await submit(p, tmp_path)
+        await until(lambda: "announce" in p.p2p.kinds(), "the announce is published")
+        bid = seal(PEER, Bid, 1, task_id=task_id, c0=50.0, load=0.0)
+        assert p.submitter.accept_bid(bid, PEER.peer_id) == {"ok": True, "reason": ""}
+        # A third of the window: only the early close can award within it.
+        await until(lambda: "award" in p.p2p.kinds(), "the award is published", bound_s=20.0)
+        assert p.state(task_id) == "running"
 
     run(tmp_path, body)
 

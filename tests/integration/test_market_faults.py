@@ -21,7 +21,17 @@ from typing import Any
 import pytest
 import trio
 from conftest import TestNet, wait_for
-from hostile import HostilePeer, bid, flip_signature_bit, pack_payload, seal, sign_envelope, wire
+from hostile import (
+    ADVERTS,
+    HostilePeer,
+    advert,
+    bid,
+    flip_signature_bit,
+    pack_payload,
+    seal,
+    sign_envelope,
+    wire,
+)
 from test_market import (
     BASE,
     ROOT,
@@ -201,9 +211,15 @@ async def test_forged_replayed_and_absurd_bids_are_refused_and_never_awarded(net
     submitter = net.peer_id(0)
     honest = net.peer_id(CONTRACTOR)
     before = await trio.to_thread.run_sync(net.counters, 0)
-    async with HostilePeer.joined(net, 0) as evil:
+    async with HostilePeer.joined(net, 0) as evil, HostilePeer.joined(net, 0) as silent:
         other = HostilePeer()  # a second key, never connected: its bids arrive on evil's stream
         # A long bid window: every bid below arrives inside it (checked), so none is "too late".
+        # The window closes early once every peer whose advert offers echo has bid (SPEC §8.2):
+        # a peer that advertises echo and never bids keeps it open its whole length.
+        await silent.publish(ADVERTS, seal(silent.seed, advert()))
+        with trio.fail_after(30):
+            while silent.peer_id not in await HostilePeer.peers(net, 0):
+                await trio.sleep(0.1)
         spec = {"kind": "echo", "bid_window_ms": 8000, "resources": SMALL, "params": {"data": "honest work"}}
         task_id = (await rpc(net, 0, "task.submit", {"spec": spec}))["task_id"]
 

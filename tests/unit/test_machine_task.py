@@ -248,6 +248,54 @@ def test_a_bid_during_backoff_is_awarded_at_once() -> None:
     assert [a["peer_id"] for a in award.assignments] == [W[1].peer_id]
 
 
+def offering(*who: SignerSealer, alive: int = 3) -> ev.PeersKnown:
+    return ev.PeersKnown(now_ms=NOW, alive=alive, connected=1, offering=frozenset(w.peer_id for w in who))
+
+
+def test_the_window_closes_early_once_every_peer_offering_the_kind_has_bid() -> None:
+    ann = announce(work=3000.0, deadline_ms=1000, max_shards=3)
+    m, _ = started(ann)
+    m.handle(offering(W[0], W[1]))  # a third peer is alive but offers other kinds
+    out = deliver(m, bid(W[0], 1000, 0.5), NOW + 10)
+    # One of the two peers that offer the kind has bid: the window stays open.
+    assert m.state is TaskState.BIDDING and not of(out, act.Publish) and "bid_window" in m.timers
+    out = deliver(m, bid(W[1], 1500, 0.8), NOW + 20)
+    assert m.state is TaskState.RUNNING and states(out) == ["running"]
+    assert act.CancelTimer(name="bid_window") in out
+    award = assert_award_checks(m, 0)  # the same rule, over the bids in so far
+    assert {a["peer_id"] for a in award.assignments} <= {W[0].peer_id, W[1].peer_id}
+
+
+def test_the_window_stays_open_while_a_peer_offering_the_kind_has_not_bid() -> None:
+    m, _ = started()
+    m.handle(offering(W[0], W[1]))
+    deliver(m, bid(W[0]), NOW + 10)
+    deliver(m, bid(W[2]), NOW + 20)  # a bidder the table does not list stands in for nobody
+    deliver(m, bid(W[0], at=NOW + 30), NOW + 30)  # nor does a second bid of the same peer
+    assert m.state is TaskState.BIDDING and "bid_window" in m.timers
+    m.handle(ev.TimerFired(now_ms=NOW + 300, name="bid_window"))
+    assert m.state is TaskState.RUNNING
+
+
+def test_without_peers_offering_known_the_window_runs_its_length() -> None:
+    m, _ = started()
+    m.handle(ev.PeersKnown(now_ms=NOW, alive=1, connected=1))  # no offering: not said
+    deliver(m, bid(W[0]), NOW + 10)
+    assert m.state is TaskState.BIDDING and "bid_window" in m.timers
+    m.handle(offering())  # nobody offers the kind: nobody to wait for is not "everyone bid"
+    deliver(m, bid(W[0], at=NOW + 20), NOW + 20)
+    assert m.state is TaskState.BIDDING and "bid_window" in m.timers
+
+
+def test_a_replicated_task_closes_early_only_with_enough_bidders() -> None:
+    m, _ = started(announce(verify={"mode": "replicate", "replicas": 3}))
+    m.handle(offering(W[0], W[1]))
+    deliver(m, bid(W[0]), NOW + 10)
+    deliver(m, bid(W[1]), NOW + 20)
+    # Every known peer bid, but 3 copies need 3 peers: nothing to award yet.
+    assert m.state is TaskState.BIDDING and "bid_window" in m.timers
+
+
 def test_award_follows_the_rule_and_is_published() -> None:
     ann = announce(work=3000.0, deadline_ms=1000, max_shards=3)
     m, _ = started(ann)
