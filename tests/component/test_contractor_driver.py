@@ -395,7 +395,9 @@ async def test_an_awarded_shard_runs_persists_publishes_and_delivers_its_result(
         assert row is not None and row.role == "worker" and row.submitter == SUB.peer_id
         await wait_until(lambda: rig.p2p.leases()[-1].state == "done", "the final lease published")
         leases = rig.p2p.leases()
-        assert leases[0].state == "running" and leases[-1].state == "done"
+        # Heartbeats, if any (the first is due 250 ms after the award, and this fake job
+        # may end sooner: SPEC §7.6), then the final lease.
+        assert leases[-1].state == "done" and all(lease.state == "running" for lease in leases[:-1])
         assert rig.me in view.heartbeats
         assert rig.node.active_shards == 0 and rig.adverts == 2
         assert rig.count("jobs.started") == 1 and rig.count("jobs.ok") == 1

@@ -163,13 +163,17 @@ def test_checked_award_binds_the_shard_and_starts_work() -> None:
     rec = of(out, act.Persist)[0].record
     assert isinstance(rec, act.WorkerTaskRecord) and rec.message == "awarded shard 0 (epoch 0)"
     assert act.AdjustLoad(delta=1) in out
-    lease = one(out, act.Publish).signed.message
+    # The first heartbeat goes out 250 ms after the award (SPEC §7.6), not at once.
+    assert not of(out, act.Publish)
+    assert act.SetTimer(name="heartbeat", at_ms=NOW + 310 + 250) in out
+    beat = m.handle(ev.TimerFired(now_ms=NOW + 560, name="heartbeat"))
+    lease = one(beat, act.Publish).signed.message
     assert isinstance(lease, Lease) and (lease.state, lease.shard, lease.detail) == (
         "running",
         0,
         "fetching text",
     )
-    assert act.SetTimer(name="heartbeat", at_ms=NOW + 2_310) in out
+    assert act.SetTimer(name="heartbeat", at_ms=NOW + 2_560) in beat
     f = one(out, act.FetchBlob)
     assert (f.digest, f.source, f.size, f.tag) == (IN["sha256"], SUB.peer_id, 7, "input:text")
     # The peer the award does not name stays a bidder.
@@ -281,6 +285,14 @@ def test_delivery_stops_on_unknown_task_and_past_the_deadline() -> None:
     m.handle(ev.JobFinished(now_ms=NOW + 1_000, job_id=job.job_id, ok=True))
     out = m.handle(ev.SendCompleted(now_ms=NOW + 120_001, tag="result:1", ok=False))
     assert out == [act.Count(name="results.undelivered")] and m.state is ShardState.DONE
+
+
+def test_a_job_that_ends_before_the_first_heartbeat_sends_only_its_final_lease() -> None:
+    _, m, job = ran()  # awarded at NOW + 310, first heartbeat due at NOW + 560
+    out = m.handle(ev.JobFinished(now_ms=NOW + 330, job_id=job.job_id, ok=True))
+    leases = [p.signed.message for p in of(out, act.Publish) if isinstance(p.signed.message, Lease)]
+    assert [lease.state for lease in leases] == ["done"]
+    assert act.CancelTimer(name="heartbeat") in out and "heartbeat" not in m.timers
 
 
 def test_job_failure_is_published_delivered_then_failed() -> None:
