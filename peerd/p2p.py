@@ -668,9 +668,10 @@ def _configure_libp2p_process() -> None:
     os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
     # trap 22: each neighbour's outbound gossip queue holds 32 RPCs (go-libp2p-pubsub's
     # default, fixed as a default argument, with no option) and drops what does not fit,
-    # silently: a burst of publishes (a busy submitter's announces, awards and leases) lost
-    # 30% of 1,000 messages to its neighbours here. 128 queued RPCs of at most
-    # max_gossip_bytes each bound a stalled neighbour's queue to ~8 MiB.
+    # silently: a burst of 100 publishes (a busy submitter's announces, awards and leases)
+    # lost messages to its neighbours here; with 128 it arrives whole (a tight loop of 1,000
+    # still overruns it). 128 queued RPCs of at most max_gossip_bytes each bound a stalled
+    # neighbour's queue to ~8 MiB.
     RpcQueue.__init__.__defaults__ = (_OUTBOUND_QUEUE, DefaultMaxMessageSize)
     root = logging.getLogger("libp2p")
     root.propagate = True

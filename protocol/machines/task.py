@@ -7,8 +7,8 @@ become a thin driver:
   (``announce.bid_window_ms``). At its end the usable bids (``awards.usable_bids``) are
   awarded by the real rule (``awards.allocate`` + ``assignments_of``). The window closes
   early once every peer the driver knows to offer the task's kind (``PeersKnown.offering``,
-  ourselves included) has a usable bid in: nobody known is left to wait for (SPEC §8.2). With no bid the
-  task is ``pending``: it waits ``min(2 s · attempt, 10 s)`` — a bid arriving meanwhile
+  ourselves included) has a usable bid in: nobody known is left to wait for (SPEC §8.2).
+  With no bid the task is ``pending``: it waits ``min(2 s · attempt, 10 s)`` — a bid arriving meanwhile
   is awarded at once — then re-announces with a fresh sequence (gossip drops bytes it saw
   in the last 120 s) and opens another window.
 * **Award.** Epoch 0 quotes the usable bids; kinds that split their data

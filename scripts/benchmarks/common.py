@@ -159,27 +159,19 @@ def loadavg() -> float:
     return os.getloadavg()[0]
 
 
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat's first line."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields) - idle, sum(fields)
-
-
 def wait_quiet(*, busy_cores: float = 0.6, least_s: float = 3.0, most_s: float = 120.0) -> float:
     """Wait until the machine's CPU use over one second falls below ``busy_cores`` (a fresh
     devnet's daemons are still importing TensorFlow for their warm workers: ~4-5 s of CPU
     each, so 8 daemons keep 2 cores busy for ~20 s), at least ``least_s`` and at most
     ``most_s`` seconds (a machine busy with other work is measured as it is). Returns the
     seconds waited."""
+    import psutil
+
     t0 = time.monotonic()
     time.sleep(least_s)
     cores = os.cpu_count() or 1
     while time.monotonic() - t0 < most_s:
-        b0, t_0 = _cpu_jiffies()
-        time.sleep(1.0)
-        b1, t_1 = _cpu_jiffies()
-        if t_1 > t_0 and (b1 - b0) / (t_1 - t_0) * cores < busy_cores:
+        if psutil.cpu_percent(interval=1.0) / 100 * cores < busy_cores:
             break
     return time.monotonic() - t0
 
