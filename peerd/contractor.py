@@ -405,6 +405,12 @@ class Contractor(OwnedScope):
         elif isinstance(action, act.AdjustLoad):
             self.node.active_shards += action.delta
             self.node.poke_advert()
+        elif isinstance(action, act.KeepOwnResult):
+            # A plain task's result goes to its submitter only (SPEC §7.7); our own view
+            # still shows it, as it would a result we published.
+            view = self.book.get(action.signed.message.task_id)  # type: ignore[attr-defined]
+            if view is not None:
+                view.add_result(action.signed)
         elif isinstance(action, act.AdoptShard):
             self._adopt(action.task_id, action.shard, action.award)
         elif isinstance(action, act.CancelJob):

@@ -300,6 +300,8 @@ class Peer:
             w.publish(self, a.signed)
             if self.liar and a.signed.kind == "result":
                 w.equivocate_later(self, a.signed)
+        elif isinstance(a, act.KeepOwnResult):
+            pass  # a plain task's result: it goes to the submitter by its Send (SPEC §7.7)
         elif isinstance(a, act.Send):
             w.send(self, slot, a)
         elif isinstance(a, act.SetTimer):

@@ -37,6 +37,15 @@ class Publish(Action):
 
 
 @dataclass(frozen=True, kw_only=True)
+class KeepOwnResult(Action):
+    """A plain task's result, which goes to its submitter only (``Send``) and not on gossip
+    (SPEC §7.7): the driver records it in its own view of the task, as it would a result it
+    published, and sends nothing."""
+
+    signed: Signed
+
+
+@dataclass(frozen=True, kw_only=True)
 class Send(Action):
     """Open a stream of ``protocol`` to ``peer``, send ``signed.raw`` as one frame and
     read the reply; answer with ``SendCompleted(tag=tag)``. To our own peer ID the driver

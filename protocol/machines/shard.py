@@ -14,7 +14,8 @@ The rules are those of ``peerd/contractor.py`` today:
 * **Work.** Fetch the inputs (the announce's, then the shard's own) from the submitter one
   at a time, then for each round: (keras-train, round > 1) wait for the previous round's
   certificate and fetch its output from a voter (three passes, a second apart), run the
-  job, publish and deliver the signed result (durable first). The first round is the one
+  job, deliver the signed result (durable first) and, for an aggregated task, publish it
+  (a plain task's result goes to its submitter only, SPEC §7.7). The first round is the one
   after the last round the binding award quotes as certified (``Award.certified``, SPEC
   §11.1 "The award in force"), whose output the award names: a holder bound by a re-award
   never runs a round the submitter holds certified, even when it missed that round's votes
@@ -22,7 +23,8 @@ The rules are those of ``peerd/contractor.py`` today:
   their certificates hold under its awards. A lease heartbeat goes out
   ``FIRST_HEARTBEAT_MS`` after the award, then every ``heartbeat_ms`` while the shard is
   worked on; a final lease (``done``,
-  ``failed``, ``released``) when it ends.
+  ``failed``, ``released``) when it ends, except where a plain task's result ends it: that
+  result tells the submitter, the only peer that supervises the holder (SPEC §7.6).
 * **Delivery.** Until the submitter acknowledges: back-off from 0.2 s doubling to
   ``max(0.5 s, min(10 s, lease_ttl / 2))``, re-publishing the final lease between tries
   once the shard is no longer worked on, at most 200 tries; stop on "unknown task", on
@@ -372,8 +374,8 @@ class ShardMachine:
         if self.state in ACTIVE:
             # The first heartbeat goes out FIRST_HEARTBEAT_MS after the award (SPEC §7.6), then
             # every heartbeat_ms. A shard whose work ends sooner (a no-op task's job takes a few
-            # ms) sends only its final lease: one gossip message less per task, and a gossip
-            # message costs ~5 ms of CPU across 3 nodes here (docs/benchmarks.md).
+            # ms) sends no heartbeat, and a plain one no lease at all: a gossip message costs
+            # ~5 ms of CPU across 3 nodes here (docs/benchmarks.md).
             first = now + min(FIRST_HEARTBEAT_MS, self.times.heartbeat_ms)
             out = [*out[:2], self.timers.set(T_HEARTBEAT, first), *out[2:]]
         return out
@@ -546,10 +548,20 @@ class ShardMachine:
                 )
             )
         )
-        out.append(act.Publish(signed=signed))
+        plain = self.announce.aggregation == "none"
+        # An aggregated task's commit goes on gossip for its committee (SPEC §11); a plain
+        # task's result goes to its submitter only (SPEC §7.7): nobody else acts on it, and
+        # replicas of a compared task cannot see each other's hashes before they commit.
+        out.append(act.KeepOwnResult(signed=signed) if plain else act.Publish(signed=signed))
         out += self._deliver(signed, self.round)
         if not event.ok:
-            return out + self._end(now, ShardState.FAILED, f"{event.error}: {event.detail}"[:512])
+            return out + self._end(
+                now, ShardState.FAILED, f"{event.error}: {event.detail}"[:512], final_lease=not plain
+            )
+        if plain and self.round >= self.announce.rounds:
+            # The result just sent says "done" to the only peer that supervises this holder
+            # (SPEC §7.6): no final lease beside it, one gossip message less per task.
+            return out + self._end(now, ShardState.DONE, "", final_lease=False)
         return out + self._begin_round(now, self.round + 1)
 
     def _heartbeat(self, now: int) -> list[act.Action]:
@@ -575,13 +587,17 @@ class ShardMachine:
         )
         return act.Publish(signed=signed)
 
-    def _end(self, now: int, outcome: ShardState, detail: str) -> list[act.Action]:
-        """The shard's work is over: the final lease, the freed slot, then delivery."""
+    def _end(
+        self, now: int, outcome: ShardState, detail: str, *, final_lease: bool = True
+    ) -> list[act.Action]:
+        """The shard's work is over: the final lease (unless the plain task's result that
+        ends it stands in for one, SPEC §7.6), the freed slot, then delivery."""
         self.detail = detail
         self.outcome = outcome
         out = self.timers.cancel(T_HEARTBEAT) + self.timers.cancel(T_MODEL)
         lease_state = {ShardState.DONE: "done", ShardState.FAILED: "failed"}.get(outcome, "released")
-        out.append(self._lease(now, lease_state, detail))
+        if final_lease:
+            out.append(self._lease(now, lease_state, detail))
         out.append(act.AdjustLoad(delta=-1))
         if outcome in (ShardState.RELEASED, ShardState.LOST):
             out.append(act.Count(name="shards.cancelled"))

@@ -216,7 +216,9 @@ def test_input_fetch_failure_fails_the_shard_without_a_result() -> None:
     assert not of(out, act.Send)
 
 
-def test_job_done_publishes_delivers_with_backoff_then_done() -> None:
+def test_a_plain_result_goes_to_the_submitter_only_with_backoff_then_done() -> None:
+    # SPEC §7.7: a plain task's result is delivered, not gossiped, and stands in for the
+    # final lease (§7.6): finishing the shard publishes nothing at all.
     _, m, job = ran()
     assert job.inputs == {"text": IN} and job.job_id == f"{TASK}-0-1" and m.state is ShardState.RUNNING
     with pytest.raises(LocalProtocolError, match="illegal event JobFinished in state RUNNING"):
@@ -230,16 +232,18 @@ def test_job_done_publishes_delivers_with_backoff_then_done() -> None:
             metrics={"num_samples": 12.0, "bad": float("nan")},
         )
     )
-    res = next(p.signed.message for p in of(out, act.Publish) if isinstance(p.signed.message, Result))
+    assert not of(out, act.Publish)
+    res = one(out, act.KeepOwnResult).signed.message
+    assert isinstance(res, Result)
     assert res.ok and res.weight == 12.0 and res.metrics == {"num_samples": 12.0} and res.epoch == 0
     work = one(out, act.Persist).record
     assert isinstance(work, act.WorkRecord) and work.state == "done"
     kinds = [type(a).__name__ for a in out]
-    assert kinds.index("Persist") < kinds.index("Publish") < kinds.index("Send")  # durable first
+    assert kinds.index("Persist") < kinds.index("KeepOwnResult") < kinds.index("Send")  # durable first
     send = one(out, act.Send)
     assert (send.peer, send.protocol, send.tag) == (SUB.peer_id, "result", "result:1")
-    final = [p.signed.message for p in of(out, act.Publish) if isinstance(p.signed.message, Lease)]
-    assert [f.state for f in final] == ["done"] and act.AdjustLoad(delta=-1) in out
+    assert send.signed.raw == one(out, act.KeepOwnResult).signed.raw
+    assert act.AdjustLoad(delta=-1) in out and act.CancelTimer(name="heartbeat") in out
     assert m.state is ShardState.DELIVERING
     t = NOW + 1_100
     delays = []
@@ -248,8 +252,9 @@ def test_job_done_publishes_delivers_with_backoff_then_done() -> None:
         at = one(out, act.SetTimer).at_ms
         delays.append(at - t)
         out = m.handle(ev.TimerFired(now_ms=at, name="deliver:1"))
-        # Between tries the final lease is re-published (a restarted submitter forgot our heartbeats).
-        lease = of(out, act.Publish)[0].signed.message
+        # Between tries the final lease is published (the submitter may not have our result,
+        # and a restarted one forgot our heartbeats).
+        lease = one(out, act.Publish).signed.message
         assert (
             isinstance(lease, Lease)
             and lease.state == "done"
@@ -260,6 +265,20 @@ def test_job_done_publishes_delivers_with_backoff_then_done() -> None:
     assert delays == [200, 400, 800, 1_600]
     out = m.handle(ev.SendCompleted(now_ms=t, tag="result:1", ok=True))
     assert out == [act.Count(name="results.delivered")] and m.state is ShardState.DONE
+
+
+def test_an_aggregated_result_is_published_and_delivered_then_the_final_lease() -> None:
+    # SPEC §11: the committee counts commits it heard on gossip; the last round ends with a
+    # final lease, which the submitter's round supervision reads.
+    _, m, job = ran(announce(kind="keras-train", aggregation="weighted_mean"))
+    out = m.handle(ev.JobFinished(now_ms=NOW + 1_000, job_id=job.job_id, ok=True))
+    assert not of(out, act.KeepOwnResult)
+    published = [p.signed.message for p in of(out, act.Publish)]
+    assert [type(x).__name__ for x in published] == ["Result", "Lease"]
+    assert isinstance(published[1], Lease) and published[1].state == "done"
+    assert one(out, act.Send).signed.raw == of(out, act.Publish)[0].signed.raw
+    kinds = [type(a).__name__ for a in out]
+    assert kinds.index("Persist") < kinds.index("Publish") < kinds.index("Send")  # durable first
 
 
 def test_backoff_ceiling_is_half_the_lease_ttl() -> None:
@@ -287,22 +306,29 @@ def test_delivery_stops_on_unknown_task_and_past_the_deadline() -> None:
     assert out == [act.Count(name="results.undelivered")] and m.state is ShardState.DONE
 
 
-def test_a_job_that_ends_before_the_first_heartbeat_sends_only_its_final_lease() -> None:
-    _, m, job = ran()  # awarded at NOW + 310, first heartbeat due at NOW + 560
-    out = m.handle(ev.JobFinished(now_ms=NOW + 330, job_id=job.job_id, ok=True))
-    leases = [p.signed.message for p in of(out, act.Publish) if isinstance(p.signed.message, Lease)]
-    assert [lease.state for lease in leases] == ["done"]
-    assert act.CancelTimer(name="heartbeat") in out and "heartbeat" not in m.timers
+def test_a_job_that_ends_before_the_first_heartbeat_sends_no_heartbeat() -> None:
+    # Awarded at NOW + 310, first heartbeat due at NOW + 560 (SPEC §7.6): a plain shard that
+    # ends sooner publishes no lease at all, an aggregated one only its final lease.
+    aggregated = announce(kind="keras-train", aggregation="weighted_mean")
+    for ann, want in ((announce(), []), (aggregated, ["done"])):
+        _, m, job = ran(ann)
+        out = m.handle(ev.JobFinished(now_ms=NOW + 330, job_id=job.job_id, ok=True))
+        leases = [p.signed.message for p in of(out, act.Publish) if isinstance(p.signed.message, Lease)]
+        assert [lease.state for lease in leases] == want
+        assert act.CancelTimer(name="heartbeat") in out and "heartbeat" not in m.timers
 
 
-def test_job_failure_is_published_delivered_then_failed() -> None:
+def test_a_plain_jobs_failure_is_delivered_not_published_then_failed() -> None:
     _, m, job = ran()
     out = m.handle(
         ev.JobFinished(now_ms=NOW + 1_000, job_id=job.job_id, ok=False, error="memory_limit", detail="3 GiB")
     )
-    res = next(p.signed.message for p in of(out, act.Publish) if isinstance(p.signed.message, Result))
+    assert not of(out, act.Publish)
+    res = one(out, act.KeepOwnResult).signed.message
+    assert isinstance(res, Result)
     assert not res.ok and res.error == "memory_limit: 3 GiB" and res.weight == 0.0
-    assert act.Count(name="jobs.failed.memory_limit") in out
+    assert one(out, act.Send).signed.message == res
+    assert act.Count(name="jobs.failed.memory_limit") in out and act.AdjustLoad(delta=-1) in out
     assert m.state is ShardState.DELIVERING
     m.handle(ev.SendCompleted(now_ms=NOW + 1_100, tag="result:1", ok=True))
     assert m.state is ShardState.FAILED
