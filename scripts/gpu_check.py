@@ -65,7 +65,12 @@ async def fit(pool: WorkerPool, job_params: dict[str, Any], data: Path, label: s
 
 async def main_async(args: argparse.Namespace) -> int:
     gpus = gpu_info()
-    print(f"GPUs seen by NVML: {[f'{g.index}: {g.model}' for g in gpus] or 'none'}")
+    print(f"GPUs seen by NVML: {len(gpus) or 'none'}")
+    for g in gpus:  # what the adverts carry (docs/design.md, capacity adverts)
+        print(
+            f"  gpu:{g.index} {g.model}: {g.vram_total_mb} MiB, {g.vram_free_mb} MiB free, "
+            f"{g.util_pct:.0f}% busy, ~{g.gflops:.0f} GFLOP/s peak"
+        )
     job_params = params(args.epochs, args.batch_size)
     with tempfile.TemporaryDirectory(prefix="peerd-gpu-check-") as d:
         work = Path(d)

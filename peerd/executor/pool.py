@@ -104,7 +104,13 @@ _INPUT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _JOIN_CGROUPS_SH = 'while [ "$1" != "--" ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
 
 
-def as_backstop(memory_bytes: int) -> int:
+def as_backstop(memory_bytes: int, device: str = "cpu") -> int:
+    """RLIMIT_AS for a worker without a memory cgroup; 0 (none) on a GPU slot, where the CUDA
+    driver reserves virtual address space for unified addressing in proportion to host and
+    device memory (hundreds of GB on a big card), so any cap that RSS would fit under kills CUDA's
+    start instead. RSS polling still bounds a GPU slot's host memory (module docstring, step 4)."""
+    if parse_device(device) is not None:
+        return 0
     return max(MIN_AS_BACKSTOP, memory_bytes + (2 << 30))
 
 
@@ -453,8 +459,8 @@ class WorkerPool:
 
     # ---------------------------------------------------------------- workers
 
-    def _worker_command(self, wclass: str, host_dir: Path, inputs_dir: Path) -> list[str]:
-        as_bytes = 0 if self._cg.memory else as_backstop(Limits().memory_bytes)
+    def _worker_command(self, wclass: str, host_dir: Path, inputs_dir: Path, device: str) -> list[str]:
+        as_bytes = 0 if self._cg.memory else as_backstop(Limits().memory_bytes, device)
         if self.sandboxed:
             job_dir, in_dir = JOB_DIR, INPUTS_DIR
         else:
@@ -479,7 +485,7 @@ class WorkerPool:
     def _spawn_argv(
         self, device: str, wclass: str, host_dir: Path, inputs_dir: Path
     ) -> tuple[list[str], dict[str, str]]:
-        command = self._worker_command(wclass, host_dir, inputs_dir)
+        command = self._worker_command(wclass, host_dir, inputs_dir, device)
         layout = runtime_layout(self.python)
         if not self.sandboxed:
             job_dir = str(host_dir / "job")
@@ -737,7 +743,7 @@ class WorkerPool:
             "inputs": sorted(job.inputs),
             "limits": limits.to_wire(),
             "trusted": job.trusted,
-            "as_backstop": None if self._cg.memory else as_backstop(limits.memory_bytes),
+            "as_backstop": None if self._cg.memory else as_backstop(limits.memory_bytes, w.device) or None,
             "input_ids": {name: content_id(Path(path)) for name, path in job.inputs.items()},
             "task": job.task,
             # Ended tasks not yet forgotten: the worker frees their entries before this job.

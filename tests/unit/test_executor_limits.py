@@ -33,6 +33,13 @@ def test_as_backstop_never_below_4_gib() -> None:
     # RLIMIT_AS is a backstop only: TensorFlow reserves ~2.2 GB of address space at import.
     assert as_backstop(256 << 20) == 4 << 30
     assert as_backstop(8 << 30) == 10 << 30
+    assert as_backstop(8 << 30, "cpu") == 10 << 30
+
+
+def test_no_address_space_cap_on_a_gpu_slot() -> None:
+    # CUDA reserves virtual address space in proportion to host + device memory: a cap kills it.
+    assert as_backstop(8 << 30, "gpu:0") == 0
+    assert as_backstop(256 << 20, "gpu:3") == 0
 
 
 # Files the code writes start empty: the code opens them O_WRONLY without O_TRUNC, as cgroup files
