@@ -56,6 +56,10 @@ Found while building this (appendix B.1 lists them too; measured on this machine
   and re-use its own record for a few seconds (issue 10: an idle daemon near zero).
 * trap 22: a neighbour's outbound gossip queue holds 32 RPCs and drops the rest silently;
   raised to :data:`_OUTBOUND_QUEUE` (:func:`_configure_libp2p_process`).
+* trap 23: py-libp2p 0.8.1's gossipsub sends a message we publish to our mesh peers only and has
+  no flood-publish option (go-libp2p and js-libp2p flood by default), so one-hop delivery
+  needed a full mesh, and each mesh neighbour forwards a copy of every message to every
+  other: :func:`_install_flood_publish` adds it, and the mesh is kept at 2-3 (issue 10).
 * libp2p validates a message again when a duplicate arrives while the first copy is still
   being validated (it marks messages seen only afterwards): validators therefore go through
   our own verdict cache, so each unique message reaches a validator exactly once.
@@ -90,7 +94,7 @@ import os
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -140,16 +144,20 @@ log = logging.getLogger(__name__)
 #: also carries topic, sender, seqno, signature, key and a signed peer record, so a payload
 #: must leave headroom; 16 KiB is far more than those fields take.
 _LIBP2P_MAX_GOSSIP = (1 << 20) - (16 << 10)
-#: Gossipsub mesh degree, sized to the network (:func:`_mesh_degrees`, issue 10). The
-#: star-topology finding: in small networks every peer should be a direct mesh neighbour so
-#: gossip takes one hop. Up to _FULL_MESH_PEERS neighbours the mesh is full, which is also
-#: the cheapest there: with no peer outside the mesh no IHAVE gossip goes out at all. Beyond
-#: it the mesh is kept small, because every mesh neighbour sends us a copy of every message:
-#: an idle node's cost is (adverts/s in the network) x D, plus the IHAVE of each heartbeat to
-#: _GOSSIP_LAZY peers outside the mesh (py-libp2p's own figure is at least 6, trap 21).
-_FULL_MESH_PEERS = 10
-_MESH_D, _MESH_D_LOW, _MESH_D_HIGH = 5, 4, 8
-_GOSSIP_LAZY = 3
+#: Gossipsub mesh degree, sized to the network (:func:`_mesh_degrees`, issue 10). Our own
+#: messages are flood-published to every subscribed neighbour (:func:`_install_flood_publish`),
+#: so the mesh is not what makes gossip one hop: it forwards to peers that are not the origin's
+#: neighbours and backs up a lost direct send. Each mesh neighbour sends us a copy of every
+#: message it receives, so an idle node's cost is about (adverts/s in the network) x (1 + 2D)
+#: RPCs, plus one IHAVE per heartbeat to _GOSSIP_LAZY peers outside the mesh (py-libp2p's own
+#: figure is at least 6, trap 21). Measured with `scripts/bench --quick adverts` at 10 and 20
+#: daemons (docs/benchmarks.md, 2026-12-04): a full mesh of 9 cost 0.50 % of a core per idle
+#: daemon at 10 with publish-to-all p50 64 ms; D = 3 with flood publishing 0.34 % and 32 ms;
+#: D = 2 0.34 % and 22 ms at 10, and 0.73 % against 0.89 % (D = 3) at 20. A mesh of 2-3 is
+#: still connected with high probability, and the origin's flood reaches every neighbour.
+_FULL_MESH_PEERS = 3
+_MESH_D, _MESH_D_LOW, _MESH_D_HIGH = 2, 2, 3
+_GOSSIP_LAZY = 1
 #: RPCs queued per neighbour before libp2p drops one (trap 22; its default is 32).
 _OUTBOUND_QUEUE = 128
 #: How often the mesh size is revisited besides every connect/disconnect.
@@ -234,6 +242,29 @@ _STREAM_POLICIES = (
     # peerd's own protocols time out in 10-30 s in their handlers; this is the backstop.
     _StreamPolicy("", max_per_peer=64, idle_s=120.0),
 )
+
+
+def _install_flood_publish(gossipsub: GossipSub) -> None:
+    """Flood publishing (trap 23): a message we originate goes to every neighbour subscribed to
+    the topic, not only to our mesh peers, as go-libp2p's gossipsub does by default. Every
+    neighbour then has it after one hop whatever the mesh degree, so the mesh can be small: it
+    only forwards (a few duplicates per node) to peers that are not our neighbours and repairs
+    a lost direct send. Messages we forward still go to the mesh only."""
+    inner = gossipsub._get_peers_to_send
+
+    def peers_to_send(
+        topic_ids: Iterable[str], msg_forwarder: ID, origin: ID, msg_id: bytes | None = None
+    ) -> Iterable[ID]:
+        topics = list(topic_ids)
+        peers = set(inner(topics, msg_forwarder, origin, msg_id))
+        pubsub = gossipsub.pubsub
+        if pubsub is not None and origin == pubsub.my_id:
+            for topic in topics:
+                peers.update(p for p in pubsub.peer_topics.get(topic, ()) if p in gossipsub.peer_protocol)
+            peers.discard(origin)
+        return peers
+
+    gossipsub._get_peers_to_send = peers_to_send  # type: ignore[method-assign]
 
 
 def _mesh_degrees(peers: int) -> tuple[int, int, int]:
@@ -986,10 +1017,12 @@ class P2PNode:
         )
         # trap 21: py-libp2p 0.8.1 sends IHAVE to max(6, a quarter of the peers outside the
         # mesh) on every heartbeat, with no option; each is an RPC both ends pay for. Gossip
-        # only repairs losses here (adverts are refreshed, the market retries), so a few do.
+        # only repairs losses here (adverts are refreshed, the market retries, and our own
+        # messages are flood-published), so one does.
         gossipsub._get_adaptive_gossip_peers_count = (  # type: ignore[method-assign]
             lambda topic, total_peers: max(0, min(total_peers, _GOSSIP_LAZY))
         )
+        _install_flood_publish(gossipsub)
         pubsub = Pubsub(
             host,
             gossipsub,

@@ -21,6 +21,7 @@ a light worker; no TensorFlow because keras kinds are not offered) is reported s
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -34,7 +35,8 @@ NO_TF = {"accept_kinds": ["echo", "sleep"]}
 #: The daemon's defaults (peerd.devnet sets faster adverts for tests; the bench undoes that).
 ADVERTS = {"interval_s": AdvertsConfig.interval_s, "ttl_s": AdvertsConfig.ttl_s}
 REFRESH_S = AdvertsConfig.ttl_s / 3
-SIZES = (5, 10, 20)
+#: PEERD_BENCH_ADVERTS_SIZES=10,20 measures only those devnets (as PEERD_BENCH_TRAINING_PEERS).
+SIZES = tuple(int(n) for n in os.environ.get("PEERD_BENCH_ADVERTS_SIZES", "5,10,20").split(","))
 
 
 def _sample_latency(

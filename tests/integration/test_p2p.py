@@ -242,7 +242,41 @@ def test_the_gossip_mesh_is_full_while_small_and_small_beyond() -> None:
         assert d == low == peers and high >= peers  # every neighbour a mesh peer: one hop
     for peers in (_FULL_MESH_PEERS + 1, 20, 1000):
         d, low, high = _mesh_degrees(peers)
-        assert low <= d <= high < _FULL_MESH_PEERS  # a copy per mesh peer: kept small
+        # A copy per mesh peer: kept no bigger than the full mesh, and some neighbours are
+        # left out of it (our own messages reach them by flood publishing, trap 23).
+        assert low <= d <= high <= _FULL_MESH_PEERS < peers
+
+
+async def test_our_own_messages_reach_neighbours_outside_the_mesh(monkeypatch: pytest.MonkeyPatch) -> None:
+    # trap 23. A star: a in the middle, four leaves that know only a (discovery off), and no
+    # IHAVE gossip. Two leaves are then taken out of a's mesh without a PRUNE (so they do not
+    # graft again, and 2 is within a's D_low..D_high, so its heartbeat leaves the mesh as it
+    # is): only flood publishing brings a's messages to those two.
+    import peerd.p2p as p2p
+
+    monkeypatch.setattr(p2p, "_GOSSIP_LAZY", 0)
+    recorders = [Recorder() for _ in range(4)]
+    a = make_node(Recorder())
+    leaves = [make_node(r) for r in recorders]
+    for node in (a, *leaves):
+        node._discovery_loop = trio.sleep_forever  # type: ignore[method-assign]
+    async with running(a, *leaves):
+        for leaf in leaves:
+            await leaf.connect(a.listen_addrs()[0])
+        await gossip_ready(a, recorders)
+        mesh = a._pubsub.router.mesh[TOPIC]  # type: ignore[union-attr]
+        await eventually(lambda: len(mesh) >= 2, "a's mesh formed")
+        while len(mesh) > 2:
+            mesh.discard(next(iter(mesh)))
+        in_mesh = {str(p) for p in mesh}
+        assert len([leaf for leaf in leaves if leaf.peer_id not in in_mesh]) == 2
+        for i in range(5):
+            await a.publish(TOPIC, b"own-%d" % i)
+        await eventually(
+            lambda: all(all(b"own-%d" % i in r.payloads() for i in range(5)) for r in recorders),
+            "all five messages at every leaf, the two outside a's mesh included",
+        )
+        assert {str(p) for p in mesh} == in_mesh  # unchanged: the other two had them from the flood
 
 
 async def test_dht_discovery_makes_a_full_mesh_from_a_star() -> None:
