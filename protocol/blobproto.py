@@ -228,6 +228,34 @@ def encode(msg: Message) -> bytes:
     return _pack(msg)
 
 
+#: A chunk's canonical encoding around its bytes: fixmap(2), "data", a bin header (bin8, bin16
+#: or bin32, the shortest for the length), the bytes, then "type": "chunk".
+_CHUNK_HEAD = b"\x82\xa4data"
+_CHUNK_TAIL = b"\xa4type\xa5chunk"
+_BIN_HEADERS = ((0xC4, 1, 0, 0xFF), (0xC5, 2, 0x100, 0xFFFF), (0xC6, 4, 0x10000, 0xFFFFFFFF))
+
+
+def _canonical_chunk(data: bytes) -> Chunk | None:
+    """``data`` as a Chunk if it is exactly a chunk's canonical encoding, else None.
+
+    Every 256 KiB of a blob is a chunk, and the general path below copies the bytes twice
+    more (msgpack's unpack, then the re-encoding it compares against); this reads the fixed
+    shape instead. It accepts exactly what the general path accepts as a chunk: the bytes
+    between a matching head and tail are the only payload whose canonical encoding they are.
+    """
+    if not data.startswith(_CHUNK_HEAD) or not data.endswith(_CHUNK_TAIL) or len(data) <= 7:
+        return None
+    marker, start = data[6], 7
+    for code, width, low, high in _BIN_HEADERS:
+        if marker == code:
+            n = int.from_bytes(data[start : start + width], "big")
+            body = start + width
+            if not low <= n <= high or len(data) != body + n + len(_CHUNK_TAIL) or not 1 <= n <= CHUNK:
+                return None
+            return Chunk(data[body : body + n])
+    return None
+
+
 def decode(data: bytes) -> Message:
     """Parse one frame payload. Only RemoteProtocolError escapes, whatever ``data`` holds."""
     if not isinstance(data, bytes | bytearray | memoryview):
@@ -235,6 +263,14 @@ def decode(data: bytes) -> Message:
     data = bytes(data)
     if len(data) > _MAX_MESSAGE:
         raise RemoteProtocolError(f"blob message of {len(data)} bytes", reason="oversized")
+    chunk = _canonical_chunk(data)
+    if chunk is not None:
+        return chunk
+    return _decode_any(data)
+
+
+def _decode_any(data: bytes) -> Message:
+    """Every message kind, through msgpack; the canonical form is checked by re-encoding."""
     try:
         obj = msgpack.unpackb(
             data,

@@ -245,3 +245,64 @@ def test_window_never_deadlocks(offset: int, length: int, sizes: list[int]) -> N
     assert r.received == size
     s.on_ack(r.on_end(End(D), D))
     assert s.complete
+
+
+# --- the chunk fast path accepts exactly what the general decoder accepts as a chunk ----------
+
+
+def _general(data: bytes) -> blobproto.Message | str:
+    try:
+        return blobproto._decode_any(data)
+    except RemoteProtocolError as exc:
+        return exc.reason
+
+
+@pytest.mark.parametrize("n", [1, 2, 255, 256, 65535, 65536, blobproto.CHUNK])
+def test_canonical_chunks_take_the_fast_path(n: int) -> None:
+    data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    wire = blobproto.encode(Chunk(data))
+    assert blobproto._canonical_chunk(wire) == Chunk(data) == _general(wire)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        # bin16 and bin32 headers for lengths that fit a shorter one: valid msgpack, not canonical
+        b"\x82\xa4data\xc5\x00\x03abc\xa4type\xa5chunk",
+        b"\x82\xa4data\xc6\x00\x00\x00\x03abc\xa4type\xa5chunk",
+        b"\x82\xa4data\xc4\x00\xa4type\xa5chunk",  # empty chunk
+        b"\x82\xa4data\xc4\x04abc\xa4type\xa5chunk",  # length past the tail
+        b"\x82\xa4data\xc4\x02abc\xa4type\xa5chunk",  # length short of it
+        b"\x82\xa4data\xa3abc\xa4type\xa5chunk",  # str, not bin
+        b"\x82\xa4type\xa5chunk\xa4data\xc4\x03abc",  # keys out of order
+    ],
+)
+def test_near_chunks_are_left_to_the_general_decoder(wire: bytes) -> None:
+    assert blobproto._canonical_chunk(wire) is None
+    assert not isinstance(_general(wire), Chunk)
+    with pytest.raises(RemoteProtocolError):
+        blobproto.decode(wire)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    payload=st.binary(min_size=0, max_size=300),
+    cut=st.integers(0, 20),
+    flip=st.integers(0, 400),
+    mutate=st.booleans(),
+)
+def test_fast_path_never_disagrees_with_the_general_decoder(
+    payload: bytes, cut: int, flip: int, mutate: bool
+) -> None:
+    # Start from a real chunk encoding (or its head with junk after it), damage it a little,
+    # and check: whenever the fast path answers, the general decoder gives the same chunk.
+    base = blobproto.encode(Chunk(payload)) if payload else b"\x82\xa4data\xc4"
+    wire = bytearray(base[: len(base) - cut] if cut < len(base) else base)
+    if mutate and wire:
+        wire[flip % len(wire)] ^= 0x01
+    data = bytes(wire)
+    fast = blobproto._canonical_chunk(data)
+    if fast is not None:
+        assert _general(data) == fast
+    elif isinstance(_general(data), Chunk):
+        raise AssertionError(f"the general decoder took a chunk the fast path refused: {data!r}")
