@@ -408,7 +408,7 @@ class Contractor(OwnedScope):
         elif isinstance(action, act.KeepOwnResult):
             # A plain task's result goes to its submitter only (SPEC §7.7); our own view
             # still shows it, as it would a result we published.
-            view = self.book.get(action.signed.message.task_id)  # type: ignore[attr-defined]
+            view = self.book.get(getattr(action.signed.message, "task_id", ""))
             if view is not None:
                 view.add_result(action.signed)
         elif isinstance(action, act.AdoptShard):

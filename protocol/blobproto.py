@@ -232,7 +232,8 @@ def encode(msg: Message) -> bytes:
 #: or bin32, the shortest for the length), the bytes, then "type": "chunk".
 _CHUNK_HEAD = b"\x82\xa4data"
 _CHUNK_TAIL = b"\xa4type\xa5chunk"
-_BIN_HEADERS = ((0xC4, 1, 0, 0xFF), (0xC5, 2, 0x100, 0xFFFF), (0xC6, 4, 0x10000, 0xFFFFFFFF))
+#: bin marker → (width of its length field, the least length it is the shortest form for).
+_BIN_HEADERS = {0xC4: (1, 0), 0xC5: (2, 0x100), 0xC6: (4, 0x10000)}
 
 
 def _canonical_chunk(data: bytes) -> Chunk | None:
@@ -243,17 +244,17 @@ def _canonical_chunk(data: bytes) -> Chunk | None:
     shape instead. It accepts exactly what the general path accepts as a chunk: the bytes
     between a matching head and tail are the only payload whose canonical encoding they are.
     """
-    if not data.startswith(_CHUNK_HEAD) or not data.endswith(_CHUNK_TAIL) or len(data) <= 7:
+    if len(data) <= 7 or not data.startswith(_CHUNK_HEAD) or not data.endswith(_CHUNK_TAIL):
         return None
-    marker, start = data[6], 7
-    for code, width, low, high in _BIN_HEADERS:
-        if marker == code:
-            n = int.from_bytes(data[start : start + width], "big")
-            body = start + width
-            if not low <= n <= high or len(data) != body + n + len(_CHUNK_TAIL) or not 1 <= n <= CHUNK:
-                return None
-            return Chunk(data[body : body + n])
-    return None
+    header = _BIN_HEADERS.get(data[6])
+    if header is None:
+        return None
+    width, shortest_from = header
+    n = int.from_bytes(data[7 : 7 + width], "big")
+    body = 7 + width
+    if n < shortest_from or not 1 <= n <= CHUNK or len(data) != body + n + len(_CHUNK_TAIL):
+        return None
+    return Chunk(data[body : body + n])
 
 
 def decode(data: bytes) -> Message:

@@ -459,8 +459,12 @@ class WorkerPool:
 
     # ---------------------------------------------------------------- workers
 
+    def _as_backstop(self, memory_bytes: int, device: str) -> int:
+        """RLIMIT_AS for a worker on ``device``; 0 (none) where a memory cgroup caps it."""
+        return 0 if self._cg.memory else as_backstop(memory_bytes, device)
+
     def _worker_command(self, wclass: str, host_dir: Path, inputs_dir: Path, device: str) -> list[str]:
-        as_bytes = 0 if self._cg.memory else as_backstop(Limits().memory_bytes, device)
+        as_bytes = self._as_backstop(Limits().memory_bytes, device)
         if self.sandboxed:
             job_dir, in_dir = JOB_DIR, INPUTS_DIR
         else:
@@ -743,7 +747,8 @@ class WorkerPool:
             "inputs": sorted(job.inputs),
             "limits": limits.to_wire(),
             "trusted": job.trusted,
-            "as_backstop": None if self._cg.memory else as_backstop(limits.memory_bytes, w.device) or None,
+            # None on the wire is "no cap" (a kind would apply 0 as a limit).
+            "as_backstop": self._as_backstop(limits.memory_bytes, w.device) or None,
             "input_ids": {name: content_id(Path(path)) for name, path in job.inputs.items()},
             "task": job.task,
             # Ended tasks not yet forgotten: the worker frees their entries before this job.
