@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -249,9 +250,9 @@ def test_the_gossip_mesh_is_full_while_small_and_small_beyond() -> None:
 
 async def test_our_own_messages_reach_neighbours_outside_the_mesh(monkeypatch: pytest.MonkeyPatch) -> None:
     # trap 23. A star: a in the middle, four leaves that know only a (discovery off), and no
-    # IHAVE gossip. Two leaves are then taken out of a's mesh without a PRUNE (so they do not
-    # graft again, and 2 is within a's D_low..D_high, so its heartbeat leaves the mesh as it
-    # is): only flood publishing brings a's messages to those two.
+    # IHAVE gossip. Two leaves are then taken out of a's mesh, and a's mesh maintenance is
+    # stopped (its heartbeat grafts nobody, GRAFTs are ignored) so they stay out: only flood
+    # publishing brings a's messages to those two.
     import peerd.p2p as p2p
 
     monkeypatch.setattr(p2p, "_GOSSIP_LAZY", 0)
@@ -264,8 +265,17 @@ async def test_our_own_messages_reach_neighbours_outside_the_mesh(monkeypatch: p
         for leaf in leaves:
             await leaf.connect(a.listen_addrs()[0])
         await gossip_ready(a, recorders)
-        mesh = a._pubsub.router.mesh[TOPIC]  # type: ignore[union-attr]
+        router = a._pubsub.router  # type: ignore[union-attr]
+        mesh = router.mesh[TOPIC]
         await eventually(lambda: len(mesh) >= 2, "a's mesh formed")
+
+        async def ignore_graft(graft_msg: object, sender_peer_id: object) -> None:
+            return None
+
+        # Without this, a's heartbeat (while its degrees still read a smaller network) or a
+        # leaf's GRAFT could put the two back before the publishes below.
+        monkeypatch.setattr(router, "mesh_heartbeat", lambda: (defaultdict(list), defaultdict(list)))
+        monkeypatch.setattr(router, "handle_graft", ignore_graft)
         while len(mesh) > 2:
             mesh.discard(next(iter(mesh)))
         in_mesh = {str(p) for p in mesh}
