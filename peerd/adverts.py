@@ -8,14 +8,19 @@ refreshes its advert well before it expires (protocol/SPEC.md §7.2, docs/design
   network within a second (seed §3.2 step 5);
 * every ``interval_s`` it looks at its own state (memory, GPUs) and advertises only if it
   moved beyond the thresholds of :func:`significant_change`;
-* every ``refresh_s`` (by default a third of the advert's TTL, so two lost refreshes in a row
-  still do not expire it) whatever happened: the TTL is the staleness bound;
+* every ``refresh_s`` (by default a third of the advert's lifetime, so two lost refreshes in a
+  row still do not expire it) whatever happened: the lifetime is the staleness bound;
 * ``JOIN_DELAY_S`` after a new connection, so a peer that just joined learns of us without
-  waiting for a refresh (it is in a gossip mesh by then, see peerd/p2p.py).
+  waiting for a refresh (it is in a gossip mesh by then, see peerd/p2p.py);
+* once more when it leaves on purpose (:meth:`AdvertService.leave`): draining, and expiring
+  ``FAREWELL_TTL_S`` later, so peers drop it in seconds instead of at its lifetime's end.
 
-An idle network thus carries one advert per peer per ``refresh_s`` instead of one per
-``interval_s`` (issue 10: an idle daemon near zero). Received adverts go through the inbox
-(signature, signer = gossip origin, replay, expiry) and only then into the peer table.
+An idle network thus carries one advert per peer per refresh instead of one per
+``interval_s`` (issue 10: an idle daemon near zero). Every node receives every advert, so an
+idle daemon's cost grows with the network's advert rate: the lifetime grows with the peer
+table to hold that rate near ``network_rate`` (:func:`advert_lifetime_s`), up to an advert's
+MAX_TTL. Received adverts go through the inbox (signature, signer = gossip origin, replay,
+expiry) and only then into the peer table.
 """
 
 from __future__ import annotations
@@ -56,7 +61,30 @@ LOAD_STEP = 0.05
 MEMORY_STEP = 0.10  # of total memory
 VRAM_STEP = 0.10  # of the GPU's memory
 UTIL_STEP_PCT = 25.0
+#: The lifetime of the advert a node publishes as it leaves: long enough to cross the network
+#: (publish-to-all is tens of ms, docs/benchmarks.md), short enough that the peer leaves every
+#: table seconds after (SPEC §7.2).
+FAREWELL_TTL_S = 5.0
+#: How long leaving waits for libp2p to write the farewell to every neighbour.
+FAREWELL_FLUSH_S = 1.0
 _KINDS = frozenset({"advert"})
+
+
+def advert_lifetime_s(peers: int, *, ttl_s: float, network_rate: float) -> float:
+    """How long our advert lives, with ``peers`` nodes (us included) in the peer table.
+
+    Each node refreshes once per a third of its lifetime, and every node receives every
+    advert, so an idle network of N carries 3N / lifetime adverts per second and each idle
+    daemon pays for all of them (docs/benchmarks.md, "Idle daemon"). Growing the lifetime to
+    3N / ``network_rate`` holds that rate, from ``ttl_s`` in a small network up to an
+    advert's MAX_TTL (SPEC §6), beyond which the rate grows with N again. The price is
+    staleness: a peer that crashes stays in tables for up to its lifetime (one that leaves on
+    purpose says so, :meth:`AdvertService.leave`). ``network_rate`` 0 keeps ``ttl_s``.
+    """
+    cap = Advert.MAX_TTL_MS / 1000
+    if network_rate <= 0:
+        return ttl_s
+    return max(ttl_s, min(cap, 3.0 * max(1, peers) / network_rate))
 
 
 @dataclass(frozen=True)
@@ -152,6 +180,7 @@ class AdvertService:
         interval_s: float,
         ttl_s: float,
         refresh_s: float | None = None,
+        network_rate: float = 0.0,
     ) -> None:
         self._p2p = p2p
         self._signer = signer
@@ -163,8 +192,13 @@ class AdvertService:
         self.capacity = capacity
         self._load = load
         self._interval = interval_s
+        self._ttl_s = ttl_s
+        self._network_rate = network_rate
+        #: A configured refresh fixes the lifetime at ``ttl_s`` (config checks refresh ≤ ttl / 2).
+        self._fixed_refresh = refresh_s
         self._ttl_ms = int(ttl_s * 1000)
-        #: The longest we stay silent: a refresh comfortably before the TTL (docs/config.md).
+        #: The longest we stay silent: a refresh comfortably before the lifetime ends
+        #: (docs/config.md); recomputed at each publish (:meth:`_size_lifetime`).
         self._refresh = refresh_s if refresh_s is not None else ttl_s / 3
         self._wake = trio.Event()  # a poke or a newcomer
         self._poked = False
@@ -192,9 +226,25 @@ class AdvertService:
     def build(self) -> Advert:
         return self._sealable(self.snapshot())
 
-    def _sealable(self, state: State) -> Advert:
+    @property
+    def lifetime_s(self) -> float:
+        """The lifetime of the adverts we publish now."""
+        return self._ttl_ms / 1000
+
+    def _size_lifetime(self) -> None:
+        """Fit our advert's lifetime and refresh to the peer table (:func:`advert_lifetime_s`)."""
+        if self._fixed_refresh is not None:
+            return
+        lifetime = advert_lifetime_s(
+            len(self.table.alive(wall_ms())), ttl_s=self._ttl_s, network_rate=self._network_rate
+        )
+        self._ttl_ms = int(lifetime * 1000)
+        self._refresh = lifetime / 3
+
+    def _sealable(self, state: State, *, ttl_ms: int | None = None) -> Advert:
         now = wall_ms()
-        return Advert(seq=self._seq.next(), issued_at=now, expires_at=now + self._ttl_ms, **state)
+        lifetime = self._ttl_ms if ttl_ms is None else ttl_ms
+        return Advert(seq=self._seq.next(), issued_at=now, expires_at=now + lifetime, **state)
 
     def snapshot(self) -> State:
         """What we would advertise now, without sequence number and timestamps."""
@@ -234,10 +284,11 @@ class AdvertService:
             version=__version__,
         )
 
-    async def publish(self, state: State | None = None) -> None:
+    async def publish(self, state: State | None = None, *, ttl_ms: int | None = None) -> None:
         if state is None:
             state = await _off_loop(self.snapshot)
-        advert = self._sealable(state)
+        self._size_lifetime()
+        advert = self._sealable(state, ttl_ms=ttl_ms)
         self._advertised = state
         self._published_at = trio.current_time()
         self._join_due = math.inf
@@ -252,6 +303,20 @@ class AdvertService:
         except Exception as exc:  # a publish failure must not stop advertising
             log.warning("advert publish failed: %s", exc)
             self._counters.inc("adverts.publish_failed")
+
+    async def leave(self) -> None:
+        """Say we are leaving (SPEC §7.2): one last advert, draining, that expires in
+        ``FAREWELL_TTL_S``; then give libp2p up to ``FAREWELL_FLUSH_S`` to write it out.
+
+        Peers then stop expecting our bids at once (a draining peer offers nothing) and drop
+        us from their tables seconds later, where a crash leaves us there for our lifetime.
+        Best effort: the caller bounds it, and a daemon that cannot say goodbye still leaves.
+        """
+        state = dict(self._advertised) if self._advertised is not None else await _off_loop(self.snapshot)
+        state["offer"] = {**state["offer"], "draining": True}
+        await self.publish(state, ttl_ms=int(FAREWELL_TTL_S * 1000))
+        self._counters.inc("adverts.farewell")
+        await self._p2p.flush(FAREWELL_FLUSH_S)
 
     async def _on_gossip(self, msg: GossipMessage) -> bool:
         signed = self._inbox.admit(msg.data, sender=msg.origin, kinds=_KINDS)

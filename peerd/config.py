@@ -96,8 +96,12 @@ class AdvertsConfig:
     #: advert; load and offer changes are advertised at once anyway (peerd/adverts.py).
     interval_s: float = 5.0
     ttl_s: float = 60.0
-    #: The longest the daemon stays silent; None: a third of ``ttl_s`` (issue 10).
+    #: The longest the daemon stays silent; None: a third of the advert's lifetime (issue 10).
     refresh_s: float | None = None
+    #: Refresh adverts per second the whole network should carry when idle: the lifetime grows
+    #: with the peer table to keep to it, from ``ttl_s`` up to an advert's MAX_TTL (issue 10,
+    #: peerd/adverts.py advert_lifetime_s). 0: the lifetime stays ``ttl_s``.
+    network_rate: float = 0.5
     calibrate: bool = True
     calibration_s: float = 0.5
 
@@ -492,6 +496,7 @@ def _build(raw: dict[str, Any], *, source: Path | None, env: Mapping[str, str], 
         interval_s=s.get("interval_s", positive_float, AdvertsConfig.interval_s),
         ttl_s=s.get("ttl_s", positive_float, AdvertsConfig.ttl_s),
         refresh_s=s.get("refresh_s", positive_float, None),
+        network_rate=s.get("network_rate", non_negative_float, AdvertsConfig.network_rate),
         calibrate=s.get("calibrate", boolean, True),
         calibration_s=s.get("calibration_s", positive_float, AdvertsConfig.calibration_s),
     )

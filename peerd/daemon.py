@@ -67,8 +67,16 @@ def make_offer(cfg: Config, gpus_found: list[int]) -> Offer:
     )
 
 
-async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Run one daemon until cancelled."""
+#: How long a daemon asked to stop spends saying goodbye (its farewell advert, SPEC §7.2)
+#: before it cancels everything; a second signal stops it at once.
+LEAVE_GRACE_S = 2.0
+
+
+async def serve(
+    cfg: Config, *, leave: trio.Event | None = None, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run one daemon until cancelled, or until ``leave`` is set: then it publishes its
+    farewell advert (at most ``LEAVE_GRACE_S``) and returns."""
     from peerd import blobxfer
     from peerd.executor import WorkerPool
     from peerd.p2p import P2PConfig, P2PNode
@@ -136,6 +144,7 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
                 interval_s=cfg.adverts.interval_s,
                 ttl_s=cfg.adverts.ttl_s,
                 refresh_s=cfg.adverts.refresh_s,
+                network_rate=cfg.adverts.network_rate,
             )
             pool.on_change(adverts.poke)
             node = Node(
@@ -210,19 +219,35 @@ async def serve(cfg: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> 
             sdnotify.ready()
             sdnotify.status(f"serving as {signer.peer_id}")
             task_status.started(node)
+            if leave is not None:
+                await leave.wait()
+                with trio.move_on_after(LEAVE_GRACE_S):
+                    await adverts.leave()
+                nursery.cancel_scope.cancel()
     finally:
         store.close()
 
 
 async def _main(cfg: Config) -> None:
+    leave = trio.Event()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve, cfg)
+
+            async def daemon() -> None:
+                await serve(cfg, leave=leave)
+                nursery.cancel_scope.cancel()  # it said goodbye: stop waiting for signals
+
+            nursery.start_soon(daemon)
             async for sig in signals:
+                if leave.is_set():
+                    log.info("received %s again; stopping now", signal.Signals(sig).name)
+                    nursery.cancel_scope.cancel()
+                    break
                 log.info("received %s; shutting down", signal.Signals(sig).name)
                 sdnotify.stopping()
-                nursery.cancel_scope.cancel()
-                break
+                leave.set()
+                # serve() bounds its farewell; this bounds everything else before it.
+                nursery.cancel_scope.deadline = trio.current_time() + LEAVE_GRACE_S + 1.0
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

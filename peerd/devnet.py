@@ -122,7 +122,8 @@ class Devnet:
                     "bootstrap": [] if i == 0 else [bootstrap],
                     **({"announce": [f"/ip4/127.0.0.1/tcp/{public[i]}"]} if wan is not None else {}),
                 },
-                "adverts": {"interval_s": 2.0, "ttl_s": 10.0, "calibration_s": 0.2},
+                # A fixed advert lifetime (network_rate 0): tests wait for expiries by ttl_s.
+                "adverts": {"interval_s": 2.0, "ttl_s": 10.0, "network_rate": 0, "calibration_s": 0.2},
                 "market": {"lease_ttl_s": 6.0, "heartbeat_s": 1.0},
                 "policy": {"trusted_submitters": ids},
                 "limits": {"memory_mb": 3072},

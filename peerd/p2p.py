@@ -160,6 +160,8 @@ _MESH_D, _MESH_D_LOW, _MESH_D_HIGH = 2, 2, 3
 _GOSSIP_LAZY = 1
 #: RPCs queued per neighbour before libp2p drops one (trap 22; its default is 32).
 _OUTBOUND_QUEUE = 128
+#: How often flush() looks at libp2p's outbound gossip queues.
+_FLUSH_POLL_S = 0.02
 #: How often the mesh size is revisited besides every connect/disconnect.
 _MESH_RESIZE_S = 30.0
 #: Gossipsub v1.1 only. v1.2 adds IDONTWANT: every receiver sends a control RPC to every
@@ -1352,6 +1354,22 @@ class P2PNode:
         with _translate_errors(f"publish on {topic}"):
             await pubsub.publish(topic, bytes(data))
         self._stats["gossip_published"] += 1
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Wait, at most ``timeout_s``, until libp2p has taken every gossip RPC out of its
+        per-neighbour outbound queues (it publishes into them and writes from a task per
+        neighbour); True if they emptied. For a last message before closing the host
+        (peerd/adverts.py leave), which would otherwise drop what is still queued."""
+        pubsub = self._pubsub
+        if pubsub is None:
+            return True
+        with trio.move_on_after(timeout_s):
+            while any(len(q) for q in list(pubsub.peer_queues.values())):
+                await trio.sleep(_FLUSH_POLL_S)
+            # A sending task pops an RPC before it writes it: let the last writes finish.
+            await trio.sleep(_FLUSH_POLL_S)
+            return True
+        return False
 
     async def _drain(self, subscription: Any) -> None:
         # trap 6: libp2p copies every accepted message into a 32-slot queue per topic; we

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from conftest import TestNet, wait_for
 
+from peerd.adverts import FAREWELL_TTL_S
 from peerd.rpc.client import RpcClientError
 
 pytestmark = pytest.mark.slow
@@ -143,14 +144,66 @@ def test_a_killed_daemon_leaves_the_tables_and_comes_back_with_its_peer_id(devne
         interval=0.05,
         ignore=(RpcClientError,),
     )
-    print(
-        f"[measure] restarted daemon back in all tables {time.monotonic() - restarted:.2f} s after ready"
-    )
+    print(f"[measure] restarted daemon back in all tables {time.monotonic() - restarted:.2f} s after ready")
     # Its sequence survived the crash: its new adverts are above everything it signed before,
     # or the others' replay guards (which remember the old sequence) would drop them.
     assert net.peers(0)[victim_id]["seq"] > seq_before
     for i in net.nodes():
         assert not bad_drops(net.counters(i)), f"node {i}"
+
+
+def test_a_daemon_stopped_on_purpose_says_so_and_leaves_the_tables_before_its_advert_expires(
+    devnet: Any,
+) -> None:
+    """SPEC §7.2: on SIGTERM a daemon publishes a last advert, draining, that expires in
+    FAREWELL_TTL_S. A crashed one stays listed until its advert expires (the test above), so
+    leaving before that is only possible through the farewell."""
+    ttl_s = 60.0
+    net: TestNet = devnet(3, {"adverts": {"ttl_s": ttl_s, "interval_s": 1.0}})
+    wait_for(
+        lambda: everyone_sees_everyone(net),
+        "all adverts everywhere",
+        timeout=CONVERGENCE_CAP_S,
+        interval=0.05,
+    )
+    victim, others = 2, (0, 1)
+    victim_id = net.peer_id(victim)
+    last_expiry = max(net.peers(i)[victim_id]["expires_at"] for i in others)
+    assert last_expiry - time.time() > ttl_s / 2, "the victim's advert should still have most of its life"
+
+    terminated_at = time.time()
+    rc, took = net.terminate(victim)
+    assert rc == 0
+    seen_draining = False
+
+    def gone_everywhere() -> bool:
+        nonlocal seen_draining
+        gone = True
+        for i in others:
+            entry = net.peers(i).get(victim_id)
+            if entry is not None:
+                gone = False
+                if entry["offer"]["draining"]:
+                    seen_draining = True
+                    assert entry["expires_in_s"] <= FAREWELL_TTL_S
+        return gone
+
+    wait_for(
+        gone_everywhere,
+        "the stopped daemon to leave both peer tables",
+        timeout=last_expiry - time.time() - 5,  # bounded, and before its last advert could expire
+        interval=0.05,
+    )
+    gone_at = time.time()
+    print(
+        f"\n[measure] SIGTERM took {took:.2f} s; the daemon left both tables {gone_at - terminated_at:.2f} s "
+        f"after it (listed as draining meanwhile: {seen_draining}; its advert had {ttl_s:g} s to live)"
+    )
+    assert gone_at < last_expiry, "it left only when its advert expired: no farewell"
+    for i in others:
+        assert net.counters(i).get("accepted.advert", 0) >= 2
+        assert not bad_drops(net.counters(i)), f"node {i}"
+    assert set(net.peers(0)) == {net.peer_id(j) for j in others}
 
 
 def test_with_a_slow_refresh_peers_stay_listed_and_a_load_change_still_travels(devnet: Any) -> None:

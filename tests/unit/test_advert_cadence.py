@@ -18,7 +18,16 @@ import trio
 import trio.testing
 
 from peerd import adverts
-from peerd.adverts import JOIN_DELAY_S, MIN_GAP_S, AdvertService, Capacity, Offer, significant_change
+from peerd.adverts import (
+    FAREWELL_TTL_S,
+    JOIN_DELAY_S,
+    MIN_GAP_S,
+    AdvertService,
+    Capacity,
+    Offer,
+    advert_lifetime_s,
+    significant_change,
+)
 from peerd.counters import Counters
 from peerd.inbox import Inbox
 from peerd.peertable import PeerTable
@@ -31,6 +40,7 @@ INTERVAL_S, TTL_S, REFRESH_S = 5.0, 60.0, 20.0
 class FakeP2P:
     def __init__(self) -> None:
         self.published: list[tuple[float, bytes]] = []
+        self.flushed: list[float] = []
         self.connected: list[Callable[[], None]] = []
 
     def add_validator(self, topic: str, fn: Any) -> None:
@@ -44,6 +54,10 @@ class FakeP2P:
 
     async def publish(self, topic: str, raw: bytes) -> None:
         self.published.append((trio.current_time(), raw))
+
+    async def flush(self, timeout_s: float) -> bool:
+        self.flushed.append(timeout_s)
+        return True
 
     def times(self) -> list[float]:
         return [t for t, _ in self.published]
@@ -72,7 +86,14 @@ def base_state() -> dict[str, Any]:
 
 
 class Rig:
-    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        *,
+        refresh_s: float | None = REFRESH_S,
+        network_rate: float = 0.0,
+    ) -> None:
         self.p2p = FakeP2P()
         self.counters = Counters()
         self.state = base_state()
@@ -97,7 +118,8 @@ class Rig:
             load=lambda: (0.0, 1, 0),
             interval_s=INTERVAL_S,
             ttl_s=TTL_S,
-            refresh_s=REFRESH_S,
+            refresh_s=refresh_s,
+            network_rate=network_rate,
         )
         monkeypatch.setattr(self.service, "snapshot", lambda: copy.deepcopy(self.state))
 
@@ -221,3 +243,65 @@ def test_what_counts_as_a_significant_change() -> None:
     assert significant_change(with_gpu, {**with_gpu, "gpus": ({**gpu, "util_pct": 30.0},)})
     assert not significant_change(with_gpu, {**with_gpu, "gpus": ({**gpu, "vram_free_mb": 8_500},)})
     assert significant_change(with_gpu, {**with_gpu, "gpus": ({**gpu, "vram_free_mb": 7_000},)})
+
+
+def test_the_lifetime_grows_with_the_network_to_hold_its_advert_rate() -> None:
+    # A small network keeps ttl_s; from 3N / rate > ttl_s the lifetime grows with N, which
+    # holds the network's idle rate (N adverts per lifetime / 3) at the target ...
+    assert advert_lifetime_s(5, ttl_s=60.0, network_rate=0.5) == 60.0
+    assert advert_lifetime_s(10, ttl_s=60.0, network_rate=0.5) == 60.0
+    assert advert_lifetime_s(15, ttl_s=60.0, network_rate=0.5) == 90.0
+    assert advert_lifetime_s(20, ttl_s=60.0, network_rate=0.5) == 120.0
+    for n in (12, 15, 18, 20):
+        lifetime = advert_lifetime_s(n, ttl_s=60.0, network_rate=0.5)
+        assert n / (lifetime / 3) == pytest.approx(0.5)
+    # ... up to an advert's MAX_TTL, which every receiver enforces (SPEC §6).
+    assert advert_lifetime_s(1000, ttl_s=60.0, network_rate=0.5) == 120.0
+    assert advert_lifetime_s(0, ttl_s=10.0, network_rate=0.5) == 10.0
+    # 0: a fixed lifetime.
+    assert advert_lifetime_s(1000, ttl_s=60.0, network_rate=0.0) == 60.0
+
+
+@pytest.mark.parametrize(("peers", "lifetime_s"), [(5, 60.0), (20, 120.0)])
+def test_an_idle_daemon_refreshes_less_often_in_a_bigger_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, peers: int, lifetime_s: float
+) -> None:
+    rig = Rig(tmp_path, monkeypatch, refresh_s=None, network_rate=0.5)
+    monkeypatch.setattr(rig.service.table, "alive", lambda now_ms, **kw: [object()] * peers)
+    run_for(rig, 3 * lifetime_s / 3 + 5)
+    times = rig.p2p.times()
+    # The first advert, then one per third of the lifetime: 3 refreshes in the window.
+    assert len(times) == 4, times
+    assert all(b - a >= lifetime_s / 3 for a, b in itertools.pairwise(times)), times
+    for _, raw in rig.p2p.published:
+        advert = open_envelope(raw).message
+        assert advert.expires_at - advert.issued_at == lifetime_s * 1000  # type: ignore[attr-defined]
+
+
+def test_a_configured_refresh_keeps_the_lifetime_fixed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = Rig(tmp_path, monkeypatch, refresh_s=REFRESH_S, network_rate=0.5)
+    monkeypatch.setattr(rig.service.table, "alive", lambda now_ms, **kw: [object()] * 20)
+    run_for(rig, 65.0)
+    assert len(rig.p2p.times()) == 4
+    first = open_envelope(rig.p2p.published[0][1]).message
+    assert first.expires_at - first.issued_at == TTL_S * 1000  # type: ignore[attr-defined]
+
+
+def test_leaving_publishes_a_short_lived_draining_advert_and_flushes_it(rig: Rig) -> None:
+    async def script(r: Rig) -> None:
+        await trio.sleep_until(3.0)
+        await r.service.leave()
+
+    run_for(rig, 4.0, script)
+    assert len(rig.p2p.published) == 2
+    first, farewell = (open_envelope(raw).message for _, raw in rig.p2p.published)
+    assert not first.offer["draining"]  # type: ignore[attr-defined]
+    assert farewell.offer["draining"]  # type: ignore[attr-defined]
+    assert farewell.seq > first.seq  # type: ignore[attr-defined]  # it replaces the last advert
+    assert farewell.expires_at - farewell.issued_at == FAREWELL_TTL_S * 1000  # type: ignore[attr-defined]
+    # Everything else is what the last advert said.
+    assert farewell.c0 == first.c0 and farewell.offer["kinds"] == first.offer["kinds"]  # type: ignore[attr-defined]
+    assert rig.counters.get("adverts.farewell") == 1
+    assert rig.p2p.flushed, "leave() must give libp2p time to write the farewell"

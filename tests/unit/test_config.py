@@ -168,6 +168,7 @@ def test_config_is_frozen() -> None:
         ("[adverts]\ninterval_s = 5\nttl_s = 5", "adverts.ttl_s: must be greater than adverts.interval_s"),
         ("[adverts]\nttl_s = 200", "adverts.ttl_s: must be at most 120 seconds"),
         ("[adverts]\nttl_s = 60\nrefresh_s = 40", "adverts.refresh_s: must be at most half of adverts.ttl_s"),
+        ("[adverts]\nnetwork_rate = -1", "adverts.network_rate: expected a non-negative finite number"),
         ("[adverts]\ncalibrate = 1", "adverts.calibrate: expected true or false, got 1"),
         ("[adverts]\ncalibration_s = 120", "adverts.calibration_s: must be at most 60 seconds"),
         ("[adverts]\ninterval_s = inf", "adverts.interval_s: expected a positive finite number"),
