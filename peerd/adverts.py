@@ -39,6 +39,8 @@ from peerd.inbox import Inbox, wall_ms
 from peerd.p2p import GossipMessage, P2PNode
 from peerd.peertable import PeerTable
 from peerd.seqstore import SequenceStore
+from protocol import cadence
+from protocol.cadence import FAREWELL_TTL_S, MIN_GAP_S, advert_lifetime_s
 from protocol.envelope import Signer
 from protocol.errors import ProtocolError
 from protocol.messages import Advert
@@ -47,9 +49,6 @@ from protocol.plausibility import check_advert
 log = logging.getLogger(__name__)
 
 TOPIC = "peerd/adverts/2"
-#: Coalescing gap for change-triggered adverts: at 100 tasks/s the load changes
-#: constantly, and one advert per change would flood gossip for no benefit.
-MIN_GAP_S = 0.2
 #: After a new connection, re-advertise this much later: the newcomer is then grafted into
 #: a gossip mesh (one gossipsub heartbeat, peerd/p2p.py) and receives the advert; joins
 #: within the delay share one advert.
@@ -61,30 +60,9 @@ LOAD_STEP = 0.05
 MEMORY_STEP = 0.10  # of total memory
 VRAM_STEP = 0.10  # of the GPU's memory
 UTIL_STEP_PCT = 25.0
-#: The lifetime of the advert a node publishes as it leaves: long enough to cross the network
-#: (publish-to-all is tens of ms, docs/benchmarks.md), short enough that the peer leaves every
-#: table seconds after (SPEC §7.2).
-FAREWELL_TTL_S = 5.0
 #: How long leaving waits for libp2p to write the farewell to every neighbour.
 FAREWELL_FLUSH_S = 1.0
 _KINDS = frozenset({"advert"})
-
-
-def advert_lifetime_s(peers: int, *, ttl_s: float, network_rate: float) -> float:
-    """How long our advert lives, with ``peers`` nodes (us included) in the peer table.
-
-    Each node refreshes once per a third of its lifetime, and every node receives every
-    advert, so an idle network of N carries 3N / lifetime adverts per second and each idle
-    daemon pays for all of them (docs/benchmarks.md, "Idle daemon"). Growing the lifetime to
-    3N / ``network_rate`` holds that rate, from ``ttl_s`` in a small network up to an
-    advert's MAX_TTL (SPEC §6), beyond which the rate grows with N again. The price is
-    staleness: a peer that crashes stays in tables for up to its lifetime (one that leaves on
-    purpose says so, :meth:`AdvertService.leave`). ``network_rate`` 0 keeps ``ttl_s``.
-    """
-    cap = Advert.MAX_TTL_MS / 1000
-    if network_rate <= 0:
-        return ttl_s
-    return max(ttl_s, min(cap, 3.0 * max(1, peers) / network_rate))
 
 
 @dataclass(frozen=True)
@@ -199,7 +177,7 @@ class AdvertService:
         self._ttl_ms = int(ttl_s * 1000)
         #: The longest we stay silent: a refresh comfortably before the lifetime ends
         #: (docs/config.md); recomputed at each publish (:meth:`_size_lifetime`).
-        self._refresh = refresh_s if refresh_s is not None else ttl_s / 3
+        self._refresh = refresh_s if refresh_s is not None else cadence.refresh_s(ttl_s)
         self._wake = trio.Event()  # a poke or a newcomer
         self._poked = False
         self._published_at = -math.inf  # trio clock
@@ -239,7 +217,7 @@ class AdvertService:
             len(self.table.alive(wall_ms())), ttl_s=self._ttl_s, network_rate=self._network_rate
         )
         self._ttl_ms = int(lifetime * 1000)
-        self._refresh = lifetime / 3
+        self._refresh = cadence.refresh_s(lifetime)
 
     def _sealable(self, state: State, *, ttl_ms: int | None = None) -> Advert:
         now = wall_ms()
@@ -316,7 +294,8 @@ class AdvertService:
         state["offer"] = {**state["offer"], "draining": True}
         await self.publish(state, ttl_ms=int(FAREWELL_TTL_S * 1000))
         self._counters.inc("adverts.farewell")
-        await self._p2p.flush(FAREWELL_FLUSH_S)
+        if not await self._p2p.flush(FAREWELL_FLUSH_S):
+            log.info("leaving: the farewell advert may not have reached every neighbour")
 
     async def _on_gossip(self, msg: GossipMessage) -> bool:
         signed = self._inbox.admit(msg.data, sender=msg.origin, kinds=_KINDS)

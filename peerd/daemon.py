@@ -222,7 +222,10 @@ async def serve(
             if leave is not None:
                 await leave.wait()
                 with trio.move_on_after(LEAVE_GRACE_S):
-                    await adverts.leave()
+                    try:
+                        await adverts.leave()
+                    except Exception as exc:  # best effort: a daemon that cannot say goodbye still stops
+                        log.warning("farewell advert failed: %r", exc)
                 nursery.cancel_scope.cancel()
     finally:
         store.close()

@@ -1364,7 +1364,8 @@ class P2PNode:
         if pubsub is None:
             return True
         with trio.move_on_after(timeout_s):
-            while any(len(q) for q in list(pubsub.peer_queues.values())):
+            # peer_queues: py-libp2p 0.8.1's per-neighbour RpcQueue (trap 22).
+            while any(len(q) for q in list(getattr(pubsub, "peer_queues", {}).values())):
                 await trio.sleep(_FLUSH_POLL_S)
             # A sending task pops an RPC before it writes it: let the last writes finish.
             await trio.sleep(_FLUSH_POLL_S)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol import codec, tensors
+from protocol import cadence, codec, tensors
 from protocol import trust as tr
 from protocol.allocation import shard_sizes
 from protocol.awards import check_signed_award
@@ -81,7 +81,12 @@ class SimConfig:
     faults: FaultSpec = field(default_factory=FaultSpec)
     net: NetConfig = field(default_factory=NetConfig)
     stub_signatures: bool = False
-    advert_interval: float = 2.0
+    #: Seconds between refreshes; None: the daemon's (a third of the advert's lifetime, which
+    #: grows with the peers a node knows, protocol/cadence.py). Load changes advertise at once.
+    advert_interval: float | None = None
+    #: The daemon's [adverts] ttl_s and network_rate defaults (peerd/config.py).
+    advert_ttl: float = 60.0
+    advert_network_rate: float = 0.5
     adverts: str = "full"  # "full" | "sampled"
     advert_sample: int = 16
     arrival_rate: float = 2.0  # tasks per virtual second
@@ -494,14 +499,14 @@ class Peer:
             self._advert = (content, len(signed.raw), signed.message.seq)
             w.advert(self, len(signed.raw))
         self.advert_due = w.engine.after(
-            w.cfg.advert_interval, f"advert {self.index}", self.advertise, self.incarnation
+            w.advert_refresh, f"advert {self.index}", self.advertise, self.incarnation
         )
 
     def _seal_advert(self, now: int) -> Signed:
         return self.sealer.seal(
             Advert,
             now_ms=now,
-            ttl_ms=10_000,
+            ttl_ms=int(self.world.advert_lifetime * 1000),
             c0=min(self.claimed_c0, 1e6),
             load=min(self.load, 1000.0),
             cpu={"cores": self.slots, "model": "simulated", "gflops": min(self.claimed_c0, 1e6)},
@@ -522,13 +527,13 @@ class Peer:
         )
 
     def poke_advert(self) -> None:
-        """A load change re-advertises within MIN_GAP (peerd/adverts.py: 0.2 s coalescing)."""
+        """A load change re-advertises within MIN_GAP (peerd/adverts.py coalesces them)."""
         due = self.advert_due
-        if due is None or due.cancelled or due.time - self.world.engine.now <= 0.2:
+        if due is None or due.cancelled or due.time - self.world.engine.now <= cadence.MIN_GAP_S:
             return
         due.cancel()
         self.advert_due = self.world.engine.after(
-            0.2, f"advert {self.index}", self.advertise, self.incarnation
+            cadence.MIN_GAP_S, f"advert {self.index}", self.advertise, self.incarnation
         )
 
     # -- inbox ----------------------------------------------------------------------------------
@@ -593,7 +598,7 @@ class Peer:
         self.blobs = {d for d in w.blob_owner.get(self.index, set())}
         w.restart_peer(self)
         self.advert_due = w.engine.after(
-            w.rng("adverts").uniform(0, w.cfg.advert_interval),
+            w.rng("adverts").uniform(0, w.advert_refresh),
             f"advert {self.index}",
             self.advertise,
             self.incarnation,
@@ -621,6 +626,18 @@ class World:
             gossip_rng=self.rng("gossip"),
         )
         self.times = MarketTimes(lease_ttl_ms=cfg.lease_ttl_ms, heartbeat_ms=cfg.heartbeat_ms)
+        # The peers a node's table holds: everyone when adverts reach everyone; with sampled
+        # adverts about what three refreshes of the D who sample it bring.
+        known = cfg.peers if cfg.adverts == "full" else min(cfg.peers, 3 * cfg.advert_sample + 1)
+        #: Every node's advert lifetime and refresh (s), as the daemon sizes them.
+        self.advert_lifetime = cadence.advert_lifetime_s(
+            known, ttl_s=cfg.advert_ttl, network_rate=cfg.advert_network_rate
+        )
+        if cfg.advert_interval is None:
+            self.advert_refresh = cadence.refresh_s(self.advert_lifetime)
+        else:  # a fixed cadence: adverts live three refreshes
+            self.advert_refresh = cfg.advert_interval
+            self.advert_lifetime = min(3 * cfg.advert_interval, Advert.MAX_TTL_MS / 1000)
         self.counters: Counter[str] = Counter()
         #: Each submitter's records of the peers (its store's reputation table): survive a crash.
         self.trust_records: dict[int, dict[str, tr.PeerRecord]] = {}
@@ -1350,7 +1367,7 @@ def build(cfg: SimConfig) -> tuple[World, list[tuple[float, int, dict[str, Any]]
     arng = world.rng("adverts")
     for p in world.peers:
         p.advert_due = world.engine.at(
-            arng.uniform(0, cfg.advert_interval), f"advert {p.index}", p.advertise, 0
+            arng.uniform(0, world.advert_refresh), f"advert {p.index}", p.advertise, 0
         )
     for t, s, spec in tasks:
         world.engine.at(t, f"submit {spec['task_id'][:8]} on {s}", world.submit, world.peers[s], spec)

@@ -59,12 +59,16 @@ def _sample_latency(
     clients = [RpcClient(net.socket(i), timeout=10) for i in range(n)]
     seen: dict[tuple[str, int], dict[int, float]] = {}  # (origin, seq) -> receiver -> latency ms
     fallback = False
+    # Only adverts issued in the window: the first poll also finds the last advert of every
+    # daemon, issued during start-up (joins, on 2 cores busy starting 20 daemons and their
+    # workers), which took up to 2.8 s to reach all at 20 daemons (measured 2026-12-04).
+    window_start = time.time()
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         t0 = time.monotonic()
         for i, c in enumerate(clients):
             for p in c.call("peers.list", {})["peers"]:
-                if p["self"]:
+                if p["self"] or p["issued_at"] < window_start:
                     continue
                 received = p.get("received_at")
                 if received is None:
@@ -215,7 +219,8 @@ def run(quick: bool = False) -> AreaResult:
     res.notes.append(
         "Latency = received_at (receiver's peer table) − issued_at (origin), both wall-clock ms on this "
         "machine: 1 ms resolution, no clock skew. 'to all' = per advert, the slowest of the other N−1 "
-        "daemons; 'pair' = every (advert, receiver). Tables polled every 2 s via peers.list."
+        "daemons; 'pair' = every (advert, receiver). Tables polled every 2 s via peers.list. Only adverts "
+        "issued during the window count (not the start-up ones the first poll finds)."
     )
     res.notes.append(
         f"Default advert settings (ttl_s {AdvertsConfig.ttl_s:g} s, network_rate "

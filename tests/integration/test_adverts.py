@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from conftest import TestNet, wait_for
 
-from peerd.adverts import FAREWELL_TTL_S
 from peerd.rpc.client import RpcClientError
+from protocol.cadence import FAREWELL_TTL_S
 
 pytestmark = pytest.mark.slow
 

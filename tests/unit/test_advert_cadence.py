@@ -18,20 +18,12 @@ import trio
 import trio.testing
 
 from peerd import adverts
-from peerd.adverts import (
-    FAREWELL_TTL_S,
-    JOIN_DELAY_S,
-    MIN_GAP_S,
-    AdvertService,
-    Capacity,
-    Offer,
-    advert_lifetime_s,
-    significant_change,
-)
+from peerd.adverts import JOIN_DELAY_S, MIN_GAP_S, AdvertService, Capacity, Offer, significant_change
 from peerd.counters import Counters
 from peerd.inbox import Inbox
 from peerd.peertable import PeerTable
 from peerd.seqstore import SequenceStore
+from protocol.cadence import FAREWELL_TTL_S, advert_lifetime_s
 from protocol.envelope import Signer, open_envelope
 
 INTERVAL_S, TTL_S, REFRESH_S = 5.0, 60.0, 20.0
