@@ -183,6 +183,8 @@ class AdvertService:
         self._published_at = -math.inf  # trio clock
         self._join_due = math.inf  # trio clock: re-advertise for a newcomer
         self._advertised: State | None = None
+        #: Set by leave(): nothing may follow the farewell (a later advert would undo it).
+        self._leaving = False
         self.current: Advert | None = None
         p2p.add_validator(TOPIC, self._on_gossip)
         p2p.on_peer_connected(self.peer_joined)
@@ -262,7 +264,11 @@ class AdvertService:
             version=__version__,
         )
 
-    async def publish(self, state: State | None = None, *, ttl_ms: int | None = None) -> None:
+    async def publish(
+        self, state: State | None = None, *, ttl_ms: int | None = None, farewell: bool = False
+    ) -> None:
+        if self._leaving and not farewell:
+            return  # a load change or refresh during leave() must not replace the farewell
         if state is None:
             state = await _off_loop(self.snapshot)
         self._size_lifetime()
@@ -292,7 +298,8 @@ class AdvertService:
         """
         state = dict(self._advertised) if self._advertised is not None else await _off_loop(self.snapshot)
         state["offer"] = {**state["offer"], "draining": True}
-        await self.publish(state, ttl_ms=int(FAREWELL_TTL_S * 1000))
+        self._leaving = True
+        await self.publish(state, ttl_ms=int(FAREWELL_TTL_S * 1000), farewell=True)
         self._counters.inc("adverts.farewell")
         if not await self._p2p.flush(FAREWELL_FLUSH_S):
             log.info("leaving: the farewell advert may not have reached every neighbour")
@@ -336,6 +343,8 @@ class AdvertService:
             with trio.move_on_at(min(next_look, self._published_at + self._refresh, self._join_due)):
                 await self._wake.wait()
             self._wake = trio.Event()
+            if self._leaving:
+                await trio.sleep_forever()  # leave() said the last word; the daemon is stopping
             now = trio.current_time()
             if self._poked:
                 self._poked = False

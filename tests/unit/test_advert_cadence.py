@@ -297,3 +297,18 @@ def test_leaving_publishes_a_short_lived_draining_advert_and_flushes_it(rig: Rig
     assert farewell.c0 == first.c0 and farewell.offer["kinds"] == first.offer["kinds"]  # type: ignore[attr-defined]
     assert rig.counters.get("adverts.farewell") == 1
     assert rig.p2p.flushed, "leave() must give libp2p time to write the farewell"
+
+
+def test_nothing_replaces_the_farewell(rig: Rig) -> None:
+    async def script(r: Rig) -> None:
+        await trio.sleep_until(3.0)
+        await r.service.leave()
+        # A task ending during shutdown changes the load: that must not re-advertise.
+        r.state["load"] = 1.0
+        r.state["offer"]["busy"] = 1
+        r.service.poke()
+
+    run_for(rig, 2 * REFRESH_S, script)  # past a refresh too
+    adverts = [open_envelope(raw).message for _, raw in rig.p2p.published]
+    assert len(adverts) == 2, adverts
+    assert adverts[-1].offer["draining"]  # type: ignore[attr-defined]
