@@ -206,11 +206,6 @@ class AdvertService:
     def build(self) -> Advert:
         return self._sealable(self.snapshot())
 
-    @property
-    def lifetime_s(self) -> float:
-        """The lifetime of the adverts we publish now."""
-        return self._ttl_ms / 1000
-
     def _size_lifetime(self) -> None:
         """Fit our advert's lifetime and refresh to the peer table (:func:`advert_lifetime_s`)."""
         if self._fixed_refresh is not None:

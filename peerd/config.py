@@ -100,7 +100,7 @@ class AdvertsConfig:
     refresh_s: float | None = None
     #: Refresh adverts per second the whole network should carry when idle: the lifetime grows
     #: with the peer table to keep to it, from ``ttl_s`` up to an advert's MAX_TTL (issue 10,
-    #: peerd/adverts.py advert_lifetime_s). 0: the lifetime stays ``ttl_s``.
+    #: protocol/cadence.py advert_lifetime_s). 0: the lifetime stays ``ttl_s``.
     network_rate: float = 0.5
     calibrate: bool = True
     calibration_s: float = 0.5

@@ -27,9 +27,9 @@ from typing import Any
 
 import psutil
 
-from peerd.adverts import advert_lifetime_s
 from peerd.config import AdvertsConfig
 from peerd.rpc.client import RpcClient
+from protocol.cadence import advert_lifetime_s
 from scripts.benchmarks.common import AreaResult, Table, budget_le, budget_lt, devnet, loadavg, log, pct
 
 NO_TF = {"accept_kinds": ["echo", "sleep"]}
@@ -40,7 +40,7 @@ ADVERTS = {
     "network_rate": AdvertsConfig.network_rate,
 }
 #: The refresh of a small network; the lifetime, and so the refresh, grows with the peer
-#: table (peerd/adverts.py advert_lifetime_s): 2x at 20 daemons with the defaults.
+#: table (protocol/cadence.py advert_lifetime_s): 2x at 20 daemons with the defaults.
 REFRESH_S = AdvertsConfig.ttl_s / 3
 
 
