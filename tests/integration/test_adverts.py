@@ -39,6 +39,18 @@ def everyone_sees_everyone(net: TestNet) -> dict[int, dict[str, dict[str, Any]]]
     return current if all(set(t) == ids for t in current.values()) else None
 
 
+def converged(devnet: Any, *, ttl_s: float, interval_s: float) -> TestNet:
+    """Three daemons with these advert settings, once every table lists all three."""
+    net: TestNet = devnet(3, {"adverts": {"ttl_s": ttl_s, "interval_s": interval_s}})
+    wait_for(
+        lambda: everyone_sees_everyone(net),
+        "all adverts everywhere",
+        timeout=CONVERGENCE_CAP_S,
+        interval=0.05,
+    )
+    return net
+
+
 def test_three_daemons_see_each_others_verified_adverts(devnet: Any) -> None:
     started = time.monotonic()
     net: TestNet = devnet(3)
@@ -84,13 +96,7 @@ def test_three_daemons_see_each_others_verified_adverts(devnet: Any) -> None:
 
 def test_a_killed_daemon_leaves_the_tables_and_comes_back_with_its_peer_id(devnet: Any) -> None:
     ttl_s, interval_s = 4.0, 1.0
-    net: TestNet = devnet(3, {"adverts": {"ttl_s": ttl_s, "interval_s": interval_s}})
-    wait_for(
-        lambda: everyone_sees_everyone(net),
-        "all adverts everywhere",
-        timeout=CONVERGENCE_CAP_S,
-        interval=0.05,
-    )
+    net = converged(devnet, ttl_s=ttl_s, interval_s=interval_s)
     victim, others = 2, (0, 1)
     victim_id = net.peer_id(victim)
     seq_before = net.info(victim)["advert"]["seq"]
@@ -159,13 +165,7 @@ def test_a_daemon_stopped_on_purpose_says_so_and_leaves_the_tables_before_its_ad
     FAREWELL_TTL_S. A crashed one stays listed until its advert expires (the test above), so
     leaving before that is only possible through the farewell."""
     ttl_s = 60.0
-    net: TestNet = devnet(3, {"adverts": {"ttl_s": ttl_s, "interval_s": 1.0}})
-    wait_for(
-        lambda: everyone_sees_everyone(net),
-        "all adverts everywhere",
-        timeout=CONVERGENCE_CAP_S,
-        interval=0.05,
-    )
+    net = converged(devnet, ttl_s=ttl_s, interval_s=1.0)
     victim, others = 2, (0, 1)
     victim_id = net.peer_id(victim)
     last_expiry = max(net.peers(i)[victim_id]["expires_at"] for i in others)
