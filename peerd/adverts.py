@@ -174,7 +174,7 @@ class AdvertService:
         self._network_rate = network_rate
         #: A configured refresh fixes the lifetime at ``ttl_s`` (config checks refresh ≤ ttl / 2).
         self._fixed_refresh = refresh_s
-        self._ttl_ms = int(ttl_s * 1000)
+        self._lifetime_ms = int(ttl_s * 1000)
         #: The longest we stay silent: a refresh comfortably before the lifetime ends
         #: (docs/config.md); recomputed at each publish (:meth:`_size_lifetime`).
         self._refresh = refresh_s if refresh_s is not None else cadence.refresh_s(ttl_s)
@@ -213,12 +213,12 @@ class AdvertService:
         lifetime = advert_lifetime_s(
             len(self.table.alive(wall_ms())), ttl_s=self._ttl_s, network_rate=self._network_rate
         )
-        self._ttl_ms = int(lifetime * 1000)
+        self._lifetime_ms = int(lifetime * 1000)
         self._refresh = cadence.refresh_s(lifetime)
 
-    def _sealable(self, state: State, *, ttl_ms: int | None = None) -> Advert:
+    def _sealable(self, state: State, *, lifetime_ms: int | None = None) -> Advert:
         now = wall_ms()
-        lifetime = self._ttl_ms if ttl_ms is None else ttl_ms
+        lifetime = self._lifetime_ms if lifetime_ms is None else lifetime_ms
         return Advert(seq=self._seq.next(), issued_at=now, expires_at=now + lifetime, **state)
 
     def snapshot(self) -> State:
@@ -259,15 +259,15 @@ class AdvertService:
             version=__version__,
         )
 
-    async def publish(
-        self, state: State | None = None, *, ttl_ms: int | None = None, farewell: bool = False
-    ) -> None:
+    async def publish(self, state: State | None = None, *, farewell: bool = False) -> None:
+        """Seal and gossip ``state`` (None: a fresh snapshot). ``farewell``: the last advert,
+        living ``FAREWELL_TTL_S`` instead of our lifetime (:meth:`leave`)."""
         if self._leaving and not farewell:
             return  # a load change or refresh during leave() must not replace the farewell
         if state is None:
             state = await _off_loop(self.snapshot)
         self._size_lifetime()
-        advert = self._sealable(state, ttl_ms=ttl_ms)
+        advert = self._sealable(state, lifetime_ms=int(FAREWELL_TTL_S * 1000) if farewell else None)
         self._advertised = state
         self._published_at = trio.current_time()
         self._join_due = math.inf
@@ -294,7 +294,7 @@ class AdvertService:
         state = dict(self._advertised) if self._advertised is not None else await _off_loop(self.snapshot)
         state["offer"] = {**state["offer"], "draining": True}
         self._leaving = True
-        await self.publish(state, ttl_ms=int(FAREWELL_TTL_S * 1000), farewell=True)
+        await self.publish(state, farewell=True)
         self._counters.inc("adverts.farewell")
         if not await self._p2p.flush(FAREWELL_FLUSH_S):
             log.info("leaving: the farewell advert may not have reached every neighbour")

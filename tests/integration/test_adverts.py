@@ -51,6 +51,11 @@ def converged(devnet: Any, *, ttl_s: float, interval_s: float) -> TestNet:
     return net
 
 
+def listed(net: TestNet, nodes: tuple[int, ...], peer_id: str) -> list[dict[str, Any]]:
+    """The entries ``nodes`` still list for ``peer_id``."""
+    return [e for i in nodes if (e := net.peers(i).get(peer_id)) is not None]
+
+
 def test_three_daemons_see_each_others_verified_adverts(devnet: Any) -> None:
     started = time.monotonic()
     net: TestNet = devnet(3)
@@ -112,13 +117,9 @@ def test_a_killed_daemon_leaves_the_tables_and_comes_back_with_its_peer_id(devne
 
     def gone_everywhere() -> bool:
         nonlocal latest_expiry
-        gone = True
-        for i in others:
-            entry = net.peers(i).get(victim_id)
-            if entry is not None:
-                latest_expiry = max(latest_expiry, entry["expires_at"])
-                gone = False
-        return gone
+        entries = listed(net, others, victim_id)
+        latest_expiry = max([latest_expiry, *(e["expires_at"] for e in entries)])
+        return not entries
 
     wait_for(
         gone_everywhere,
@@ -178,15 +179,12 @@ def test_a_daemon_stopped_on_purpose_says_so_and_leaves_the_tables_before_its_ad
 
     def gone_everywhere() -> bool:
         nonlocal seen_draining
-        gone = True
-        for i in others:
-            entry = net.peers(i).get(victim_id)
-            if entry is not None:
-                gone = False
-                if entry["offer"]["draining"]:
-                    seen_draining = True
-                    assert entry["expires_in_s"] <= FAREWELL_TTL_S
-        return gone
+        entries = listed(net, others, victim_id)
+        for entry in entries:
+            if entry["offer"]["draining"]:
+                seen_draining = True
+                assert entry["expires_in_s"] <= FAREWELL_TTL_S
+        return not entries
 
     wait_for(
         gone_everywhere,
