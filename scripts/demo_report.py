@@ -4,12 +4,16 @@
 bundle's manifest, prints a summary and writes DIR/training.png.
 ``demo_report.py digits-spec DATA`` writes a digits variant of the demo spec and prints
 its path (the fallback when Fashion-MNIST cannot be installed).
+``demo_report.py sized-spec SPEC PEERS OUT`` writes SPEC with its ``work`` sized to the peers
+in PEERS (``peerctl peers --json``) into the folder OUT, and prints its path.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
+import tomllib
 from pathlib import Path
 
 
@@ -73,6 +77,45 @@ def digits_spec(data: Path) -> int:
     return 0
 
 
+#: R as a share of ΣC over the peers: any two of three similar peers give ~2/3 of it, so the
+#: cheapest set covering R is all three.
+DEMAND_SHARE = 0.9
+
+
+def sized_spec(spec: Path, peers_json: Path, out: Path) -> int:
+    """The demo's spec with ``work`` = DEMAND_SHARE × ΣC × deadline_s over the peers seen.
+
+    C is calibrated per machine at start (docs/design.md §4), so a fixed ``work`` needs three
+    peers on one machine and two on a faster or quieter one; the demo shows three."""
+    peers = json.loads(peers_json.read_text())["peers"]
+    total = sum(float(p.get("capacity") or 0.0) for p in peers)
+    if total <= 0:
+        print(f"no capacity among the peers in {peers_json}", file=sys.stderr)
+        return 1
+    text = spec.read_text()
+    deadline = float(tomllib.loads(text)["deadline_s"])
+    work = round(DEMAND_SHARE * total * deadline, 1)
+    text = re.sub(
+        r"^work = .*$",
+        f"work = {work}  # {DEMAND_SHARE} × ΣC of the {len(peers)} peers × deadline_s (scripts/demo)",
+        text,
+        count=1,
+        flags=re.M,
+    )
+    # Paths in the spec are relative to its own folder; the copy lives elsewhere.
+    text = re.sub(r'= "([^"/][^"]*\.(?:npz|json))"', lambda m: f'= "{_beside(spec, m.group(1))}"', text)
+    sized = out / f"{spec.stem}.sized.toml"
+    sized.write_text(text)
+    print(sized)
+    return 0
+
+
+def _beside(spec: Path, name: str) -> Path:
+    return (spec.parent / name).resolve()
+
+
 if __name__ == "__main__":
     cmd, arg = sys.argv[1], Path(sys.argv[2])
+    if cmd == "sized-spec":
+        sys.exit(sized_spec(arg, Path(sys.argv[3]), Path(sys.argv[4])))
     sys.exit(report(arg) if cmd == "report" else digits_spec(arg))

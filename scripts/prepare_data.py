@@ -7,6 +7,7 @@ cannot be had, scikit-learn's bundled 8×8 digits stand in (and the run says so)
 
 Writes into OUT (default examples/data/):
   train.npz (x, y)  validation.npz  test.npz  and  model.json (the seed's Keras model, §5.2)
+x holds uint8 pixels (0..255): tasks on it set ``x_scale = 1/255`` (docs/tasks.md).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+#: 2: x as uint8 pixels, scaled by the task's x_scale (1: float32 in [0, 1]).
+FORMAT = 2
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FILES = (
     "train-images-idx3-ubyte.gz",
@@ -91,8 +94,10 @@ def main() -> int:
         print("Fashion-MNIST files are missing: apt-get install dataset-fashion-mnist", file=sys.stderr)
         return 1
     name, (xtr, ytr, xte, yte) = load_fashion(keras_home) if use_fashion else load_digits()
-    xtr = xtr.astype(np.float32) / 255.0
-    xte = xte.astype(np.float32) / 255.0
+    # The pixels stay uint8: the task's x_scale = 1/255 makes them floats in the worker
+    # (docs/tasks.md), and every shard travels as a quarter of the float32 bytes.
+    xtr = xtr.astype(np.uint8)
+    xte = xte.astype(np.uint8)
     ytr = ytr.astype(np.int64)
     yte = yte.astype(np.int64)
     nval = min(args.validation, len(xtr) // 10)
@@ -106,6 +111,11 @@ def main() -> int:
         "validation": nval,
         "test": len(xte),
         "input_dim": xtr.shape[1],
+        # Readers check it: data written as float32 [0, 1] by an older version would be scaled
+        # twice by the task's x_scale.
+        "format": FORMAT,
+        "x_dtype": "uint8",
+        "x_scale": 1 / 255,
     }
     (out / "dataset.json").write_text(json.dumps(info, indent=2))
     print(json.dumps(info))

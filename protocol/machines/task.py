@@ -1405,6 +1405,9 @@ class TaskMachine:
             "model_config": self.announce.params.get("model_config"),
             "loss": self.announce.params.get("loss", "sparse_categorical_crossentropy"),
         }
+        if "x_scale" in self.announce.params:
+            # The held-out data is stored as the training data is (uint8 pixels, docs/tasks.md).
+            params["x_scale"] = self.announce.params["x_scale"]
         return [
             act.StartJob(
                 job_id=rep.eval_job,

@@ -69,6 +69,8 @@ for r in range(rounds):
     if data is None or "resident" not in knobs:
         with np.load(shard, allow_pickle=False) as npz:
             data = (npz["x"], npz["y"])
+        if data[0].dtype.kind != "f":  # uint8 pixels: as the worker's x_scale does
+            data = (data[0].astype(np.float32) * np.float32(float(sys.argv[6])), data[1])
     ph["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
     if model is None or "resident" not in knobs:
@@ -114,10 +116,10 @@ def bare_env(knobs: set[str]) -> dict[str, str]:
     return env
 
 
-def run_bare(knobs: str, shard: Path, w0: Path, rounds: int, model: Path) -> dict[str, Any]:
+def run_bare(knobs: str, shard: Path, w0: Path, rounds: int, model: Path, scale: float) -> dict[str, Any]:
     t0 = time.perf_counter()
     p = subprocess.run(
-        [sys.executable, "-c", _BARE, knobs, str(shard), str(w0), str(rounds), str(model)],
+        [sys.executable, "-c", _BARE, knobs, str(shard), str(w0), str(rounds), str(model), repr(scale)],
         env=bare_env(set(knobs.split(","))),
         capture_output=True,
         text=True,
@@ -225,6 +227,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]
         x, y = npz["x"][: args.shard], npz["y"][: args.shard]
     shard = tmp / "shard.npz"
     np.savez(shard, x=x, y=y)
+    info = DATA.parent / "dataset.json"
+    scale = float(json.loads(info.read_text()).get("x_scale", 1.0)) if info.exists() else 1.0
     raw = json.loads(MODEL.read_text())
     model_cfg = tmp / "model.json"
     model_cfg.write_text(json.dumps(raw))
@@ -252,6 +256,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]
         "loss": "sparse_categorical_crossentropy",
         "epochs": 1,
         "batch_size": 32,
+        # The data set's pixels are uint8 (scripts/prepare_data.py): scaled as the demo's task does.
+        "x_scale": scale,
         **json.loads(args.peerd_params),
     }
     samples: dict[str, list[dict[str, Any]]] = {}
@@ -273,7 +279,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]
                 else:
                     knobs = variant.removeprefix("bare:")
                     res = await trio.to_thread.run_sync(
-                        lambda k=knobs: run_bare(k, shard, w0, args.rounds, model_cfg)
+                        lambda k=knobs: run_bare(k, shard, w0, args.rounds, model_cfg, scale)
                     )
                 samples.setdefault(variant, []).append(res)
         nursery.cancel_scope.cancel()

@@ -171,7 +171,7 @@ def run(quick: bool = False) -> AreaResult:
             "load avg",
         ],
     )
-    spec = example_spec(data, rounds=rounds)
+    spec = example_spec(data, rounds=rounds, work=1e9)  # work: all 3 peers needed, whatever their C
     runs: dict[str, list[dict[str, Any]]] = {"peerd": [], "flower": [], "central": []}
 
     def peerd_run(i: int, work: Path) -> None:

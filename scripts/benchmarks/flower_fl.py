@@ -60,7 +60,13 @@ def _compile(keras: Any, model: Any) -> None:
 
 def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
-        return z["x"], z["y"]
+        x, y = z["x"], z["y"]
+    if x.dtype.kind != "f":
+        # uint8 pixels: float32 scaled by the data set's x_scale (dataset.json), as a peerd
+        # worker does with the task's x_scale parameter.
+        scale = json.loads((path.parent / "dataset.json").read_text()).get("x_scale", 1.0)
+        x = x.astype(np.float32) * np.float32(scale)
+    return x, y
 
 
 def _shard(data: Path, index: int, of: int) -> tuple[np.ndarray, np.ndarray]:

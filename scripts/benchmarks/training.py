@@ -52,7 +52,7 @@ BID_WINDOW_MS = int(os.environ.get("PEERD_BENCH_BID_WINDOW_MS", "2000"))
 
 def ensure_data() -> Path:
     """Fashion-MNIST as scripts/prepare_data.py writes it (train/validation/test .npz)."""
-    if not all((DATA_DIR / f).exists() for f in ("train.npz", "validation.npz", "test.npz", "dataset.json")):
+    if not data_current(DATA_DIR):
         log(f"preparing data in {DATA_DIR} (scripts/prepare_data.py)")
         subprocess.run(
             [sys.executable, str(ROOT / "scripts" / "prepare_data.py"), "--out", str(DATA_DIR)],
@@ -60,6 +60,17 @@ def ensure_data() -> Path:
             cwd=ROOT,
         )
     return DATA_DIR
+
+
+def data_current(data: Path) -> bool:
+    """Whether ``data`` holds what this version's prepare_data.py writes: uint8 pixels
+    (format 2). An older float32 set would be scaled twice by the example's x_scale."""
+    if not all((data / f).exists() for f in ("train.npz", "validation.npz", "test.npz", "dataset.json")):
+        return False
+    try:
+        return bool(json.loads((data / "dataset.json").read_text()).get("format") == 2)
+    except ValueError:
+        return False
 
 
 def example_spec(data: Path, **changes: Any) -> dict[str, Any]:

@@ -181,7 +181,7 @@ def run(quick: bool = False) -> AreaResult:
     from scripts.benchmarks.training import ensure_data, example_spec
 
     rounds = 2 if quick else 5
-    spec = example_spec(ensure_data(), rounds=rounds)
+    spec = example_spec(ensure_data(), rounds=rounds, work=1e9)  # work: all 3 peers needed, whatever their C
     train = Table(
         f"The demo's training task (examples/fashion-mnist.toml, 3 peers, {rounds} rounds), submit → done",
         ["network", "wall s", "test accuracy", "segments lost", "load avg"],

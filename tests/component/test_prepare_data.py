@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,5 +43,13 @@ def test_prepare_data_by_hand_prints_only_its_summary(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stderr == "", out.stderr
-    assert json.loads(out.stdout)["dataset"] == "digits"
+    info = json.loads(out.stdout)
+    assert info["dataset"] == "digits"
     assert (tmp_path / "train.npz").is_file() and (tmp_path / "model.json").is_file()
+    # The pixels stay uint8 (a quarter of the bytes on the wire); dataset.json says so, and
+    # says how a task scales them back to [0, 1].
+    assert info["format"] == 2 and info["x_dtype"] == "uint8" and info["x_scale"] == 1 / 255
+    assert json.loads((tmp_path / "dataset.json").read_text()) == info
+    for name in ("train", "validation", "test"):
+        with np.load(tmp_path / f"{name}.npz", allow_pickle=False) as z:
+            assert z["x"].dtype == np.uint8 and int(z["x"].max()) == 255, name

@@ -223,6 +223,35 @@ def test_data_loading(tmp_path: Path) -> None:
         _keras.load_data(ctx_with_data(tmp_path, x=x, y=y[:3]), need_y=True)
 
 
+def test_uint8_data_is_scaled_to_float32(tmp_path: Path) -> None:
+    # Pixels travel as uint8 (4× fewer bytes) and the worker makes them the floats the model
+    # was trained on: x_scale = 1/255 maps 0..255 onto [0, 1] (docs/tasks.md).
+    x = np.array([[0, 51], [102, 255], [3, 4]], dtype=np.uint8)
+    y = np.arange(3)
+    xs, _ = _keras.load_data(ctx_with_data(tmp_path, {"x_scale": 1 / 255}, x=x, y=y), need_y=True)
+    assert xs.dtype == np.float32
+    np.testing.assert_allclose(xs, x.astype(np.float64) / 255, rtol=1e-6)
+    xs, _ = _keras.load_data(ctx_with_data(tmp_path, {"x_scale": 2, "range": [1, 3]}, x=x, y=y), need_y=True)
+    assert xs.tolist() == [[204.0, 510.0], [6.0, 8.0]]
+    # Without it a uint8 x is only cast, as before.
+    xs, _ = _keras.load_data(ctx_with_data(tmp_path, x=x, y=y), need_y=True)
+    assert xs.dtype == np.float32 and xs.tolist() == x.tolist()
+    # A float x is scaled too.
+    xf = np.array([[1.0], [2.0], [3.0]], dtype=np.float32)
+    ctx = ctx_with_data(tmp_path, {"x_scale": 0.5, "range": [0, 2]}, x=xf, y=y)
+    xs, _ = _keras.load_data(ctx, need_y=True)
+    assert xs.tolist() == [[0.5], [1.0]]
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, 1e13, float("nan"), float("inf"), "1/255", True])
+def test_a_bad_x_scale_is_a_task_error(tmp_path: Path, bad: Any) -> None:
+    # The announce comes from another peer: the worker checks the value itself.
+    x = np.zeros((2, 2), dtype=np.uint8)
+    with pytest.raises(TaskFailed, match="x_scale") as e:
+        _keras.load_data(ctx_with_data(tmp_path, {"x_scale": bad}, x=x, y=np.zeros(2)), need_y=True)
+    assert e.value.error == "task_error"
+
+
 def test_pickled_data_is_refused(tmp_path: Path) -> None:
     # An object array in an .npz is a pickle: loading it would run the submitter's code.
     objs = np.empty(2, dtype=object)

@@ -594,8 +594,10 @@ def test_two_round_aggregated_task_is_done_when_the_last_round_is_certified() ->
     assert res.result["certificate"]["output"] == "dd" * 32 and res.result["certificate"]["round"] == 2
 
 
-def test_validation_evaluation_runs_a_local_job_per_round() -> None:
-    ann = announce(kind="keras-train", aggregation="weighted_mean", rounds=1, max_shards=1)
+@pytest.mark.parametrize("scale", [None, 1 / 255])
+def test_validation_evaluation_runs_a_local_job_per_round(scale: float | None) -> None:
+    params = {"model_config": "{}"} if scale is None else {"model_config": "{}", "x_scale": scale}
+    ann = announce(kind="keras-train", aggregation="weighted_mean", rounds=1, max_shards=1, params=params)
     held = {"validation": {"sha256": "ee" * 32, "size": 10}}
     m, _ = awarded(ann, held_out=held)
     out = m.handle(ev.RoundCertified(now_ms=NOW + 1_000, certificate=certify(m, 1)))
@@ -608,6 +610,9 @@ def test_validation_evaluation_runs_a_local_job_per_round() -> None:
     out = m.handle(ev.BlobFetched(now_ms=NOW + 1_200, tag=f.tag, digest=f.digest, source=f.source, ok=True))
     job = one(out, act.StartJob)
     assert job.purpose == "evaluate" and job.inputs["data"]["sha256"] == "ee" * 32
+    assert job.kind == "keras-predict" and job.params["model_config"] == "{}"
+    # The held-out data is scaled as the training data is: the same x_scale, or none.
+    assert job.params.get("x_scale") == scale
     with pytest.raises(LocalProtocolError, match="no job 'other' is running"):
         m.handle(ev.JobFinished(now_ms=NOW + 1_250, job_id="other", ok=True))
     out = m.handle(ev.JobFinished(now_ms=NOW + 1_300, job_id=job.job_id, ok=True, metrics={"accuracy": 0.75}))

@@ -230,7 +230,7 @@ def data_for(
     if cache is None or data_id is None or "data" not in ctx.inputs:
         x, y = load_data(ctx, need_y=need_y)
         return x, y, False
-    key = content_key("data", data=data_id, range=ctx.params.get("range"))
+    key = content_key("data", data=data_id, range=ctx.params.get("range"), x_scale=x_scale(ctx.params))
     entry = cache.get(key, ctx.task)
     if entry is not None:
         x, y = entry.value
@@ -239,8 +239,9 @@ def data_for(
         return x, y, True
     x, y = load_data(ctx, need_y=need_y)
     if "range" in ctx.params:
-        # A slice is a view that would keep the whole decoded blob alive.
-        x = x.copy()
+        # A slice is a view that would keep the whole decoded blob alive (x is a new array
+        # already when it was cast or scaled).
+        x = x.copy() if x.base is not None else x
         y = y.copy() if y is not None else None
     for arr in (x, y):
         if arr is not None:
@@ -323,9 +324,23 @@ def load_data(ctx: TaskContext, *, need_y: bool) -> tuple[np.ndarray, np.ndarray
         y = y[start:stop] if y is not None else None
     if len(x) == 0:
         raise TaskFailed("task_error", "no samples")
+    scale = x_scale(ctx.params)
     if x.dtype.kind != "f":
         x = x.astype("float32")
+    if scale != 1.0:
+        # In place when the cast above made a new array; a float x from the file is copied.
+        x = np.multiply(x, np.asarray(scale, dtype=x.dtype), out=x if x.flags.owndata else None)
     return x, y
+
+
+def x_scale(params: Mapping[str, Any]) -> float:
+    """The ``x_scale`` parameter (docs/tasks.md): what ``x`` is multiplied by once it is float,
+    so that data can travel as uint8 (1/255 for pixels). Checked here too: the announce that
+    carries it came from another peer."""
+    value = float(param(params, "x_scale", (int, float), 1.0))
+    if not (math.isfinite(value) and 1e-12 <= value <= 1e12):
+        raise TaskFailed("task_error", "parameter 'x_scale' must be a number from 1e-12 to 1e12")
+    return value
 
 
 def positive_int(params: Mapping[str, Any], name: str, default: int, maximum: int) -> int:
