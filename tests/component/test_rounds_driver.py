@@ -555,3 +555,42 @@ def test_a_participant_off_the_committee_prefetches_the_voted_aggregate(tmp_path
         assert [f for f in node.fetches if f[1] == sha] == [(a, sha)]
 
     run_world(tmp_path, OUTSIDER, body)
+
+
+def test_a_member_fetches_each_committed_output_as_its_commit_arrives(tmp_path: Path) -> None:
+    # The machine fetches inputs only once every holder has committed; a member fetches each
+    # earlier output while the last holder still trains, so that on a slow link only the last
+    # commit's output is fetched after it (docs/benchmarks.md, "Emulated WAN").
+    async def body(w: World) -> None:
+        node = w.node
+        w.heartbeat(*w.holders.values())
+        early = [w.commit(shard, float(shard + 1)) for shard in (0, 1, 2)]
+        theirs = [committed(s) for s in early if s.signer != node.peer_id]
+        await until(lambda: all(node.blobs.has(d) for d in theirs))
+        assert not node.votes()  # still waiting for shard 3's holder: only fetched
+        assert node.counters.get("rounds.input_prefetched") == len(theirs) >= 2
+        assert {d for _, d in node.fetches} == set(theirs)  # never our own output
+        last = w.commit(3, 4.0)
+        await until(lambda: bool(node.votes()))
+        (vote,) = node.votes()
+        assert [dict(i)["shard"] for i in vote.inputs] == [0, 1, 2, 3] and not vote.excluded
+        expect = encode_arrays([np.full((2, 2), 10.0), np.arange(3, dtype="<i4") * 4])
+        assert vote.output["sha256"] == hashlib.sha256(expect).hexdigest()
+        if last.signer != node.peer_id:
+            assert node.counters.get("rounds.input_prefetched") == len(theirs) + 1
+
+    run_world(tmp_path, MEMBER, body)
+
+
+def test_a_participant_off_the_committee_fetches_no_inputs(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        node = w.node
+        w.heartbeat(*w.holders.values())
+        for shard in range(4):
+            w.commit(shard, float(shard + 1))
+        await until(lambda: (m := w.rounds.machine(TASK, 1)) is not None and len(m.commits) == 4)
+        await trio.sleep(1.0)  # virtual time: a prefetch would have run by now
+        assert node.fetches == [] and node.counters.get("rounds.input_prefetched") == 0
+        assert not node.votes()
+
+    run_world(tmp_path, OUTSIDER, body)
