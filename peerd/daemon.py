@@ -168,8 +168,10 @@ async def serve(
             bus = TaskBus(node, book, contractor, submitter, rounds)
             # Each role is told what the others publish or certify (our own gossip never
             # reaches our own task bus): certificates to the submitter's machines, our own
-            # announces, awards and cancels to our own contractor.
+            # announces, awards and cancels to our own contractor, and the commits that reach
+            # the submitter on a result stream to the committee.
             rounds.on_certified.append(submitter.on_certificate)
+            submitter.on_result.append(rounds.on_result)
             submitter.on_published.append(contractor.on_published)
 
             # Bounded concurrent uploads: a busy peer answers "busy" and the fetcher retries.

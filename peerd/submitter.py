@@ -80,6 +80,9 @@ class Submitter(OwnedScope):
         #: Told of every announce, award and cancel our machines publish, once it is out (the
         #: task bus never sees our own gossip): our own contractor bids and follows.
         self.on_published: list[Callable[[TaskView, Signed], Awaitable[None]]] = []
+        #: Told of every holder's commit that reaches us on a result stream and that the view
+        #: kept: the committee role follows the round from it, as from a gossiped commit.
+        self.on_result: list[Callable[[TaskView, Signed], None]] = []
         self.sealer = NodeSealer(node)
         #: task_id → the driver of its TaskMachine (kept after the end: late bids and
         #: results are answered by the machine, as the view answered them before).
@@ -439,7 +442,12 @@ class Submitter(OwnedScope):
         reply = self._reply(actions, "unknown task")
         view = self.book.get(msg.task_id)
         if reply["ok"] and view is not None and view.holder(msg.shard, msg.epoch) == signed.signer:
-            view.add_result(signed)  # the committee role reads the commits from the view
+            # The committee role reads the commits from the view. The gossiped copy of this
+            # commit will find it kept, so the role hears of it now: its round starts, and a
+            # member fetches the output while the other holders still train.
+            if view.add_result(signed):
+                for listener in self.on_result:
+                    listener(view, signed)
         return reply
 
     async def handle_result_stream(self, stream: FrameStream) -> None:

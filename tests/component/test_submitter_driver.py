@@ -228,10 +228,15 @@ def test_a_task_from_announce_to_done_through_its_machine(tmp_path: Path) -> Non
             "reason": "not the shard's holder",
         }
         assert p.counters.snapshot().get("dropped.not_holder") == 1
-        assert p.submitter.accept_result(result_raw(p, task_id, PEER, 3), PEER.peer_id) == {
-            "ok": True,
-            "reason": "",
-        }
+        # The committee role hears of each commit the view keeps from a result stream (its
+        # gossiped copy will be a duplicate), once, and of nothing that was refused.
+        heard: list[bytes] = []
+        p.submitter.on_result.append(lambda view, signed: heard.append(signed.raw))
+        raw = result_raw(p, task_id, PEER, 3)
+        assert p.submitter.accept_result(raw, PEER.peer_id) == {"ok": True, "reason": ""}
+        assert heard == [raw]
+        p.submitter.accept_result(raw, PEER.peer_id)  # sent again: nothing new to hear
+        assert heard == [raw]
         await until(lambda: p.state(task_id) == "done", "the task is done")
         row = p.store.task(task_id)
         assert row is not None and '"shard-0/stdout"' in json.dumps(row.result)
