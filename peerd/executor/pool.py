@@ -97,6 +97,11 @@ SPARE_DELAY = 0.05
 #: (docs/benchmarks.md "Where a round's time goes"); started after 5 s of idle slot, it landed
 #: in round 2 whenever commits were 5 s apart. Rounds of one task reuse their worker.
 HEAVY_CLASSES = frozenset({"tf"})
+#: The niceness of a local-lane worker (the submitter's own evaluations, off the critical path:
+#: the next round never waits for a validation). Prewarmed when a task is submitted, its
+#: TensorFlow import (4-5 s of CPU) ran beside round 1's fits at equal priority and slowed them
+#: by 40-80 % on a 2-core host (docs/benchmarks.md, "Round 1 and the local lane").
+LOCAL_LANE_NICE = 19
 #: Without a memory cgroup, RLIMIT_AS is only a backstop: TensorFlow reserves ~2.2 GB of address
 #: space for ~0.6 GB resident, so a tight cap would kill it long before memory runs out.
 MIN_AS_BACKSTOP = 4 << 30
@@ -463,7 +468,9 @@ class WorkerPool:
         """RLIMIT_AS for a worker on ``device``; 0 (none) where a memory cgroup caps it."""
         return 0 if self._cg.memory else as_backstop(memory_bytes, device)
 
-    def _worker_command(self, wclass: str, host_dir: Path, inputs_dir: Path, device: str) -> list[str]:
+    def _worker_command(
+        self, wclass: str, host_dir: Path, inputs_dir: Path, device: str, *, nice: int = 0
+    ) -> list[str]:
         as_bytes = self._as_backstop(Limits().memory_bytes, device)
         if self.sandboxed:
             job_dir, in_dir = JOB_DIR, INPUTS_DIR
@@ -484,12 +491,14 @@ class WorkerPool:
             "--as-bytes",
             str(as_bytes),
         ]
+        if nice:
+            command += ["--nice", str(nice)]
         return command
 
     def _spawn_argv(
-        self, device: str, wclass: str, host_dir: Path, inputs_dir: Path
+        self, device: str, wclass: str, host_dir: Path, inputs_dir: Path, *, nice: int = 0
     ) -> tuple[list[str], dict[str, str]]:
-        command = self._worker_command(wclass, host_dir, inputs_dir, device)
+        command = self._worker_command(wclass, host_dir, inputs_dir, device, nice=nice)
         layout = runtime_layout(self.python)
         if not self.sandboxed:
             job_dir = str(host_dir / "job")
@@ -528,7 +537,8 @@ class WorkerPool:
             if cgroup is not None:
                 cgroup.remove()
             cgroup = None
-        argv, env = self._spawn_argv(device, wclass, host_dir, inputs_dir)
+        nice = LOCAL_LANE_NICE if slot in self._local_slots else 0
+        argv, env = self._spawn_argv(device, wclass, host_dir, inputs_dir, nice=nice)
         if cgroup is not None:
             # The wrapper joins the cgroup and then execs bwrap, so the sandbox is born inside it.
             argv = ["/bin/sh", "-c", _JOIN_CGROUPS_SH, "sh", *map(str, cgroup.procs_files), "--", *argv]
