@@ -153,23 +153,8 @@ class Rounds(OwnedScope):
             or me not in self.committee_for(view, m.round)
         ):
             return
-        digest = str(ref["sha256"])
-        key = (view.task_id, m.round, digest)
-        if key in self._prefetching or self.node.blobs.has(digest):
-            return
-        self._prefetching.add(key)
-        limit = min(int(ref["size"]), self.node.config.policy.max_blob_mb << 20)
-
-        async def fetch() -> None:
-            try:
-                await self.node.fetch_blob(signed.signer, digest, max_bytes=limit)
-                self.node.counters.inc("rounds.input_prefetched")
-            except (ProtocolError, OSError) as exc:
-                # The machine's own fetch tries the committer and then the voters again.
-                self.node.counters.inc("rounds.input_prefetch_failed")
-                log.info("prefetch of %s round %d input failed: %s", view.task_id, m.round, exc)
-
-        self.nursery.start_soon(fetch)
+        # If it fails, the machine's own fetch tries the committer and then the voters again.
+        self._start_prefetch(view, m.round, signed.signer, str(ref["sha256"]), int(ref["size"]), "input")
 
     def on_vote(self, view: TaskView, signed: Signed) -> bool:
         """A vote from the task topic; False when dropped (counted ``dropped.<reason>``).
@@ -203,28 +188,39 @@ class Rounds(OwnedScope):
         m = signed.message
         assert isinstance(m, Vote)
         me = self.node.peer_id
-        digest = str(m.output["sha256"])
-        key = (view.task_id, m.round, digest)
         if (
             m.round >= view.announce.rounds  # the last round's output starts no round
             or me in m.committee  # a member computes the aggregate itself
             or me not in view.participants()
-            or key in self._prefetching
             or m.round in view.certificates
-            or self.node.blobs.has(digest)
         ):
             return
+        # If it fails, the certificate's fetch (ShardMachine) tries every voter again.
+        self._start_prefetch(view, m.round, signed.signer, str(m.output["sha256"]), int(m.output["size"]), "")
+
+    def _start_prefetch(
+        self, view: TaskView, round_no: int, source: str, digest: str, size: int, what: str
+    ) -> None:
+        """Fetch ``digest`` from ``source`` into the blob store in the background, once per
+        (task, round, digest), unless it is there. ``what``: "" for a voted aggregate (counted
+        ``rounds.prefetched`` or ``rounds.prefetch_failed``), "input" for a committed output
+        (``rounds.input_prefetched`` or ``rounds.input_prefetch_failed``)."""
+        key = (view.task_id, round_no, digest)
+        if key in self._prefetching or self.node.blobs.has(digest):
+            return
         self._prefetching.add(key)
-        limit = min(int(m.output["size"]), self.node.config.policy.max_blob_mb << 20)
+        limit = min(size, self.node.config.policy.max_blob_mb << 20)
+        name = f"rounds.{what}_" if what else "rounds."
 
         async def fetch() -> None:
             try:
-                await self.node.fetch_blob(signed.signer, digest, max_bytes=limit)
-                self.node.counters.inc("rounds.prefetched")
+                await self.node.fetch_blob(source, digest, max_bytes=limit)
+                self.node.counters.inc(f"{name}prefetched")
             except (ProtocolError, OSError) as exc:
-                # The certificate's fetch (ShardMachine) tries every voter again.
-                self.node.counters.inc("rounds.prefetch_failed")
-                log.info("prefetch of %s round %d output failed: %s", view.task_id, m.round, exc)
+                self.node.counters.inc(f"{name}prefetch_failed")
+                log.info(
+                    "prefetch of %s round %d %s failed: %s", view.task_id, round_no, what or "output", exc
+                )
 
         self.nursery.start_soon(fetch)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.benchmarks.common import ROOT, AreaResult, Table, budget_le, loadavg, log
-from scripts.benchmarks.training import ensure_data, example_spec, run_peerd
+from scripts.benchmarks.training import BID_WINDOW_MS, ensure_data, example_spec, run_peerd
 
 BENCH_VENV = Path(os.environ.get("PEERD_BENCH_VENV", str(ROOT / ".venv-bench")))
 SCRIPT = Path(__file__).with_name("flower_fl.py")
@@ -171,7 +171,9 @@ def run(quick: bool = False) -> AreaResult:
             "load avg",
         ],
     )
-    spec = example_spec(data, rounds=rounds, work=1e9)  # work: all 3 peers needed, whatever their C
+    # work: all 3 peers needed, whatever their C; the training area's bid window (it closes
+    # once all have bid), so that a loaded machine's late bid does not leave its peer out.
+    spec = example_spec(data, rounds=rounds, work=1e9, bid_window_ms=BID_WINDOW_MS)
     runs: dict[str, list[dict[str, Any]]] = {"peerd": [], "flower": [], "central": []}
 
     def peerd_run(i: int, work: Path) -> None:

@@ -195,6 +195,7 @@ def run_peerd(
         if end is None or end["state"] != "done":
             raise RuntimeError(f"training task ended {end and end['state']}: {end and end.get('reason')}")
         rounds = timeline(net.node_dir(0) / "state" / "peerd.sqlite", tid, net.peer_id(0))
+        check_participants(rounds, min(n, int(spec.get("max_shards", n))))
         store = BlobStore(net.node_dir(0) / "state" / "blobs", max_blob_bytes=1 << 30)
         weights = [store.path(i["sha256"]).read_bytes() for i in rounds[-1]["inputs"]] if rounds else []
         return {
@@ -205,6 +206,16 @@ def run_peerd(
             "load": f"{l0:.1f}-{loadavg():.1f}",
             "test_accuracy": (end.get("result") or {}).get("metrics", {}).get("test_accuracy"),
         }
+
+
+def check_participants(rounds: list[dict[str, Any]], want: int) -> None:
+    """Refuse a run whose rounds had fewer participants than the comparison assumes. A bid that
+    misses the window leaves its peer out of the award: on the emulated WAN, with the default
+    300 ms window, two runs trained on the submitter alone and were reported as 18 s (at the
+    accuracy of one peer on all the data), against 23-26 s for the same task on three peers."""
+    seen = sorted({int(r["participants"]) for r in rounds})
+    if not rounds or seen != [want]:
+        raise RuntimeError(f"the task's rounds had {seen or 'no'} participant(s), not {want}")
 
 
 def _time(fn: Callable[[], Any], repeat: int) -> float:

@@ -90,6 +90,8 @@ def _cpu_s(pid: int | None) -> float:
 
 
 def _training(wan: LinkParams | None, spec: dict[str, Any]) -> dict[str, Any]:
+    from scripts.benchmarks.training import check_participants, timeline
+
     name = "trw" if wan is not None else "trl"
     with devnet(name, 3, wan=wan) as net:
         time.sleep(8.0)  # every daemon warms a TensorFlow worker (~3 s of import each)
@@ -102,6 +104,7 @@ def _training(wan: LinkParams | None, spec: dict[str, Any]) -> dict[str, Any]:
         if end is None or end["state"] != "done":
             raise RuntimeError(f"training task ended {end and end['state']}: {end and end.get('reason')}")
         stats = net.wan_stats() if wan is not None else {}
+        check_participants(timeline(net.node_dir(0) / "state" / "peerd.sqlite", tid, net.peer_id(0)), 3)
         return {
             "wall_s": wall,
             "load": f"{l0:.1f}-{loadavg():.1f}",
@@ -178,10 +181,13 @@ def run(quick: bool = False) -> AreaResult:
         res.notes.append("training on the WAN: not measured (PEERD_BENCH_WAN_TRAINING=0)")
         res.checks.append(Check(TRAINING_FIGURE, "not measured", f"≤ {TRAINING_BUDGET:g} ×", None))
         return res
-    from scripts.benchmarks.training import ensure_data, example_spec
+    from scripts.benchmarks.training import BID_WINDOW_MS, ensure_data, example_spec
 
     rounds = 2 if quick else 5
-    spec = example_spec(ensure_data(), rounds=rounds, work=1e9)  # work: all 3 peers needed, whatever their C
+    # work: all 3 peers needed, whatever their C; a 2 s bid window (it closes once all have bid):
+    # a bid across the WAN can take a loss stall or two, and one that misses the window leaves
+    # its peer out (check_participants).
+    spec = example_spec(ensure_data(), rounds=rounds, work=1e9, bid_window_ms=BID_WINDOW_MS)
     train = Table(
         f"The demo's training task (examples/fashion-mnist.toml, 3 peers, {rounds} rounds), submit → done",
         ["network", "wall s", "test accuracy", "segments lost", "load avg"],
