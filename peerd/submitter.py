@@ -768,9 +768,10 @@ def _split_npz(path: Path, shares: list[float], seed: int) -> list[bytes]:
     """IID split of an .npz (x, y, …) into len(shares) parts sized ∝ shares.
 
     Each part is a deflate-compressed .npz (level 1), which ``np.load`` reads as it reads
-    any other: every remote holder fetches its part before round 1 can start, and the
-    seed's float32 pixels shrink 4.4× (a 57.6 MB part to 13.1 MB) for ~0.4 s of zlib per
-    part, compressed in parallel threads (zlib releases the GIL). The bytes depend only on
+    any other: every remote holder fetches its part before round 1 can start, and a third of
+    Fashion-MNIST as float32 pixels shrinks 4.4× (57.6 MB to 13.1 MB) for ~0.4 s of zlib per
+    part, compressed in parallel threads (zlib releases the GIL); as uint8 pixels with the
+    task's ``x_scale`` (the demo's data, docs/tasks.md) it is 8.3 MB. The bytes depend only on
     the data, the shares and the seed (zip entries carry a fixed 1980 timestamp), so a
     repeated split is the same blob (data once, issue 9 item 4).
     """
