@@ -254,11 +254,11 @@ def run(quick: bool = False) -> AreaResult:
         budget_le("peerd test accuracy below Flower's (medians)", (f["acc"] - p["acc"]) * 100, 0.5, "points"),
     ]
     res.notes.append(
-        "peerd's wall includes moving the data shards (~8 MB each: uint8 pixels in a deflated .npz) to the peers "
-        "and a signed, committee-certified aggregation per round; Flower's clients read their "
-        "shard from local disk (FL's premise), and its whole run includes each process's start-up "
-        "and TensorFlow import, which peerd's warm workers have already paid. All evaluate "
-        "validation each round and test at the end; each trains with one TensorFlow thread per "
-        "participant."
+        "peerd's wall includes moving the data shards (~8 MB each: uint8 pixels in a deflated"
+        " .npz) to the peers and a signed, committee-certified aggregation per round; "
+        "Flower's clients read their shard from local disk (FL's premise), and its whole run "
+        "includes each process's start-up and TensorFlow import, which peerd's warm workers "
+        "have already paid. All evaluate validation each round and test at the end; each "
+        "trains with one TensorFlow thread per participant."
     )
     return res
