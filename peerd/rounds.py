@@ -133,7 +133,7 @@ class Rounds(OwnedScope):
         The round machine fetches the inputs only once every holder has committed (SPEC §11
         step 2), one after another; on the emulated WAN (40 ms one way, 1 % loss) each fetch
         is a chain of round trips, and the member that committed last voted 1.0–1.3 s after
-        its own commit (docs/benchmarks.md, "Emulated WAN"). Fetched here while the slower
+        its own commit (docs/benchmarks.md, "2026-12-04 evening"). Fetched here while the slower
         holders still train, the early outputs are in the blob store when the machine asks for
         them (``Node.fetch_blob`` returns the local copy; a fetch still running makes the
         machine's own fetch of that digest wait for it). Local only, like ``_prefetch``: the

@@ -100,7 +100,7 @@ HEAVY_CLASSES = frozenset({"tf"})
 #: The niceness of a local-lane worker (the submitter's own evaluations, off the critical path:
 #: the next round never waits for a validation). Prewarmed when a task is submitted, its
 #: TensorFlow import (4-5 s of CPU) ran beside round 1's fits at equal priority and slowed them
-#: by 40-80 % on a 2-core host (docs/benchmarks.md, "Round 1 and the local lane").
+#: by 40-80 % on a 2-core host (docs/benchmarks.md, "2026-12-04 evening").
 LOCAL_LANE_NICE = 19
 #: Without a memory cgroup, RLIMIT_AS is only a backstop: TensorFlow reserves ~2.2 GB of address
 #: space for ~0.6 GB resident, so a tight cap would kill it long before memory runs out.

@@ -300,7 +300,7 @@ def _lower_priority(nice: int) -> None:
     scheduling group: a process's nice value then only ranks it among its session's processes.
     So the session's autogroup is lowered as well (raising a nice value needs no privilege).
     Measured on 2 cores: at nice 19 alone a local-lane worker still slowed round 1's fits as
-    much as at 0 (docs/benchmarks.md, "Round 1 and the local lane")."""
+    much as at 0 (docs/benchmarks.md, "2026-12-04 evening")."""
     nice = min(max(nice, 0), 19)
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, 0, nice)

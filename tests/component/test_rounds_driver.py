@@ -560,7 +560,7 @@ def test_a_participant_off_the_committee_prefetches_the_voted_aggregate(tmp_path
 def test_a_member_fetches_each_committed_output_as_its_commit_arrives(tmp_path: Path) -> None:
     # The machine fetches inputs only once every holder has committed; a member fetches each
     # earlier output while the last holder still trains, so that on a slow link only the last
-    # commit's output is fetched after it (docs/benchmarks.md, "Emulated WAN").
+    # commit's output is fetched after it (docs/benchmarks.md, "2026-12-04 evening").
     async def body(w: World) -> None:
         node = w.node
         w.heartbeat(*w.holders.values())
