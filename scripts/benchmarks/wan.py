@@ -104,8 +104,10 @@ def _training(wan: LinkParams | None, spec: dict[str, Any]) -> dict[str, Any]:
         if end is None or end["state"] != "done":
             raise RuntimeError(f"training task ended {end and end['state']}: {end and end.get('reason')}")
         stats = net.wan_stats() if wan is not None else {}
-        check_participants(timeline(net.node_dir(0) / "state" / "peerd.sqlite", tid, net.peer_id(0)), 3)
+        rounds = timeline(net.node_dir(0) / "state" / "peerd.sqlite", tid, net.peer_id(0))
+        check_participants(rounds, 3)
         return {
+            "rounds": rounds,
             "wall_s": wall,
             "load": f"{l0:.1f}-{loadavg():.1f}",
             "accuracy": (end.get("result") or {}).get("metrics", {}).get("test_accuracy"),
@@ -203,6 +205,18 @@ def run(quick: bool = False) -> AreaResult:
             return res
         train.add(label, r["wall_s"], r["accuracy"], r["lost"] if wan is not None else "-", r["load"])
     res.tables.append(train)
+    # Where the WAN's extra time goes, round by round (the training area's phases): round 1
+    # waits for the other peers' parts, every round for the aggregation round's fetches.
+    phases = Table(
+        "The same runs, per round: critical-path phases (seconds; scripts/benchmarks/training.py timeline)",
+        ["network", "round", "round s", "start of the others (fetch + slot)", "fit", "aggregation round"],
+    )
+    for label, r in runs.items():
+        for row in r["rounds"]:
+            phases.add(
+                label, row["round"], row["round_s"], row["start_others_s"], row["train_s"], row["agg_round_s"]
+            )
+    res.tables.append(phases)
     loop, far = (r["wall_s"] for r in runs.values())
     res.checks.append(budget_le(TRAINING_FIGURE, far / loop, TRAINING_BUDGET, "×"))
     return res
