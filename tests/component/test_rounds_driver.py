@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import numpy as np
+import pytest
 import trio
 import trio.testing
 
@@ -594,3 +595,106 @@ def test_a_participant_off_the_committee_fetches_no_inputs(tmp_path: Path) -> No
         assert not node.votes()
 
     run_world(tmp_path, OUTSIDER, body)
+
+
+def _ballot(w: World, r: Any, output: bytes, signer: str) -> Vote:
+    """``signer``'s vote for the round's commits with ``output`` as the aggregate."""
+    signed = BY_ID[signer].seal(
+        Vote,
+        now_ms=clock(),
+        ttl_ms=Vote.MAX_TTL_MS,
+        task_id=TASK,
+        round=1,
+        rule="sum",
+        committee=w.members(),
+        inputs=[
+            {"peer_id": p, "shard": s, "sha256": committed(r.commits[s]), "weight": 1.0}
+            for s, p in sorted(w.holders.items(), key=lambda sp: input_key(sp[1], sp[0]))
+        ],
+        excluded=[],
+        output={"sha256": hashlib.sha256(output).hexdigest(), "size": len(output)},
+        attempt=0,
+    )
+    assert isinstance(signed.message, Vote)
+    return signed.message
+
+
+def test_the_next_round_starts_from_inputs_held_here_when_no_voter_serves_it(tmp_path: Path) -> None:
+    # A participant holding every input of the round (a member's commit-time prefetch; put in
+    # the store here) recomputes the certified output instead of waiting for a voter's copy.
+    async def body(w: World) -> None:
+        node = w.node
+        w.heartbeat(*w.holders.values())
+        for shard in range(4):
+            w.commit(shard, float(2**shard))
+            node.blobs.put_bytes(tensors(float(2**shard)))  # what a prefetch would have stored
+        await until(lambda: (m := w.rounds.machine(TASK, 1)) is not None and len(m.commits) == 4)
+        r = w.rounds.machine(TASK, 1)
+        total = encode_arrays([np.full((2, 2), 15.0), np.arange(3, dtype="<i4") * 4])
+        a, b, _ = w.members()
+        assert w.vote_as(a, _ballot(w, r, total, a)) and w.vote_as(b, _ballot(w, r, total, b))
+        digest = w.view.certificates[1].output["sha256"]
+        assert not node.blobs.has(digest) and all(digest not in v for v in node.served.values())
+        path = await w.rounds.start_model(w.view, 1)
+        assert path.read_bytes() == total
+        assert node.counters.get("rounds.output_recomputed") == 1
+
+    run_world(tmp_path, OUTSIDER, body)
+
+
+def test_inputs_that_do_not_give_the_certified_output_are_not_taken(tmp_path: Path) -> None:
+    # Certified: an output other than what the inputs held here sum to. Only a voter's copy will
+    # do; with none served, the next round cannot start (and nothing wrong is stored).
+    async def body(w: World) -> None:
+        node = w.node
+        w.heartbeat(*w.holders.values())
+        for shard in range(4):
+            w.commit(shard, float(2**shard))
+            node.blobs.put_bytes(tensors(float(2**shard)))
+        await until(lambda: (m := w.rounds.machine(TASK, 1)) is not None and len(m.commits) == 4)
+        r = w.rounds.machine(TASK, 1)
+        other = encode_arrays([np.full((2, 2), 99.0), np.arange(3, dtype="<i4")])
+        a, b, _ = w.members()
+        assert w.vote_as(a, _ballot(w, r, other, a)) and w.vote_as(b, _ballot(w, r, other, b))
+        with pytest.raises(RuntimeError, match="could not fetch"):
+            await w.rounds.start_model(w.view, 1)
+        assert node.counters.get("rounds.output_recomputed") == 0
+        node.served[a] = {hashlib.sha256(other).hexdigest(): other}
+        path = await w.rounds.start_model(w.view, 1)  # a voter serves it now
+        assert path.read_bytes() == other
+
+    run_world(tmp_path, OUTSIDER, body)
+
+
+def test_a_member_still_fetching_the_last_input_recomputes_the_certified_output(tmp_path: Path) -> None:
+    # The other two members certified while our prefetch of the last commit's output was still
+    # on its way (a slow link): the next round waits for that fetch and recomputes, instead of
+    # fetching the output anew after it.
+    async def body(w: World) -> None:
+        node = w.node
+        fetch = node.fetch_blob
+        slow: set[str] = set()
+
+        async def slow_fetch(peer_id: str, digest: str, *, max_bytes: int | None = None) -> Path:
+            if digest in slow:
+                await trio.sleep(5.0)  # virtual time
+            return await fetch(peer_id, digest, max_bytes=max_bytes)
+
+        node.fetch_blob = slow_fetch  # type: ignore[method-assign]
+        w.heartbeat(*w.holders.values())
+        last = next(s for s, p in sorted(w.holders.items()) if p != node.peer_id)
+        slow.add(hashlib.sha256(tensors(float(2**last))).hexdigest())
+        for shard in range(4):
+            w.commit(shard, float(2**shard))
+        await until(lambda: (m := w.rounds.machine(TASK, 1)) is not None and len(m.commits) == 4)
+        r = w.rounds.machine(TASK, 1)
+        total = encode_arrays([np.full((2, 2), 15.0), np.arange(3, dtype="<i4") * 4])
+        a, b = [m for m in w.members() if m != node.peer_id]
+        assert w.vote_as(a, _ballot(w, r, total, a)) and w.vote_as(b, _ballot(w, r, total, b))
+        assert not node.votes() and not node.blobs.has(hashlib.sha256(total).hexdigest())
+        path = await w.rounds.start_model(w.view, 1)  # no voter serves it in this world
+        assert path.read_bytes() == total
+        assert node.counters.get("rounds.output_recomputed") == 1
+        assert node.counters.get("rounds.input_prefetched") == 3
+
+    run_world(tmp_path, MEMBER, body)
