@@ -202,6 +202,27 @@ def committed(signed: Signed) -> str:
     return str(signed.message.outputs["weights"]["sha256"])
 
 
+def ballot(w: World, r: Any, output: bytes, signer: str) -> Signed:
+    """``signer``'s vote for the round's commits (``r``: its machine) with ``output`` as the
+    aggregate."""
+    return BY_ID[signer].seal(
+        Vote,
+        now_ms=clock(),
+        ttl_ms=Vote.MAX_TTL_MS,
+        task_id=TASK,
+        round=1,
+        rule="sum",
+        committee=w.members(),
+        inputs=[
+            {"peer_id": p, "shard": s, "sha256": committed(r.commits[s]), "weight": 1.0}
+            for s, p in sorted(w.holders.items(), key=lambda sp: input_key(sp[1], sp[0]))
+        ],
+        excluded=[],
+        output={"sha256": hashlib.sha256(output).hexdigest(), "size": len(output)},
+        attempt=0,
+    )
+
+
 async def until(cond: Callable[[], bool]) -> None:
     """Let the driver run until ``cond`` holds. Bounded in wall time, not virtual time: while
     a blob is read in a worker thread, trio's autojump clock runs ahead (a safety bound only)."""
@@ -440,27 +461,7 @@ def test_a_follower_off_the_committee_tallies_and_never_votes(tmp_path: Path) ->
         data = encode_arrays([np.full((2, 2), 15.0), np.arange(3, dtype="<i4") * 4])
         r = w.rounds.machine(TASK, 1)
         assert r is not None
-        like = BY_ID[a].seal(
-            Vote,
-            now_ms=clock(),
-            ttl_ms=Vote.MAX_TTL_MS,
-            task_id=TASK,
-            round=1,
-            rule="sum",
-            committee=w.members(),
-            inputs=[
-                {
-                    "peer_id": p,
-                    "shard": s,
-                    "sha256": committed(r.commits[s]),
-                    "weight": 1.0,
-                }
-                for s, p in sorted(w.holders.items(), key=lambda sp: input_key(sp[1], sp[0]))
-            ],
-            excluded=[],
-            output={"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)},
-            attempt=0,
-        )
+        like = ballot(w, r, data, a)
         assert w.rounds.on_vote(w.view, like)
         assert 1 not in w.view.certificates
         assert isinstance(like.message, Vote)
@@ -528,22 +529,7 @@ def test_a_participant_off_the_committee_prefetches_the_voted_aggregate(tmp_path
         data = encode_arrays([np.full((2, 2), 15.0), np.arange(3, dtype="<i4") * 4])
         sha = hashlib.sha256(data).hexdigest()
         node.served.setdefault(a, {})[sha] = data
-        like = BY_ID[a].seal(
-            Vote,
-            now_ms=clock(),
-            ttl_ms=Vote.MAX_TTL_MS,
-            task_id=TASK,
-            round=1,
-            rule="sum",
-            committee=w.members(),
-            inputs=[
-                {"peer_id": p, "shard": s, "sha256": committed(r.commits[s]), "weight": 1.0}
-                for s, p in sorted(w.holders.items(), key=lambda sp: input_key(sp[1], sp[0]))
-            ],
-            excluded=[],
-            output={"sha256": sha, "size": len(data)},
-            attempt=0,
-        )
+        like = ballot(w, r, data, a)
         assert not node.blobs.has(sha)
         assert w.rounds.on_vote(w.view, like)
         await until(lambda: node.blobs.has(sha))
@@ -597,31 +583,14 @@ def test_a_participant_off_the_committee_fetches_no_inputs(tmp_path: Path) -> No
     run_world(tmp_path, OUTSIDER, body)
 
 
-def _ballot(w: World, r: Any, output: bytes, signer: str) -> Vote:
-    """``signer``'s vote for the round's commits with ``output`` as the aggregate."""
-    signed = BY_ID[signer].seal(
-        Vote,
-        now_ms=clock(),
-        ttl_ms=Vote.MAX_TTL_MS,
-        task_id=TASK,
-        round=1,
-        rule="sum",
-        committee=w.members(),
-        inputs=[
-            {"peer_id": p, "shard": s, "sha256": committed(r.commits[s]), "weight": 1.0}
-            for s, p in sorted(w.holders.items(), key=lambda sp: input_key(sp[1], sp[0]))
-        ],
-        excluded=[],
-        output={"sha256": hashlib.sha256(output).hexdigest(), "size": len(output)},
-        attempt=0,
-    )
-    assert isinstance(signed.message, Vote)
-    return signed.message
-
-
-def test_the_next_round_starts_from_inputs_held_here_when_no_voter_serves_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("certified_sum", [True, False])
+def test_the_next_round_starts_from_inputs_held_here_when_they_give_the_certified_output(
+    tmp_path: Path, certified_sum: bool
+) -> None:
     # A participant holding every input of the round (a member's commit-time prefetch; put in
     # the store here) recomputes the certified output instead of waiting for a voter's copy.
+    # Inputs that sum to something else than what was certified are not taken: only a voter's
+    # copy will do, and with none served the next round cannot start.
     async def body(w: World) -> None:
         node = w.node
         w.heartbeat(*w.holders.values())
@@ -631,37 +600,23 @@ def test_the_next_round_starts_from_inputs_held_here_when_no_voter_serves_it(tmp
         await until(lambda: (m := w.rounds.machine(TASK, 1)) is not None and len(m.commits) == 4)
         r = w.rounds.machine(TASK, 1)
         total = encode_arrays([np.full((2, 2), 15.0), np.arange(3, dtype="<i4") * 4])
+        output = total if certified_sum else encode_arrays([np.full((2, 2), 99.0), np.arange(3, dtype="<i4")])
         a, b, _ = w.members()
-        assert w.vote_as(a, _ballot(w, r, total, a)) and w.vote_as(b, _ballot(w, r, total, b))
+        assert w.rounds.on_vote(w.view, ballot(w, r, output, a))
+        assert w.rounds.on_vote(w.view, ballot(w, r, output, b))
         digest = w.view.certificates[1].output["sha256"]
         assert not node.blobs.has(digest) and all(digest not in v for v in node.served.values())
-        path = await w.rounds.start_model(w.view, 1)
-        assert path.read_bytes() == total
-        assert node.counters.get("rounds.output_recomputed") == 1
-
-    run_world(tmp_path, OUTSIDER, body)
-
-
-def test_inputs_that_do_not_give_the_certified_output_are_not_taken(tmp_path: Path) -> None:
-    # Certified: an output other than what the inputs held here sum to. Only a voter's copy will
-    # do; with none served, the next round cannot start (and nothing wrong is stored).
-    async def body(w: World) -> None:
-        node = w.node
-        w.heartbeat(*w.holders.values())
-        for shard in range(4):
-            w.commit(shard, float(2**shard))
-            node.blobs.put_bytes(tensors(float(2**shard)))
-        await until(lambda: (m := w.rounds.machine(TASK, 1)) is not None and len(m.commits) == 4)
-        r = w.rounds.machine(TASK, 1)
-        other = encode_arrays([np.full((2, 2), 99.0), np.arange(3, dtype="<i4")])
-        a, b, _ = w.members()
-        assert w.vote_as(a, _ballot(w, r, other, a)) and w.vote_as(b, _ballot(w, r, other, b))
+        if certified_sum:
+            path = await w.rounds.start_model(w.view, 1)
+            assert path.read_bytes() == total
+            assert node.counters.get("rounds.output_recomputed") == 1
+            return
         with pytest.raises(RuntimeError, match="could not fetch"):
             await w.rounds.start_model(w.view, 1)
-        assert node.counters.get("rounds.output_recomputed") == 0
-        node.served[a] = {hashlib.sha256(other).hexdigest(): other}
+        assert node.counters.get("rounds.output_recomputed") == 0 and not node.blobs.has(digest)
+        node.served[a] = {digest: output}
         path = await w.rounds.start_model(w.view, 1)  # a voter serves it now
-        assert path.read_bytes() == other
+        assert path.read_bytes() == output
 
     run_world(tmp_path, OUTSIDER, body)
 
@@ -690,7 +645,8 @@ def test_a_member_still_fetching_the_last_input_recomputes_the_certified_output(
         r = w.rounds.machine(TASK, 1)
         total = encode_arrays([np.full((2, 2), 15.0), np.arange(3, dtype="<i4") * 4])
         a, b = [m for m in w.members() if m != node.peer_id]
-        assert w.vote_as(a, _ballot(w, r, total, a)) and w.vote_as(b, _ballot(w, r, total, b))
+        assert w.rounds.on_vote(w.view, ballot(w, r, total, a))
+        assert w.rounds.on_vote(w.view, ballot(w, r, total, b))
         assert not node.votes() and not node.blobs.has(hashlib.sha256(total).hexdigest())
         path = await w.rounds.start_model(w.view, 1)  # no voter serves it in this world
         assert path.read_bytes() == total
