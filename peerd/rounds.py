@@ -252,7 +252,8 @@ class Rounds(OwnedScope):
 
     # -- the starting model of the next round -------------------------------------------
     async def start_model(self, view: TaskView, round_no: int) -> Path:
-        """Wait for round ``round_no``'s certificate and fetch its output from a voter."""
+        """Wait for round ``round_no``'s certificate; its output, fetched from a voter or
+        recomputed from the round's inputs held here (:meth:`_recompute`)."""
         while round_no not in view.certificates:
             if view.cancelled:
                 raise RuntimeError("task cancelled")
@@ -311,22 +312,31 @@ class Rounds(OwnedScope):
                 await done.wait()
                 if not self.node.blobs.has(d):
                     return None
-        try:
-            agg_in = [
-                (
-                    input_key(str(i["peer_id"]), int(i["shard"])),
-                    float(i["weight"]) if i["weight"] > 0 else 1.0,
-                    decode_arrays(self.node.blobs.path(str(i["sha256"])).read_bytes()),
-                )
-                for i in cert.inputs
-            ]
-            data = encode_arrays(aggregate(cert.rule, agg_in))
-        except (ProtocolError, OSError):
-            return None
-        if hashlib.sha256(data).hexdigest() != cert.output["sha256"]:
-            return None
-        self.node.blobs.put_bytes(data)
-        return self.node.blobs.path(str(cert.output["sha256"]))
+        digest = str(cert.output["sha256"])
+        blobs = self.node.blobs
+
+        def compute() -> Path | None:
+            # SPEC §11.3's aggregate, as the committee computes it (the certificate lists the
+            # inputs it used, in any order: input_key orders them).
+            try:
+                agg_in = [
+                    (
+                        input_key(str(i["peer_id"]), int(i["shard"])),
+                        float(i["weight"]) if i["weight"] > 0 else 1.0,
+                        decode_arrays(blobs.path(str(i["sha256"])).read_bytes()),
+                    )
+                    for i in cert.inputs
+                ]
+                data = encode_arrays(aggregate(cert.rule, agg_in))
+                if hashlib.sha256(data).hexdigest() != digest:
+                    return None
+                blobs.put_bytes(data)
+            except (ProtocolError, OSError):
+                return None
+            return blobs.path(digest)
+
+        # Whole-model work (read, decode, aggregate, hash): off the event loop for large models.
+        return await trio.to_thread.run_sync(compute)
 
     # -- the machines -------------------------------------------------------------------
     def machine(self, task_id: str, round_no: int) -> RoundMachine | None:
