@@ -64,11 +64,13 @@ def ensure_data() -> Path:
 
 def data_current(data: Path) -> bool:
     """Whether ``data`` holds what this version's prepare_data.py writes: uint8 pixels
-    (format 2). An older float32 set would be scaled twice by the example's x_scale."""
+    (its FORMAT). An older float32 set would be scaled twice by the example's x_scale."""
+    from scripts.prepare_data import FORMAT
+
     if not all((data / f).exists() for f in ("train.npz", "validation.npz", "test.npz", "dataset.json")):
         return False
     try:
-        return bool(json.loads((data / "dataset.json").read_text()).get("format") == 2)
+        return bool(json.loads((data / "dataset.json").read_text()).get("format") == FORMAT)
     except ValueError:
         return False
 
