@@ -22,8 +22,9 @@ what this models and what it does not):
   chunk of the same connection (TCP delivers in order);
 * loss: each ~1448-byte segment is lost with probability ``loss``. TCP hides the loss and
   the receiver sees a stall: the bytes from the first lost segment on arrive one
-  retransmission later, ``max(200 ms, 2·delay + 4·jitter)`` (Linux's RTO floor), or one
-  RTT later when at least three segments follow it in the same burst (fast retransmit);
+  retransmission after they were due, ``max(200 ms, 2·delay + 4·jitter)`` (Linux's RTO
+  floor), or one RTT after when at least three segments follow it in the same chunk (fast
+  retransmit). Stalls in one flight overlap, as SACK recovers them side by side;
 * partition: bytes on a cut link are held (and then no more are read, so the sender's TCP
   window fills), like a black hole; a new connection across the cut is accepted but not
   forwarded. ``heal`` releases what was held.
@@ -248,8 +249,8 @@ class Relay:
         if p.rate_bps > 0:
             tx += len(data) * 8 / p.rate_bps
         self._tx_free[key] = tx
-        arrive = tx + p.delay_s + (self._rng.uniform(-p.jitter_s, p.jitter_s) if p.jitter_s else 0.0)
-        arrive = max(arrive, last)
+        due = tx + p.delay_s + (self._rng.uniform(-p.jitter_s, p.jitter_s) if p.jitter_s else 0.0)
+        arrive = max(due, last)
         if p.loss <= 0:
             return [(arrive, data)]
         nseg = -(-len(data) // MSS)
@@ -259,7 +260,10 @@ class Relay:
                 penalty = p.rtt_s if nseg - k - 1 >= 3 else p.rto_s
                 cut = k * MSS
                 head = [(arrive, data[:cut])] if cut else []
-                return [*head, (arrive + penalty, data[cut:])]
+                # One recovery after the segment was *due*, not after an earlier stall ended:
+                # losses in one flight are retransmitted side by side (SACK), so a burst with
+                # several losses stalls about once, not once per loss.
+                return [*head, (max(due + penalty, arrive), data[cut:])]
         return [(arrive, data)]
 
     async def _pipe(
