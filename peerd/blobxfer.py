@@ -5,7 +5,7 @@ The wire protocol (messages, exchange, flow-control rule) is specified in
 against :class:`peerd.streams.FrameStream`, never libp2p.
 
 Memory is bounded on both sides: the server holds one chunk (CHUNK = 256 KiB) at a time and
-never has more than WINDOW (2 MiB) unacknowledged in the stream; the client queues at most
+never has more than WINDOW (4 MiB) unacknowledged in the stream; the client queues at most
 _PIPELINE_CHUNKS received chunks for its writer, which appends them to the partial file and
 hashes them incrementally.
 

@@ -53,7 +53,7 @@ Exchange
      ``offset``) reach ACK_EVERY (1 MiB). It may ack more often; acks never decrease and never
      exceed the bytes received. The sender treats any other ack, or any message other than
      ``ack`` after the ``get``, as a protocol error.
-   * The sender never has more than WINDOW (2 MiB) sent but not yet acknowledged: it sends a
+   * The sender never has more than WINDOW (4 MiB) sent but not yet acknowledged: it sends a
      chunk of ``n`` bytes only if ``sent + n − acked ≤ WINDOW``, and otherwise waits for an ack.
    * After ``end`` the receiver sends a final ``ack(size)`` and closes; the sender waits for that
      ack (bounded by a timeout) before closing, so closing never cuts off the tail of the data.
@@ -102,14 +102,18 @@ PROTOCOL_ID = "/peerd/blob/2.0.0"
 #: event loop noticeably and a dropped stream loses little. Its frame stays far below MAX_FRAME.
 CHUNK = 256 * 1024
 
-#: Most bytes the sender may have sent but not had acknowledged: 8 chunks = 2 MiB. That is
-#: what a slow receiver can make the sender (and the muxer) buffer per stream, and on a fast
-#: link it caps throughput at WINDOW / RTT (2 MiB per 10 ms = 200 MB/s) — ample for our budget.
-WINDOW = 8 * CHUNK
+#: Most bytes the sender may have sent but not had acknowledged: 16 chunks = 4 MiB. That is
+#: what a slow receiver can make the sender (and the muxer) buffer per stream. It caps
+#: throughput at about (WINDOW − ACK_EVERY) / (RTT + a loss's recovery): on a 100 Mbit/s WAN
+#: link with 80 ms RTT and 1 % loss the emulated devnet measured an 8 MiB blob at 1.04–1.16 s
+#: with 4 MiB against 1.37–2.02 s with 2 MiB (docs/benchmarks.md, 2026-12-04 night). Until
+#: then it was 2 MiB; only the sender reads it, so the change needs no new protocol version.
+WINDOW = 16 * CHUNK
 
-#: The receiver acknowledges every ACK_EVERY bytes (half the window), so on a fast link the
-#: sender gets an ack before it runs out of window and never idles for a round trip.
-ACK_EVERY = WINDOW // 2
+#: The receiver acknowledges every ACK_EVERY bytes (1 MiB), so the sender gets an ack before
+#: it runs out of window and never idles for a round trip. Fixed, not a share of WINDOW: a
+#: receiver that acked less often would stall a sender that still keeps the old 2 MiB window.
+ACK_EVERY = 4 * CHUNK
 
 #: Upper bound of every integer field (a size no real blob reaches; keeps values in int64).
 MAX_INT = 2**63 - 1

@@ -105,7 +105,8 @@ def test_spec_states_the_constants_the_code_uses() -> None:
     assert f"{spaced(MAX_ENVELOPE_BYTES)} bytes" in spec
     assert f"SKEW = {spaced(CLOCK_SKEW_MS)}" in spec
     assert f"CHUNK = {spaced(blobproto.CHUNK)}" in spec
-    assert blobproto.WINDOW == 8 * blobproto.CHUNK and blobproto.ACK_EVERY == blobproto.WINDOW // 2
+    assert blobproto.WINDOW == 16 * blobproto.CHUNK and blobproto.ACK_EVERY == 4 * blobproto.CHUNK
+    assert "`WINDOW = 16 · CHUNK = 4 MiB`, `ACK_EVERY = 4 · CHUNK = 1 MiB`" in spec
     assert "`/peerd/bid/2.0.0`" in spec and "`/peerd/blob/2.0.0`" in spec and blobproto.PROTOCOL_ID in spec
     for kind, cls in MESSAGE_TYPES.items():
         ms = cls.MAX_TTL_MS
