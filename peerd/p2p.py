@@ -60,6 +60,10 @@ Found while building this (appendix B.1 lists them too; measured on this machine
   no flood-publish option (go-libp2p and js-libp2p flood by default), so one-hop delivery
   needed a full mesh, and each mesh neighbour forwards a copy of every message to every
   other: :func:`_install_flood_publish` adds it, and the mesh is kept at 2-3 (issue 10).
+* trap 24: a new stream's protocol negotiation costs two round trips: the client waits for
+  the multistream header's echo before it names the protocol.
+  :class:`_PipelinedMultiselectClient` sends both lines at once (one round trip), as
+  go-multistream does.
 * libp2p validates a message again when a duplicate arrives while the first copy is still
   being validated (it marks messages seen only afterwards): validators therefore go through
   our own verdict cache, so each unique message reaches a validator exactly once.
@@ -107,12 +111,22 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.host.exceptions import StreamFailure
+from libp2p.io.exceptions import IOException
 from libp2p.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.exceptions import SwarmException
 from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamReset
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.protocol_muxer.exceptions import MultiselectClientError, MultiselectCommunicatorError
+from libp2p.protocol_muxer.multiselect_client import (
+    DEFAULT_NEGOTIATE_TIMEOUT,
+    MULTISELECT_PROTOCOL_ID,
+    PROTOCOL_NOT_FOUND_MSG,
+    MultiselectClient,
+    is_valid_handshake,
+)
+from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
@@ -124,6 +138,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
+from libp2p.utils import encode_delim
 from libp2p.utils.address_validation import expand_wildcard_address
 
 from peerd.streams import FrameStream
@@ -244,6 +259,48 @@ _STREAM_POLICIES = (
     # peerd's own protocols time out in 10-30 s in their handlers; this is the backstop.
     _StreamPolicy("", max_per_peer=64, idle_s=120.0),
 )
+
+
+class _PipelinedMultiselectClient(MultiselectClient):
+    """trap 24: py-libp2p 0.8.1's multistream-select client writes ``/multistream/1.0.0``,
+    waits for the listener's echo, and only then writes the protocol ID and waits again: two
+    round trips before a new stream carries a byte (160 ms on the 40 ms WAN devnet, for every
+    blob fetch, bid stream and DHT query). The listener reads the two lines one after the
+    other whenever they arrive, so the client may send them together and read both answers:
+    one round trip. go-multistream's ``SelectProtoOrFail`` has always written them in one
+    batch, so every listener we talk to is used to it. With several candidate protocols, or a
+    communicator we do not know, it falls back to libp2p's own sequence."""
+
+    async def select_one_of(
+        self,
+        protocols: Any,
+        communicator: Any,
+        negotiate_timeout: int = DEFAULT_NEGOTIATE_TIMEOUT,
+    ) -> TProtocol:
+        choices = list(protocols)
+        if len(choices) != 1 or not isinstance(communicator, MultiselectCommunicator):
+            return await super().select_one_of(choices, communicator, negotiate_timeout)
+        protocol = choices[0]
+        with trio.move_on_after(negotiate_timeout):
+            request = encode_delim(MULTISELECT_PROTOCOL_ID.encode()) + encode_delim(str(protocol).encode())
+            try:
+                await communicator.read_writer.write(request)
+            # What libp2p's own MultiselectCommunicator.write maps to its error.
+            except (IOException, AssertionError, ValueError) as exc:
+                raise MultiselectClientError(f"negotiating {protocol}: write failed: {exc!r}") from exc
+            try:
+                handshake = await communicator.read()
+                response = await communicator.read() if is_valid_handshake(handshake) else None
+            except MultiselectCommunicatorError as exc:
+                raise MultiselectClientError(f"negotiating {protocol}: {exc}") from exc
+            if response is None:
+                raise MultiselectClientError(f"multiselect protocol ID mismatch: got {handshake!r}")
+            if response == str(protocol):
+                return protocol
+            if response == PROTOCOL_NOT_FOUND_MSG:
+                raise MultiselectClientError(f"protocol not supported: {protocol}")
+            raise MultiselectClientError(f"unrecognized response {response!r} to {protocol}")
+        raise MultiselectClientError(f"response timed out after {negotiate_timeout}s, protocol {protocol}")
 
 
 def _install_flood_publish(gossipsub: GossipSub) -> None:
@@ -988,6 +1045,8 @@ class P2PNode:
             network.retry_config = RetryConfig(max_retries=0)
         network.register_notifee(self._watcher)
         self._handshakes.install(network)
+        # trap 24: one round trip per new stream, not two.
+        cast(Any, host).multiselect_client = _PipelinedMultiselectClient()
         return host
 
     def _announced(self, _candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:

@@ -428,6 +428,34 @@ async def test_stream_round_trip_with_frames() -> None:
         assert b.stats()["streams_accepted"] == 1
 
 
+async def test_a_new_stream_names_its_protocol_in_the_first_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """trap 24: the multistream header and the protocol ID go out together (one round trip),
+    and a real py-libp2p listener answers both."""
+    from libp2p.network.stream.net_stream import NetStream
+    from libp2p.utils import encode_delim
+
+    writes: list[bytes] = []
+    inner = NetStream.write
+
+    async def spy(self: NetStream, data: bytes) -> None:
+        writes.append(bytes(data))
+        await inner(self, data)
+
+    a, b = make_node(), make_node()
+    b.add_stream_handler(ECHO, echo)
+    async with running(a, b):
+        await a.connect(b.listen_addrs()[0])
+        monkeypatch.setattr(NetStream, "write", spy)
+        writes.clear()
+        stream = await a.open_stream(b.peer_id, ECHO)
+        monkeypatch.setattr(NetStream, "write", inner)
+        request = encode_delim(b"/multistream/1.0.0") + encode_delim(ECHO.encode())
+        assert request in writes, writes
+        await stream.send(b"pipelined")
+        assert await stream.receive() == b"pipelined"[::-1]
+        await stream.aclose()
+
+
 async def test_raising_handler_does_not_take_the_host_down() -> None:
     async def explode(stream: FrameStream) -> None:
         await stream.receive()
