@@ -98,7 +98,14 @@ class Api:
         rep = getattr(self.submitter, "reputation", None)  # None: a node without a submitter role
         return {
             # "trust": what this node has seen the peer deliver (peerd/reputation.py), or null.
-            "peers": [{**e.to_json(now), "trust": _trust(rep and rep.get(e.peer_id, now))} for e in page],
+            "peers": [
+                {
+                    **e.to_json(now),
+                    "trust": _trust(rep and rep.get(e.peer_id, now)),
+                    "rtt_ms": _rtt_ms(None if e.is_self else self.node.p2p.round_trip_s(e.peer_id)),
+                }
+                for e in page
+            ],
             "next": page[-1].peer_id if len(entries) > limit else None,
         }
 
@@ -280,6 +287,12 @@ class Api:
 
 #: A capped bid whose reason the submitter's machine no longer holds (it restarted).
 NO_CAP_WHY = "capped by the submitter (its reason is not kept across a restart)"
+
+
+def _rtt_ms(seconds: float | None) -> float | None:
+    """Measured here (the muxer's pings), not claimed by the peer; null when not connected or
+    not measured yet."""
+    return None if seconds is None else round(seconds * 1000, 2)
 
 
 def _trust(view: PeerTrust | None) -> dict[str, Any] | None:

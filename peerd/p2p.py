@@ -985,6 +985,23 @@ class P2PNode:
             return []
         return sorted(p.to_base58() for p in self._host.get_connected_peers())
 
+    def round_trip_s(self, peer_id: str) -> float | None:
+        """The muxer's smoothed round trip to a connected peer, in seconds, or None while not
+        connected or not measured yet. py-libp2p's yamux pings each connection 0.5 s after it
+        opens and then every 30 s, so this is a recent figure that costs nothing to read."""
+        if self._host is None:
+            return None
+        try:
+            pid = ID.from_base58(peer_id)
+        except Exception:
+            return None
+        network = cast(Any, self._host.get_network())
+        for conn in network.get_connections(pid):
+            rtt = getattr(getattr(conn, "muxed_conn", None), "rtt", None)
+            if callable(rtt) and (value := float(rtt())) > 0:
+                return value
+        return None
+
     def stats(self) -> dict[str, int]:
         """Counters since construction, plus the ``peers_connected`` gauge."""
         out = dict(self._stats)

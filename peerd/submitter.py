@@ -67,6 +67,25 @@ TERMINAL = ("done", "failed", "cancelled")
 #: message names the peers known, and a restarted submitter counts holders' silence only
 #: once some peer is connected (as the supervisor's one-second poll did).
 PEERS_EVERY_S = 1.0
+#: Linux's lower bound on TCP's retransmission timeout (TCP_RTO_MIN): what one lost segment
+#: of an announce or a bid costs at least.
+RTO_MIN_MS = 200
+#: The longest bid window the round trips may ask for (a peer behind a terrible link must not
+#: make every award wait long; the window closes early once every offering peer has bid).
+MAX_MEASURED_WINDOW_MS = 5_000
+
+
+def bid_window_for(floor_ms: int, round_trips_s: list[float]) -> int:
+    """The bid window for an announce whose spec names none (docs/design.md §10.5): the
+    configured ``market.bid_window_ms``, or longer when a peer that offers the kind is far
+    away. A bid is the announce's one-way trip, the bidder's stream (one round trip to
+    negotiate a new one, trap 24) and the bid's own trip: up to about 2.5 round trips, taken
+    as 3, plus one loss's recovery, at least TCP's 200 ms. Round trips are the muxer's
+    measurements (yamux pings), so a far peer's bid is expected, not lost to the window."""
+    if not round_trips_s:
+        return floor_ms
+    need = int(3_000 * max(round_trips_s)) + RTO_MIN_MS
+    return max(floor_ms, min(need, MAX_MEASURED_WINDOW_MS))
 
 
 class SubmitError(Exception):
@@ -175,7 +194,7 @@ class Submitter(OwnedScope):
                 rounds=spec.rounds,
                 params=params,
                 inputs=shared,
-                bid_window_ms=spec.bid_window_ms or cfg.bid_window_ms,
+                bid_window_ms=spec.bid_window_ms or self._bid_window(spec.kind),
                 net=net,
                 verify=spec.announce_verify(salt),
             )
@@ -305,6 +324,13 @@ class Submitter(OwnedScope):
                     events[kind] = self._peers_known(kind, now)
                 d.feed(events[kind])
             await trio.sleep(PEERS_EVERY_S)
+
+    def _bid_window(self, kind: str) -> int:
+        """market.bid_window_ms, or longer when the round trips to the peers that offer
+        ``kind`` need it (:func:`bid_window_for`)."""
+        offering = self._peers_known(kind, wall_ms()).offering
+        rtts = [r for r in map(self.node.p2p.round_trip_s, sorted(offering or ())) if r is not None]
+        return bid_window_for(self.node.config.market.bid_window_ms, rtts)
 
     def _peers_known(self, kind: str, now: int) -> ev.PeersKnown:
         """The peer table as a task of ``kind`` sees it: every peer alive, and those whose

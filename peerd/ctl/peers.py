@@ -76,6 +76,13 @@ def _trust(t: dict[str, Any] | None) -> tuple[str, str]:
     return history, trust
 
 
+def _rtt(ms: Any) -> str:
+    """The round trip this node measured to the peer (docs/rpc.md ``rtt_ms``); "-" when none."""
+    if not isinstance(ms, int | float) or isinstance(ms, bool):
+        return "-"
+    return f"{ms:.1f} ms" if ms < 10 else f"{ms:.0f} ms"
+
+
 def render(result: dict[str, Any], console: Console) -> None:
     peers = sorted(result.get("peers", []), key=lambda p: (not p.get("self"), str(p.get("peer_id"))))
     if not peers:
@@ -90,9 +97,10 @@ def render(result: dict[str, Any], console: Console) -> None:
         "GPUs",
         "memory",
         "age",
+        "rtt",
         "history",
         "trust",
-        right=("C0", "L", "C", "cores", "age", "trust"),
+        right=("C0", "L", "C", "cores", "age", "rtt", "trust"),
     )
     for p in peers:
         offer, memory = p.get("offer") or {}, p.get("memory") or {}
@@ -108,6 +116,7 @@ def render(result: dict[str, Any], console: Console) -> None:
             _gpus(p.get("gpus") or []),
             f"{r.megabytes(memory.get('available_mb'))} / {r.megabytes(memory.get('total_mb'))}",
             r.duration(p.get("age_s")),
+            _rtt(p.get("rtt_ms")),
             *_trust(p.get("trust")),
         )
     console.print(t)

@@ -49,7 +49,10 @@ class Daemon:
     def __init__(self, path: Path, table: PeerTable) -> None:
         self.path = path
         self.calls: list[dict[str, Any]] = []
-        api = Api(SimpleNamespace(table=table), None, None, None, 0.0)  # type: ignore[arg-type]
+        #: Round trips the stand-in transport has measured, by peer ID (the rest: None).
+        self.rtts: dict[str, float] = {}
+        node = SimpleNamespace(table=table, p2p=SimpleNamespace(round_trip_s=self.rtts.get))
+        api = Api(node, None, None, None, 0.0)  # type: ignore[arg-type]
 
         async def peers_list(params: dict[str, Any], ctx: CallContext) -> Any:
             self.calls.append(dict(params))
@@ -87,6 +90,8 @@ def call(path: Path, params: dict[str, Any]) -> Any:
 
 async def test_pages_follow_the_cursor_in_peer_id_order(small: tuple[Daemon, list[str]]) -> None:
     daemon, ids = small
+    daemon.rtts[ids[4]] = 0.0421
+    rtts: dict[str, Any] = {}
     seen: list[str] = []
     selves = 0
     pages = []
@@ -97,6 +102,7 @@ async def test_pages_follow_the_cursor_in_peer_id_order(small: tuple[Daemon, lis
         pages.append([p["peer_id"] for p in page["peers"]])
         seen += pages[-1]
         selves += sum(bool(p["self"]) for p in page["peers"])
+        rtts.update((p["peer_id"], p["rtt_ms"]) for p in page["peers"])
         after = page["next"]
         if after is None:
             break
@@ -104,6 +110,8 @@ async def test_pages_follow_the_cursor_in_peer_id_order(small: tuple[Daemon, lis
     assert [len(p) for p in pages] == [3, 3, 2]
     assert seen == ids  # all of them, sorted, none twice
     assert selves == 1  # this node's own entry is on exactly one page
+    # The round trip this node measured, in ms; null where it has none.
+    assert rtts == {i: (42.1 if i == ids[4] else None) for i in ids}
 
 
 async def test_the_default_page_and_its_next(large: tuple[Daemon, list[str]]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -22,7 +23,7 @@ from peerd.inbox import Inbox
 from peerd.node import MAX_GOSSIP_BYTES, Node
 from peerd.seqstore import SequenceStore
 from peerd.store import Store
-from peerd.submitter import SubmitError, Submitter
+from peerd.submitter import RTO_MIN_MS, SubmitError, Submitter, bid_window_for
 from peerd.taskbook import TaskBook
 from protocol.awards import allocate
 from protocol.envelope import Signed, Signer, open_envelope
@@ -31,21 +32,34 @@ from protocol.messages import Bid, TaskAnnounce
 
 
 class _P2P:
-    """Nobody connected; what is published is recorded."""
+    """Nobody connected; what is published is recorded; round trips as a test sets them."""
 
     def __init__(self) -> None:
         self.published: list[bytes] = []
+        self.rtts: dict[str, float] = {}
 
     def connected_peers(self) -> list[str]:
         return []
+
+    def round_trip_s(self, peer_id: str) -> float | None:
+        return self.rtts.get(peer_id)
 
     async def publish(self, topic: str, raw: bytes) -> None:
         self.published.append(raw)
 
 
 class _Table:
+    def __init__(self) -> None:
+        self.entries: list[Any] = []
+
     def alive(self, now_ms: int) -> list[Any]:
-        return []
+        return self.entries
+
+
+def _entry(peer_id: str, kinds: list[str], draining: bool = False) -> Any:
+    return SimpleNamespace(
+        peer_id=peer_id, advert=SimpleNamespace(offer={"kinds": kinds, "draining": draining})
+    )
 
 
 def run_submit(sub: Submitter, spec: dict[str, Any]) -> str:
@@ -103,7 +117,7 @@ def tmp(tmp_path: Path) -> Iterator[Path]:
 
 def _announce(node: Node, task_id: str) -> TaskAnnounce:
     row = node.store.task(task_id)
-    assert row is not None
+    assert row is not None and row.announce is not None
     msg = open_envelope(row.announce, kinds=frozenset({"announce"})).message
     assert isinstance(msg, TaskAnnounce)
     return msg
@@ -130,6 +144,33 @@ def test_market_t_max_reaches_the_award_rule(tmp: Path) -> None:
     # Only the busy peer and one idle one bid: every covering set costs > t_max.
     alloc = allocate(ann, [busy, idle_a])
     assert alloc.under_capacity and "t_max=50" in alloc.reasons[alloc.chosen[0]]
+
+
+def test_the_default_bid_window_follows_the_round_trip_to_the_farthest_offering_peer(tmp: Path) -> None:
+    sub, node = make_submitter(tmp)  # market.bid_window_ms: the default 300
+    p2p, table = cast(_P2P, node.p2p), cast(_Table, node.table)
+    spec = {"kind": "echo", "work": 1.0, "deadline_s": 1, "params": {"data": "x"}}
+    assert _announce(node, run_submit(sub, spec)).bid_window_ms == 300  # nobody known
+    table.entries = [
+        _entry("far", ["echo"]),
+        _entry("near", ["echo"]),
+        _entry("farther-but-no-echo", ["python"]),
+        _entry("farthest-but-draining", ["echo"], draining=True),
+    ]
+    p2p.rtts = {"near": 0.002, "farther-but-no-echo": 2.0, "farthest-but-draining": 1.5}
+    assert _announce(node, run_submit(sub, spec)).bid_window_ms == 300  # "far" not measured yet
+    p2p.rtts["far"] = 0.4
+    assert _announce(node, run_submit(sub, spec)).bid_window_ms == 3 * 400 + RTO_MIN_MS
+    # A spec's own window is the submitter's choice, kept as given.
+    assert _announce(node, run_submit(sub, {**spec, "bid_window_ms": 250})).bid_window_ms == 250
+
+
+def test_bid_window_for_keeps_the_configured_floor_and_a_cap() -> None:
+    assert bid_window_for(300, []) == 300
+    assert bid_window_for(300, [0.001, 0.02]) == 300  # a LAN: the floor
+    assert bid_window_for(300, [0.08, 0.02]) == 440  # the 40 ms-each-way WAN devnet
+    assert bid_window_for(1_000, [0.08]) == 1_000  # an operator's longer window stands
+    assert bid_window_for(300, [30.0]) == 5_000  # one dreadful link does not stall every award
 
 
 def test_an_unbounded_t_max_is_not_on_the_wire(tmp: Path) -> None:

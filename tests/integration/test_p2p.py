@@ -456,6 +456,19 @@ async def test_a_new_stream_names_its_protocol_in_the_first_write(monkeypatch: p
         await stream.aclose()
 
 
+async def test_the_round_trip_to_a_connected_peer_is_measured_and_unknown_ones_are_none() -> None:
+    a, b = make_node(), make_node()
+    assert a.round_trip_s(b.peer_id) is None  # not running
+    async with running(a, b):
+        await a.connect(b.listen_addrs()[0])
+        # yamux pings a connection 0.5 s after it opens; bounded wait for that first pong.
+        await eventually(lambda: a.round_trip_s(b.peer_id) is not None, "a measured round trip")
+        rtt = a.round_trip_s(b.peer_id)
+        assert rtt is not None and 0 < rtt < 15.0
+        assert a.round_trip_s(make_node().peer_id) is None  # never connected
+        assert a.round_trip_s("not-a-peer-id") is None
+
+
 async def test_raising_handler_does_not_take_the_host_down() -> None:
     async def explode(stream: FrameStream) -> None:
         await stream.receive()

@@ -115,10 +115,11 @@ def test_peers_shows_history_and_trust() -> None:
         peers.render,
         {
             "peers": [
-                {**base, "peer_id": PEER, "trust": None},
+                {**base, "peer_id": PEER, "trust": None, "rtt_ms": None},
                 {
                     **base,
                     "peer_id": OTHER,
+                    "rtt_ms": 83.4,
                     "trust": {
                         "done": 3.0,
                         "failed": 1.0,
@@ -133,7 +134,8 @@ def test_peers_shows_history_and_trust() -> None:
             ]
         },
     )
-    assert "history" in out and "trust" in out
+    assert "history" in out and "trust" in out and "rtt" in out
+    assert "83 ms" in out  # the measured round trip; the unmeasured one is "-"
     assert "new" in out
     assert "3.0 done / 5.0 bad, shown 12.5" in out and "0.40 banned" in out
 
