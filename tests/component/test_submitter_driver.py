@@ -50,6 +50,9 @@ class FakeP2P:
     def connected_peers(self) -> list[str]:
         return list(self.connected)
 
+    def round_trip_s(self, peer_id: str) -> float | None:
+        return None  # not measured: the configured bid window stands
+
     def add_validator(self, topic: str, fn: Any) -> None:
         self.validators[topic] = fn
 
