@@ -19,6 +19,7 @@ user's cancel. The machine's state is the task's only state; the role keeps the
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import io
 import json
 import logging
@@ -73,6 +74,18 @@ RTO_MIN_MS = 200
 #: The longest bid window the round trips may ask for (a peer behind a terrible link must not
 #: make every award wait long; the window closes early once every offering peer has bid).
 MAX_MEASURED_WINDOW_MS = 5_000
+#: A peer this close (round trip) is on this host or its LAN: its link carries a gigabit or
+#: more, and deflating a data part costs more time than it saves there (see split_compressed).
+NEAR_RTT_S = 0.002
+
+
+def split_compressed(round_trips_s: list[float | None]) -> bool:
+    """Whether the parts of a split go out deflated: unless every peer that may fetch one is
+    measured and near. Deflate level 1 runs at ~65 MB/s on the 2-core reference machine
+    (0.22 s for a third of Fashion-MNIST as uint8, 14.4 MB to 8.3 MB); it saves transfer time
+    only on links slower than ~220 Mbit/s, and the split sits between the bids and the award,
+    so every task waits for it (0.52-0.63 s for three deflated parts, docs/benchmarks.md)."""
+    return not round_trips_s or any(r is None or r >= NEAR_RTT_S for r in round_trips_s)
 
 
 def bid_window_for(floor_ms: int, round_trips_s: list[float]) -> int:
@@ -737,7 +750,12 @@ class Submitter(OwnedScope):
         assert row is not None
         ref = row.spec["input_refs"][a.name]
         path = self.node.blobs.path(ref["sha256"])
-        parts = await trio.to_thread.run_sync(_split_npz, path, list(a.shares), a.seed)
+        # Who may fetch a part: the peers that offer the kind (our own part never leaves us).
+        offering = (self._peers_known(row.kind, wall_ms()).offering or frozenset()) - {self.node.peer_id}
+        compress = split_compressed([self.node.p2p.round_trip_s(p) for p in sorted(offering)])
+        parts = await trio.to_thread.run_sync(
+            functools.partial(_split_npz, path, list(a.shares), a.seed, compress=compress)
+        )
         out = []
         for data in parts:
             digest = await trio.to_thread.run_sync(self.node.blobs.put_bytes, data)
@@ -790,15 +808,16 @@ def _machine(driver: MachineDriver) -> TaskMachine:
     return machine
 
 
-def _split_npz(path: Path, shares: list[float], seed: int) -> list[bytes]:
+def _split_npz(path: Path, shares: list[float], seed: int, *, compress: bool = True) -> list[bytes]:
     """IID split of an .npz (x, y, …) into len(shares) parts sized ∝ shares.
 
-    Each part is a deflate-compressed .npz (level 1), which ``np.load`` reads as it reads
-    any other: every remote holder fetches its part before round 1 can start, and a third of
-    Fashion-MNIST as float32 pixels shrinks 4.4× (57.6 MB to 13.1 MB) for ~0.4 s of zlib per
-    part, compressed in parallel threads (zlib releases the GIL); as uint8 pixels with the
-    task's ``x_scale`` (the demo's data, docs/tasks.md) it is 8.3 MB. The bytes depend only on
-    the data, the shares and the seed (zip entries carry a fixed 1980 timestamp), so a
+    With ``compress`` each part is a deflate-compressed .npz (level 1), which ``np.load``
+    reads as it reads any other: every remote holder fetches its part before round 1 can
+    start, and a third of Fashion-MNIST as float32 pixels shrinks 4.4× (57.6 MB to 13.1 MB) for
+    ~0.4 s of zlib per part, compressed in parallel threads (zlib releases the GIL); as uint8
+    pixels with the task's ``x_scale`` (the demo's data, docs/tasks.md) it is 8.3 MB. Without,
+    the parts are stored (:func:`split_compressed` says when). The bytes depend only on the
+    data, the shares, the seed and ``compress`` (zip entries carry a fixed 1980 timestamp), so a
     repeated split is the same blob (data once, issue 9 item 4).
     """
     with np.load(path, allow_pickle=False) as z:
@@ -814,13 +833,15 @@ def _split_npz(path: Path, shares: list[float], seed: int) -> list[bytes]:
         parts.append({k: v[idx] if len(v) == n else v for k, v in arrays.items()})
     workers = max(1, min(len(parts), os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_npz_bytes, parts))
+        return list(pool.map(functools.partial(_npz_bytes, compress=compress), parts))
 
 
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """``np.savez_compressed`` at deflate level 1 (numpy's own uses zlib's slower default)."""
+def _npz_bytes(arrays: dict[str, np.ndarray], *, compress: bool = True) -> bytes:
+    """``np.savez_compressed`` at deflate level 1 (numpy's own uses zlib's slower default), or
+    ``np.savez`` (stored) without ``compress``."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(buf, "w", compression=method, compresslevel=1 if compress else None) as zf:
         for name, value in arrays.items():
             # ZipFile.open(name) stamps 1980-01-01, as np.savez does: deterministic bytes.
             with zf.open(name + ".npy", "w", force_zip64=True) as f:

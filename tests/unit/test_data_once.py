@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,7 +21,7 @@ import trio
 from peerd.blobs import BlobStore
 from peerd.executor.pool import content_id
 from peerd.node import Node
-from peerd.submitter import _split_npz
+from peerd.submitter import NEAR_RTT_S, _split_npz, split_compressed
 
 
 class _NoNetwork:
@@ -70,3 +71,27 @@ def test_split_parts_are_compressed_npz_that_hold_exactly_their_rows(tmp_path: P
     # Every row exactly once, each with its own label.
     assert sorted(rows) == sorted((xi.tobytes(), int(yi)) for xi, yi in zip(x, y, strict=True))
     assert sum(len(p) for p in parts) < x.nbytes / 2  # shipped deflated, not as raw float32
+
+
+def test_parts_for_near_peers_are_stored_and_hold_the_same_rows(tmp_path: Path) -> None:
+    rng = np.random.default_rng(13)
+    data = tmp_path / "train.npz"
+    np.savez(data, x=rng.integers(0, 256, (300, 16), dtype=np.uint8), y=rng.integers(0, 10, 300))
+    deflated = _split_npz(data, [1.0, 2.0], seed=4)
+    stored = _split_npz(data, [1.0, 2.0], seed=4, compress=False)
+    for a, b in zip(deflated, stored, strict=True):
+        methods = {i.compress_type for i in zipfile.ZipFile(io.BytesIO(b)).infolist()}
+        assert methods == {zipfile.ZIP_STORED}
+        assert {i.compress_type for i in zipfile.ZipFile(io.BytesIO(a)).infolist()} == {zipfile.ZIP_DEFLATED}
+        with np.load(io.BytesIO(a)) as za, np.load(io.BytesIO(b)) as zb:
+            assert all(np.array_equal(za[k], zb[k]) for k in ("x", "y"))  # the same rows, in order
+    # Stored parts are deterministic too (data once): a repeated split is the same blob.
+    assert stored == _split_npz(data, [1.0, 2.0], seed=4, compress=False)
+
+
+def test_parts_are_deflated_unless_every_peer_that_may_fetch_one_is_measured_and_near() -> None:
+    near, far = NEAR_RTT_S / 4, NEAR_RTT_S * 40
+    assert not split_compressed([near, near])  # same host or LAN: deflating costs more than it saves
+    assert split_compressed([near, far])  # one far peer: its part is worth deflating
+    assert split_compressed([near, None])  # not measured yet: as before, deflate
+    assert split_compressed([])  # nobody known besides us: as before
