@@ -40,6 +40,7 @@ from peerd.drive import MachineDriver, NodeSealer
 from peerd.executor import Job, Limits
 from peerd.inbox import wall_ms
 from peerd.node import ANNOUNCE_SLACK, MAX_GOSSIP_BYTES, Node, gossip_too_large
+from peerd.peertable import PeerEntry
 from peerd.records import TaskRecord
 from peerd.reputation import Reputation
 from peerd.scope import OwnedScope
@@ -341,19 +342,24 @@ class Submitter(OwnedScope):
     def _bid_window(self, kind: str) -> int:
         """market.bid_window_ms, or longer when the round trips to the peers that offer
         ``kind`` need it (:func:`bid_window_for`)."""
-        offering = self._peers_known(kind, wall_ms()).offering
-        rtts = [r for r in map(self.node.p2p.round_trip_s, sorted(offering or ())) if r is not None]
+        rtts = [r for r in self._offering_round_trips(kind) if r is not None]
         return bid_window_for(self.node.config.market.bid_window_ms, rtts)
+
+    def _offering_round_trips(self, kind: str) -> list[float | None]:
+        """The measured round trip (None: not yet) to each other peer that offers ``kind``:
+        who may bid on a task of that kind and fetch its parts."""
+        offering = _offering(self.node.table.alive(wall_ms()), kind) - {self.node.peer_id}
+        return [self.node.p2p.round_trip_s(p) for p in sorted(offering)]
 
     def _peers_known(self, kind: str, now: int) -> ev.PeersKnown:
         """The peer table as a task of ``kind`` sees it: every peer alive, and those whose
         advert offers the kind and is not draining (whom to expect bids from)."""
         alive = self.node.table.alive(now)
-        offering = frozenset(
-            e.peer_id for e in alive if kind in e.advert.offer["kinds"] and not e.advert.offer["draining"]
-        )
         return ev.PeersKnown(
-            now_ms=now, alive=len(alive), connected=len(self.node.p2p.connected_peers()), offering=offering
+            now_ms=now,
+            alive=len(alive),
+            connected=len(self.node.p2p.connected_peers()),
+            offering=_offering(alive, kind),
         )
 
     def on_message(
@@ -751,8 +757,7 @@ class Submitter(OwnedScope):
         ref = row.spec["input_refs"][a.name]
         path = self.node.blobs.path(ref["sha256"])
         # Who may fetch a part: the peers that offer the kind (our own part never leaves us).
-        offering = (self._peers_known(row.kind, wall_ms()).offering or frozenset()) - {self.node.peer_id}
-        compress = split_compressed([self.node.p2p.round_trip_s(p) for p in sorted(offering)])
+        compress = split_compressed(self._offering_round_trips(row.kind))
         parts = await trio.to_thread.run_sync(
             functools.partial(_split_npz, path, list(a.shares), a.seed, compress=compress)
         )
@@ -800,6 +805,14 @@ class Submitter(OwnedScope):
             error=res.error,
             detail=res.detail,
         )
+
+
+def _offering(alive: list[PeerEntry], kind: str) -> frozenset[str]:
+    """The peers among ``alive`` (peer-table entries) whose advert offers ``kind`` and is not
+    draining."""
+    return frozenset(
+        e.peer_id for e in alive if kind in e.advert.offer["kinds"] and not e.advert.offer["draining"]
+    )
 
 
 def _machine(driver: MachineDriver) -> TaskMachine:
