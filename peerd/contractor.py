@@ -19,7 +19,6 @@ the I/O and keeps what is the contributor's own to decide:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -32,7 +31,7 @@ from peerd.drive import MachineDriver, NodeSealer
 from peerd.executed import ExecutedAwards
 from peerd.executor import Job, JobResult, Limits
 from peerd.inbox import wall_ms
-from peerd.node import BID_PROTOCOL, NEAR_RTT_S, RESULT_PROTOCOL, Node
+from peerd.node import BID_PROTOCOL, RESULT_PROTOCOL, Node
 from peerd.scope import OwnedScope
 from peerd.streams import StreamPool
 from peerd.taskbook import TaskBook, TaskView
@@ -89,8 +88,6 @@ class Contractor(OwnedScope):
         self._announces: dict[str, Signed] = {}
         #: Exactly once per node (issue 8 item 6): awards executed and replay marks, durable.
         self.executed = ExecutedAwards(node.store.db)
-        #: (task, shard, epoch) whose round-1 prepare job is running (_maybe_prepare).
-        self._prepared: set[tuple[str, int, int]] = set()
         #: Bid and result streams to submitters, reused per peer (SPEC §8.4).
         self.streams = StreamPool(node.p2p.open_stream, counters=node.counters)
 
@@ -432,7 +429,6 @@ class Contractor(OwnedScope):
         if isinstance(action, act.Send):
             return lambda: self._send(driver, action)
         if isinstance(action, act.FetchBlob):
-            self._maybe_prepare(driver, action)
             return lambda: self._fetch(driver, action)
         if isinstance(action, act.StartJob):
             machine = driver.machine
@@ -589,66 +585,6 @@ class Contractor(OwnedScope):
 
         return run
 
-    def _maybe_prepare(self, driver: MachineDriver, action: act.FetchBlob) -> None:
-        """On the first input fetch of an awarded shard that will start at round 1, from a
-        peer that is not near, let the worker prepare the round's model meanwhile
-        (``Kind.prepares``: keras-train builds and traces it; docs/tasks.md).
-
-        Only behind a fetch that takes a while: the prepare job costs ~0.58 s of CPU and
-        saves the round's first fit ~0.3-0.45 s (docs/benchmarks.md, "round 1's prepare"),
-        so it pays only where it runs while the data crosses a real network; from a near peer
-        the data is in within tens of ms, and the round's job would wait behind it.
-
-        A driver's own affair: the machine asked for a fetch, and what the executor does
-        beside it changes no message. The prepare job queues on the pool like any job, and
-        the round's own job, which comes after the fetch, queues behind it."""
-        machine = driver.machine
-        if not isinstance(machine, ShardMachine) or not action.tag.startswith("input:"):
-            return
-        if action.source == self.me or self.node.blobs.has(action.digest):
-            return  # nothing to fetch
-        rtt = self.node.p2p.round_trip_s(action.source)
-        if rtt is not None and rtt < NEAR_RTT_S:
-            return
-        ann = machine.announce
-        kind = kinds.KINDS.get(ann.kind)
-        if kind is None or not kind.prepares or machine.certificates or machine.shard is None:
-            return  # a later round starts from certified weights, in a resident model
-        if ann.params.get("deterministic") is True:
-            return  # builds its model anew in the job, whatever is prepared
-        key = (machine.task_id, machine.shard, machine.epoch)
-        if key in self._prepared:
-            return
-        self._prepared.add(key)
-        start = act.StartJob(
-            job_id=f"{machine.task_id}-{machine.shard}-prepare",
-            task_id=machine.task_id,
-            kind=ann.kind,
-            shard=machine.shard,
-            round=1,
-            epoch=machine.epoch,
-            submitter=machine.submitter,
-            params=dict(ann.params),
-            inputs={},
-        )
-        job = self._job(ann, start, {})
-        job = dataclasses.replace(job, params={**job.params, kinds.PREPARE_PARAM: True})
-        self.nursery.start_soon(self._prepare, job, key)
-
-    async def _prepare(self, job: Job, key: tuple[str, int, int]) -> None:
-        try:
-            result = await self.node.pool.execute(job)
-        except Exception as exc:  # never the shard's failure: its own job builds the model
-            log.info("preparing %s failed: %s", job.job_id, exc)
-            self.node.counters.inc("jobs.prepare_failed")
-            return
-        finally:
-            self._prepared.discard(key)
-        if result.ok and result.metrics.get("prepared"):
-            self.node.counters.inc("jobs.prepared")
-        else:
-            self.node.counters.inc("jobs.prepare_failed" if not result.ok else "jobs.prepare_skipped")
-
     async def _execute(self, ann: TaskAnnounce, action: act.StartJob) -> JobResult:
         inputs = {name: self.node.blobs.path(ref["sha256"]) for name, ref in action.inputs.items()}
         job = self._job(ann, action, inputs)
@@ -660,9 +596,6 @@ class Contractor(OwnedScope):
         lim = self.node.config.limits
         params: dict[str, Any] = dict(action.params)
         params = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
-        # Ours to set (_maybe_prepare), never an announce's: no param name may start with "_"
-        # (SPEC §7.1 `name`), and the job is built without it whatever reaches here.
-        params.pop(kinds.PREPARE_PARAM, None)
         if kind.seed_per_round:
             # One seed per task and round, the same on every shard: round 1 builds its model
             # under this seed, so every participant starts from the same initial weights

@@ -183,19 +183,11 @@ class Kind:
     evaluate_with: str | None = None
     #: Params every job of this kind gets unless the announce sets them.
     job_defaults: Mapping[str, Any] = field(default_factory=dict)
-    #: The contractor may run a prepare job (params + ``PREPARE_PARAM``) while round 1's
-    #: inputs are fetched: keras-train builds and traces the round's model then.
-    prepares: bool = False
     doc: str = ""
     #: The outputs a result may carry (issue 8 item 3; docs/tasks.md "Outputs"). None: any
     #: name (a script's own files, next to its ``stdout`` and ``stderr``).
     outputs: tuple[str, ...] | None = ()
 
-
-#: A job param only the contractor sets: the job prepares round 1's model and trains nothing
-#: (``Kind.prepares``; peerd/executor/kinds/_keras.py prepare_train). No announce can carry it:
-#: a param name starts with a letter or digit (SPEC §7.1 `name`, protocol/schema.py NAME).
-PREPARE_PARAM = "_prepare"
 
 _KERAS_MODEL = {
     "model_config": Param("keras_model", required=True, doc="Keras model JSON config (`model.to_json()`)"),
@@ -264,7 +256,6 @@ KINDS: dict[str, Kind] = {
             default_aggregation="weighted_mean",
             aggregations=tuple(r for r in AGGREGATION_RULES if r != "none"),
             seed_per_round=True,
-            prepares=True,
             evaluate_with="keras-predict",
             doc="trains one shard of one round; rounds are aggregated and certified",
             outputs=("weights",),
@@ -348,13 +339,4 @@ def params_problem(kind: Kind, params: Mapping[str, Any]) -> str | None:
     return None
 
 
-__all__ = [
-    "KINDS",
-    "PREPARE_PARAM",
-    "Kind",
-    "Param",
-    "declared_outputs",
-    "get",
-    "params_problem",
-    "worker_classes",
-]
+__all__ = ["KINDS", "Kind", "Param", "declared_outputs", "get", "params_problem", "worker_classes"]

@@ -47,11 +47,6 @@ MAX_GOSSIP_BYTES = 60 * 1024
 #: 8 more bytes in msgpack; the other fields keep their sizes), so a task accepted at submit
 #: can always be re-announced.
 ANNOUNCE_SLACK = 16
-#: A peer this close (round trip, measured by the connection's own pings: P2PNode.round_trip_s)
-#: is on this host or its LAN: its link carries a gigabit or more, so moving a task's data to
-#: or from it takes tens of ms (the submitter stores data parts for it undeflated; a contractor
-#: prepares no model behind a fetch from it).
-NEAR_RTT_S = 0.002
 
 M = TypeVar("M", bound=Message)
 

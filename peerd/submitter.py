@@ -39,7 +39,7 @@ from peerd import kinds
 from peerd.drive import MachineDriver, NodeSealer
 from peerd.executor import Job, Limits
 from peerd.inbox import wall_ms
-from peerd.node import ANNOUNCE_SLACK, MAX_GOSSIP_BYTES, NEAR_RTT_S, Node, gossip_too_large
+from peerd.node import ANNOUNCE_SLACK, MAX_GOSSIP_BYTES, Node, gossip_too_large
 from peerd.peertable import PeerEntry
 from peerd.records import TaskRecord
 from peerd.reputation import Reputation
@@ -75,6 +75,9 @@ RTO_MIN_MS = 200
 #: The longest bid window the round trips may ask for (a peer behind a terrible link must not
 #: make every award wait long; the window closes early once every offering peer has bid).
 MAX_MEASURED_WINDOW_MS = 5_000
+#: A peer this close (round trip) is on this host or its LAN: its link carries a gigabit or
+#: more, and deflating a data part costs more time than it saves there (see split_compressed).
+NEAR_RTT_S = 0.002
 
 
 def split_compressed(round_trips_s: list[float | None]) -> bool:

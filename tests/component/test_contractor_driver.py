@@ -20,15 +20,14 @@ from peerd.contractor import Contractor
 from peerd.counters import Counters
 from peerd.executor import Job, JobResult
 from peerd.inbox import Inbox, wall_ms
-from peerd.kinds import PREPARE_PARAM
-from peerd.node import BID_PROTOCOL, NEAR_RTT_S, RESULT_PROTOCOL, Node
+from peerd.node import BID_PROTOCOL, RESULT_PROTOCOL, Node
 from peerd.seqstore import SequenceStore
 from peerd.store import Store
 from peerd.taskbook import TaskBook, TaskView
 from protocol import codec
 from protocol.certificate import tally
 from protocol.envelope import Signed, Signer, open_envelope
-from protocol.errors import LocalProtocolError, TransportError
+from protocol.errors import TransportError
 from protocol.machines import actions as act
 from protocol.machines import events as ev
 from protocol.machines.common import MarketTimes, SignerSealer
@@ -65,11 +64,6 @@ class FakeP2P:
         self.sent: list[tuple[str, str, bytes]] = []
         self.replies: dict[str, list[dict[str, Any]]] = {BID_PROTOCOL: [], RESULT_PROTOCOL: []}
         self.refuse: dict[str, int] = {}
-        #: Round trips measured, by peer (the rest: unmeasured).
-        self.rtts: dict[str, float | None] = {}
-
-    def round_trip_s(self, peer: str) -> float | None:
-        return self.rtts.get(peer)
 
     async def publish(self, topic: str, raw: bytes) -> None:
         self.published.append(open_envelope(raw))
@@ -560,66 +554,6 @@ async def test_round_two_starts_from_the_certified_model_once_certified(tmp: Pat
         assert job.inputs["weights"] == rig.node.blobs.path(model) and job.params["seed"] == 2
         await wait_until(lambda: m.state is ShardState.DONE, "both rounds delivered")
         assert [r.message.round for r in rig.p2p.sent_of(RESULT_PROTOCOL)] == [1, 2]  # type: ignore[attr-defined]
-        nursery.cancel_scope.cancel()
-
-
-@pytest.mark.parametrize(
-    ("rtt", "prepared"),
-    [(0.040, True), (None, True), (NEAR_RTT_S / 4, False)],
-    ids=["far", "unmeasured", "near"],
-)
-async def test_round_one_is_prepared_while_its_data_comes_from_afar(
-    tmp: Path, rtt: float | None, prepared: bool
-) -> None:
-    """keras-train: while an awarded shard fetches round 1's data from a peer that is not near,
-    the worker pool gets a prepare job (round 1's seed, no inputs, ``_prepare``) before the
-    round's own job; from a near peer it gets none. No announce can ask for a prepare job: a
-    param name starts with a letter or digit (SPEC §7.1 `name`)."""
-    async with trio.open_nursery() as nursery:
-        rig = await Rig.started(tmp, nursery)
-        rig.p2p.rtts[SUB.peer_id] = rtt
-        data = b"a shard's data"
-        digest = rig.node.blobs.put_bytes(data)
-        ann, view = announce(
-            rig,
-            kind="keras-train",
-            aggregation="weighted_mean",
-            rounds=2,
-            inputs={"data": {"sha256": digest, "size": len(data)}},
-            params={"seed": 7},
-        )
-        with pytest.raises(LocalProtocolError, match="_prepare"):
-            announce(rig, params={PREPARE_PARAM: True})
-        # The data is the submitter's: the fetch brings it in once the pool has seen
-        # whatever job comes first (a far fetch outlasts the prepare job's start).
-        rig.node.blobs.delete(digest)
-        fetched = trio.Event()
-
-        async def fetch_blob(peer: str, want: str, *, max_bytes: int | None = None) -> Path:
-            assert (peer, want) == (SUB.peer_id, digest)
-            with trio.move_on_after(1.0):  # no prepare job: nothing to wait for
-                while not rig.pool.jobs:
-                    await trio.sleep(0.01)
-            fetched.set()
-            return rig.node.blobs.path(rig.node.blobs.put_bytes(data))
-
-        rig.node.fetch_blob = fetch_blob  # type: ignore[method-assign,assignment]
-        await rig.contractor.on_announce(view, ann)
-        await wait_until(lambda: bool(rig.p2p.sent_of(BID_PROTOCOL)), "our bid")
-        award = award_for(ann, rig.p2p.sent_of(BID_PROTOCOL)[0])
-        assert rig.contractor.verify_award(view, award)
-        view.awards[0] = award
-        rig.contractor.on_award(view)
-        await wait_until(lambda: len(rig.pool.jobs) == 1 + prepared, "round 1's job")
-        assert fetched.is_set()
-        round_1 = rig.pool.jobs[-1]
-        assert PREPARE_PARAM not in round_1.params and set(round_1.inputs) == {"data"}
-        assert round_1.params["seed"] == 7001
-        if prepared:
-            prepare = rig.pool.jobs[0]
-            assert prepare.job_id.endswith("-prepare") and prepare.params[PREPARE_PARAM] is True
-            assert prepare.inputs == {} and prepare.params["seed"] == 7001
-            await wait_until(lambda: rig.count("jobs.prepare_skipped") == 1, "the prepare's end counted")
         nursery.cancel_scope.cancel()
 
 

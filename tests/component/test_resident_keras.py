@@ -20,7 +20,6 @@ import pytest
 import trio
 
 from peerd.executor import Job, JobResult, Limits, WorkerPool, probe_sandbox
-from peerd.kinds import PREPARE_PARAM
 from protocol.tensors import decode_arrays
 from tests.helpers_training import dense_model_json, tiny_problem
 
@@ -121,52 +120,3 @@ async def test_rounds_reuse_shard_and_model_with_a_fresh_optimizer(
     assert d1.ok and d2.ok, (d1, d2)
     assert (d1.metrics["worker_jobs"], d1.metrics["resident_model"], d2.metrics["worker_jobs"]) == (6, 0, 1)
     assert d1.outputs["weights"] == d2.outputs["weights"]
-
-
-async def test_a_prepared_round_1_trains_from_the_weights_its_seed_builds(
-    tmp_path: Path, nursery: trio.Nursery
-) -> None:
-    """The contractor's prepare job (peerd/contractor.py ``_maybe_prepare``) builds and traces
-    round 1's model before the data is there; the round then trains that model, from exactly
-    the weights its seed builds (FedAvg's common start), with a fresh optimizer."""
-    shard, _ = tiny_problem(tmp_path, seed=5)
-    params: dict[str, Any] = {
-        "model_config": dense_model_json(8, 16, 3),
-        "optimizer": "adam",
-        "learning_rate": 0.05,
-        "epochs": 2,
-        "batch_size": 50,
-        "shuffle": False,
-        "seed": 7001,
-    }
-    pool = WorkerPool(tmp_path / "work", warm_classes=("tf",), reuse_idle_seconds=300)
-    await nursery.start(pool.run)
-
-    prep = await pool.execute(
-        Job("prep", "alice", "keras-train", {**params, PREPARE_PARAM: True}, {}, LIMITS, task="task-p")
-    )
-    assert prep.ok, prep
-    assert prep.outputs == {} and prep.metrics["prepared"] == 1
-    r1 = await pool.execute(Job("r1", "alice", "keras-train", params, {"data": shard}, LIMITS, task="task-p"))
-    assert r1.ok, r1
-    assert (r1.metrics["worker_jobs"], r1.metrics["prepared_model"], r1.metrics["resident_model"]) == (
-        2,
-        1,
-        0,
-    )
-
-    # The same round in a fresh worker, which builds its model in the job.
-    built = await pool.execute(
-        Job("b1", "bob", "keras-train", params, {"data": shard}, LIMITS, task="task-q")
-    )
-    assert built.ok, built
-    assert (built.metrics["worker_jobs"], built.metrics["prepared_model"]) == (1, 0)
-    for a, b in zip(
-        decode_arrays(r1.outputs["weights"]), decode_arrays(built.outputs["weights"]), strict=True
-    ):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
-    # A prepared model serves one round 1: bob's next round 1 (a rerun of the task, say) builds.
-    again = await pool.execute(
-        Job("b2", "bob", "keras-train", params, {"data": shard}, LIMITS, task="task-q")
-    )
-    assert again.ok and again.metrics["prepared_model"] == 0, again

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from peerd import kinds
 from peerd.executor.kinds._base import TaskContext, TaskFailed, param
 from peerd.executor.kinds._resident import ResidentCache, budget_for, content_key
 from protocol.errors import ProtocolError
@@ -38,12 +37,6 @@ METRICS = frozenset(
 FORBIDDEN_CLASSES = frozenset({"Lambda", "TFSMLayer", "JaxLayer", "FlaxLayer", "TorchModuleWrapper"})
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_DEPTH = 64
-#: Set by the contractor alone (peerd/contractor.py drops it from an announce's params): the
-#: job only prepares round 1's model (:func:`prepare_train`) and trains nothing.
-PREPARE_PARAM = kinds.PREPARE_PARAM
-#: Losses whose labels are class indices: their labels reach the train step as int32
-#: (load_data), so a prepared train step is traced for the labels the job will bring.
-SPARSE_LOSSES = frozenset({"sparse_categorical_crossentropy"})
 
 _keras: Any = None
 
@@ -259,13 +252,11 @@ def data_for(
 
 def train_model(
     ctx: TaskContext, *, default_metrics: list[str], cache: ResidentCache | None = None
-) -> tuple[Any, str | None, str]:
+) -> tuple[Any, str | None, bool]:
     """A compiled model for a keras-train job: the worker's resident one for this model config
     and compile params when there is one (and the job brings the round's weights), with the
-    job's weights loaded and the optimizer state reset to a fresh optimizer's; for a job
-    without weights (round 1), the one :func:`prepare_train` built for it; else a new one.
-    Returns (model, key to keep it under or None, where it came from: ``resident``,
-    ``prepared`` or ``built``)."""
+    job's weights loaded and the optimizer state reset to a fresh optimizer's; else a new one.
+    Returns (model, key to keep it under or None, hit)."""
     opt_name, lr, loss, metrics = _compile_params(ctx.params, default_metrics)
     key = None
     if cache is not None:
@@ -276,74 +267,11 @@ def train_model(
             model = entry.value
             load_weights(ctx, model)
             if reset_optimizer(model, opt_name, lr):
-                return model, key, "resident"
+                return model, key, True
             cache.discard(key)
-        if "weights" not in ctx.inputs:
-            ready = cache.get(_prepared_key(ctx.params, default_metrics), ctx.task)
-            if ready is not None:
-                cache.discard(ready.key)  # one job's start: its weights move on in training
-                return ready.value, key, "prepared"
     model = build_model(ctx)
     model.compile(optimizer=make_optimizer(opt_name, lr), loss=loss, metrics=metrics)
-    return model, key, "built"
-
-
-def _prepared_key(params: Mapping[str, Any], default_metrics: list[str]) -> str:
-    # The seed is part of it: round 1's weights are the ones the job's seed builds.
-    opt_name, lr, loss, metrics = _compile_params(params, default_metrics)
-    return content_key(
-        "train-model-prepared",
-        config=param(params, "model_config", (str, dict)),
-        optimizer=opt_name,
-        lr=lr,
-        loss=loss,
-        metrics=metrics,
-        seed=param(params, "seed", int, 0),
-    )
-
-
-def prepare_train(ctx: TaskContext, *, default_metrics: list[str], cache: ResidentCache) -> bool:
-    """Build round 1's model as its job will (the job's seed, no weights) and trace its train
-    step, so the job that follows in this worker starts at its first batch.
-
-    The contractor runs it while the job's data is being fetched (docs/tasks.md "keras-train
-    across rounds"). The first step of a fresh model's ``fit`` costs ~0.5 s of CPU here (the
-    tracing of Keras' train step; a warm step takes ~2 ms; docs/benchmarks.md). The trace is
-    made on a throw-away batch of the shapes the job's data will have — one full batch and one
-    short one, so the step is traced for any batch size, as the job's short last batch needs —
-    after which the model's weights and optimizer are put back to what the seed built: the
-    job trains from exactly the weights it would have built itself (FedAvg's common start).
-    Returns whether a prepared model is now kept for the job; False where the shapes cannot be
-    known before the data (a model without a fixed input shape) or memory does not allow it.
-    The data's shapes are only a forecast: a job whose data differ traces again, nothing worse.
-    """
-    keras = get_keras()
-    key = _prepared_key(ctx.params, default_metrics)
-    if cache.get(key, ctx.task) is not None:
-        return True
-    opt_name, lr, loss, metrics = _compile_params(ctx.params, default_metrics)
-    batch = positive_int(ctx.params, "batch_size", 32, 1 << 16)
-    keras.utils.set_random_seed(int(param(ctx.params, "seed", int, 0)) % (1 << 32))
-    model = build_model(ctx)
-    model.compile(optimizer=make_optimizer(opt_name, lr), loss=loss, metrics=metrics)
-    try:
-        x_shape = tuple(model.inputs[0].shape)[1:]
-        y_shape = tuple(model.outputs[0].shape)[1:]
-    except (AttributeError, IndexError, TypeError, ValueError):
-        return False  # no fixed inputs before it sees data
-    if len(model.inputs) != 1 or any(d is None for d in (*x_shape, *y_shape)):
-        return False
-    rows = batch + 1
-    x = np.zeros((rows, *x_shape), "float32")
-    y = np.zeros((rows,), "int32") if loss in SPARSE_LOSSES else np.zeros((rows, *y_shape), "float32")
-    start = model.get_weights()
-    # The job's shuffle too: Keras feeds shuffled and unshuffled arrays through different
-    # tf.data functions, each converted and traced on first use.
-    model.fit(x, y, epochs=1, batch_size=batch, shuffle=param(ctx.params, "shuffle", bool, True), verbose=0)
-    model.set_weights(start)
-    if not reset_optimizer(model, opt_name, lr):
-        return False
-    return remember(cache, key, model, _model_bytes(model), ctx)
+    return model, key, False
 
 
 def reset_optimizer(model: Any, opt_name: str, lr: float) -> bool:
@@ -396,10 +324,6 @@ def load_data(ctx: TaskContext, *, need_y: bool) -> tuple[np.ndarray, np.ndarray
         y = y[start:stop] if y is not None else None
     if len(x) == 0:
         raise TaskFailed("task_error", "no samples")
-    if y is not None and y.dtype.kind in "iub" and y.dtype != np.int32 and _fits_int32(y):
-        # Integer labels as int32 whatever the file holds (uint8, int64): a prepared train step
-        # was traced for int32 labels (prepare_train), and the loss casts them anyway.
-        y = y.astype("int32")
     scale = x_scale(ctx.params)
     if x.dtype.kind != "f":
         x = x.astype("float32")
@@ -407,12 +331,6 @@ def load_data(ctx: TaskContext, *, need_y: bool) -> tuple[np.ndarray, np.ndarray
         # In place when the cast above made a new array; a float x from the file is copied.
         x = np.multiply(x, np.asarray(scale, dtype=x.dtype), out=x if x.flags.owndata else None)
     return x, y
-
-
-def _fits_int32(y: np.ndarray) -> bool:
-    if np.can_cast(y.dtype, np.int32) or y.size == 0:
-        return True
-    return bool(int(y.min()) >= -(1 << 31) and int(y.max()) < (1 << 31))
 
 
 def x_scale(params: Mapping[str, Any]) -> float:

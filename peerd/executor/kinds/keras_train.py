@@ -11,10 +11,8 @@ outputs: ``weights`` (encoded arrays of the trained model). metrics: ``loss``, `
 computed), ``num_samples`` (the FedAvg weight), ``epochs``, ``train_seconds`` (the fit),
 ``train_cpu_seconds`` (its CPU time), ``load_seconds``, ``build_seconds``, ``encode_seconds``,
 ``resident_data`` / ``resident_model`` (1 when this worker reused the decoded shard / the
-compiled model), ``prepared_model`` (1 when round 1's model was built and traced while the
-data was fetched: the contractor's prepare job, ``_prepare``), ``jax_backend`` (1 when Keras
-ran on JAX, the contributor's ``[offer] keras_backend``; 0 on TensorFlow), ``on_gpu`` (1 when
-it computed on a GPU).
+compiled model), ``jax_backend`` (1 when Keras ran on JAX, the contributor's
+``[offer] keras_backend``; 0 on TensorFlow), ``on_gpu`` (1 when it computed on a GPU).
 
 Resident (the default, docs/tasks.md): a warm worker keeps the decoded shard and the compiled
 model between rounds (peerd.executor.kinds._resident); each round loads the job's weights into
@@ -51,21 +49,13 @@ def run(ctx: TaskContext) -> Outcome:
         # Keras' name counters; the seed is set after it, and the model is always built anew,
         # so a fresh and a reused worker give bit-identical weights.
         keras.backend.clear_session()
-    if param(ctx.params, _keras.PREPARE_PARAM, bool, False):
-        # Not a round: round 1's model, built and traced while the contractor fetches the data.
-        t_prep = time.perf_counter()
-        kept = not deterministic and _keras.prepare_train(ctx, default_metrics=["accuracy"], cache=cache)
-        return Outcome(
-            outputs={}, metrics={"prepared": float(kept), "prepare_seconds": time.perf_counter() - t_prep}
-        )
     keras.utils.set_random_seed(int(seed) % (1 << 32))
     t_load = time.perf_counter()
     x, y, data_hit = _keras.data_for(ctx, need_y=True, cache=cache)
     t_build = time.perf_counter()
-    model, model_key, model_from = _keras.train_model(
+    model, model_key, model_hit = _keras.train_model(
         ctx, default_metrics=["accuracy"], cache=None if deterministic else cache
     )
-    model_hit = model_from == "resident"
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         history = model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=shuffle, verbose=0)
@@ -85,8 +75,6 @@ def run(ctx: TaskContext) -> Outcome:
         "build_seconds": t0 - t_build,
         "resident_data": float(data_hit),
         "resident_model": float(model_hit),
-        # 1 when round 1's model was built and traced before the data came (prepare_train).
-        "prepared_model": float(model_from == "prepared"),
         # Which Keras backend trained it ([offer] keras_backend): peers of both train one round.
         "jax_backend": float(keras.backend.backend() == "jax"),
         "on_gpu": float(_keras.on_gpu()),
