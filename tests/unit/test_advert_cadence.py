@@ -312,3 +312,31 @@ def test_nothing_replaces_the_farewell(rig: Rig) -> None:
     adverts = [open_envelope(raw).message for _, raw in rig.p2p.published]
     assert len(adverts) == 2, adverts
     assert adverts[-1].offer["draining"]  # type: ignore[attr-defined]
+
+
+def test_a_jump_of_the_wall_clock_brings_a_refresh_at_the_next_look(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After the machine was suspended (or its VM paused: a CI run on 2026-12-04 lost every
+    # process for 35 s) the wall clock has moved on and trio's monotonic one has not: our
+    # advert expired in every table (its lifetime is wall-clock, SPEC §6), but the refresh
+    # timer still waits. The next look at our state sees the jump and refreshes.
+    jump_ms = 0
+
+    def wall() -> int:
+        return 1_800_000_000_000 + int(trio.current_time() * 1000) + jump_ms
+
+    monkeypatch.setattr(adverts, "wall_ms", wall)
+
+    async def script(r: Rig) -> None:
+        nonlocal jump_ms
+        await trio.sleep_until(7.0)
+        jump_ms = 3_600_000  # an hour asleep
+
+    run_for(rig, 15.0, script)
+    times = rig.p2p.times()
+    assert len(times) == 2, times  # the first, and one refresh at the next look after the jump
+    assert 7.0 < times[1] <= 7.0 + INTERVAL_S
+    assert rig.counters.get("adverts.refresh") == 1
+    late = open_envelope(rig.p2p.published[1][1]).message
+    assert late.issued_at >= 1_800_000_000_000 + 3_600_000  # stamped with the wall clock's time
