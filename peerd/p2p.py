@@ -1008,8 +1008,8 @@ class P2PNode:
         The least, because a sample only ever errs upwards: it also times both event loops,
         and a daemon that is busy (starting its workers, training, a bulk transfer on the same
         connection) answers late. yamux's one early sample read 3.1 ms between two daemons on
-        one host while they started (0.07-0.5 ms at rest), which made them far to each other
-        (peerd/node.py NEAR_RTT_S) for the next 30 s."""
+        one host while they started (0.05-1.6 ms at rest), which made them far to each other
+        (peerd/submitter.py NEAR_RTT_S) for the next 30 s."""
         if self._host is None:
             return None
         try:
@@ -1044,6 +1044,8 @@ class P2PNode:
     async def _probe_round_trip(self, host: IHost, peer: str) -> None:
         opened = trio.current_time()
         await trio.sleep(_RTT_PROBE_AT_S[0])
+        if peer not in {p.to_base58() for p in host.get_connected_peers()}:
+            return  # gone already: a probe never dials
         with trio.move_on_after(_RTT_PROBE_TIMEOUT_S):
             try:
                 stream = await host.new_stream(ID.from_base58(peer), [_PING_PROTOCOL])
