@@ -1075,7 +1075,8 @@ class P2PNode:
             except Exception as exc:  # trap 7: a reset or a closed stream ends the probe
                 log.debug("round-trip probe of %s: %s", peer, exc)
             finally:
-                with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                with trio.CancelScope(shield=True) as scope, contextlib.suppress(Exception):
+                    scope.deadline = trio.current_time() + _STREAM_CLOSE_TIMEOUT_S
                     await stream.reset()
 
     def stats(self) -> dict[str, int]:
