@@ -181,8 +181,6 @@ class AdvertService:
         self._wake = trio.Event()  # a poke or a newcomer
         self._poked = False
         self._published_at = -math.inf  # trio clock
-        #: Wall clock (ms) at the last publish: a suspend moves it and not trio's clock (check).
-        self._published_wall_ms = 0
         self._join_due = math.inf  # trio clock: re-advertise for a newcomer
         self._advertised: State | None = None
         #: Set by leave(): nothing may follow the farewell (a later advert would undo it).
@@ -272,7 +270,6 @@ class AdvertService:
         advert = self._sealable(state, lifetime_ms=int(FAREWELL_TTL_S * 1000) if farewell else None)
         self._advertised = state
         self._published_at = trio.current_time()
-        self._published_wall_ms = advert.issued_at
         self._join_due = math.inf
         raw = self._signer.seal(advert)
         signed = self._inbox.admit(raw, sender=self._signer.peer_id, kinds=_KINDS)
@@ -325,9 +322,8 @@ class AdvertService:
         # trio's monotonic one has not, so our advert has expired in every table (its lifetime
         # is wall-clock time, SPEC §6) while the refresh timer still waits. A CI run on
         # 2026-12-04 lost every process for 35 s that way.
-        if now - self._published_at >= self._refresh or (
-            wall_ms() - self._published_wall_ms >= self._refresh * 1000
-        ):
+        issued_ms = self.current.issued_at if self.current is not None else 0
+        if now - self._published_at >= self._refresh or wall_ms() - issued_ms >= self._refresh * 1000:
             why = "refresh"
         elif now >= self._join_due:
             why = "joined"

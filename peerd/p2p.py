@@ -116,6 +116,7 @@ from libp2p.host.exceptions import StreamFailure
 from libp2p.host.ping import ID as _PING_PROTOCOL
 from libp2p.host.ping import PING_LENGTH as _PING_BYTES
 from libp2p.io.exceptions import IOException
+from libp2p.io.utils import read_exactly
 from libp2p.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.exceptions import SwarmException
@@ -1032,7 +1033,7 @@ class P2PNode:
         async with trio.open_nursery() as nursery:
             while True:
                 changed = self._watcher.changed
-                connected = {p.to_base58() for p in host.get_connected_peers()}
+                connected = set(self.connected_peers())
                 for gone in probed - connected:
                     probed.discard(gone)
                     self._rtt_min.pop(gone, None)
@@ -1044,7 +1045,7 @@ class P2PNode:
     async def _probe_round_trip(self, host: IHost, peer: str) -> None:
         opened = trio.current_time()
         await trio.sleep(_RTT_PROBE_AT_S[0])
-        if peer not in {p.to_base58() for p in host.get_connected_peers()}:
+        if peer not in self.connected_peers():
             return  # gone already: a probe never dials
         with trio.move_on_after(_RTT_PROBE_TIMEOUT_S):
             try:
@@ -1058,18 +1059,10 @@ class P2PNode:
                     payload = secrets.token_bytes(_PING_BYTES)
                     start = trio.current_time()
                     await stream.write(payload)
-                    echo = b""
-                    for _ in range(_PING_BYTES):  # bounded: each read returns at least a byte
-                        if len(echo) >= _PING_BYTES:
-                            break
-                        chunk = await stream.read(_PING_BYTES - len(echo))
-                        if not chunk:
-                            break
-                        echo += chunk
-                    if echo != payload:
+                    if await read_exactly(stream, _PING_BYTES) != payload:
                         break
                     sample = trio.current_time() - start
-                    if peer not in {p.to_base58() for p in host.get_connected_peers()}:
+                    if peer not in self.connected_peers():
                         break  # gone meanwhile (_probe_round_trips forgot it)
                     self._rtt_min[peer] = min(sample, self._rtt_min.get(peer, math.inf))
             except Exception as exc:  # trap 7: a reset or a closed stream ends the probe
