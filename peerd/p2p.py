@@ -42,8 +42,8 @@ Found while building this (appendix B.1 lists them too; measured on this machine
   (4-node in-process p50 publish-to-all 20.6 ms -> 5.3 ms).
 * trap 17: py-libp2p's yamux credits the send window after every read, and pubsub/DHT read
   varints byte by byte: 3.2 WINDOW_UPDATE frames per 1.1 data frames for a one-hop gossip
-  message. ``PY_YAMUX_RELEASE_ON_READ=0`` (set once, :func:`_configure_libp2p_process`) brings
-  that to 1.1 (CPU per one-hop message, both ends: 4.7 -> 3.8 ms).
+  message. :func:`_credit_at_half_window` credits once half the window is consumed, as
+  go-yamux does (an idle daemon sent one update per data frame it received before).
 * trap 18: a payload between ~1 MiB - 16 KiB and 1 MiB passes ``publish`` and is then
   silently dropped by libp2p's outbound RPC queue; we refuse it (LocalProtocolError).
 * trap 19: a DHT lookup costs ~15 ms of CPU per neighbour here; lookups are rare once joined
@@ -64,6 +64,8 @@ Found while building this (appendix B.1 lists them too; measured on this machine
   the multistream header's echo before it names the protocol.
   :class:`_PipelinedMultiselectClient` sends both lines at once (one round trip), as
   go-multistream does.
+* trap 25: yamux pings every connection from both ends every 30 s, only to measure the round
+  trip: every :data:`_YAMUX_PING_S` instead (:func:`_configure_libp2p_process`).
 * libp2p validates a message again when a duplicate arrives while the first copy is still
   being validated (it marks messages seen only afterwards): validators therefore go through
   our own verdict cache, so each unique message reaches a validator exactly once.
@@ -95,7 +97,6 @@ import contextlib
 import ipaddress
 import logging
 import math
-import os
 import random
 import secrets
 import time
@@ -140,8 +141,9 @@ from libp2p.rcmgr import ResourceManager
 from libp2p.rcmgr.manager import ResourceLimits
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux import yamux as _yamux_module
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils import encode_delim
 from libp2p.utils.address_validation import expand_wildcard_address
@@ -182,6 +184,12 @@ _GOSSIP_LAZY = 1
 _OUTBOUND_QUEUE = 128
 #: How often flush() looks at libp2p's outbound gossip queues.
 _FLUSH_POLL_S = 0.02
+#: trap 25: py-libp2p's yamux pings every connection from both ends every 30 s (0.5 s after it
+#: opens, then RTT_MEASURE_INTERVAL), only to measure the round trip; nothing acts on a lost
+#: pong. With a connection to every peer that is 4 frames per peer per 30 s: on an idle
+#: 20-daemon devnet 76 a minute against 139 data frames (docs/benchmarks.md, 2026-12-05).
+#: Our own probes (_RTT_PROBE_AT_S) measure a new connection; later samples only track drift.
+_YAMUX_PING_S = 120
 #: How often the mesh size is revisited besides every connect/disconnect.
 _MESH_RESIZE_S = 30.0
 #: Gossipsub v1.1 only. v1.2 adds IDONTWANT: every receiver sends a control RPC to every
@@ -753,6 +761,41 @@ class _Demote(logging.Filter):
 _process_configured = False
 
 
+async def _credit_at_half_window(self: YamuxStream, *, bytes_read: int = 0) -> None:
+    """Replaces ``YamuxStream._auto_tune_and_send_window_update`` (trap 17): credit the
+    sender only once half the target window is consumed, as go-yamux's ``sendWindowUpdate``
+    does (``GrowTo``: no update while the missing credit is below half the window).
+
+    py-libp2p 0.8.1's own version has a "partial slack" branch that credits whatever was
+    consumed whenever anything was, so every message read from a stream (a gossip RPC, a
+    bid) cost one WINDOW_UPDATE frame back: a Noise message, a send and the peer's decrypt,
+    as many frames as the data itself (counted on an idle 20-daemon devnet: 166 window
+    updates sent for 174 data frames a minute; docs/benchmarks.md). Its
+    ``PY_YAMUX_RELEASE_ON_READ`` switch only covers the rest. The other branches, and the
+    auto-tuning that doubles the window when updates come within 4 RTTs, are py-libp2p's.
+
+    No stall: a blocked sender means the window is consumed; the reader empties the buffer
+    as it reads (our framed streams read whatever is there), so the missing credit reaches
+    the whole window, above half of it."""
+    total = 0
+    async with self.window_lock:
+        if bytes_read > 0:
+            self._pending_recv_release += bytes_read
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        missing = self.target_recv_window - (self.recv_window + buffered)
+        threshold = self._grow_threshold()
+        if missing >= threshold and missing > 0:
+            total = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+            self._pending_recv_release = 0
+        elif self._pending_recv_release >= threshold > 0:
+            total = self._pending_recv_release
+            self.recv_window += total
+            self._pending_recv_release = 0
+            total += self._apply_autotune_epoch(buffered)
+    if total > 0:
+        await self.send_window_update(total, skip_lock=True)
+
+
 def _configure_libp2p_process() -> None:
     """Process-wide libp2p settings (logging and yamux), applied once.
 
@@ -764,10 +807,11 @@ def _configure_libp2p_process() -> None:
     if _process_configured:
         return
     _process_configured = True
-    # trap 17: py-libp2p's yamux credits the sender's window after EVERY read by default, and
-    # varint-prefixed RPCs are read byte by byte; off, yamux mostly credits once half the
-    # window is consumed, as go-yamux does. Read at call time; we are the only libp2p user.
-    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+    # trap 17: py-libp2p's yamux credits the sender's window after every read (see
+    # _credit_at_half_window); go-yamux credits once half the window is consumed.
+    YamuxStream._auto_tune_and_send_window_update = _credit_at_half_window  # type: ignore[method-assign]
+    # trap 25: both ends of every connection ping every 30 s (read at each wait).
+    _yamux_module.RTT_MEASURE_INTERVAL = _YAMUX_PING_S
     # trap 22: each neighbour's outbound gossip queue holds 32 RPCs (go-libp2p-pubsub's
     # default, fixed as a default argument, with no option) and drops what does not fit,
     # silently: a burst of 100 publishes (a busy submitter's announces, awards and leases)
@@ -1003,8 +1047,8 @@ class P2PNode:
         """The round trip to a connected peer, in seconds, or None while not connected or not
         measured yet: the least of what our own pings right after the connection opened
         measured (:meth:`_probe_round_trips`) and of the muxer's smoothed figure (py-libp2p's
-        yamux pings each connection 0.5 s after it opens, then every 30 s). Costs nothing to
-        read.
+        yamux pings each connection 0.5 s after it opens, then every _YAMUX_PING_S, trap 25).
+        Costs nothing to read.
 
         The least, because a sample only ever errs upwards: it also times both event loops,
         and a daemon that is busy (starting its workers, training, a bulk transfer on the same

@@ -491,6 +491,66 @@ async def test_the_round_trip_is_the_least_our_own_pings_measured(monkeypatch: p
         assert a.round_trip_s(b.peer_id) is None
 
 
+async def test_a_reader_credits_the_window_at_half_not_per_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    # trap 17: py-libp2p's yamux sent a WINDOW_UPDATE back for every message read, as many
+    # frames as the data itself; credit now goes once half the window is consumed (go-yamux).
+    from peerd import p2p
+
+    a, b = make_node(), make_node()
+    updates: defaultdict[str, int] = defaultdict(int)  # per sender: pure window updates
+    write_frame = p2p.Yamux._write_frame
+
+    async def counting(self: p2p.Yamux, frame: bytes) -> None:
+        # Header: version, type, flags, stream id, length (big-endian, 12 bytes).
+        _, kind, flags, _, _ = struct.unpack(">BBHII", frame[:12])
+        if kind == 1 and flags == 0:
+            updates["b" if str(self.peer_id) == a.peer_id else "a"] += 1
+        await write_frame(self, frame)
+
+    monkeypatch.setattr(p2p.Yamux, "_write_frame", counting)
+    got: list[int] = []
+
+    async def sink(stream: FrameStream) -> None:
+        total = 0
+        while (frame := await stream.receive()) != b"end":
+            total += len(frame)
+            if frame == b"mark":
+                got.append(updates["b"])
+                await stream.send(b"marked")
+        got.append(total)
+        await stream.send(b"done")
+
+    b.add_stream_handler("/peerd/test-sink/1.0.0", sink)
+    async with running(a, b):
+        await a.connect(b.listen_addrs()[0])
+        stream = await a.open_stream(b.peer_id, "/peerd/test-sink/1.0.0")
+        before = updates["b"]
+        for _ in range(200):  # 200 small messages, ~40 KB: far below half the 256 KiB window
+            await stream.send(os.urandom(200))
+        await stream.send(b"mark")
+        assert await stream.receive() == b"marked"
+        assert got[0] - before <= 1, f"{got[0] - before} window updates for 200 small messages"
+        # Past the window many times over: credit still comes, and nothing stalls.
+        big = 8 << 20
+        for _ in range(big // (256 << 10)):
+            await stream.send(os.urandom(256 << 10))
+        await stream.send(b"end")
+        assert await stream.receive() == b"done"
+        assert got[-1] == 200 * 200 + len(b"mark") + big
+        assert 1 <= updates["b"] - got[0] <= 64  # about one per half window read
+        await stream.aclose()
+
+
+async def test_yamux_pings_a_running_node_s_connections_every_two_minutes() -> None:
+    # trap 25: py-libp2p's 30 s RTT pings, from both ends of every connection, were a third
+    # of an idle daemon's frames at 20 daemons; a running node sets them to _YAMUX_PING_S.
+    from peerd import p2p
+
+    a = make_node()
+    async with running(a):
+        assert p2p._yamux_module.RTT_MEASURE_INTERVAL == p2p._YAMUX_PING_S == 120
+
+
 async def test_raising_handler_does_not_take_the_host_down() -> None:
     async def explode(stream: FrameStream) -> None:
         await stream.receive()
