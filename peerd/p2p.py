@@ -43,7 +43,8 @@ Found while building this (appendix B.1 lists them too; measured on this machine
 * trap 17: py-libp2p's yamux credits the send window after every read, and pubsub/DHT read
   varints byte by byte: 3.2 WINDOW_UPDATE frames per 1.1 data frames for a one-hop gossip
   message. :func:`_credit_at_half_window` credits once half the window is consumed, as
-  go-yamux does (an idle daemon sent one update per data frame it received before).
+  go-yamux does, with the window at 16 MiB from the first credit on (an idle daemon sent
+  one update per data frame it received before).
 * trap 18: a payload between ~1 MiB - 16 KiB and 1 MiB passes ``publish`` and is then
   silently dropped by libp2p's outbound RPC queue; we refuse it (LocalProtocolError).
 * trap 19: a DHT lookup costs ~15 ms of CPU per neighbour here; lookups are rare once joined
@@ -187,7 +188,7 @@ _FLUSH_POLL_S = 0.02
 #: trap 25: py-libp2p's yamux pings every connection from both ends every 30 s (0.5 s after it
 #: opens, then RTT_MEASURE_INTERVAL), only to measure the round trip; nothing acts on a lost
 #: pong. With a connection to every peer that is 4 frames per peer per 30 s: on an idle
-#: 20-daemon devnet 76 a minute against 139 data frames (docs/benchmarks.md, 2026-12-05).
+#: 20-daemon devnet 80-84 a minute against 139-174 data frames (docs/benchmarks.md, 2026-12-05).
 #: Our own probes (_RTT_PROBE_AT_S) measure a new connection; later samples only track drift.
 _YAMUX_PING_S = 120
 #: How often the mesh size is revisited besides every connect/disconnect.
@@ -763,35 +764,38 @@ _process_configured = False
 
 async def _credit_at_half_window(self: YamuxStream, *, bytes_read: int = 0) -> None:
     """Replaces ``YamuxStream._auto_tune_and_send_window_update`` (trap 17): credit the
-    sender only once half the target window is consumed, as go-yamux's ``sendWindowUpdate``
-    does (``GrowTo``: no update while the missing credit is below half the window).
+    sender once half the stream's window is consumed, as go-yamux's ``sendWindowUpdate``
+    does, and at that first credit grow the window to yamux's 16 MiB maximum.
 
     py-libp2p 0.8.1's own version has a "partial slack" branch that credits whatever was
     consumed whenever anything was, so every message read from a stream (a gossip RPC, a
     bid) cost one WINDOW_UPDATE frame back: a Noise message, a send and the peer's decrypt,
     as many frames as the data itself (counted on an idle 20-daemon devnet: 166 window
-    updates sent for 174 data frames a minute; docs/benchmarks.md). Its
-    ``PY_YAMUX_RELEASE_ON_READ`` switch only covers the rest. The other branches, and the
-    auto-tuning that doubles the window when updates come within 4 RTTs, are py-libp2p's.
+    updates sent for 174 data frames a minute; docs/benchmarks.md, 2026-12-05). Its
+    ``PY_YAMUX_RELEASE_ON_READ`` switch only covers the rest. That branch also credits the
+    bytes just read twice, so a bulk stream's window grew without bound and its sender
+    never waited for credit.
 
-    No stall: a blocked sender means the window is consumed; the reader empties the buffer
-    as it reads (our framed streams read whatever is there), so the missing credit reaches
-    the whole window, above half of it."""
+    Why the maximum at once: py-libp2p's auto-tuning doubles the window only when credits
+    come within 4 round trips, which the milliseconds each event loop adds to a credit
+    defeat; with go-yamux's rule alone the window stayed at 256 KiB and a 128 MiB task input
+    between two daemons fell from 158 to 40 MB/s, and credit every 64 KiB still cost the
+    sender 10 % more CPU than the unbounded window. 16 MiB is what go-yamux's auto-tuning
+    grows to; py-libp2p never enforced the receive window anyway (a peer that overruns it
+    is logged and clamped), and our protocols bound what they have in flight themselves
+    (the blob protocol's 4 MiB window, one request per stream).
+
+    No stall: a blocked sender means the window is consumed, and the reader empties the
+    buffer as it reads (our framed streams read whatever is there), so the missing credit
+    reaches the whole window."""
+    del bytes_read  # the credit is computed from the window, not from one read
     total = 0
     async with self.window_lock:
-        if bytes_read > 0:
-            self._pending_recv_release += bytes_read
         buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
         missing = self.target_recv_window - (self.recv_window + buffered)
-        threshold = self._grow_threshold()
-        if missing >= threshold and missing > 0:
-            total = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
-            self._pending_recv_release = 0
-        elif self._pending_recv_release >= threshold > 0:
-            total = self._pending_recv_release
-            self.recv_window += total
-            self._pending_recv_release = 0
-            total += self._apply_autotune_epoch(buffered)
+        if missing > 0 and missing >= self.target_recv_window // 2:
+            self.target_recv_window = max(self.target_recv_window, _yamux_module.MAX_WINDOW_SIZE)
+            total = self._grow_to_delta(buffered)
     if total > 0:
         await self.send_window_update(total, skip_lock=True)
 
@@ -808,7 +812,7 @@ def _configure_libp2p_process() -> None:
         return
     _process_configured = True
     # trap 17: py-libp2p's yamux credits the sender's window after every read (see
-    # _credit_at_half_window); go-yamux credits once half the window is consumed.
+    # _credit_at_half_window).
     YamuxStream._auto_tune_and_send_window_update = _credit_at_half_window  # type: ignore[method-assign]
     # trap 25: both ends of every connection ping every 30 s (read at each wait).
     _yamux_module.RTT_MEASURE_INTERVAL = _YAMUX_PING_S

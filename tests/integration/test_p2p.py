@@ -537,7 +537,9 @@ async def test_a_reader_credits_the_window_at_half_not_per_message(monkeypatch: 
         await stream.send(b"end")
         assert await stream.receive() == b"done"
         assert got[-1] == 200 * 200 + len(b"mark") + big
-        assert 1 <= updates["b"] - got[0] <= 64  # about one per half window read
+        # The first credit (half of 256 KiB read) opens the window to 16 MiB; the next is due
+        # after 8 MiB more: a handful of updates, not one per frame.
+        assert 1 <= updates["b"] - got[0] <= 3
         await stream.aclose()
 
 
