@@ -794,7 +794,7 @@ async def _credit_at_half_window(self: YamuxStream, *, bytes_read: int = 0) -> N
         buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
         missing = self.target_recv_window - (self.recv_window + buffered)
         if missing > 0 and missing >= self.target_recv_window // 2:
-            self.target_recv_window = max(self.target_recv_window, _yamux_module.MAX_WINDOW_SIZE)
+            self.target_recv_window = _yamux_module.MAX_WINDOW_SIZE
             total = self._grow_to_delta(buffered)
     if total > 0:
         await self.send_window_update(total, skip_lock=True)
@@ -814,7 +814,8 @@ def _configure_libp2p_process() -> None:
     # trap 17: py-libp2p's yamux credits the sender's window after every read (see
     # _credit_at_half_window).
     YamuxStream._auto_tune_and_send_window_update = _credit_at_half_window  # type: ignore[method-assign]
-    # trap 25: both ends of every connection ping every 30 s (read at each wait).
+    # trap 25: py-libp2p pings from both ends of every connection every 30 s; its ping loop
+    # reads this module global at each wait.
     _yamux_module.RTT_MEASURE_INTERVAL = _YAMUX_PING_S
     # trap 22: each neighbour's outbound gossip queue holds 32 RPCs (go-libp2p-pubsub's
     # default, fixed as a default argument, with no option) and drops what does not fit,
