@@ -96,12 +96,13 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import logging
 import math
 import random
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -172,8 +173,8 @@ _LIBP2P_MAX_GOSSIP = (1 << 20) - (16 << 10)
 #: so the mesh is not what makes gossip one hop: it forwards to peers that are not the origin's
 #: neighbours and backs up a lost direct send. Each mesh neighbour sends us a copy of every
 #: message it receives, so an idle node's cost is about (adverts/s in the network) x (1 + 2D)
-#: RPCs, plus one IHAVE per heartbeat to _GOSSIP_LAZY peers outside the mesh (py-libp2p's own
-#: figure is at least 6, trap 21). Measured with `scripts/bench --quick adverts` at 10 and 20
+#: RPCs, plus one IHAVE every _GOSSIP_WINDOW heartbeats (trap 26) to _GOSSIP_LAZY peers outside
+#: the mesh (py-libp2p's own figure is at least 6 on every heartbeat, trap 21). Measured with `scripts/bench --quick adverts` at 10 and 20
 #: daemons (docs/benchmarks.md, 2026-12-04): a full mesh of 9 cost 0.50 % of a core per idle
 #: daemon at 10 with publish-to-all p50 64 ms; D = 3 with flood publishing 0.34 % and 32 ms;
 #: D = 2 0.34 % and 22 ms at 10, and 0.73 % against 0.89 % (D = 3) at 20. A mesh of 2-3 is
@@ -181,6 +182,8 @@ _LIBP2P_MAX_GOSSIP = (1 << 20) - (16 << 10)
 _FULL_MESH_PEERS = 3
 _MESH_D, _MESH_D_LOW, _MESH_D_HIGH = 2, 2, 3
 _GOSSIP_LAZY = 1
+#: py-libp2p's gossip window: a message id is in the IHAVEs of this many heartbeats (trap 26).
+_GOSSIP_WINDOW = 3
 #: RPCs queued per neighbour before libp2p drops one (trap 22; its default is 32).
 _OUTBOUND_QUEUE = 128
 #: How often flush() looks at libp2p's outbound gossip queues.
@@ -345,6 +348,51 @@ def _install_flood_publish(gossipsub: GossipSub) -> None:
         return peers
 
     gossipsub._get_peers_to_send = peers_to_send  # type: ignore[method-assign]
+
+
+def _install_sparse_ihave(gossipsub: GossipSub, every: int) -> None:
+    """IHAVE on one heartbeat in ``every`` (trap 26). py-libp2p gossips the message ids of the
+    last ``gossip_window`` heartbeats on every heartbeat, so each id is announced that many
+    times over; with ``every`` equal to the window each id is announced once, and an idle node
+    sends (and receives) a third of the control RPCs for the same repair."""
+    inner = gossipsub.gossip_heartbeat
+    beats = itertools.count()
+
+    def gossip_heartbeat() -> defaultdict[ID, dict[str, list[bytes]]]:
+        if next(beats) % every:
+            return defaultdict(dict)
+        return inner()
+
+    gossipsub.gossip_heartbeat = gossip_heartbeat  # type: ignore[method-assign]
+
+
+def _install_direct_push(pubsub: Pubsub, stats: dict[str, int]) -> None:
+    """trap 27: pubsub hands every message it reads (duplicates included) to
+    ``manager.run_task(push_msg, ...)``, whose bookkeeping scans every task the service holds
+    to find the caller's (a task per neighbour and more) and builds a named FunctionTask: 8.6 %
+    of an idle daemon's CPU at 20 daemons, more than the Ed25519 checks. push_msg goes straight
+    into the same service's task nursery instead, so it is still cancelled with the service.
+    A push that raises is counted and dropped: through run_task it would cancel the whole
+    pubsub service (one bad message from any peer stopping gossip)."""
+    manager = pubsub.manager
+    inner = manager.run_task
+    push = pubsub.push_msg
+
+    async def guarded_push(peer_id: ID, msg: rpc_pb2.Message) -> None:
+        try:
+            await push(peer_id, msg)
+        except Exception as exc:  # a libp2p bug on one message; never the whole service
+            stats["gossip_push_errors"] += 1
+            log.warning("dropping a gossip message pubsub failed on: %r", exc)
+
+    def run_task(async_fn: Any, *args: Any, daemon: bool = False, name: str | None = None, **kw: Any) -> None:
+        nursery = getattr(manager, "_task_nursery", None)
+        if async_fn == push and not daemon and nursery is not None and manager.is_running:
+            nursery.start_soon(guarded_push, *args)
+            return
+        inner(async_fn, *args, daemon=daemon, name=name, **kw)
+
+    manager.run_task = run_task  # type: ignore[method-assign]
 
 
 def _mesh_degrees(peers: int) -> tuple[int, int, int]:
@@ -1014,6 +1062,7 @@ class P2PNode:
                 "streams_idle_closed",
                 "handshakes_refused",
                 "mesh_resized",
+                "gossip_push_errors",
             ),
             0,
         )
@@ -1208,6 +1257,7 @@ class P2PNode:
             # trap 3. (Typed int in libp2p; it is only ever passed to trio.sleep.)
             heartbeat_interval=cast(int, self._config.heartbeat_s),
             adaptive_gossip_enabled=False,
+            gossip_window=_GOSSIP_WINDOW,
             # trap 4: per-neighbour limit off (it also throttles our own publishes);
             # _TokenBucket limits per origin.
             spam_protection_enabled=False,
@@ -1220,6 +1270,7 @@ class P2PNode:
             lambda topic, total_peers: max(0, min(total_peers, _GOSSIP_LAZY))
         )
         _install_flood_publish(gossipsub)
+        _install_sparse_ihave(gossipsub, _GOSSIP_WINDOW)
         pubsub = Pubsub(
             host,
             gossipsub,
@@ -1265,6 +1316,7 @@ class P2PNode:
             # learn our topics from the very first pubsub hello.
             async with background_trio_service(pubsub), background_trio_service(gossipsub):
                 await pubsub.wait_until_ready()
+                _install_direct_push(pubsub, self._stats)
                 for topic in self._validators:
                     nursery.start_soon(self._drain, await pubsub.subscribe(topic))
                 async with host.run(listen_addrs=self._listen):

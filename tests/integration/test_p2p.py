@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -195,6 +196,45 @@ async def test_four_nodes_via_one_bootstrap_peer_all_get_every_message_once() ->
                     assert sent[message.origin] == message.data
                     assert message.received_from in node.connected_peers()
                 assert node.stats()["validator_errors"] == 0
+
+
+async def test_a_message_pubsub_fails_on_is_dropped_and_gossip_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # trap 27: pubsub's push of each message read goes straight into its task nursery, not
+    # through its task manager, which scanned every task per message and cancelled the whole
+    # pubsub service when one push raised. A push that raises is now counted and dropped.
+    from libp2p.pubsub.pubsub import Pubsub
+
+    push_msg = Pubsub.push_msg
+    failed: list[bytes] = []
+
+    async def flaky(self: Pubsub, peer_id: object, msg: object) -> None:
+        # Only a message read from a neighbour: the publisher's own push is awaited directly.
+        if getattr(msg, "data", b"") == b"poison" and peer_id != self.my_id and not failed:
+            failed.append(b"poison")
+            raise RuntimeError("a libp2p bug on one message")
+        await push_msg(self, peer_id, msg)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Pubsub, "push_msg", flaky)
+    at_b = Recorder()
+    a, b = make_node(Recorder()), make_node(at_b)
+    async with running(a, b):
+        await b.connect(a.listen_addrs()[0])
+        await gossip_ready(a, [at_b])
+        manager: Any = b._pubsub.manager  # type: ignore[union-attr]
+        tasks_before = manager._total_task_count
+        await a.publish(TOPIC, b"poison")
+        for i in range(20):
+            await a.publish(TOPIC, b"after-%d" % i)
+        await eventually(
+            lambda: all(b"after-%d" % i in at_b.payloads() for i in range(20)), "every later message"
+        )
+        assert failed and b"poison" not in at_b.payloads()
+        assert b.stats()["gossip_push_errors"] == 1
+        # No task-manager task per message read (each was a named FunctionTask, found by a
+        # scan over all of them).
+        assert manager._total_task_count == tasks_before
 
 
 async def test_a_peers_signed_record_is_verified_once_not_per_rpc(monkeypatch: pytest.MonkeyPatch) -> None:
