@@ -102,6 +102,7 @@ import math
 import random
 import secrets
 import time
+import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -115,10 +116,11 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.exceptions import ParseError
 from libp2p.host.exceptions import StreamFailure
 from libp2p.host.ping import ID as _PING_PROTOCOL
 from libp2p.host.ping import PING_LENGTH as _PING_BYTES
-from libp2p.io.exceptions import IOException
+from libp2p.io.exceptions import IncompleteReadError, IOException, MessageTooLarge
 from libp2p.io.utils import read_exactly
 from libp2p.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig, RetryConfig
@@ -174,11 +176,12 @@ _LIBP2P_MAX_GOSSIP = (1 << 20) - (16 << 10)
 #: neighbours and backs up a lost direct send. Each mesh neighbour sends us a copy of every
 #: message it receives, so an idle node's cost is about (adverts/s in the network) x (1 + 2D)
 #: RPCs, plus one IHAVE every _GOSSIP_WINDOW heartbeats (trap 26) to _GOSSIP_LAZY peers outside
-#: the mesh (py-libp2p's own figure is at least 6 on every heartbeat, trap 21). Measured with `scripts/bench --quick adverts` at 10 and 20
-#: daemons (docs/benchmarks.md, 2026-12-04): a full mesh of 9 cost 0.50 % of a core per idle
-#: daemon at 10 with publish-to-all p50 64 ms; D = 3 with flood publishing 0.34 % and 32 ms;
-#: D = 2 0.34 % and 22 ms at 10, and 0.73 % against 0.89 % (D = 3) at 20. A mesh of 2-3 is
-#: still connected with high probability, and the origin's flood reaches every neighbour.
+#: the mesh (py-libp2p's own figure is at least 6 on every heartbeat, trap 21). Measured with
+#: `scripts/bench --quick adverts` at 10 and 20 daemons (docs/benchmarks.md, 2026-12-04): a full
+#: mesh of 9 cost 0.50 % of a core per idle daemon at 10 with publish-to-all p50 64 ms; D = 3
+#: with flood publishing 0.34 % and 32 ms; D = 2 0.34 % and 22 ms at 10, and 0.73 % against 0.89
+#: % (D = 3) at 20. A mesh of 2-3 is still connected with high probability, and the origin's
+#: flood reaches every neighbour.
 _FULL_MESH_PEERS = 3
 _MESH_D, _MESH_D_LOW, _MESH_D_HIGH = 2, 2, 3
 _GOSSIP_LAZY = 1
@@ -890,6 +893,63 @@ def _configure_libp2p_process() -> None:
     # Logs its state at INFO on every cycle; warnings and errors still pass.
     logging.getLogger("libp2p.network.auto_connector").setLevel(logging.WARNING)
     _install_sender_record_caches()
+    _install_buffered_rpc_reads()
+
+
+def _uvarint(buf: bytearray) -> tuple[int, int] | None:
+    """(value, bytes it took) of the unsigned varint that starts ``buf``; None while it is
+    incomplete; ParseError past 10 bytes, as libp2p's reader."""
+    value = shift = 0
+    for taken, byte in enumerate(buf[:10], 1):
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, taken
+        shift += 7
+    if len(buf) >= 10:
+        raise ParseError("Varint decoding error: integer exceeds maximum size of 64 bits")
+    return None
+
+
+def _install_buffered_rpc_reads() -> None:
+    """trap 28: pubsub reads each RPC's varint length one byte at a time, each byte a whole
+    yamux ``read_stream`` (its lock, its bookkeeping, its debug strings formatted whether
+    logged or not), then the body: three reads per RPC. Here each stream keeps what it read
+    beyond the RPC in a buffer and reads what has arrived, up to 64 KiB, in one call: one read
+    per RPC, or less when RPCs arrive together. Only pubsub's read loop reads these streams,
+    so nothing else misses the buffered bytes. Same errors as libp2p's reader: a varint over
+    10 bytes is a ParseError, a length over the limit MessageTooLarge (before the body is
+    read), a stream that ends inside an RPC IncompleteReadError."""
+    from libp2p.pubsub import pubsub as pubsub_module
+
+    buffers: weakref.WeakKeyDictionary[Any, bytearray] = weakref.WeakKeyDictionary()
+
+    async def fill(reader: Any, buf: bytearray, want: int) -> None:
+        chunk = await reader.read(max(want, _READ_CHUNK))
+        if not chunk:
+            raise IncompleteReadError(
+                f"stream ended inside an RPC ({len(buf)} bytes buffered)",
+                expected_bytes=want,
+                received_bytes=0,
+            )
+        buf += chunk
+
+    async def read_rpc(reader: Any, max_length: int) -> bytes:
+        buf = buffers.get(reader)
+        if buf is None:
+            buf = buffers[reader] = bytearray()
+        while (head := _uvarint(buf)) is None:
+            await fill(reader, buf, 1)
+        length, used = head
+        if length > max_length:
+            raise MessageTooLarge(f"Message length {length} exceeds maximum allowed {max_length}")
+        end = used + length
+        while len(buf) < end:
+            await fill(reader, buf, end - len(buf))
+        rpc = bytes(buf[used:end])
+        del buf[:end]
+        return rpc
+
+    pubsub_module.read_varint_prefixed_bytes_limited = read_rpc
 
 
 def _install_sender_record_caches() -> None:
