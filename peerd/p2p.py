@@ -179,8 +179,8 @@ _LIBP2P_MAX_GOSSIP = (1 << 20) - (16 << 10)
 #: the mesh (py-libp2p's own figure is at least 6 on every heartbeat, trap 21). Measured with
 #: `scripts/bench --quick adverts` at 10 and 20 daemons (docs/benchmarks.md, 2026-12-04): a full
 #: mesh of 9 cost 0.50 % of a core per idle daemon at 10 with publish-to-all p50 64 ms; D = 3
-#: with flood publishing 0.34 % and 32 ms; D = 2 0.34 % and 22 ms at 10, and 0.73 % against 0.89
-#: % (D = 3) at 20. A mesh of 2-3 is still connected with high probability, and the origin's
+#: with flood publishing 0.34 % and 32 ms; D = 2 0.34 % and 22 ms at 10, and 0.73 % against
+#: 0.89 % (D = 3) at 20. A mesh of 2-3 is still connected with high probability, and the origin's
 #: flood reaches every neighbour.
 _FULL_MESH_PEERS = 3
 _MESH_D, _MESH_D_LOW, _MESH_D_HIGH = 2, 2, 3
