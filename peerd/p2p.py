@@ -41,10 +41,10 @@ Found while building this (appendix B.1 lists them too; measured on this machine
   small full mesh it always arrives too late to save a duplicate. Only v1.1 is offered
   (4-node in-process p50 publish-to-all 20.6 ms -> 5.3 ms).
 * trap 17: py-libp2p's yamux credits the send window after every read, and pubsub/DHT read
-  varints byte by byte: 3.2 WINDOW_UPDATE frames per 1.1 data frames for a one-hop gossip
-  message. :func:`_credit_at_half_window` credits once half the window is consumed, as
-  go-yamux does, with the window at 16 MiB from the first credit on (an idle daemon sent
-  one update per data frame it received before).
+  varints byte by byte (pubsub's reads: trap 28): 3.2 WINDOW_UPDATE frames per 1.1 data
+  frames for a one-hop gossip message. :func:`_credit_at_half_window` credits once half the
+  window is consumed, as go-yamux does, with the window at 16 MiB from the first credit on
+  (an idle daemon sent one update per data frame it received before).
 * trap 18: a payload between ~1 MiB - 16 KiB and 1 MiB passes ``publish`` and is then
   silently dropped by libp2p's outbound RPC queue; we refuse it (LocalProtocolError).
 * trap 19: a DHT lookup costs ~15 ms of CPU per neighbour here; lookups are rare once joined
@@ -67,6 +67,12 @@ Found while building this (appendix B.1 lists them too; measured on this machine
   go-multistream does.
 * trap 25: yamux pings every connection from both ends every 30 s, only to measure the round
   trip: every :data:`_YAMUX_PING_S` instead (:func:`_configure_libp2p_process`).
+* trap 26: gossip offers each message id on every heartbeat of its 3-heartbeat window:
+  :func:`_install_sparse_ihave` offers it once.
+* trap 27: pubsub spawns each message's push through its task manager (a scan of every task,
+  and one raising push cancels pubsub and the node): :func:`_install_direct_push`.
+* trap 28: pubsub reads an RPC's length byte by byte, a yamux read per byte:
+  :func:`_install_buffered_rpc_reads` reads each RPC in one buffered read.
 * libp2p validates a message again when a duplicate arrives while the first copy is still
   being validated (it marks messages seen only afterwards): validators therefore go through
   our own verdict cache, so each unique message reaches a validator exactly once.
@@ -353,11 +359,13 @@ def _install_flood_publish(gossipsub: GossipSub) -> None:
     gossipsub._get_peers_to_send = peers_to_send  # type: ignore[method-assign]
 
 
-def _install_sparse_ihave(gossipsub: GossipSub, every: int) -> None:
-    """IHAVE on one heartbeat in ``every`` (trap 26). py-libp2p gossips the message ids of the
-    last ``gossip_window`` heartbeats on every heartbeat, so each id is announced that many
-    times over; with ``every`` equal to the window each id is announced once, and an idle node
-    sends (and receives) a third of the control RPCs for the same repair."""
+def _install_sparse_ihave(gossipsub: GossipSub) -> None:
+    """IHAVE on one heartbeat in ``gossip_window`` (trap 26). py-libp2p gossips the message ids
+    of the last ``gossip_window`` heartbeats (its message cache's window) on every heartbeat,
+    so each id is announced that many times over; gossiping once per window announces each id
+    once, and an idle node sends (and receives) a third of the control RPCs for the same
+    repair. The cadence is read from the cache itself, so it cannot drift from the window."""
+    every = gossipsub.mcache.window_size
     inner = gossipsub.gossip_heartbeat
     beats = itertools.count()
 
@@ -1330,7 +1338,7 @@ class P2PNode:
             lambda topic, total_peers: max(0, min(total_peers, _GOSSIP_LAZY))
         )
         _install_flood_publish(gossipsub)
-        _install_sparse_ihave(gossipsub, _GOSSIP_WINDOW)
+        _install_sparse_ihave(gossipsub)
         pubsub = Pubsub(
             host,
             gossipsub,

@@ -43,7 +43,7 @@ def _message(seqno: int) -> rpc_pb2.Message:
 
 def test_every_message_id_is_gossiped_exactly_once() -> None:
     plain, sparse = _Router(), _Router()
-    _install_sparse_ihave(cast(Any, sparse), _GOSSIP_WINDOW)
+    _install_sparse_ihave(cast(Any, sparse))
     told_plain: Counter[bytes] = Counter()
     told_sparse: Counter[bytes] = Counter()
     beats_with_ihave = 0
