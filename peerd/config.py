@@ -86,6 +86,10 @@ class NetworkConfig:
     announce: tuple[str, ...] = ()
     mdns: bool = False
     max_msgs_per_origin_per_s: float = 200.0
+    #: Circuit relay v2 (docs/design.md §10.7): relays this node, behind a NAT, is reached
+    #: through; and whether it serves as a relay for others.
+    relays: tuple[str, ...] = ()
+    relay_service: bool = False
     #: Peer table size, this node not counted (peerd/peertable.py has the eviction rule).
     max_peers: int = 1024
 
@@ -489,6 +493,8 @@ def _build(raw: dict[str, Any], *, source: Path | None, env: Mapping[str, str], 
         mdns=s.get("mdns", boolean, False),
         max_msgs_per_origin_per_s=s.get("max_msgs_per_origin_per_s", positive_float, 200.0),
         max_peers=s.get("max_peers", positive_int, NetworkConfig.max_peers),
+        relays=s.get("relays", list_of(bootstrap_addr), ()),
+        relay_service=s.get("relay_service", boolean, False),
     )
 
     s = sections["adverts"]

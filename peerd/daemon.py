@@ -38,7 +38,7 @@ from peerd.config import Config, ConfigError, load_config, prepare_socket_dir
 from peerd.contractor import Contractor
 from peerd.counters import Counters
 from peerd.identity import IdentityError, load_or_create_identity
-from peerd.inbox import Inbox
+from peerd.inbox import Inbox, wall_ms
 from peerd.node import BID_PROTOCOL, MAX_GOSSIP_BYTES, RESULT_PROTOCOL, Node
 from peerd.peertable import PeerTable
 from peerd.rounds import Rounds
@@ -115,6 +115,8 @@ async def serve(
             listen=tuple(cfg.network.listen),
             bootstrap=tuple(cfg.network.bootstrap),
             announce=tuple(cfg.network.announce),
+            relays=tuple(cfg.network.relays),
+            relay_service=cfg.network.relay_service,
             mdns=cfg.network.mdns,
             max_msgs_per_origin_per_s=cfg.network.max_msgs_per_origin_per_s,
             max_gossip_bytes=MAX_GOSSIP_BYTES,
@@ -125,6 +127,11 @@ async def serve(
             inbox = Inbox(counters)
             table = PeerTable(
                 max_peers=cfg.network.max_peers, connected=p2p.connected_peers, counters=counters
+            )
+            # A peer libp2p has no address for (one behind a NAT, reached through a relay,
+            # design.md §10.7) is dialled at the addresses its signed advert lists.
+            p2p.set_address_book(
+                lambda peer: entry.advert.addrs if (entry := table.get(peer, wall_ms())) else ()
             )
 
             def advert_load() -> tuple[float, int, int]:

@@ -73,6 +73,13 @@ Found while building this (appendix B.1 lists them too; measured on this machine
   and one raising push cancels pubsub and the node): :func:`_install_direct_push`.
 * trap 28: pubsub reads an RPC's length byte by byte, a yamux read per byte:
   :func:`_install_buffered_rpc_reads` reads each RPC in one buffered read.
+* trap 29: ``BasicHost.get_addrs`` cuts a circuit address at the relay's ``/p2p/`` to append
+  our ID, announcing the relay's own address as ours: :meth:`P2PNode._install_circuit_addrs`.
+* trap 30: nothing in ``new_host()`` uses circuit relay v2, and the swarm dials only TCP:
+  :meth:`P2PNode._install_circuit_relay` registers the hop (``relay_service``) and stop
+  (``relays``) handlers behind the inbound guard, :meth:`P2PNode._dial` dials circuit
+  addresses through the circuit transport, :meth:`P2PNode._keep_reserved` keeps our
+  reservations (docs/design.md §10.7).
 * libp2p validates a message again when a duplicate arrives while the first copy is still
   being validated (it marks messages seen only afterwards): validators therefore go through
   our own verdict cache, so each unique message reaches a validator exactly once.
@@ -110,7 +117,7 @@ import secrets
 import time
 import weakref
 from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -149,6 +156,12 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.rpc_queue import DefaultMaxMessageSize, RpcQueue
 from libp2p.rcmgr import ResourceManager
 from libp2p.rcmgr.manager import ResourceLimits
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as _HOP_PROTOCOL
+from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID as _STOP_PROTOCOL
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux import yamux as _yamux_module
@@ -258,6 +271,19 @@ _SENDER_RECORDS_MAX = 4_096
 #: that changes reaches peers' peer stores this much later; discovery and our adverts carry
 #: addresses of their own.
 _OWN_RECORD_REUSE_S = 10.0
+#: Circuit relay v2 (docs/design.md §10.7 "Reachability"). What a relay
+#: (``P2PConfig.relay_service``) grants: a reservation lasts an hour and is refreshed by its
+#: holder; a circuit lasts at most an hour (the holder's peers dial again); at most 16 circuits
+#: at once per reservation, 128 reservations, and 4 GiB relayed per reservation. Relaying
+#: costs the relay's bandwidth, so it is opt-in and bounded.
+_RELAY_LIMITS = RelayLimits(
+    duration=3600, data=4 << 30, max_circuit_conns=16, max_reservations=128, reservation_ttl=3600
+)
+#: A node behind a NAT (``P2PConfig.relays``) reserves again when less than this is left of
+#: its reservation, and at once after its connection to the relay came back (a relay that
+#: restarted has forgotten it). Checked at least this often:
+_RESERVATION_MARGIN_S = 600.0
+_RESERVATION_CHECK_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -289,6 +315,11 @@ _STREAM_POLICIES = (
     _StreamPolicy("/ipfs/kad/", max_per_peer=4, idle_s=30.0),
     _StreamPolicy("/ipfs/id/", max_per_peer=2, idle_s=10.0),  # identify and identify/push
     _StreamPolicy("/ipfs/ping/", max_per_peer=2, idle_s=60.0),  # pings come every few s
+    # Circuit relay v2 (§10.7): at a relay, a hop stream carries a whole relayed connection
+    # for its life; at a NAT'd node, a stop stream becomes one. A quiet connection is not
+    # idle. The relay's own limits (_RELAY_LIMITS) bound circuits and bytes.
+    _StreamPolicy("/libp2p/circuit/relay/0.2.0/hop", max_per_peer=16, idle_s=None),
+    _StreamPolicy("/libp2p/circuit/relay/0.2.0/stop", max_per_peer=16, idle_s=None),
     # peerd's own protocols time out in 10-30 s in their handlers; this is the backstop.
     _StreamPolicy("", max_per_peer=64, idle_s=120.0),
 )
@@ -462,6 +493,25 @@ class P2PConfig:
     # Handshakes in progress from one source address (IPv4 /32, IPv6 /64). libp2p's only
     # limit is ~250 in total, which one address could hold by itself (issue 11).
     max_pending_handshakes_per_source: int = 8
+    # Circuit relay v2 (docs/design.md §10.7). ``relay_service``: serve the hop side, so that
+    # peers behind a NAT can be reached through us (within _RELAY_LIMITS). ``relays``: we are
+    # behind a NAT; keep a connection and a reservation at each of these relays (full
+    # multiaddrs with /p2p/<id>), announce our circuit addresses through them in place of
+    # the listen addresses (plus ``announce``), and run the DHT as a client.
+    relay_service: bool = False
+    relays: tuple[str, ...] = ()
+
+
+def _is_circuit(addr: multiaddr.Multiaddr) -> bool:
+    return "/p2p-circuit" in str(addr)
+
+
+def _circuit_to(addr: multiaddr.Multiaddr, peer: ID) -> multiaddr.Multiaddr:
+    """``addr`` ending in ``/p2p/<peer>``: what the circuit transport dials. The peer store
+    files a peer's addresses without it."""
+    text = str(addr)
+    suffix = f"/p2p/{peer.to_base58()}"
+    return addr if text.endswith(suffix) else multiaddr.Multiaddr(text + suffix)
 
 
 # --- error translation: the ONE place where libp2p exceptions become ours ----------------
@@ -1102,6 +1152,14 @@ class P2PNode:
         for addr in config.bootstrap:
             _parse_p2p_addr(addr)  # fail at construction, not in a background task
         self._announce = [_parse_multiaddr(a) for a in config.announce]
+        self._relays = [_parse_p2p_addr(a) for a in config.relays]
+        # What we announce through each relay: <relay addr>/p2p/<relay id>/p2p-circuit
+        # (libp2p appends /p2p/<our id>).
+        self._circuit_addrs = [multiaddr.Multiaddr(f"{a}/p2p-circuit") for a in config.relays]
+        #: Relay peer ID -> the connection our reservation there was made on (see _keep_reserved).
+        self._reserved_on: dict[ID, Any] = {}
+        self._relay_transport: CircuitV2Transport | None = None
+        self._address_book: Callable[[str], Sequence[str]] = lambda _peer: ()
         self._key_pair: KeyPair = create_new_key_pair(bytes(seed))
         self._id = ID.from_pubkey(self._key_pair.public_key)
         self._max_gossip = min(config.max_gossip_bytes, _LIBP2P_MAX_GOSSIP)
@@ -1131,6 +1189,9 @@ class P2PNode:
                 "handshakes_refused",
                 "mesh_resized",
                 "gossip_push_errors",
+                "dials_relayed",
+                "relay_reservations",
+                "relay_reservations_failed",
             ),
             0,
         )
@@ -1260,6 +1321,34 @@ class P2PNode:
         """Call ``callback`` (synchronously, must not block) whenever a connection opens."""
         self._watcher.on_connected.append(callback)
 
+    def set_address_book(self, lookup: Callable[[str], Sequence[str]]) -> None:
+        """Where to find the addresses a peer announced for itself outside libp2p (the daemon
+        passes its peer table: each peer's signed advert lists them), for a peer we must
+        open a stream to while libp2p's peer store knows no way to it. That is how a peer
+        behind a NAT, which no DHT lookup returns, is reached through its relay."""
+        self._address_book = lookup
+
+    def _addrs_announced_by(self, peer: ID) -> list[multiaddr.Multiaddr]:
+        """What the address book says for ``peer``: at most 16 parseable addresses that name
+        ``peer`` itself (a peer can only speak for itself), without the ``/p2p/`` suffix
+        for direct ones."""
+        try:
+            announced = list(self._address_book(peer.to_base58()))[:16]
+        except Exception:
+            log.exception("the address book raised")
+            return []
+        suffix = f"/p2p/{peer.to_base58()}"
+        out: list[multiaddr.Multiaddr] = []
+        for text in announced:
+            if not isinstance(text, str) or not text.endswith(suffix):
+                continue
+            try:
+                addr = multiaddr.Multiaddr(text if "/p2p-circuit" in text else text[: -len(suffix)])
+            except Exception:
+                continue
+            out.append(addr)
+        return out
+
     def add_stream_handler(self, protocol_id: str, handler: StreamHandler) -> None:
         if self._running:
             raise LocalProtocolError("add_stream_handler must be called before run()", reason="misuse")
@@ -1288,7 +1377,7 @@ class P2PNode:
                 enable_circuit_breaker=False,
                 enable_graceful_degradation=False,
             ),
-            addrs_factory=self._announced if self._announce else _advertised_addrs,
+            addrs_factory=self._announced if self._announce or self._relays else _advertised_addrs,
             # Observed addresses of outbound TCP connections are ephemeral ports nobody can dial.
             disable_identify_address_discovery=True,
         )
@@ -1300,10 +1389,52 @@ class P2PNode:
         self._handshakes.install(network)
         # trap 24: one round trip per new stream, not two.
         cast(Any, host).multiselect_client = _PipelinedMultiselectClient()
+        self._install_circuit_addrs(host)
         return host
 
     def _announced(self, _candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+        # Behind a NAT (relays set) the listen addresses are private: peers learn the
+        # configured ones, if any, and our circuit addresses (_install_circuit_addrs).
         return list(self._announce)
+
+    def _install_circuit_addrs(self, host: IHost) -> None:
+        """trap 29: ``BasicHost.get_addrs`` cuts each address the addrs factory returns at its
+        first ``/p2p/`` component to append our own ID, so a circuit address
+        (``<relay>/p2p/<relay id>/p2p-circuit``) came out as the relay's own address under our
+        ID, which reaches the relay and fails its handshake. Identify, the signed peer record
+        and our adverts all read ``get_addrs``; the circuit addresses are appended after
+        that cut instead."""
+        if not self._circuit_addrs:
+            return
+        inner = host.get_addrs
+        own = f"/p2p/{self._id.to_base58()}"
+        circuits = [multiaddr.Multiaddr(f"{a}{own}") for a in self._circuit_addrs]
+
+        def get_addrs() -> list[multiaddr.Multiaddr]:
+            return [*inner(), *circuits]
+
+        host.get_addrs = get_addrs  # type: ignore[method-assign]
+
+    def _install_circuit_relay(self, host: IHost) -> CircuitV2Transport:
+        """Circuit relay v2 (docs/design.md §10.7): every node can dial a ``/p2p-circuit``
+        address; a relay serves the hop side; a node behind a NAT accepts circuits (stop).
+
+        The handlers are registered here rather than by running py-libp2p's
+        ``CircuitV2Protocol`` service, which would register them after (and over) our
+        inbound guard; nothing else in that service is needed."""
+        cfg = self._config
+        proto = CircuitV2Protocol(host, limits=_RELAY_LIMITS, allow_hop=cfg.relay_service)
+        if cfg.relay_service:
+            host.set_stream_handler(_HOP_PROTOCOL, proto._handle_hop_stream)
+        if self._relays:
+            # Only a node that asked a relay for a reservation accepts circuits.
+            host.set_stream_handler(_STOP_PROTOCOL, proto._handle_stop_stream)
+        roles = RelayRole.CLIENT
+        if cfg.relay_service:
+            roles |= RelayRole.HOP
+        if self._relays:
+            roles |= RelayRole.STOP
+        return CircuitV2Transport(host, proto, RelayConfig(roles=roles, limits=_RELAY_LIMITS))
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, join gossip and the DHT, keep bootstrap peers connected; until cancelled.
@@ -1350,7 +1481,9 @@ class P2PNode:
         # (one malformed RPC from any peer) escape and tear the whole host down.
         for gossip_protocol in gossipsub.get_protocols():
             host.set_stream_handler(gossip_protocol, self._guarded_pubsub_handler(pubsub))
-        dht = KadDHT(host, DHTMode.SERVER)
+        # Behind a NAT nobody can dial us for a lookup: a DHT client only.
+        dht = KadDHT(host, DHTMode.CLIENT if self._relays else DHTMode.SERVER)
+        self._relay_transport = self._install_circuit_relay(host)
         for topic in self._validators:
             pubsub.set_topic_validator(topic, self._libp2p_validator(topic), is_async_validator=True)
         for protocol_id, handler in self._handlers.items():
@@ -1367,6 +1500,8 @@ class P2PNode:
                 await self._serve(host, gossipsub, pubsub, dht, task_status)
         finally:
             self._host = self._pubsub = self._dht = None
+            self._relay_transport = None
+            self._reserved_on.clear()
             self._running = False
             await self._close_host(host)
 
@@ -1393,6 +1528,10 @@ class P2PNode:
                             self._host, self._pubsub, self._dht = host, pubsub, dht
                             for addr in self._config.bootstrap:
                                 nursery.start_soon(self._keep_connected, addr)
+                            for addr, relay in zip(self._config.relays, self._relays, strict=True):
+                                if addr not in self._config.bootstrap:
+                                    nursery.start_soon(self._keep_connected, addr)
+                                nursery.start_soon(self._keep_reserved, relay)
                             nursery.start_soon(self._discovery_loop)
                             nursery.start_soon(self._size_mesh, gossipsub)
                             nursery.start_soon(self._probe_round_trips, host)
@@ -1452,16 +1591,29 @@ class P2PNode:
         return info.peer_id.to_base58()
 
     async def _dial(self, info: PeerInfo) -> None:
+        """Connect to ``info.peer_id``: its direct addresses first, then, if none answers,
+        its ``/p2p-circuit`` addresses through their relays (docs/design.md §10.7).
+        libp2p's swarm dials only direct ones (a circuit address goes through the circuit
+        transport), so a peer known only by circuit addresses is dialled here."""
         host, _, _ = self._require()
         network = host.get_network()
         # trap 15: without this, a peer that failed once is refused for 60 s.
         negative_cache = getattr(network, "_negative_peer_cache", None)
         if negative_cache is not None:
             negative_cache.evict(str(info.peer_id))
+        direct = [a for a in info.addrs if not _is_circuit(a)]
+        circuits = [_circuit_to(a, info.peer_id) for a in info.addrs if _is_circuit(a)]
         try:
-            with _translate_errors(f"dial {info.peer_id}"):
-                with trio.fail_after(_DIAL_TIMEOUT_S):
-                    await host.connect(info)
+            if direct or not circuits:
+                try:
+                    with _translate_errors(f"dial {info.peer_id}"):
+                        with trio.fail_after(_DIAL_TIMEOUT_S):
+                            await host.connect(PeerInfo(info.peer_id, direct))
+                except TransportError:
+                    if not circuits:
+                        raise
+            if not network.get_connections(info.peer_id) and circuits:
+                await self._dial_circuits(info.peer_id, circuits)
             # trap 11: connect() can "succeed" while the resource manager drops the connection.
             if not network.get_connections(info.peer_id):
                 raise TransportError(f"connection to {info.peer_id} was dropped", reason="dropped")
@@ -1474,6 +1626,81 @@ class P2PNode:
             host.get_peerstore().add_addrs(
                 info.peer_id, info.addrs, max(1, round(self._config.peer_addr_ttl_s))
             )
+
+    async def _dial_circuits(self, peer: ID, circuits: list[multiaddr.Multiaddr]) -> None:
+        """Try each circuit address in turn; TransportError when none gives a connection."""
+        host, _, _ = self._require()
+        transport = self._relay_transport
+        if transport is None:
+            raise TransportError("p2p node is not running", reason="not_running")
+        last: TransportError | None = None
+        for addr in circuits:
+            try:
+                relay_addr, _ = transport.parse_circuit_ma(addr)
+                relay = info_from_p2p_addr(relay_addr)
+            except Exception:
+                last = TransportError(f"not a circuit address: {addr}", reason="bad_multiaddr")
+                continue
+            if relay.peer_id == self._id:
+                continue  # we are that relay: the peer reaches us, not we it, through ourselves
+            if relay.addrs:
+                with contextlib.suppress(Exception):
+                    host.get_peerstore().add_addrs(
+                        relay.peer_id, relay.addrs, max(1, round(self._config.peer_addr_ttl_s))
+                    )
+            try:
+                with _translate_errors(f"dial {peer} through relay {relay.peer_id}"):
+                    with trio.fail_after(_DIAL_TIMEOUT_S):
+                        await transport.dial(addr)
+            except TransportError as exc:
+                last = exc
+                continue
+            self._stats["dials_relayed"] += 1
+            return
+        raise last or TransportError(f"no relay reaches {peer}", reason="unreachable")
+
+    async def _keep_reserved(self, relay: PeerInfo) -> None:
+        """Behind a NAT: hold a reservation at ``relay`` (circuit relay v2's RESERVE), so that
+        peers can reach us through it. Reserves on every new connection to the relay (a
+        relay that restarted has forgotten us) and before the reservation runs out; the
+        connection itself is kept by _keep_connected."""
+        while True:
+            changed = self._watcher.changed
+            host = self._host
+            transport = self._relay_transport
+            if host is not None and transport is not None:
+                conns = host.get_network().get_connections(relay.peer_id)
+                conn = conns[0] if conns else None
+                expires = transport._reservations.get(relay.peer_id, 0)
+                due = expires - time.time() < _RESERVATION_MARGIN_S
+                if conn is not None and (due or self._reserved_on.get(relay.peer_id) is not conn):
+                    if await self._reserve(host, transport, relay.peer_id):
+                        self._reserved_on[relay.peer_id] = conn
+                    else:
+                        self._reserved_on.pop(relay.peer_id, None)
+            with trio.move_on_after(_RESERVATION_CHECK_S):
+                await changed.wait()
+
+    async def _reserve(self, host: IHost, transport: CircuitV2Transport, relay: ID) -> bool:
+        try:
+            with trio.fail_after(_STREAM_OPEN_TIMEOUT_S):
+                stream = await host.new_stream(relay, [_HOP_PROTOCOL])
+            try:
+                # Waits at most libp2p's STREAM_READ_TIMEOUT for the answer; logs and
+                # returns False on any failure.
+                ok = await transport._make_reservation(stream, relay)
+            finally:
+                with contextlib.suppress(Exception):
+                    await stream.close()
+        except Exception as exc:
+            log.debug("reservation at relay %s failed: %r", relay, exc)
+            ok = False
+        if ok:
+            self._stats["relay_reservations"] += 1
+            log.info("reserved a circuit slot at relay %s", relay)
+        else:
+            self._stats["relay_reservations_failed"] += 1
+        return ok
 
     def _known_addrs(self, peer: ID) -> list[multiaddr.Multiaddr]:
         """The peer store's live addresses of ``peer``; [] when it has none.
@@ -1818,6 +2045,15 @@ class P2PNode:
         """Open a framed stream to ``peer_id`` (dialling it if needed). TransportError on failure."""
         peer = _parse_peer_id(peer_id)
         host, _, _ = self._require()
+        if not self._is_connected(peer):
+            addrs = self._known_addrs(peer)
+            if not addrs or any(_is_circuit(a) for a in addrs):
+                # libp2p's own dial in new_stream would try only the peer store's direct
+                # addresses; a peer behind a NAT has only circuit ones, and may be known
+                # only from its advert.
+                addrs += [a for a in self._addrs_announced_by(peer) if a not in addrs]
+                if addrs:
+                    await self._dial(PeerInfo(peer, addrs))
         with _translate_errors(f"open {protocol_id} to {peer_id}"):
             with trio.fail_after(_STREAM_OPEN_TIMEOUT_S):
                 stream = await host.new_stream(peer, [TProtocol(protocol_id)])

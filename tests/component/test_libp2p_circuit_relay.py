@@ -2,8 +2,9 @@
 0.8.1's circuit relay v2, wired by hand, lets a peer that accepts no inbound connection be
 reached through a public relay peer.
 
-peerd does not wire this yet: this test pins what the library does, so the plan is built on a
-measured fact and a libp2p upgrade that breaks it shows here. Three hosts on 127.0.0.1: a relay
+peerd wires it in peerd/p2p.py (traps 29 and 30; tests/integration/test_relay.py runs it through
+daemons). This test pins what the library does by itself, so a libp2p upgrade that breaks it
+shows here. Three hosts on 127.0.0.1: a relay
 (hop), a "NAT'd" listener that reserves a slot at it, and a dialer that knows only the
 listener's ``/p2p-circuit`` address; an application stream crosses the circuit.
 """

@@ -63,6 +63,17 @@ def test_network_announce_replaces_what_peers_learn(tmp_path: Path) -> None:
     assert cfg.network.announce == ("/ip4/127.0.0.1/tcp/4100",)
 
 
+def test_network_relays_and_relay_service(tmp_path: Path) -> None:
+    # docs/config.md: network.relays, network.relay_service (design.md §10.7).
+    default = load_config(None, env=ROOT_ENV, uid=0).network
+    assert (default.relays, default.relay_service) == ((), False)
+    relay = "/ip4/192.0.2.7/tcp/4001/p2p/12D3KooWCfo4tYPWtKCwQv7nivvGatvrrsPGs2JunatFK5ZQQxG6"
+    cfg = load_config(
+        write(tmp_path, f'[network]\nrelays = ["{relay}"]\nrelay_service = true'), env=ROOT_ENV, uid=0
+    )
+    assert (cfg.network.relays, cfg.network.relay_service) == ((relay,), True)
+
+
 def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, ""), env=ROOT_ENV, uid=0)
     assert dataclasses.replace(cfg, source=None) == load_config(None, env=ROOT_ENV, uid=0)
@@ -183,6 +194,11 @@ def test_config_is_frozen() -> None:
             '[network]\nbootstrap = ["/ip4/192.0.2.1/tcp/4001"]',
             'network.bootstrap[0]: expected a multiaddr ending in "/p2p/',
         ),
+        (
+            '[network]\nrelays = ["/ip4/192.0.2.1/tcp/4001"]',
+            'network.relays[0]: expected a multiaddr ending in "/p2p/',
+        ),
+        ("[network]\nrelay_service = 1", "network.relay_service: expected true or false, got 1"),
         (
             "[network]\nmax_msgs_per_origin_per_s = 0",
             "network.max_msgs_per_origin_per_s: expected a positive finite",

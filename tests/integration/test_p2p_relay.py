@@ -1,0 +1,107 @@
+"""Circuit relay v2 through peerd.p2p (docs/design.md §10.7 "Reachability"): a node behind a
+NAT, here one that listens on no address at all, is reached through a relay peer.
+
+Real P2PNodes on 127.0.0.1 in one trio run. The NAT'd node ``n`` has no listener, so every
+connection to it is one it dialled or a circuit through the relay ``r``. The dialer ``d`` knows
+``n`` only by the circuit address ``n`` announces. Every wait is a bounded loop.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from peerd.p2p import P2PConfig, P2PNode
+from peerd.streams import FrameStream
+from protocol.errors import TransportError
+from tests.integration.test_p2p import ECHO, echo, eventually, running
+
+pytestmark = pytest.mark.slow
+
+
+def node(**config: object) -> P2PNode:
+    return P2PNode(os.urandom(32), P2PConfig(**config))  # type: ignore[arg-type]
+
+
+async def round_trip(stream: FrameStream, payload: bytes) -> bytes:
+    await stream.send(payload)
+    return await stream.receive()
+
+
+async def test_a_node_with_no_listener_is_reached_through_its_relay() -> None:
+    relay = node(relay_service=True)
+    async with running(relay) as nursery:
+        relay_addr = relay.listen_addrs()[0]
+        natted = node(listen=(), relays=(relay_addr,))
+        natted.add_stream_handler(ECHO, echo)
+        dialer = node()
+        await nursery.start(natted.run)
+        await nursery.start(dialer.run)
+        await eventually(lambda: natted.stats()["relay_reservations"] >= 1, "a reservation at the relay")
+        # It announces only its circuit address through the relay: the one way in.
+        (circuit,) = natted.listen_addrs()
+        assert circuit == f"{relay_addr}/p2p-circuit/p2p/{natted.peer_id}"
+
+        assert await dialer.connect(circuit) == natted.peer_id
+        assert dialer.stats()["dials_relayed"] == 1
+        stream = await dialer.open_stream(natted.peer_id, ECHO)
+        assert await round_trip(stream, b"through the relay") == b"yaler eht hguorht"
+        await stream.aclose()
+
+        # The connection goes; the dialer opens a stream again, with only the circuit address
+        # in its peer store (libp2p's own dial would try none of it).
+        host = dialer._host
+        assert host is not None
+        (peer,) = [p for p in host.get_connected_peers() if p.to_base58() == natted.peer_id]
+        await host.disconnect(peer)
+        await eventually(lambda: natted.peer_id not in dialer.connected_peers(), "the circuit closed")
+        stream = await dialer.open_stream(natted.peer_id, ECHO)
+        assert await round_trip(stream, b"again") == b"niaga"
+        await stream.aclose()
+        assert dialer.stats()["dials_relayed"] == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_without_a_reservation_cannot_be_reached_through_the_relay() -> None:
+    relay, other, dialer = node(relay_service=True), node(), node()
+    async with running(relay, other, dialer):
+        # ``other`` is connected to the relay but never reserved: the relay refuses the circuit.
+        await other.connect(relay.listen_addrs()[0])
+        circuit = f"{relay.listen_addrs()[0]}/p2p-circuit/p2p/{other.peer_id}"
+        with pytest.raises(TransportError):
+            await dialer.connect(circuit)
+        assert dialer.stats()["dials_relayed"] == 0
+        assert other.peer_id not in dialer.connected_peers()
+
+
+async def test_a_node_that_serves_no_relay_refuses_circuits() -> None:
+    not_a_relay = node()
+    async with running(not_a_relay) as nursery:
+        natted = node(listen=(), relays=(not_a_relay.listen_addrs()[0],))
+        await nursery.start(natted.run)
+        await eventually(lambda: natted.stats()["relay_reservations_failed"] >= 1, "the reservation refused")
+        assert natted.stats()["relay_reservations"] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_libp2p_knows_no_way_to_is_dialled_at_the_addresses_it_announced() -> None:
+    a, b, c = node(), node(), node()
+    a.add_stream_handler(ECHO, echo)
+    book: dict[str, list[str]] = {}
+    b.set_address_book(lambda peer: book.get(peer, ()))
+    async with running(a, b, c):
+        # Never connected and not in b's peer store: libp2p alone has nothing to dial.
+        with pytest.raises(TransportError):
+            await b.open_stream(a.peer_id, ECHO)
+        # An entry that names another peer's ID is not a's to give: ignored.
+        book[a.peer_id] = c.listen_addrs()
+        with pytest.raises(TransportError):
+            await b.open_stream(a.peer_id, ECHO)
+        assert b.stats()["dials_ok"] == 0
+        book[a.peer_id] = c.listen_addrs() + a.listen_addrs()
+        stream = await b.open_stream(a.peer_id, ECHO)
+        assert await round_trip(stream, b"booked") == b"dekoob"
+        await stream.aclose()
+        assert b.stats()["dials_ok"] == 1
+        assert c.peer_id not in b.connected_peers()
