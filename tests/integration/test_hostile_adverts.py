@@ -156,9 +156,21 @@ BAD_ADVERTS: list[tuple[str, Builder, str]] = [
     ("capacity-beyond-its-hardware", lambda e, n: seal(e.seed, advert(c0=1e5)), "implausible_c0"),
     (
         "gpu-beyond-its-rated-peak",
-        lambda e, n: seal(e.seed, advert(gpus=[{"index": 0, "model": "NVIDIA H100 80GB HBM3",
-                                                 "vram_total_mb": 81_559, "vram_free_mb": 81_000,
-                                                 "util_pct": 0.0, "gflops": 500_000.0}])),
+        lambda e, n: seal(
+            e.seed,
+            advert(
+                gpus=[
+                    {
+                        "index": 0,
+                        "model": "NVIDIA H100 80GB HBM3",
+                        "vram_total_mb": 81_559,
+                        "vram_free_mb": 81_000,
+                        "util_pct": 0.0,
+                        "gflops": 500_000.0,
+                    }
+                ]
+            ),
+        ),
         "implausible_c0",
     ),
     (
@@ -375,6 +387,7 @@ SERVED_PROTOCOLS = (
     "/peerd/result/2.0.0",
     "/peerd/blob/2.0.0",
     "/meshsub/1.1.0",
+    "/libp2p/circuit/relay/0.2.0/hop",  # the victim is a relay (network.relay_service)
 )
 GARBAGE = (
     b"\x05\xff\xff\xff\xff\xff",  # a varint length, then 5 bytes that are no protobuf
@@ -385,7 +398,7 @@ GARBAGE = (
 
 async def test_garbage_on_every_protocol_the_daemon_serves(devnet: Any) -> None:
     # Its own devnet: before the fix a single corrupt pubsub RPC took the whole daemon down.
-    small: TestNet = devnet(2)
+    small: TestNet = devnet(2, {"network": {"relay_service": True}})
     victim = 1
     assert small.wait_peers(2, timeout=30)
     async with HostilePeer.joined(small, victim) as evil:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import trio
 
 from peerd.p2p import P2PConfig, P2PNode
 from peerd.streams import FrameStream
 from protocol.errors import TransportError
-from tests.integration.test_p2p import ECHO, echo, eventually, running
+from tests.integration.test_p2p import ECHO, echo, eventually, free_port, running
 
 pytestmark = pytest.mark.slow
 
@@ -105,3 +106,55 @@ async def test_a_peer_libp2p_knows_no_way_to_is_dialled_at_the_addresses_it_anno
         await stream.aclose()
         assert b.stats()["dials_ok"] == 1
         assert c.peer_id not in b.connected_peers()
+
+
+async def test_garbage_on_the_stop_protocol_leaves_a_natted_node_reachable() -> None:
+    relay = node(relay_service=True)
+    async with running(relay) as nursery:
+        natted = node(listen=(), relays=(relay.listen_addrs()[0],))
+        natted.add_stream_handler(ECHO, echo)
+        evil, dialer = node(), node()
+        for n in (natted, evil, dialer):
+            await nursery.start(n.run)
+        await eventually(lambda: natted.stats()["relay_reservations"] >= 1, "a reservation at the relay")
+        # A peer the NAT'd node is connected to (it dialled out) sends junk where a relay's
+        # circuit would start: it must neither crash the node nor open a connection.
+        await natted.connect(evil.listen_addrs()[0])
+        for junk in (b"\x05\xff\xff\xff\xff\xff", b"\x80" * 10 + b"\x01", os.urandom(300)):
+            try:
+                stream = await evil.open_stream(natted.peer_id, "/libp2p/circuit/relay/0.2.0/stop")
+                await stream.send(junk)
+                await stream.aclose()
+            except TransportError:
+                pass  # reset at once is fine; that the node lives on is the point
+        (circuit,) = natted.listen_addrs()
+        await dialer.connect(circuit)
+        stream = await dialer.open_stream(natted.peer_id, ECHO)
+        assert await round_trip(stream, b"still here") == b"ereh llits"
+        await stream.aclose()
+        assert set(natted.connected_peers()) == {relay.peer_id, evil.peer_id, dialer.peer_id}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_natted_node_reserves_again_at_a_relay_that_restarted() -> None:
+    # A relay that restarts has forgotten every reservation; the NAT'd node notices the new
+    # connection (its bootstrap-style redial) and reserves again, so it is reachable again.
+    seed, listen = os.urandom(32), (f"/ip4/127.0.0.1/tcp/{free_port()}",)
+    first = P2PNode(seed, P2PConfig(listen=listen, relay_service=True))
+    async with trio.open_nursery() as outer:
+        async with running(first):
+            relay_addr = first.listen_addrs()[0]
+            natted = node(listen=(), relays=(relay_addr,), dial_backoff_max_s=1.0)
+            natted.add_stream_handler(ECHO, echo)
+            await outer.start(natted.run)
+            await eventually(lambda: natted.stats()["relay_reservations"] == 1, "the first reservation")
+        await eventually(lambda: first.peer_id not in natted.connected_peers(), "the relay gone")
+        again = P2PNode(seed, P2PConfig(listen=listen, relay_service=True))
+        dialer = node()
+        async with running(again, dialer):
+            await eventually(lambda: natted.stats()["relay_reservations"] == 2, "a reservation again")
+            await dialer.connect(natted.listen_addrs()[0])
+            stream = await dialer.open_stream(natted.peer_id, ECHO)
+            assert await round_trip(stream, b"back") == b"kcab"
+            await stream.aclose()
+        outer.cancel_scope.cancel()
