@@ -19,7 +19,7 @@ from typing import Any
 
 from scripts.benchmarks.common import ROOT, AreaResult, Check, log, machine_info
 
-AREAS = ("adverts", "tasks", "blobs", "worker", "training", "flower", "sim", "trust", "wan")
+AREAS = ("adverts", "tasks", "blobs", "worker", "training", "flower", "sim", "trust", "wan", "relay")
 DOC = ROOT / "docs" / "benchmarks.md"
 LATEST = "<!-- bench:latest -->"
 HISTORY = "<!-- bench:history -->"

@@ -194,23 +194,35 @@ def devnet(
     keep: bool = False,
     peers_timeout: float = 90.0,
     wan: Any = None,
+    natted: Sequence[int] = (),
 ) -> Iterator[Any]:
     """N daemons on loopback (peerd.devnet), every peer table full before yielding; always torn
     down. Its directory (configs, logs, stores) is removed afterwards unless ``keep`` or
-    ``PEERD_BENCH_KEEP=1``, or the run failed: a failed run's logs are what explains it."""
+    ``PEERD_BENCH_KEEP=1``, or the run failed: a failed run's logs are what explains it.
+
+    ``natted``: nodes that stand for machines behind NATs (docs/design.md §10.7): they listen on
+    no address and are reached through node 0, which then serves as a circuit relay."""
     from peerd.devnet import Devnet
 
     d = bench_dir(name)
     net = Devnet(d)
     keep = keep or os.environ.get("PEERD_BENCH_KEEP") == "1"
     try:
-        if per_node:
+        if per_node or natted:
             # Devnet.up() gives every node the same overrides; start them by hand instead.
             net.configure(n, overrides, wan)
             if wan is not None:  # an emulated WAN (peerd/wanlink.py) runs before the daemons
                 net.start_wan()
-            for i, extra in per_node.items():
+            for i, extra in (per_node or {}).items():
                 _override_node(net.node_dir(i) / "peerd.toml", extra)
+            if natted:
+                _override_node(net.node_dir(0) / "peerd.toml", {"network": {"relay_service": True}})
+            for i in natted:
+                import tomllib
+
+                path = net.node_dir(i) / "peerd.toml"
+                relay = tomllib.loads(path.read_text())["network"]["bootstrap"]  # node 0
+                _override_node(path, {"network": {"listen": [], "announce": [], "relays": relay}})
             net.start(0)
             net.wait_ready(0)
             for i in range(1, n):
