@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from peerd.rpc.client import RpcClient
 from scripts.benchmarks.common import AreaResult, Check, Table, devnet, loadavg, log, pct
 from scripts.benchmarks.tasks import echo_spec
@@ -60,6 +62,11 @@ def _measure(net: Any, count: int, size_mb: int, rounds: int) -> dict[str, Any]:
         _run_task(net, spec)  # warm-up: connections, workers parked
     lat = [_run_task(net, spec)[0] * 1000 for _ in range(count)]
     rates = []
+    pids = [net.pid(i) for i in range(3)]
+    if None in pids:
+        raise RuntimeError(f"a daemon of the devnet is not running: {pids}")
+    procs = [psutil.Process(pid) for pid in pids]
+    cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
     with tempfile.TemporaryDirectory(prefix="pb-relay-") as d:
         src = Path(d) / "input.bin"
         src.write_bytes(os.urandom(size_mb << 20))
@@ -70,8 +77,17 @@ def _measure(net: Any, count: int, size_mb: int, rounds: int) -> dict[str, Any]:
                 f.write(bytes([(i * 37 + 1) % 256]))
             with_input = _award_to_done(_run_task(net, {**spec, "inputs": {"data": str(src)}})[1])
             rates.append((size_mb << 20) / max(1e-6, with_input - base) / MB)
+    # Each daemon's own CPU (not its workers') over the fetches, per MB moved: where the time
+    # of a relayed byte goes (the echo tasks around them cost a few ms each).
+    moved = rounds * (size_mb << 20) / MB
+    cpu_ms_per_mb = [(sum(p.cpu_times()[:2]) - c) * 1000 / moved for p, c in zip(procs, cpu0, strict=True)]
     counters = [RpcClient(net.socket(i)).call("node.info", {})["counters"] for i in (1, 2)]
-    return {"lat": lat, "rates": rates, "relayed_dials": sum(c.get("p2p.dials_relayed", 0) for c in counters)}
+    return {
+        "lat": lat,
+        "rates": rates,
+        "cpu": cpu_ms_per_mb,
+        "relayed_dials": sum(c.get("p2p.dials_relayed", 0) for c in counters),
+    }
 
 
 def run(quick: bool = False) -> AreaResult:
@@ -83,7 +99,16 @@ def run(quick: bool = False) -> AreaResult:
         f"Node 1 → node 2 on loopback, directly and through node 0 as a circuit relay: no-op (echo) "
         f"submit → result ({count} sequential tasks, bid window 100 ms; ms) and a {size_mb} MiB task "
         f"input fetched by node 2 from node 1 (median of {rounds}; MB/s = 10^6 B/s)",
-        ["path", "echo p50", "echo p90", "input MB/s", "input MB/s, best", "relayed dials", "load avg"],
+        [
+            "path",
+            "echo p50",
+            "echo p90",
+            "input MB/s",
+            "input MB/s, best",
+            "CPU ms per MB: node 0 / 1 / 2",
+            "relayed dials",
+            "load avg",
+        ],
     )
     out: dict[str, dict[str, Any]] = {}
     for label in ("direct", "through a relay"):
@@ -105,6 +130,7 @@ def run(quick: bool = False) -> AreaResult:
             pct(m["lat"], 90),
             rates[len(rates) // 2],
             rates[-1],
+            " / ".join(f"{c:.1f}" for c in m["cpu"]),
             m["relayed_dials"],
             f"{l0:.1f}-{loadavg():.1f}",
         )
@@ -129,7 +155,8 @@ def run(quick: bool = False) -> AreaResult:
     res.notes.append(
         "Relayed: nodes 1 and 2 listen on no address and know each other only by their adverts' "
         "circuit addresses through node 0 (design.md §10.7); 'relayed dials' counts the circuits "
-        "they opened (p2p.dials_relayed). Each devnet runs alone; the load column says how busy "
-        "the machine was."
+        "they opened (p2p.dials_relayed). CPU: each daemon's own process over the input fetches "
+        "(node 1 serves, node 2 fetches, node 0 relays). Each devnet runs alone; the load column "
+        "says how busy the machine was."
     )
     return res
