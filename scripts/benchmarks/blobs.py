@@ -188,13 +188,14 @@ def _through_daemons(size_mb: int, rounds: int) -> list[float]:
         ) as net:
             time.sleep(2.0)
             _award_to_done(net, echo_spec())  # warm-up
-            for i in range(rounds):
+            for _ in range(rounds):
                 base = _award_to_done(net, echo_spec())
-                # A distinct blob each time (one byte changed), or node 1 would already hold it.
-                with open(src, "r+b") as f:
-                    f.seek(i)
-                    f.write(bytes([(i * 37 + 1) % 256]))
+                # A distinct blob each time, or node 1 would already hold it. (Changing one byte
+                # to a fixed value left the blob as it was when the byte already had that value.)
+                src.write_bytes(os.urandom(size_mb << 20))
                 with_input = _award_to_done(net, {**echo_spec(), "inputs": {"data": str(src)}})
+                if with_input <= base:
+                    raise RuntimeError(f"with the input {with_input:.3f} s, without {base:.3f} s")
                 rates.append((size_mb << 20) / (with_input - base) / MB)
     return rates
 
