@@ -142,12 +142,16 @@ class Node:
         give_up: Callable[[str, ProtocolError], bool] | None = None,
     ) -> Path:
         """The local copy, or the blob fetched from the first of ``peers`` that serves it
-        (:func:`peerd.blobxfer.fetch_from_any`; ourselves and repeats are skipped)."""
+        (:func:`peerd.blobxfer.fetch_from_any`; ourselves and repeats are skipped, and peers
+        reached only through a relay are tried last)."""
         from peerd import blobxfer
 
         if self.blobs.has(digest):
             return self.blobs.path(digest)
         order = [p for p in dict.fromkeys(peers) if p != self.peer_id]
+        # Peers reached only through a relay last (stable otherwise): a blob from any other
+        # holder spares the relay's bandwidth and costs a third of the CPU (design.md §10.7).
+        order.sort(key=self.p2p.relayed)
 
         async def one(peer: str) -> Path:
             return await self.fetch_blob(peer, digest, max_bytes=max_bytes)

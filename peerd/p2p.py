@@ -506,6 +506,15 @@ def _is_circuit(addr: multiaddr.Multiaddr) -> bool:
     return "/p2p-circuit" in str(addr)
 
 
+def _conn_is_relayed(conn: INetConn) -> bool:
+    # Both ends tag a circuit connection with its /p2p-circuit address (the dialler's circuit
+    # transport, the listener's stop handler).
+    try:
+        return any(_is_circuit(a) for a in conn.get_transport_addresses())
+    except Exception:
+        return False
+
+
 def _circuit_to(addr: multiaddr.Multiaddr, peer: ID) -> multiaddr.Multiaddr:
     """``addr`` ending in ``/p2p/<peer>``: what the circuit transport dials. The peer store
     files a peer's addresses without it."""
@@ -1225,6 +1234,24 @@ class P2PNode:
         if self._host is None:
             return []
         return sorted(p.to_base58() for p in self._host.get_connected_peers())
+
+    def relayed(self, peer_id: str) -> bool:
+        """Whether our only way to ``peer_id`` is through a relay (docs/design.md §10.7): every
+        connection to it is a circuit, or there is none and every address we know for it is a
+        circuit address. Bulk data is better fetched from a peer that is not: a relayed byte
+        costs the relay's bandwidth and ~2.7 x the CPU of a direct one (benchmarks.md)."""
+        host = self._host
+        if host is None:
+            return False
+        try:
+            peer = ID.from_base58(peer_id)
+        except Exception:
+            return False
+        conns = host.get_network().get_connections(peer)
+        if conns:
+            return all(_conn_is_relayed(c) for c in conns)
+        addrs = self._known_addrs(peer) or self._addrs_announced_by(peer)
+        return bool(addrs) and all(_is_circuit(a) for a in addrs)
 
     def round_trip_s(self, peer_id: str) -> float | None:
         """The round trip to a connected peer, in seconds, or None while not connected or not

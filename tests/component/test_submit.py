@@ -44,6 +44,9 @@ class _P2P:
     def round_trip_s(self, peer_id: str) -> float | None:
         return self.rtts.get(peer_id)
 
+    def relayed(self, peer_id: str) -> bool:
+        return False  # every peer reached directly
+
     async def publish(self, topic: str, raw: bytes) -> None:
         self.published.append(raw)
 

@@ -53,6 +53,9 @@ class FakeP2P:
     def round_trip_s(self, peer_id: str) -> float | None:
         return None  # not measured: the configured bid window stands
 
+    def relayed(self, peer_id: str) -> bool:
+        return False  # every peer reached directly
+
     def add_validator(self, topic: str, fn: Any) -> None:
         self.validators[topic] = fn
 

@@ -44,8 +44,15 @@ async def test_a_node_with_no_listener_is_reached_through_its_relay() -> None:
         (circuit,) = natted.listen_addrs()
         assert circuit == f"{relay_addr}/p2p-circuit/p2p/{natted.peer_id}"
 
+        # Known only by its circuit address (through the dialer's address book), before any
+        # connection: relayed.
+        dialer.set_address_book(lambda peer: [circuit] if peer == natted.peer_id else ())
+        assert dialer.relayed(natted.peer_id)
         assert await dialer.connect(circuit) == natted.peer_id
         assert dialer.stats()["dials_relayed"] == 1
+        # Both ends see a circuit connection; the relay is reached directly.
+        assert dialer.relayed(natted.peer_id) and natted.relayed(dialer.peer_id)
+        assert not dialer.relayed(relay.peer_id) and not natted.relayed(relay.peer_id)
         stream = await dialer.open_stream(natted.peer_id, ECHO)
         assert await round_trip(stream, b"through the relay") == b"yaler eht hguorht"
         await stream.aclose()

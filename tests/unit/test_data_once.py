@@ -16,12 +16,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pytest
 import trio
 
 from peerd.blobs import BlobStore
 from peerd.executor.pool import content_id
 from peerd.node import Node
 from peerd.submitter import NEAR_RTT_S, _split_npz, split_compressed
+from protocol.errors import TransportError
 
 
 class _NoNetwork:
@@ -95,3 +97,30 @@ def test_parts_are_deflated_unless_every_peer_that_may_fetch_one_is_measured_and
     assert split_compressed([near, far])  # one far peer: its part is worth deflating
     assert split_compressed([near, None])  # not measured yet: as before, deflate
     assert split_compressed([])  # nobody known besides us: as before
+
+
+class _Relays:
+    """A p2p layer where some peers are reachable only through a relay; fetches are recorded."""
+
+    def __init__(self, relayed: set[str]) -> None:
+        self._relayed = relayed
+        self.tried: list[str] = []
+
+    def relayed(self, peer_id: str) -> bool:
+        return peer_id in self._relayed
+
+
+def test_holders_reached_only_through_a_relay_are_tried_last(tmp_path: Path) -> None:
+    # design.md §10.7: a blob from a direct holder spares the relay. Otherwise the caller's
+    # order stands (committee members first, etc.).
+    store = BlobStore(tmp_path / "blobs", max_blob_bytes=1 << 20)
+    net = _Relays({"r1", "r2"})
+
+    async def fetch_blob(peer: str, digest: str, *, max_bytes: int | None = None) -> Path:
+        net.tried.append(peer)
+        raise TransportError("not here", reason="not_found")
+
+    node = SimpleNamespace(blobs=store, p2p=net, peer_id="me", config=None, fetch_blob=fetch_blob)
+    with pytest.raises(TransportError):
+        trio.run(lambda: Node.fetch_from_any(node, "ab" * 32, ["r1", "d1", "me", "r2", "d2", "d1"]))  # type: ignore[arg-type]
+    assert net.tried == ["d1", "d2", "r1", "r2"]
