@@ -1161,16 +1161,19 @@ class P2PNode:
         for addr in config.bootstrap:
             _parse_p2p_addr(addr)  # fail at construction, not in a background task
         self._announce = [_parse_multiaddr(a) for a in config.announce]
-        self._relays = [_parse_p2p_addr(a) for a in config.relays]
+        self._key_pair: KeyPair = create_new_key_pair(bytes(seed))
+        self._id = ID.from_pubkey(self._key_pair.public_key)
+        # A fleet's shared config may name the relay itself among its relays: skipped there.
+        relays = [(a, _parse_p2p_addr(a)) for a in config.relays]
+        self._relay_addrs = [a for a, info in relays if info.peer_id != self._id]
+        self._relays = [info for _, info in relays if info.peer_id != self._id]
         # What we announce through each relay: <relay addr>/p2p/<relay id>/p2p-circuit
         # (libp2p appends /p2p/<our id>).
-        self._circuit_addrs = [multiaddr.Multiaddr(f"{a}/p2p-circuit") for a in config.relays]
+        self._circuit_addrs = [multiaddr.Multiaddr(f"{a}/p2p-circuit") for a in self._relay_addrs]
         #: Relay peer ID -> the connection our reservation there was made on (see _keep_reserved).
         self._reserved_on: dict[ID, Any] = {}
         self._relay_transport: CircuitV2Transport | None = None
         self._address_book: Callable[[str], Sequence[str]] = lambda _peer: ()
-        self._key_pair: KeyPair = create_new_key_pair(bytes(seed))
-        self._id = ID.from_pubkey(self._key_pair.public_key)
         self._max_gossip = min(config.max_gossip_bytes, _LIBP2P_MAX_GOSSIP)
         self._validators: dict[str, Validator] = {}
         self._handlers: dict[str, StreamHandler] = {}
@@ -1555,7 +1558,7 @@ class P2PNode:
                             self._host, self._pubsub, self._dht = host, pubsub, dht
                             for addr in self._config.bootstrap:
                                 nursery.start_soon(self._keep_connected, addr)
-                            for addr, relay in zip(self._config.relays, self._relays, strict=True):
+                            for addr, relay in zip(self._relay_addrs, self._relays, strict=True):
                                 if addr not in self._config.bootstrap:
                                     nursery.start_soon(self._keep_connected, addr)
                                 nursery.start_soon(self._keep_reserved, relay)

@@ -165,3 +165,18 @@ async def test_a_natted_node_reserves_again_at_a_relay_that_restarted() -> None:
             assert await round_trip(stream, b"back") == b"kcab"
             await stream.aclose()
         outer.cancel_scope.cancel()
+
+
+async def test_a_relay_that_finds_itself_among_its_relays_skips_itself() -> None:
+    # One config shared by a fleet may list the relay among the relays of every node.
+    listen = f"/ip4/127.0.0.1/tcp/{free_port()}"
+    seed = os.urandom(32)
+    own = f"{listen}/p2p/{P2PNode(seed, P2PConfig()).peer_id}"
+    relay = P2PNode(seed, P2PConfig(listen=(listen,), relay_service=True, relays=(own,)))
+    async with running(relay) as nursery:
+        assert relay.listen_addrs() == [own]  # no circuit address through itself
+        natted = node(listen=(), relays=(own,))
+        await nursery.start(natted.run)
+        await eventually(lambda: natted.stats()["relay_reservations"] >= 1, "a reservation at the relay")
+        assert relay.stats()["relay_reservations"] == 0
+        nursery.cancel_scope.cancel()
