@@ -125,6 +125,7 @@ import multiaddr
 import trio
 from libp2p import new_host
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.connection_types import ConnectionType
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
@@ -507,10 +508,12 @@ def _is_circuit(addr: multiaddr.Multiaddr) -> bool:
 
 
 def _conn_is_relayed(conn: INetConn) -> bool:
-    # Both ends tag a circuit connection with its /p2p-circuit address (the dialler's circuit
-    # transport, the listener's stop handler).
+    # Both ends mark a circuit connection RELAYED (the dialler's circuit transport, the
+    # listener's stop handler). Not its transport addresses: for a connection whose own were
+    # never set, libp2p answers with the peer store's, which for a NAT'd peer that dialled us
+    # directly are its circuit addresses.
     try:
-        return any(_is_circuit(a) for a in conn.get_transport_addresses())
+        return bool(conn.get_connection_type() == ConnectionType.RELAYED)
     except Exception:
         return False
 

@@ -127,6 +127,19 @@ async def test_garbage_on_the_stop_protocol_leaves_a_natted_node_reachable() -> 
         # A peer the NAT'd node is connected to (it dialled out) sends junk where a relay's
         # circuit would start: it must neither crash the node nor open a connection.
         await natted.connect(evil.listen_addrs()[0])
+        # It dialled out: a direct connection, even once identify has filed the circuit
+        # addresses it announces in evil's peer store.
+        host = evil._host
+        assert host is not None
+        (peer,) = [p for p in host.get_connected_peers() if p.to_base58() == natted.peer_id]
+        def filed() -> bool:
+            try:
+                return any("/p2p-circuit" in str(a) for a in host.get_peerstore().addrs(peer))
+            except Exception:  # PeerStoreError: no address filed yet
+                return False
+
+        await eventually(filed, "evil's peer store holds the NAT'd node's circuit address")
+        assert not evil.relayed(natted.peer_id) and not natted.relayed(evil.peer_id)
         for junk in (b"\x05\xff\xff\xff\xff\xff", b"\x80" * 10 + b"\x01", os.urandom(300)):
             try:
                 stream = await evil.open_stream(natted.peer_id, "/libp2p/circuit/relay/0.2.0/stop")
