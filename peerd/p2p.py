@@ -285,6 +285,9 @@ _RELAY_LIMITS = RelayLimits(
 #: restarted has forgotten it). Checked at least this often:
 _RESERVATION_MARGIN_S = 600.0
 _RESERVATION_CHECK_S = 30.0
+#: Reservations a relay grants to peers connected from one source (IPv4 /32, IPv6 /64):
+#: identities are free, so without it one machine could take all 128 (issue 11's rule).
+_RELAY_RESERVATIONS_PER_SOURCE = 8
 
 
 @dataclass(frozen=True)
@@ -774,9 +777,27 @@ def _source_key(raw_conn: Any) -> str | None:
     usual allocation, so rotating addresses inside it does not help)."""
     try:
         remote = raw_conn.get_remote_address()
-        ip = ipaddress.ip_address(remote[0])
+        return _source_of_ip(remote[0])
     except Exception:
         return None
+
+
+def _source_of_conn(conn: INetConn) -> str | None:
+    """:func:`_source_key` for an established, direct connection; None for a circuit."""
+    if _conn_is_relayed(conn):
+        return None
+    try:
+        for addr in conn.get_transport_addresses():
+            for proto in ("ip4", "ip6"):
+                with contextlib.suppress(Exception):
+                    return _source_of_ip(addr.value_for_protocol(proto))
+    except Exception:
+        pass
+    return None
+
+
+def _source_of_ip(text: str) -> str:
+    ip = ipaddress.ip_address(text)
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)
@@ -1207,6 +1228,7 @@ class P2PNode:
                 "dials_relayed",
                 "relay_reservations",
                 "relay_reservations_failed",
+                "relay_reservations_refused",
             ),
             0,
         )
@@ -1458,6 +1480,7 @@ class P2PNode:
         cfg = self._config
         proto = CircuitV2Protocol(host, limits=_RELAY_LIMITS, allow_hop=cfg.relay_service)
         if cfg.relay_service:
+            self._cap_reservations_per_source(host, proto)
             host.set_stream_handler(_HOP_PROTOCOL, proto._handle_hop_stream)
         if self._relays:
             # Only a node that asked a relay for a reservation accepts circuits.
@@ -1468,6 +1491,41 @@ class P2PNode:
         if self._relays:
             roles |= RelayRole.STOP
         return CircuitV2Transport(host, proto, RelayConfig(roles=roles, limits=_RELAY_LIMITS))
+
+    def _cap_reservations_per_source(self, host: IHost, proto: CircuitV2Protocol) -> None:
+        """A relay grants at most _RELAY_RESERVATIONS_PER_SOURCE reservations to peers
+        connected from one source address; a new one beyond that is refused (RESOURCE_LIMIT)
+        and counted (``relay_reservations_refused``), a refresh never is. A peer whose source
+        cannot be told is refused: fail closed."""
+        manager = proto.resource_manager
+        inner = manager.can_accept_reservation
+        stats = self._stats
+
+        def source_of(peer: ID) -> str | None:
+            for conn in host.get_network().get_connections(peer):
+                source = _source_of_conn(conn)
+                if source is not None:
+                    return source
+            return None
+
+        def can_accept_reservation(peer_id: ID) -> bool:
+            if not inner(peer_id):
+                return False
+            held = manager._reservations.get(peer_id)
+            if held is not None and not held.is_expired():
+                return True  # a refresh
+            source = source_of(peer_id)
+            same = sum(
+                1
+                for peer, r in list(manager._reservations.items())
+                if not r.is_expired() and source is not None and source_of(peer) == source
+            )
+            if source is None or same >= _RELAY_RESERVATIONS_PER_SOURCE:
+                stats["relay_reservations_refused"] += 1
+                return False
+            return True
+
+        manager.can_accept_reservation = can_accept_reservation  # type: ignore[method-assign]
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, join gossip and the DHT, keep bootstrap peers connected; until cancelled.

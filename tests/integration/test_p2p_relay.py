@@ -13,6 +13,7 @@ import os
 import pytest
 import trio
 
+from peerd import p2p
 from peerd.p2p import P2PConfig, P2PNode
 from peerd.streams import FrameStream
 from protocol.errors import TransportError
@@ -132,6 +133,7 @@ async def test_garbage_on_the_stop_protocol_leaves_a_natted_node_reachable() -> 
         host = evil._host
         assert host is not None
         (peer,) = [p for p in host.get_connected_peers() if p.to_base58() == natted.peer_id]
+
         def filed() -> bool:
             try:
                 return any("/p2p-circuit" in str(a) for a in host.get_peerstore().addrs(peer))
@@ -192,4 +194,30 @@ async def test_a_relay_that_finds_itself_among_its_relays_skips_itself() -> None
         await nursery.start(natted.run)
         await eventually(lambda: natted.stats()["relay_reservations"] >= 1, "a reservation at the relay")
         assert relay.stats()["relay_reservations"] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_relay_caps_reservations_per_source_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Identities are free: one machine (here 127.0.0.1) gets at most the cap, not all 128.
+    monkeypatch.setattr(p2p, "_RELAY_RESERVATIONS_PER_SOURCE", 2)
+    relay = node(relay_service=True)
+    async with running(relay) as nursery:
+        nodes = [node(listen=(), relays=(relay.listen_addrs()[0],)) for _ in range(3)]
+        for n in nodes:
+            await nursery.start(n.run)
+        await eventually(
+            lambda: (
+                sum(n.stats()["relay_reservations"] + n.stats()["relay_reservations_failed"] for n in nodes)
+                >= 3
+            ),
+            "every node asked for a reservation",
+        )
+        assert sorted(n.stats()["relay_reservations"] for n in nodes) == [0, 1, 1]
+        assert relay.stats()["relay_reservations_refused"] >= 1
+        # A refresh of a reservation held is never refused.
+        (holder, *_) = [n for n in nodes if n.stats()["relay_reservations"] == 1]
+        host, transport = holder._host, holder._relay_transport
+        assert host is not None and transport is not None
+        (relay_peer,) = [p for p in host.get_connected_peers() if p.to_base58() == relay.peer_id]
+        assert await holder._reserve(host, transport, relay_peer)
         nursery.cancel_scope.cancel()
