@@ -121,6 +121,9 @@ class OfferConfig:
     #: Keras 3's backend in this peer's workers: "tensorflow" or "jax" (the ``[jax]`` extra).
     #: Weights are plain arrays, so peers of either backend train the same rounds (docs/config.md).
     keras_backend: str = "tensorflow"
+    #: With Keras on JAX: the bound of the node's persistent XLA compilation cache, shared by
+    #: its keras workers (0: none). docs/config.md.
+    jax_cache_mb: int = 256
 
 
 @dataclass(frozen=True)
@@ -527,6 +530,7 @@ def _build(raw: dict[str, Any], *, source: Path | None, env: Mapping[str, str], 
         accept_kinds=s.get("accept_kinds", list_of(one_of(*KNOWN_TASK_KINDS)), KNOWN_TASK_KINDS),
         draining=s.get("draining", boolean, False),
         keras_backend=s.get("keras_backend", one_of(*KERAS_BACKENDS), OfferConfig.keras_backend),
+        jax_cache_mb=s.get("jax_cache_mb", non_negative_int, OfferConfig.jax_cache_mb),
     )
     if offer.keras_backend == "jax" and importlib.util.find_spec("jax") is None:
         s.problem("keras_backend", "JAX is not installed here: pip install 'peerd[jax]'")

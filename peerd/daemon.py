@@ -19,6 +19,7 @@ import os
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
+import importlib.util
 import logging
 import signal
 import sys
@@ -67,6 +68,21 @@ def make_offer(cfg: Config, gpus_found: list[int]) -> Offer:
     )
 
 
+def _jax_cache(cfg: Config, state: Path) -> tuple[Path, int] | None:
+    """The persistent XLA compilation cache of this node's keras workers on JAX
+    (``[offer] jax_cache_mb``): ``<state_dir>/jax-cache``, readable by the daemon's user alone."""
+    if cfg.offer.keras_backend != "jax" or cfg.offer.jax_cache_mb <= 0:
+        return None
+    if importlib.util.find_spec("filelock") is None:
+        # JAX bounds the cache only with filelock (the [jax] extra installs it); unbounded,
+        # it would grow with every model ever trained here.
+        log.warning("no JAX compilation cache: the filelock package is missing (pip install 'peerd[jax]')")
+        return None
+    path = state / "jax-cache"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path, cfg.offer.jax_cache_mb << 20
+
+
 #: How long a daemon asked to stop spends saying goodbye (its farewell advert, SPEC §7.2)
 #: before it cancels everything; a second signal stops it at once.
 LEAVE_GRACE_S = 2.0
@@ -108,6 +124,7 @@ async def serve(
         hide=(state,),
         # Keras 3 reads its backend at import, in the worker (docs/config.md [offer] keras_backend).
         env={"KERAS_BACKEND": cfg.offer.keras_backend},
+        jax_cache=_jax_cache(cfg, state),
     )
     p2p = P2PNode(
         identity.seed,

@@ -97,6 +97,8 @@ SPARE_DELAY = 0.05
 #: (docs/benchmarks.md "Where a round's time goes"); started after 5 s of idle slot, it landed
 #: in round 2 whenever commits were 5 s apart. Rounds of one task reuse their worker.
 HEAVY_CLASSES = frozenset({"tf"})
+#: Where a keras worker on JAX finds the node's compilation cache inside its sandbox.
+JAX_CACHE_DIR = "/var/cache/peerd-jax"
 #: The niceness of a local-lane worker (the submitter's own evaluations, off the critical path:
 #: the next round never waits for a validation). Prewarmed when a task is submitted, its
 #: TensorFlow import (4-5 s of CPU) ran beside round 1's fits at equal priority and slowed them
@@ -233,6 +235,7 @@ class WorkerPool:
         hide: Sequence[Path] = (),
         start_timeout: float = 180.0,
         local_slots: int = 1,
+        jax_cache: tuple[Path, int] | None = None,
     ) -> None:
         """``warm_classes``: which classes of worker to keep warm per device ("light" for
         echo/sleep/python, "tf" for the keras kinds; a class not listed is started cold).
@@ -243,7 +246,12 @@ class WorkerPool:
         node's own jobs (``execute(local=True)``: the submitter's validation and test
         evaluations), on the first device, apart from the advertised slots: they never make a
         training job wait and never count in ``slots()`` or ``load()`` (issue 9 item 3). A local
-        lane keeps no warm spare until ``prewarm_local`` asks for one."""
+        lane keeps no warm spare until ``prewarm_local`` asks for one. ``jax_cache``: (host
+        directory, bound in bytes) for JAX's persistent compilation cache, shared by this node's
+        keras ("tf") workers and only theirs: with Keras on JAX, a worker that meets a model
+        XLA compiled before (another task, a restarted worker) loads the executables instead
+        of compiling them (docs/benchmarks.md, "Keras on JAX"). Later jobs load native code
+        from it, so no worker that runs submitters' code (the light class) ever sees it."""
         if not devices:
             raise ValueError("at least one device")
         for d in devices:
@@ -263,6 +271,7 @@ class WorkerPool:
         self.scratch_bytes = scratch_bytes
         self.hide = tuple(Path(h) for h in hide)
         self.start_timeout = start_timeout
+        self.jax_cache = (Path(jax_cache[0]), int(jax_cache[1])) if jax_cache is not None else None
         self.sandbox_report: SandboxReport = probe_sandbox(bwrap, python=python)
         self.sandboxed = self.sandbox_report.available
         if not self.sandboxed:
@@ -500,19 +509,34 @@ class WorkerPool:
     ) -> tuple[list[str], dict[str, str]]:
         command = self._worker_command(wclass, host_dir, inputs_dir, device, nice=nice)
         layout = runtime_layout(self.python)
+        extra = dict(self.extra_env)
+        rw_binds: list[tuple[str, str]] = []
+        if self.jax_cache is not None and wclass in HEAVY_CLASSES:
+            cache_dir, max_bytes = self.jax_cache
+            inside = str(cache_dir) if not self.sandboxed else JAX_CACHE_DIR
+            rw_binds.append((str(cache_dir), inside))
+            extra.update(
+                {
+                    "JAX_COMPILATION_CACHE_DIR": inside,
+                    "JAX_COMPILATION_CACHE_MAX_SIZE": str(max_bytes),  # least recently used go
+                    # Every compile, however quick: the seed MLP's take 0.01-0.5 s each here.
+                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                }
+            )
         if not self.sandboxed:
             job_dir = str(host_dir / "job")
-            return command, sandbox_env(layout, device, self.extra_env, job_dir=job_dir)
+            return command, sandbox_env(layout, device, extra, job_dir=job_dir)
         argv = build_bwrap_argv(
             command,
             layout=layout,
             inputs_dir=inputs_dir,
             device=device,
-            env=sandbox_env(layout, device, self.extra_env),
+            env=sandbox_env(layout, device, extra),
             bwrap=self.sandbox_report.bwrap or self.bwrap,
             scratch_bytes=self.scratch_bytes,
             hide=(*self.hide, self.work_root),
             disable_userns=self.sandbox_report.disable_userns,
+            rw_binds=rw_binds,
         )
         return argv, {"PATH": "/usr/bin:/bin"}
 

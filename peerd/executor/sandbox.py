@@ -218,8 +218,14 @@ def build_bwrap_argv(
     hide: Sequence[Path] = (),
     nvidia_nodes: Sequence[str] | None = None,
     disable_userns: bool = True,
+    rw_binds: Sequence[tuple[str, str]] = (),
 ) -> list[str]:
-    """The full bwrap command line for one worker. Pure apart from looking at what exists on the host."""
+    """The full bwrap command line for one worker. Pure apart from looking at what exists on the host.
+
+    ``rw_binds``: (host directory, path inside) pairs bound writable: the only host paths a
+    worker can write. The pool gives one to keras workers on JAX only (their compilation
+    cache, :meth:`peerd.executor.pool.WorkerPool`), never to the workers that run
+    submitters' code."""
     gpu = parse_device(device)
     argv = [
         bwrap,
@@ -273,6 +279,8 @@ def build_bwrap_argv(
             argv += ["--ro-bind-try", sysdir, sysdir]  # the CUDA driver reads PCI topology
     argv += ["--size", str(scratch_bytes), "--perms", "0700", "--tmpfs", JOB_DIR]
     argv += ["--ro-bind", str(inputs_dir), INPUTS_DIR]
+    for host_dir, inside in rw_binds:
+        argv += ["--bind", host_dir, inside]
     argv += ["--chdir", JOB_DIR, "--remount-ro", "/", "--", *command]
     return argv
 

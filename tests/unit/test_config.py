@@ -199,6 +199,7 @@ def test_config_is_frozen() -> None:
             'network.relays[0]: expected a multiaddr ending in "/p2p/',
         ),
         ("[network]\nrelay_service = 1", "network.relay_service: expected true or false, got 1"),
+        ("[offer]\njax_cache_mb = -1", "offer.jax_cache_mb: expected a non-negative integer"),
         (
             "[network]\nmax_msgs_per_origin_per_s = 0",
             "network.max_msgs_per_origin_per_s: expected a positive finite",
@@ -345,3 +346,23 @@ def test_jax_without_jax_installed_is_a_config_error(tmp_path: Path, monkeypatch
     )
     (problem,) = problems(tmp_path, '[offer]\nkeras_backend = "jax"\n')
     assert problem == "offer.keras_backend: JAX is not installed here: pip install 'peerd[jax]'"
+
+
+def test_the_jax_compilation_cache_is_for_jax_workers_and_bounded(tmp_path: Path) -> None:
+    # docs/config.md: [offer] jax_cache_mb, design.md §5 "A compilation cache for JAX".
+    from peerd.daemon import _jax_cache
+
+    state = tmp_path / "state"
+    state.mkdir()
+    assert load_config(None, env=ROOT_ENV, uid=0).offer.jax_cache_mb == 256
+    on_tf = load_config(write(tmp_path, "[offer]\njax_cache_mb = 64"), env=ROOT_ENV, uid=0)
+    assert _jax_cache(on_tf, state) is None  # TensorFlow workers: no cache
+    on_jax = load_config(
+        write(tmp_path, '[offer]\nkeras_backend = "jax"\njax_cache_mb = 64'), env=ROOT_ENV, uid=0
+    )
+    assert _jax_cache(on_jax, state) == (state / "jax-cache", 64 << 20)
+    assert (state / "jax-cache").stat().st_mode & 0o777 == 0o700
+    off = load_config(
+        write(tmp_path, '[offer]\nkeras_backend = "jax"\njax_cache_mb = 0'), env=ROOT_ENV, uid=0
+    )
+    assert _jax_cache(off, state) is None

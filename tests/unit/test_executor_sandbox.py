@@ -85,6 +85,17 @@ def test_only_what_is_needed_is_bound(layout: RuntimeLayout, tmp_path: Path) -> 
     assert "/etc" not in sources  # single files from /etc, not the directory
 
 
+def test_a_writable_bind_only_where_asked_and_mounted_before_the_root_goes_read_only(
+    layout: RuntimeLayout, tmp_path: Path
+) -> None:
+    cache = tmp_path / "jax-cache"
+    argv = argv_for(layout, tmp_path, rw_binds=[(str(cache), "/var/cache/peerd-jax")])
+    assert pairs(argv, "--bind") == [(str(cache), "/var/cache/peerd-jax")]
+    # After the job's tmpfs, before the root is remounted read-only (which covers only "/").
+    assert argv.index(JOB_DIR) < argv.index("--bind") < argv.index("--remount-ro")
+    assert "--bind" not in argv_for(layout, tmp_path)
+
+
 def test_hide_covers_paths_inside_bound_dirs(layout: RuntimeLayout, tmp_path: Path) -> None:
     state = tmp_path / "venv" / "state"
     state.mkdir()
