@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scripts.benchmarks.common import ROOT, AreaResult, Table, budget_le, loadavg, log
+from scripts.benchmarks.common import ROOT, AreaResult, Check, Table, budget_le, loadavg, log
 from scripts.benchmarks.training import BID_WINDOW_MS, ensure_data, example_spec, run_peerd
 
 BENCH_VENV = Path(os.environ.get("PEERD_BENCH_VENV", str(ROOT / ".venv-bench")))
@@ -174,17 +174,23 @@ def run(quick: bool = False) -> AreaResult:
     # work: all 3 peers needed, whatever their C; the training area's bid window (it closes
     # once all have bid), so that a loaded machine's late bid does not leave its peer out.
     spec = example_spec(data, rounds=rounds, work=1e9, bid_window_ms=BID_WINDOW_MS)
-    runs: dict[str, list[dict[str, Any]]] = {"peerd": [], "flower": [], "central": []}
+    runs: dict[str, list[dict[str, Any]]] = {"peerd": [], "flower": [], "central": [], "peerd-jax": []}
 
-    def peerd_run(i: int, work: Path) -> None:
-        log(f"flower: run {i}: peerd, 3-daemon devnet, examples/fashion-mnist.toml ({rounds} rounds)")
-        p = run_peerd(3, data, spec)
+    def peerd_run(i: int, work: Path, backend: str = "tensorflow") -> None:
+        log(
+            f"flower: run {i}: peerd on {backend}, 3-daemon devnet, "
+            f"examples/fashion-mnist.toml ({rounds} rounds)"
+        )
+        p = run_peerd(3, data, spec, keras_backend=backend)
         pv = [r.get("val_accuracy") for r in p["task"].get("rounds", [])]
         fit = [r["train_mean_s"] for r in p["rounds"]]
         # peerd's whole run is its federated part: warm workers, nothing starts per task.
         row = {"wall_s": p["wall_s"], "fl_s": p["wall_s"], "fit_s": sum(fit) / max(1, len(fit))}
         row |= {"acc": p["test_accuracy"], "val": pv, "load": p["load"]}
-        runs["peerd"].append(row)
+        runs["peerd" if backend == "tensorflow" else f"peerd-{backend}"].append(row)
+
+    def peerd_jax_run(i: int, work: Path) -> None:
+        peerd_run(i, work, "jax")
 
     def flower_run(i: int, work: Path) -> None:
         log(f"flower: run {i}: Flower server + 3 clients ({rounds} rounds)")
@@ -204,6 +210,12 @@ def run(quick: bool = False) -> AreaResult:
         runs["central"].append(row)
 
     order = [peerd_run, flower_run, central_run]
+    if os.environ.get("PEERD_BENCH_JAX", "1") != "0":
+        # Informative, no budget: what a contributor who chooses [offer] keras_backend = "jax"
+        # gets (docs/benchmarks.md, "Keras on JAX"). The budgets stay on the default.
+        order.append(peerd_jax_run)
+    else:
+        del runs["peerd-jax"]
     for i in range(1, repeats + 1):
         # Rotate who goes first, so no system always runs in the same phase of the machine's load.
         for step in order[i - 1 :] + order[: i - 1]:
@@ -214,6 +226,7 @@ def run(quick: bool = False) -> AreaResult:
         "peerd": "peerd (3 daemons)",
         "flower": "Flower FedAvg (server + 3 clients)",
         "central": f"centralized, {epochs} epochs, one process",
+        "peerd-jax": "peerd (3 daemons), Keras on JAX, fresh caches",
     }
     med: dict[str, dict[str, float]] = {}
     for key, rows in runs.items():
@@ -236,6 +249,25 @@ def run(quick: bool = False) -> AreaResult:
     res.tables.append(t)
 
     p, f, c = med["peerd"], med["flower"], med["central"]
+    if "peerd-jax" in med:
+        j = med["peerd-jax"]
+        res.checks.append(
+            Check(
+                "peerd on JAX submit → done / Flower's whole run (medians; no budget: TensorFlow is the "
+                "default)",
+                f"{j['wall_s'] / f['wall_s']:.3f} ×",
+                "-",
+                None,
+            )
+        )
+        res.checks.append(
+            Check(
+                "peerd on JAX fit / Flower fit, per round and participant (medians; no budget)",
+                f"{j['fit_s'] / f['fit_s']:.3f} ×",
+                "-",
+                None,
+            )
+        )
     res.checks += [
         budget_le("peerd submit → done / Flower's whole run (medians)", p["wall_s"] / f["wall_s"], 0.6, "×"),
         budget_le(

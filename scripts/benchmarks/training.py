@@ -168,17 +168,29 @@ def timeline(db_path: Path, task_id: str, submitter: str = "") -> list[dict[str,
 
 
 def run_peerd(
-    n: int, data: Path, spec: dict[str, Any], *, keep: bool = False, bid_window_ms: int | None = None
+    n: int,
+    data: Path,
+    spec: dict[str, Any],
+    *,
+    keep: bool = False,
+    bid_window_ms: int | None = None,
+    keras_backend: str = "tensorflow",
 ) -> dict[str, Any]:
     """Run one training task on an n-daemon devnet; wall time, accuracy, timeline, final weights.
     ``bid_window_ms``: the market's bid window (default: the config's 300 ms). On a loaded
     2-core host 300 ms is too short for 5 or 8 daemons to bid: the task then runs on fewer
-    participants, each with a larger shard (one 5-peer run under load 17 trained on 1)."""
+    participants, each with a larger shard (one 5-peer run under load 17 trained on 1).
+    ``keras_backend``: every daemon's ``[offer] keras_backend`` (a fresh devnet: on JAX, every
+    worker compiles the model once, its compilation cache empty)."""
     from peerd.blobs import BlobStore
     from peerd.rpc.client import RpcClient
 
-    overrides = {"market": {"bid_window_ms": bid_window_ms}} if bid_window_ms else None
-    with devnet(f"tr{n}", n, overrides, keep=keep) as net:
+    overrides: dict[str, dict[str, Any]] = {}
+    if bid_window_ms:
+        overrides["market"] = {"bid_window_ms": bid_window_ms}
+    if keras_backend != "tensorflow":
+        overrides["offer"] = {"keras_backend": keras_backend}
+    with devnet(f"tr{n}", n, overrides or None, keep=keep) as net:
         # Every daemon keeps a TensorFlow worker warm; wait until they are up (~4-5 s of CPU
         # importing each: a fixed 5 + n s left 8 daemons' imports running into round 1).
         waited = wait_quiet()
