@@ -175,13 +175,16 @@ def run_peerd(
     keep: bool = False,
     bid_window_ms: int | None = None,
     keras_backend: str = "tensorflow",
+    warm_up: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run one training task on an n-daemon devnet; wall time, accuracy, timeline, final weights.
     ``bid_window_ms``: the market's bid window (default: the config's 300 ms). On a loaded
     2-core host 300 ms is too short for 5 or 8 daemons to bid: the task then runs on fewer
     participants, each with a larger shard (one 5-peer run under load 17 trained on 1).
     ``keras_backend``: every daemon's ``[offer] keras_backend`` (a fresh devnet: on JAX, every
-    worker compiles the model once, its compilation cache empty)."""
+    worker compiles the model once, its compilation cache empty). ``warm_up``: a task run to its
+    end first, untimed: the network has trained this model before (a returning contributor's
+    JAX compilation cache holds its programs)."""
     from peerd.blobs import BlobStore
     from peerd.rpc.client import RpcClient
 
@@ -195,19 +198,27 @@ def run_peerd(
         # importing each: a fixed 5 + n s left 8 daemons' imports running into round 1).
         waited = wait_quiet()
         log(f"training: waited {waited:.0f} s for the warm workers")
+
+        def train(task_spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+            with RpcClient(net.socket(0)) as rpc:
+                tid = rpc.call("task.submit", {"spec": task_spec})["task_id"]
+            end: dict[str, Any] | None = None
+            with RpcClient(net.socket(0), timeout=1800) as w:
+                for note in w.subscribe("task.watch", {"task_id": tid}):
+                    if note.method == "task.end":
+                        end = note.params["task"]
+                        break
+            if end is None or end["state"] != "done":
+                raise RuntimeError(f"training task ended {end and end['state']}: {end and end.get('reason')}")
+            return tid, end
+
+        if warm_up is not None:
+            train(warm_up)
+            wait_quiet()
         l0 = loadavg()
         t0 = time.time()
-        with RpcClient(net.socket(0)) as rpc:
-            tid = rpc.call("task.submit", {"spec": spec})["task_id"]
-        end: dict[str, Any] | None = None
-        with RpcClient(net.socket(0), timeout=1800) as w:
-            for note in w.subscribe("task.watch", {"task_id": tid}):
-                if note.method == "task.end":
-                    end = note.params["task"]
-                    break
+        tid, end = train(spec)
         wall = time.time() - t0
-        if end is None or end["state"] != "done":
-            raise RuntimeError(f"training task ended {end and end['state']}: {end and end.get('reason')}")
         rounds = timeline(net.node_dir(0) / "state" / "peerd.sqlite", tid, net.peer_id(0))
         check_participants(rounds, min(n, int(spec.get("max_shards", n))))
         store = BlobStore(net.node_dir(0) / "state" / "blobs", max_blob_bytes=1 << 30)
