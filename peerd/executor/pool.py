@@ -251,7 +251,8 @@ class WorkerPool:
         keras ("tf") workers and only theirs: with Keras on JAX, a worker that meets a model
         XLA compiled before (another task, a restarted worker) loads the executables instead
         of compiling them (docs/benchmarks.md, "Keras on JAX"). Later jobs load native code
-        from it, so no worker that runs submitters' code (the light class) ever sees it."""
+        from it, so no worker that runs submitters' code (the light class) ever sees it, and
+        without the sandbox there is no cache."""
         if not devices:
             raise ValueError("at least one device")
         for d in devices:
@@ -511,13 +512,14 @@ class WorkerPool:
         layout = runtime_layout(self.python)
         extra = dict(self.extra_env)
         rw_binds: list[tuple[str, str]] = []
-        if self.jax_cache is not None and wclass in HEAVY_CLASSES:
+        if self.jax_cache is not None and wclass in HEAVY_CLASSES and self.sandboxed:
+            # Sandboxed only: without the sandbox a light worker's python task runs as the
+            # daemon's user and could write the cache that keras workers load code from.
             cache_dir, max_bytes = self.jax_cache
-            inside = str(cache_dir) if not self.sandboxed else JAX_CACHE_DIR
-            rw_binds.append((str(cache_dir), inside))
+            rw_binds.append((str(cache_dir), JAX_CACHE_DIR))
             extra.update(
                 {
-                    "JAX_COMPILATION_CACHE_DIR": inside,
+                    "JAX_COMPILATION_CACHE_DIR": JAX_CACHE_DIR,
                     "JAX_COMPILATION_CACHE_MAX_SIZE": str(max_bytes),  # least recently used go
                     # Every compile, however quick: the seed MLP's take 0.01-0.5 s each here.
                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

@@ -71,6 +71,12 @@ def test_only_keras_workers_see_the_cache(tmp_path: Path) -> None:
     # Without the option nobody gets it.
     plain, _ = _pool(tmp_path / "work2", None)._spawn_argv("cpu", "tf", host, inputs)
     assert "--bind" not in plain and not any("JAX_COMPILATION_CACHE" in a for a in plain)
+    # Nor does anyone without the sandbox, where a python task runs as the daemon's user.
+    bare = _pool(tmp_path / "work3", cache)
+    bare.sandboxed = False
+    command, env = bare._spawn_argv("cpu", "tf", host, inputs)
+    assert not any(k.startswith("JAX_COMPILATION_CACHE") for k in env)
+    assert str(cache) not in command
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="the [jax] extra is not installed")
