@@ -1188,12 +1188,9 @@ class P2PNode:
         self._key_pair: KeyPair = create_new_key_pair(bytes(seed))
         self._id = ID.from_pubkey(self._key_pair.public_key)
         # A fleet's shared config may name the relay itself among its relays: skipped there.
-        relays = [(a, _parse_p2p_addr(a)) for a in config.relays]
-        self._relay_addrs = [a for a, info in relays if info.peer_id != self._id]
-        self._relays = [info for _, info in relays if info.peer_id != self._id]
-        # What we announce through each relay: <relay addr>/p2p/<relay id>/p2p-circuit
-        # (libp2p appends /p2p/<our id>).
-        self._circuit_addrs = [multiaddr.Multiaddr(f"{a}/p2p-circuit") for a in self._relay_addrs]
+        parsed = ((a, _parse_p2p_addr(a)) for a in config.relays)
+        #: (configured address, its peer) for each relay we reserve at (docs/design.md §10.7).
+        self._relays = [(a, info) for a, info in parsed if info.peer_id != self._id]
         #: Relay peer ID -> the connection our reservation there was made on (see _keep_reserved).
         self._reserved_on: dict[ID, Any] = {}
         self._relay_transport: CircuitV2Transport | None = None
@@ -1459,11 +1456,12 @@ class P2PNode:
         ID, which reaches the relay and fails its handshake. Identify, the signed peer record
         and our adverts all read ``get_addrs``; the circuit addresses are appended after
         that cut instead."""
-        if not self._circuit_addrs:
+        if not self._relays:
             return
         inner = host.get_addrs
+        # <relay addr>/p2p/<relay id>/p2p-circuit/p2p/<our id>, for each relay.
         own = f"/p2p/{self._id.to_base58()}"
-        circuits = [multiaddr.Multiaddr(f"{a}{own}") for a in self._circuit_addrs]
+        circuits = [multiaddr.Multiaddr(f"{a}/p2p-circuit{own}") for a, _ in self._relays]
 
         def get_addrs() -> list[multiaddr.Multiaddr]:
             return [*inner(), *circuits]
@@ -1619,7 +1617,7 @@ class P2PNode:
                             self._host, self._pubsub, self._dht = host, pubsub, dht
                             for addr in self._config.bootstrap:
                                 nursery.start_soon(self._keep_connected, addr)
-                            for addr, relay in zip(self._relay_addrs, self._relays, strict=True):
+                            for addr, relay in self._relays:
                                 if addr not in self._config.bootstrap:
                                     nursery.start_soon(self._keep_connected, addr)
                                 nursery.start_soon(self._keep_reserved, relay)

@@ -35,7 +35,17 @@ from peerd import blobxfer
 from peerd.blobs import BlobStore
 from peerd.p2p import P2PConfig, P2PNode
 from peerd.streams import FrameStream
-from scripts.benchmarks.common import ROOT, AreaResult, Table, budget_ge, devnet, loadavg, log
+from scripts.benchmarks.common import (
+    ROOT,
+    AreaResult,
+    Table,
+    award_to_done,
+    budget_ge,
+    devnet,
+    loadavg,
+    log,
+    run_to_end,
+)
 
 RAW_PROTOCOL = "/peerd-bench/raw/1.0.0"
 FRAME = 256 * 1024  # = protocol.blobproto.CHUNK, so both paths move the same frame sizes
@@ -156,20 +166,7 @@ def in_two_processes(size: int, rounds: int, *, raw: bool = True) -> dict[str, l
 
 
 def _award_to_done(net: Any, spec: dict[str, Any]) -> float:
-    from peerd.rpc.client import RpcClient
-
-    with RpcClient(net.socket(0)) as rpc:
-        tid = rpc.call("task.submit", {"spec": spec})["task_id"]
-        with RpcClient(net.socket(0), timeout=300) as w:
-            end = None
-            for note in w.subscribe("task.watch", {"task_id": tid}):
-                if note.method == "task.end":
-                    end = note.params["task"]
-                    break
-    if end is None or end["state"] != "done":
-        raise RuntimeError(f"echo task ended {end and end['state']}: {end and end.get('reason')}")
-    at = {e["state"]: float(e["at"]) for e in end["events"]}
-    return at["done"] - at["running"]
+    return award_to_done(run_to_end(net.socket(0), spec, 300)[1])
 
 
 def _through_daemons(size_mb: int, rounds: int) -> list[float]:

@@ -216,10 +216,10 @@ def devnet(
             for i, extra in (per_node or {}).items():
                 _override_node(net.node_dir(i) / "peerd.toml", extra)
             if natted:
-                _override_node(net.node_dir(0) / "peerd.toml", {"network": {"relay_service": True}})
-            for i in natted:
                 import tomllib
 
+                _override_node(net.node_dir(0) / "peerd.toml", {"network": {"relay_service": True}})
+            for i in natted:
                 path = net.node_dir(i) / "peerd.toml"
                 relay = tomllib.loads(path.read_text())["network"]["bootstrap"]  # node 0
                 _override_node(path, {"network": {"listen": [], "announce": [], "relays": relay}})
@@ -245,6 +245,37 @@ def devnet(
             shutil.rmtree(d, ignore_errors=True)
         else:
             log(f"kept {d}")
+
+
+def watch_to_end(socket: Path, task_id: str, timeout: float) -> dict[str, Any] | None:
+    """Follow a task with ``task.watch`` on a daemon's socket; the task as it ended, or None
+    if the watch closed first."""
+    from peerd.rpc.client import RpcClient
+
+    with RpcClient(socket, timeout=timeout) as w:
+        for note in w.subscribe("task.watch", {"task_id": task_id}):
+            if note.method == "task.end":
+                return dict(note.params["task"])
+    return None
+
+
+def run_to_end(socket: Path, spec: dict[str, Any], timeout: float) -> tuple[str, dict[str, Any]]:
+    """Submit ``spec`` at a daemon and follow it to its end; (task id, the ended task).
+    RuntimeError unless it is done."""
+    from peerd.rpc.client import RpcClient
+
+    with RpcClient(socket) as rpc:
+        tid = str(rpc.call("task.submit", {"spec": spec})["task_id"])
+    end = watch_to_end(socket, tid, timeout)
+    if end is None or end["state"] != "done":
+        raise RuntimeError(f"task {tid} ended {end and end['state']}: {end and end.get('reason')}")
+    return tid, end
+
+
+def award_to_done(end: dict[str, Any]) -> float:
+    """Seconds from the award (running) to done, by the submitter's event stamps."""
+    at = {e["state"]: float(e["at"]) for e in end["events"]}
+    return at["done"] - at["running"]
 
 
 def _override_node(path: Path, extra: dict[str, dict[str, Any]]) -> None:

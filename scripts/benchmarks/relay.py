@@ -26,7 +26,17 @@ from typing import Any
 import psutil
 
 from peerd.rpc.client import RpcClient
-from scripts.benchmarks.common import AreaResult, Check, Table, devnet, loadavg, log, pct
+from scripts.benchmarks.common import (
+    AreaResult,
+    Check,
+    Table,
+    award_to_done,
+    devnet,
+    loadavg,
+    log,
+    pct,
+    run_to_end,
+)
 from scripts.benchmarks.tasks import echo_spec
 
 MB = 1e6
@@ -34,26 +44,12 @@ MB = 1e6
 
 def _run_task(net: Any, spec: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     """Submit at node 1 and follow it to its end; (client-side seconds, the ended task)."""
-    with RpcClient(net.socket(1)) as rpc:
-        t0 = time.perf_counter()
-        tid = rpc.call("task.submit", {"spec": spec})["task_id"]
-        end: dict[str, Any] | None = None
-        with RpcClient(net.socket(1), timeout=300) as w:
-            for note in w.subscribe("task.watch", {"task_id": tid}):
-                if note.method == "task.end":
-                    end = note.params["task"]
-                    break
-        dt = time.perf_counter() - t0
-    if end is None or end["state"] != "done":
-        raise RuntimeError(f"task ended {end and end['state']}: {end and end.get('reason')}")
+    t0 = time.perf_counter()
+    _, end = run_to_end(net.socket(1), spec, 300)
+    dt = time.perf_counter() - t0
     if end["shards"][0]["peer_id"] != net.peer_id(2):
         raise RuntimeError("the task ran somewhere other than node 2")
     return dt, end
-
-
-def _award_to_done(end: dict[str, Any]) -> float:
-    at = {e["state"]: float(e["at"]) for e in end["events"]}
-    return at["done"] - at["running"]
 
 
 def _measure(net: Any, count: int, size_mb: int, rounds: int) -> dict[str, Any]:
@@ -70,9 +66,9 @@ def _measure(net: Any, count: int, size_mb: int, rounds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pb-relay-") as d:
         src = Path(d) / "input.bin"
         for _ in range(rounds):
-            base = _award_to_done(_run_task(net, spec)[1])
+            base = award_to_done(_run_task(net, spec)[1])
             src.write_bytes(os.urandom(size_mb << 20))  # a blob node 2 cannot hold already
-            with_input = _award_to_done(_run_task(net, {**spec, "inputs": {"data": str(src)}})[1])
+            with_input = award_to_done(_run_task(net, {**spec, "inputs": {"data": str(src)}})[1])
             if with_input <= base:
                 raise RuntimeError(f"the task with the input took {with_input:.3f} s, without {base:.3f} s")
             rates.append((size_mb << 20) / (with_input - base) / MB)

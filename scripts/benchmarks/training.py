@@ -41,7 +41,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from scripts.benchmarks.common import ROOT, AreaResult, Table, budget_le, devnet, loadavg, log, wait_quiet
+from scripts.benchmarks.common import (
+    ROOT,
+    AreaResult,
+    Table,
+    budget_le,
+    devnet,
+    loadavg,
+    log,
+    run_to_end,
+    wait_quiet,
+)
 
 DATA_DIR = Path(os.environ.get("PEERD_BENCH_DATA", "/tmp/peerd-bench-data"))
 EXAMPLE = ROOT / "examples" / "fashion-mnist.toml"
@@ -186,7 +196,6 @@ def run_peerd(
     end first, untimed: the network has trained this model before (a returning contributor's
     JAX compilation cache holds its programs)."""
     from peerd.blobs import BlobStore
-    from peerd.rpc.client import RpcClient
 
     overrides: dict[str, dict[str, Any]] = {}
     if bid_window_ms:
@@ -199,25 +208,12 @@ def run_peerd(
         waited = wait_quiet()
         log(f"training: waited {waited:.0f} s for the warm workers")
 
-        def train(task_spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-            with RpcClient(net.socket(0)) as rpc:
-                tid = rpc.call("task.submit", {"spec": task_spec})["task_id"]
-            end: dict[str, Any] | None = None
-            with RpcClient(net.socket(0), timeout=1800) as w:
-                for note in w.subscribe("task.watch", {"task_id": tid}):
-                    if note.method == "task.end":
-                        end = note.params["task"]
-                        break
-            if end is None or end["state"] != "done":
-                raise RuntimeError(f"training task ended {end and end['state']}: {end and end.get('reason')}")
-            return tid, end
-
         if warm_up is not None:
-            train(warm_up)
+            run_to_end(net.socket(0), warm_up, 1800)
             wait_quiet()
         l0 = loadavg()
         t0 = time.time()
-        tid, end = train(spec)
+        tid, end = run_to_end(net.socket(0), spec, 1800)
         wall = time.time() - t0
         rounds = timeline(net.node_dir(0) / "state" / "peerd.sqlite", tid, net.peer_id(0))
         check_participants(rounds, min(n, int(spec.get("max_shards", n))))

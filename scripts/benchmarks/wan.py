@@ -27,7 +27,17 @@ from typing import Any
 
 from peerd.rpc.client import RpcClient
 from peerd.wanlink import LinkParams
-from scripts.benchmarks.common import AreaResult, Check, Table, budget_le, devnet, loadavg, log, pct
+from scripts.benchmarks.common import (
+    AreaResult,
+    Check,
+    Table,
+    budget_le,
+    devnet,
+    loadavg,
+    log,
+    pct,
+    watch_to_end,
+)
 from scripts.benchmarks.tasks import echo_spec
 
 LINK = LinkParams(delay_s=0.040, jitter_s=0.010, loss=0.01, rate_bps=100e6)
@@ -37,21 +47,13 @@ TRAINING_FIGURE = "demo training on the WAN / on loopback (wall time)"
 NO_TF = ["echo", "sleep"]
 
 
-def _watch(net: Any, task_id: str, timeout: float) -> dict[str, Any] | None:
-    with RpcClient(net.socket(0), timeout=timeout) as w:
-        for note in w.subscribe("task.watch", {"task_id": task_id}):
-            if note.method == "task.end":
-                return dict(note.params["task"])
-    return None
-
-
 def _latency(net: Any, count: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"total": [], "window": [], "run": []}
     with RpcClient(net.socket(0)) as rpc:
         for _ in range(count):
             t0 = time.time()
             tid = rpc.call("task.submit", {"spec": echo_spec(name="bench-wan")})["task_id"]
-            end = _watch(net, tid, 120)
+            end = watch_to_end(net.socket(0), tid, 120)
             t1 = time.time()
             if end is None or end["state"] != "done":
                 log(f"task {tid} ended {end and end['state']}: {end and end.get('reason')}")
@@ -99,7 +101,7 @@ def _training(wan: LinkParams | None, spec: dict[str, Any]) -> dict[str, Any]:
         t0 = time.time()
         with RpcClient(net.socket(0)) as rpc:
             tid = rpc.call("task.submit", {"spec": spec})["task_id"]
-        end = _watch(net, tid, 1800)
+        end = watch_to_end(net.socket(0), tid, 1800)
         wall = time.time() - t0
         if end is None or end["state"] != "done":
             raise RuntimeError(f"training task ended {end and end['state']}: {end and end.get('reason')}")
